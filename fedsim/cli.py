@@ -1,0 +1,243 @@
+"""The ``fedsim`` command line: simulate, plot, list, bench.
+
+Bad input (unknown names, out-of-range values, missing files) ends with a one-line ``error:`` message and
+exit code 2; a diverging run ends with exit code 3 after keeping everything it wrote.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedsim.errors import DivergenceError, FedsimError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="fedsim: vectorized federated learning simulator (all clients trained at once on a client axis).",
+)  # fmt: skip
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (JSON on stdout).")
+app.add_typer(bench_app, name="bench")
+
+Opt = typer.Option
+
+
+def _parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``--set key=value`` pairs, values parsed as YAML scalars (numbers, booleans, lists)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FedsimError(f"--set expects KEY=VALUE, got '{item}'")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _default_out(strategy: str, dataset: str, model: str, seed: int) -> Path:
+    base = Path("runs") / f"{strategy}-{dataset}-{model.replace(':', '_')}-s{seed}"
+    path, i = base, 1
+    while path.exists():
+        path, i = Path(f"{base}-{i}"), i + 1
+    return path
+
+
+@app.command()
+def simulate(
+    config: Annotated[Path | None, typer.Argument(help="YAML or TOML config file; flags override it.")] = None,
+    dataset: Annotated[str | None, Opt(help="digits | mnist5k | mnist | fashion-mnist | synthetic | npz")] = None,
+    data_path: Annotated[str | None, Opt(help="File for --dataset npz (arrays x, y, optional client).")] = None,
+    model: Annotated[str | None, Opt(help="logreg | mlp | lenet5 | cnn | package.module:factory")] = None,
+    clients: Annotated[int | None, Opt(help="Number of simulated clients.")] = None,
+    partition: Annotated[str | None, Opt(help="iid | dirichlet | shards | natural")] = None,
+    alpha: Annotated[float | None, Opt(help="Dirichlet concentration (label skew).")] = None,
+    strategy: Annotated[str | None, Opt(help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad")] = None,
+    fraction: Annotated[float | None, Opt(help="Fraction of clients selected per round.")] = None,
+    rounds: Annotated[int | None, Opt(help="Communication rounds.")] = None,
+    local_steps: Annotated[int | None, Opt(help="Local optimizer steps per round.")] = None,
+    local_epochs: Annotated[int | None, Opt(help="Local epochs per round (overrides --local-steps).")] = None,
+    batch_size: Annotated[int | None, Opt(help="Local minibatch size.")] = None,
+    lr: Annotated[float | None, Opt(help="Local learning rate.")] = None,
+    lr_schedule: Annotated[str | None, Opt(help="constant | step | cosine (per round).")] = None,
+    optimizer: Annotated[str | None, Opt(help="Local optimizer: sgd | adam | adamw.")] = None,
+    momentum: Annotated[float | None, Opt(help="SGD momentum.")] = None,
+    mu: Annotated[float | None, Opt(help="FedProx proximal coefficient.")] = None,
+    seed: Annotated[int | None, Opt(help="Run seed.")] = None,
+    device: Annotated[str | None, Opt(help="auto | cpu | cuda")] = None,
+    chunk_size: Annotated[int | None, Opt(help="Clients trained per vectorized call (default: from memory).")] = None,
+    eval_every: Annotated[int | None, Opt(help="Evaluate every N rounds.")] = None,
+    set_: Annotated[list[str] | None, Opt("--set", help="Any config key: --set key=value (repeatable).")] = None,
+    out: Annotated[Path | None, Opt(help="Results folder (default: runs/STRATEGY-DATASET-MODEL-sSEED).")] = None,
+    overwrite: Annotated[bool, Opt(help="Replace an existing results folder.")] = False,
+    resume: Annotated[Path | None, Opt(help="Continue the run in this results folder from its checkpoint.")] = None,
+    quiet: Annotated[bool, Opt(help="No progress bar.")] = False,
+) -> None:
+    """Run a federated experiment and write its results folder."""
+    from fedsim import simulation
+    from fedsim.config import load_config
+
+    progress = _Progress(quiet)
+    if resume is not None:
+        given = [
+            n
+            for n, v in locals().items()
+            if n not in ("resume", "quiet", "progress", "simulation", "load_config", "overwrite")
+            and v not in (None, False, [])
+        ]
+        if given:
+            raise FedsimError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        with progress:
+            summary = simulation.resume(resume, on_round=progress.update)
+        _print_summary(summary, resume)
+        return
+    overrides = dict(
+        dataset=dataset, data_path=data_path, model=model, clients=clients, partition=partition, alpha=alpha,
+        strategy=strategy, fraction=fraction, rounds=rounds, local_steps=local_steps, local_epochs=local_epochs,
+        batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, optimizer=optimizer, momentum=momentum, mu=mu,
+        seed=seed, device=device, chunk_size=chunk_size, eval_every=eval_every,
+    )  # fmt: skip
+    overrides.update(_parse_set(set_))
+    cfg = load_config(config, overrides)
+    out = out or _default_out(cfg.strategy, cfg.dataset, cfg.model, cfg.seed)
+    progress.total = cfg.rounds
+    with progress:
+        summary = simulation.simulate(cfg, out, overwrite=overwrite, on_round=progress.update)
+    _print_summary(summary, out)
+
+
+class _Progress:
+    """A rich progress bar over rounds showing the latest test accuracy (silent when quiet)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.total, self._bar, self._task = quiet, None, None, None
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
+                TimeElapsedColumn(), transient=False, disable=not sys.stderr.isatty(),
+            )  # fmt: skip
+            self._bar.__enter__()
+            self._task = self._bar.add_task("", total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def update(self, record: dict[str, Any]) -> None:
+        if self._bar is None:
+            return
+        acc = record.get("test_accuracy")
+        text = f"loss {record['train_loss']:.4f}" + (f"  acc {acc:.4f}" if acc is not None else "")
+        self._bar.update(self._task, completed=record["round"], description=text)
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    acc = summary.get("final_test_accuracy")
+    best = summary.get("best_test_accuracy")
+    acc_text = f"{acc:.4f}" if acc is not None else "n/a"
+    best_text = f"{best:.4f} (round {summary['best_round']})" if best is not None else "n/a"
+    typer.echo(
+        f"done: {summary['rounds_completed']} rounds, final test accuracy {acc_text}, best {best_text}, "
+        f"{summary['total_time_s']:.1f} s -> {out}"
+    )
+
+
+@app.command()
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more results folders.")],
+    metric: Annotated[str, Opt(help="Comma-separated metrics, e.g. test_accuracy,drift.")] = "test_accuracy",
+    out: Annotated[Path, Opt(help="Output PNG.")] = Path("plot.png"),
+) -> None:
+    """Overlay runs' metrics in one PNG."""
+    from fedsim.plots import plot_runs
+
+    metrics = [m.strip() for m in metric.split(",") if m.strip()]
+    path = plot_runs(run_dirs, metrics, out)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("list")
+def list_components() -> None:
+    """Show datasets, partitioners, samplers, models, strategies, optimizers and schedules."""
+    from fedsim.data import DATASETS, PARTITIONERS
+    from fedsim.data.samplers import SAMPLERS
+    from fedsim.models import MODELS
+    from fedsim.optim import OPTIMIZERS, SCHEDULES
+    from strategies import STRATEGIES
+
+    for title, names in (
+        ("datasets", DATASETS), ("partitioners", PARTITIONERS), ("samplers", SAMPLERS), ("models", MODELS),
+        ("strategies", STRATEGIES), ("optimizers", OPTIMIZERS), ("lr schedules", SCHEDULES),
+    ):  # fmt: skip
+        typer.echo(f"{title + ':':14} {', '.join(names)}")
+
+
+@bench_app.command("engine")
+def bench_engine_cmd(
+    dataset: Annotated[str, Opt(help="Data set whose samples are used.")] = "digits",
+    model: Annotated[str, Opt(help="Model name.")] = "mlp",
+    clients: Annotated[int, Opt(help="Simulated clients.")] = 1000,
+    local_steps: Annotated[int, Opt(help="Local steps per client.")] = 10,
+    batch_size: Annotated[int, Opt(help="Minibatch size.")] = 32,
+    repeats: Annotated[int, Opt(help="Timed repeats (median reported).")] = 5,
+    device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
+    chunk_size: Annotated[int | None, Opt(help="Clients per vectorized call (default: from memory).")] = None,
+    grad_mode: Annotated[str, Opt(help="sum | vmap")] = "sum",
+    skip_sequential: Annotated[bool, Opt(help="Skip the slow per-client loop.")] = False,
+    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
+) -> None:
+    """Vectorized vs sequential per-client loop vs one centralized batch of the same samples."""
+    import json
+
+    from fedsim.bench import bench_engine
+
+    result = bench_engine(
+        dataset=dataset, model=model, clients=clients, local_steps=local_steps, batch_size=batch_size,
+        repeats=repeats, device=device, chunk_size=chunk_size, grad_mode=grad_mode,
+        sequential=not skip_sequential,
+    )  # fmt: skip
+    text = json.dumps(result, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    typer.echo(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: runs the typer app and turns user errors into one-line messages."""
+    import click
+
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="fedsim")
+        return int(rv or 0)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 1
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except FedsimError as e:
+        typer.echo(f"error: {e}", err=True)
+        return 2
+    except DivergenceError as e:
+        typer.echo(f"error: {e}", err=True)
+        return 3
+    except KeyboardInterrupt:
+        typer.echo("interrupted; resume with: fedsim simulate --resume OUT", err=True)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,169 @@
+"""The validated run configuration: defaults < config file (YAML/TOML) < command-line flags.
+
+Every field is checked by pydantic; an unknown key or a bad value becomes a one-line :class:`FedsimError`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedsim.errors import FedsimError, did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class RunConfig(BaseModel):
+    """Everything that determines a run. Same config and seed give the same metrics."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data
+    dataset: str = "digits"
+    data_path: str | None = None
+    synthetic_alpha: float = Field(1.0, ge=0)
+    synthetic_beta: float = Field(1.0, ge=0)
+    clients: int = Field(20, ge=1)
+    partition: str = "dirichlet"
+    alpha: float = Field(0.5, gt=0)
+    min_client_size: int = Field(2, ge=1)
+    classes_per_client: int = Field(2, ge=1)
+    client_test_fraction: float = Field(0.2, ge=0, lt=1)
+    # model
+    model: str = "mlp"
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    # strategy
+    strategy: str = "fedavg"
+    fraction: float = Field(1.0, gt=0, le=1)
+    min_clients: int = Field(1, ge=1)
+    mu: float = Field(0.01, ge=0)
+    server_lr: float | None = Field(None, gt=0)
+    server_momentum: float = Field(0.9, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float | None = Field(None, gt=0)
+    # local training
+    rounds: int = Field(20, ge=1)
+    local_steps: int = Field(10, ge=1)
+    local_epochs: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    sampler: str = "shuffle"
+    optimizer: str = "sgd"
+    lr: float = Field(0.05, gt=0)
+    lr_schedule: Literal["constant", "step", "cosine"] = "constant"
+    lr_decay: float = Field(0.5, gt=0, le=1)
+    lr_step: int = Field(10, ge=1)
+    min_lr: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    # engine
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    chunk_size: int | None = Field(None, ge=1)
+    grad_mode: Literal["sum", "vmap"] = "sum"
+    sequential: bool = False
+    # evaluation and results
+    eval_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(10, ge=0)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> RunConfig:
+        from fedsim.data import DATASETS, PARTITIONERS
+        from fedsim.data.samplers import SAMPLERS
+        from fedsim.errors import unknown
+        from fedsim.models import MODELS
+        from fedsim.optim import OPTIMIZERS
+        from strategies import STRATEGIES
+
+        for kind, value, choices in (
+            ("dataset", self.dataset, DATASETS),
+            ("partition", self.partition, PARTITIONERS),
+            ("sampler", self.sampler, SAMPLERS),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("strategy", self.strategy, STRATEGIES),
+        ):
+            if value not in choices:
+                raise unknown(kind, value, choices)
+        if ":" not in self.model and self.model not in MODELS:
+            raise unknown("model", self.model, MODELS)
+        if self.nesterov and self.momentum == 0:
+            raise FedsimError("nesterov needs momentum > 0")
+        if self.nesterov and self.optimizer != "sgd":
+            raise FedsimError("nesterov applies to the sgd optimizer only")
+        if self.dataset == "npz" and not self.data_path:
+            raise FedsimError("dataset 'npz' needs data_path (--data-path FILE.npz)")
+        return self
+
+    def strategy_options(self) -> dict[str, Any]:
+        """Options passed to the strategy constructor (unset server_lr/tau keep each strategy's default)."""
+        opts: dict[str, Any] = {
+            "fraction": self.fraction, "min_clients": self.min_clients, "mu": self.mu,
+            "server_momentum": self.server_momentum, "beta1": self.beta1, "beta2": self.beta2,
+        }  # fmt: skip
+        if self.server_lr is not None:
+            opts["server_lr"] = self.server_lr
+        if self.tau is not None:
+            opts["tau"] = self.tau
+        return opts
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{loc}'{did_you_mean(loc, RunConfig.model_fields)}"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if first["type"] in ("value_error", "assertion_error") and not first["loc"]:
+        return msg
+    return f"{loc}: {msg} (got {first.get('input')!r})"
+
+
+def make_config(values: dict[str, Any]) -> RunConfig:
+    """Validate a mapping into a :class:`RunConfig`, raising a one-line FedsimError."""
+    try:
+        return RunConfig(**values)
+    except ValidationError as err:
+        raise FedsimError(_format_validation_error(err)) from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (safe loader) or TOML config file into a mapping (keys may use '-' or '_')."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedsimError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        detail = str(e).replace("\n", " ")
+        raise FedsimError(f"cannot parse config file {path}: {detail}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FedsimError(f"config file {path} must hold a mapping of keys to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the config file, then ``overrides`` (``None`` values are ignored)."""
+    values = read_config_file(path) if path else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return make_config(values)
+
+
+def dump_config(config: RunConfig) -> str:
+    """The fully resolved config as YAML (readable back with :func:`load_config`)."""
+    data = config.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False)

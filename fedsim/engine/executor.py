@@ -1,0 +1,162 @@
+"""Executors train the clients of a plan. ``LocalExecutor``: in-process, chunk by chunk, on one device.
+
+Client state (SCAFFOLD/FedDyn-style) is kept stacked for all clients on the host and only the chunk's rows
+travel to the device. Results are concatenated in client order, so they do not depend on the chunk size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsim.data.samplers import Sampler
+
+from .protocol import ClientAlgorithm, ClientUpdates, Plan
+from .pytree import Tree, concat, stack
+from .store import ClientStore
+from .trainer import VectorizedTrainer, train_sequential
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: CUDA free memory, or MemAvailable of the host."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def activation_bytes(model: nn.Module, x_example: torch.Tensor) -> int:
+    """Bytes of activations one sample produces in a forward pass (sum over leaf modules' outputs)."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x_example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def auto_chunk_size(
+    model: nn.Module,
+    params: Tree,
+    x_example: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    state_copies: int = 2,
+    budget_fraction: float = 0.4,
+) -> int:
+    """Clients per chunk that fit in ``budget_fraction`` of free memory.
+
+    Per client: parameters, gradient, update, delta and optimizer state (``4 + state_copies`` copies of
+    the model) plus the activations of one minibatch kept for the backward pass (x3 for gradients and
+    temporaries).
+    """
+    model_bytes = sum(v.numel() * v.element_size() for v in params.values())
+    per_client = (4 + state_copies) * model_bytes + 3 * batch_size * activation_bytes(model, x_example)
+    budget = budget_fraction * available_memory(device)
+    fits = max(1, int(budget // max(per_client, 1)))
+    if device.type == "cpu":
+        # On CPU a chunk whose stacked parameters stay within a few tens of MB runs fastest (measured on the
+        # digits MLP: 128-256 clients of 55k params beat 1,000 at once by 1.5-2x); bigger chunks only add
+        # memory traffic and page faults.
+        fits = min(fits, max(16, CPU_CHUNK_BYTES // max(model_bytes, 1)))
+    return fits
+
+
+CPU_CHUNK_BYTES = 32 << 20
+
+
+class LocalExecutor:
+    """Trains a plan's clients chunk by chunk on one device (vectorized, or sequential as a reference)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        store: ClientStore,
+        sampler: Sampler,
+        optimizer,
+        algorithm: ClientAlgorithm,
+        *,
+        seed: int,
+        local_steps: int | None,
+        local_epochs: int | None,
+        batch_size: int,
+        chunk_size: int | None = None,
+        grad_mode: str = "sum",
+        sequential: bool = False,
+    ):
+        self.model, self.store, self.sampler = model, store, sampler
+        self.optimizer, self.algorithm = optimizer, algorithm
+        self.seed, self.local_steps, self.local_epochs = seed, local_steps, local_epochs
+        self.batch_size, self.chunk_size = batch_size, chunk_size
+        self.sequential = sequential
+        self.trainer = VectorizedTrainer(model, grad_mode=grad_mode)
+        self.sampler_state = None
+        self.client_state: Tree = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.store.x.device
+
+    def init_client_state(self, params: Tree) -> None:
+        """Allocate the persistent per-client state of the client algorithm (host memory, all clients)."""
+        template = self.algorithm.init_client_state(params)
+        self.client_state = {k: v.cpu() for k, v in stack(template, self.store.num_clients).items()}
+
+    def resolve_chunk_size(self, params: Tree, num_selected: int) -> int:
+        if self.chunk_size:
+            return self.chunk_size
+        auto = auto_chunk_size(self.model, params, self.store.x[:1], self.batch_size, self.device)
+        return max(1, min(num_selected, auto))
+
+    def train(self, plan: Plan, params: Tree, round_: int, lr: float) -> ClientUpdates:
+        """Train the plan's clients from the global ``params`` and return their stacked updates."""
+        ids = np.asarray(plan.client_ids, dtype=np.int64)
+        chunk = self.resolve_chunk_size(params, len(ids))
+        results = []
+        for start in range(0, len(ids), chunk):
+            chunk_ids = ids[start : start + chunk]
+            results.append(self._train_chunk(chunk_ids, plan, params, round_, lr))
+        sizes = torch.as_tensor(self.store.sizes[ids], dtype=torch.float64, device=self.device)
+        return ClientUpdates(
+            client_ids=ids,
+            deltas=concat([r.deltas for r in results]),
+            num_samples=sizes,
+            num_steps=torch.cat([r.num_steps for r in results]),
+            train_loss=torch.cat([r.train_loss.to(self.device) for r in results]),
+            extras=concat([r.extras for r in results]) if results[0].extras else {},
+        )
+
+    def _train_chunk(self, chunk_ids: np.ndarray, plan: Plan, params: Tree, round_: int, lr: float):
+        batches, self.sampler_state = self.sampler.sample(
+            self.seed, round_, chunk_ids, self.store.sizes[chunk_ids],
+            steps=self.local_steps, epochs=self.local_epochs, batch_size=self.batch_size,
+            state=self.sampler_state,
+        )  # fmt: skip
+        index = self.store.global_index(chunk_ids, batches.positions)
+        mask = torch.as_tensor(batches.mask, device=self.device)
+        state = {k: v[chunk_ids].to(self.device) for k, v in self.client_state.items()}
+        args = (params, self.store.x, self.store.y, index, mask, self.optimizer, lr, self.algorithm)
+        if self.sequential:
+            result = train_sequential(self.model, *args, plan.broadcast, state)
+        else:
+            result = self.trainer.train(*args, plan.broadcast, state)
+        for k, v in result.client_state.items():
+            self.client_state[k][chunk_ids] = v.detach().cpu()
+        return result

@@ -1,0 +1,85 @@
+"""The data that flows between the engine and strategies (see DESIGN.md, "How a federated round flows").
+
+Server state, broadcasts and client updates are plain data: flat ``dict[str, Tensor]`` trees, so they
+checkpoint with ``torch.save`` and load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import Tensor
+
+from .pytree import Tree
+
+
+@dataclass
+class ServerState:
+    """Global model ``params`` plus strategy-specific ``extras`` (server momentum, Adam moments, ...)."""
+
+    params: Tree
+    extras: Tree = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """What one round trains: the selected clients (sorted ids) and what the server broadcasts to them
+    besides the global parameters (e.g. a control variate)."""
+
+    client_ids: np.ndarray
+    broadcast: Tree = field(default_factory=dict)
+
+
+@dataclass
+class ClientUpdates:
+    """Stacked results of the selected clients, in ``client_ids`` order.
+
+    ``deltas[k] = w_global - w_k`` (so the FedAvg step is ``w <- w - sum_k p_k deltas[k]``);
+    ``num_samples``: local training set sizes; ``num_steps``: optimizer steps taken; ``train_loss``: mean
+    local minibatch loss over the round; ``extras``: additional per-client uploads (stacked trees).
+    """
+
+    client_ids: np.ndarray
+    deltas: Tree
+    num_samples: Tensor
+    num_steps: Tensor
+    train_loss: Tensor
+    extras: Tree = field(default_factory=dict)
+
+    @property
+    def weights(self) -> Tensor:
+        """Sample weights ``p_k = n_k / sum_j n_j`` over the selected clients."""
+        return self.num_samples / self.num_samples.sum()
+
+
+@dataclass
+class LocalContext:
+    """What a client algorithm sees during local training of one chunk: the global parameters
+    (unstacked), the broadcast extras, and the chunk's persistent client state (stacked, or empty)."""
+
+    global_params: Tree
+    broadcast: Tree
+    client_state: Tree
+    lr: float
+
+
+class ClientAlgorithm:
+    """Hooks that shape local training; the default is plain local training (FedAvg's client).
+
+    All tensors are stacked over the chunk's clients. Subclasses override only what they change.
+    """
+
+    name = "local"
+
+    def init_client_state(self, params: Tree) -> Tree:
+        """Per-client persistent state template (unstacked); empty means stateless."""
+        return {}
+
+    def grad_transform(self, grads: Tree, params: Tree, ctx: LocalContext) -> Tree:
+        """Turn the minibatch gradient into the local direction (e.g. FedProx adds ``mu (w - w_g)``)."""
+        return grads
+
+    def finish(self, deltas: Tree, num_steps: Tensor, ctx: LocalContext) -> tuple[Tree, Tree, Tree]:
+        """After local training: return ``(uploaded deltas, upload extras, new client state)``."""
+        return deltas, {}, ctx.client_state

@@ -1,0 +1,73 @@
+"""Small vmappable models. Every model maps ``[B, *input_shape] -> [B, num_classes]`` logits and holds
+no running statistics (GroupNorm instead of BatchNorm), so ``torch.func.vmap`` can run many clients'
+copies at once."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+def _flat_dim(input_shape: tuple[int, ...]) -> int:
+    return math.prod(input_shape)
+
+
+def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:
+    from fedsim.errors import FedsimError
+
+    if len(input_shape) == 2:
+        return (1, *input_shape)
+    if len(input_shape) != 3:
+        raise FedsimError(f"model '{model}' needs image input (C, H, W); the dataset gives shape {input_shape}")
+    return input_shape  # type: ignore[return-value]
+
+
+def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression: ``logits = W flat(x) + b``."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(_flat_dim(input_shape), num_classes))
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (100,)) -> nn.Module:
+    """Multilayer perceptron with ReLU: ``flat(x) -> hidden... -> num_classes``.
+
+    Default: one hidden layer of 100 units (scikit-learn's ``MLPClassifier`` default); FedAvg's MNIST
+    "2NN" is ``hidden=(200, 200)`` (``model_args: {hidden: [200, 200]}``)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = _flat_dim(input_shape)
+    for h in tuple(hidden):
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def lenet5(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """LeNet-5 (LeCun et al., 1998) with ReLU and max pooling: conv5x5(6, 'same') -> pool2 ->
+    conv5x5(16) -> pool2 -> fc120 -> fc84 -> fc(num_classes). On inputs smaller than 20 pixels the second
+    convolution is padded to keep its output non-empty (e.g. 8x8 digits)."""
+    c, h, w = _image_shape(input_shape, "lenet5")
+    pad2 = 0 if min(h, w) // 2 >= 10 else 2
+    h2, w2 = (h // 2 - 4 + 2 * pad2) // 2, (w // 2 - 4 + 2 * pad2) // 2
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, padding=pad2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * h2 * w2, 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )  # fmt: skip
+
+
+def cnn(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> nn.Module:
+    """Small CNN with GroupNorm: [conv3x3(w) -> GN(8) -> ReLU -> pool2] -> [conv3x3(2w) -> GN(8) -> ReLU
+    -> pool2] -> fc(4w) -> ReLU -> fc(num_classes). GroupNorm keeps it vmappable across clients."""
+    c, h, w = _image_shape(input_shape, "cnn")
+    h2, w2 = h // 4, w // 4
+    return nn.Sequential(
+        nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(8, width), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.GroupNorm(8, 2 * width), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * width * h2 * w2, 4 * width), nn.ReLU(),
+        nn.Linear(4 * width, num_classes),
+    )  # fmt: skip

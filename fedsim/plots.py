@@ -1,0 +1,440 @@
+"""Plots of finished (or still running) runs, read from their results folders.
+
+A run folder holds ``metrics.jsonl`` (one JSON object per round; any value may be ``null``, a final line
+may be truncated while the run is still appending), ``config.yaml`` and optionally ``label_histogram.csv``.
+Everything here works for any numeric metric key, so new metrics need no change in this module.
+
+Matplotlib is imported lazily inside the functions and only through the object-oriented API
+(:class:`matplotlib.figure.Figure` with the Agg canvas), so importing this module is cheap and never
+touches global pyplot state.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedsim.errors import FedsimError, did_you_mean
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "available_metrics",
+    "plot_label_histogram",
+    "plot_run",
+    "plot_runs",
+    "read_config",
+    "read_label_histogram",
+    "read_metrics",
+    "run_label",
+]
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+HISTOGRAM_FILE = "label_histogram.csv"
+DPI = 120
+# Metrics whose values may span orders of magnitude: these get a log y axis when that helps.
+_LOG_CANDIDATES = ("drift", "update_norm", "consensus_distance", "loss", "norm", "distance")
+_LOG_SPAN = 100.0  # more than two orders of magnitude
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a results folder
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_dir(run_dir: str | Path) -> Path:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FedsimError(f"run directory '{path}' does not exist")
+    return path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Parse ``RUN/metrics.jsonl`` into one dict per round, in file order.
+
+    Blank lines are skipped. A final line that is not a valid JSON object is ignored (the run may still
+    be appending to the file); a malformed line anywhere else raises :class:`FedsimError` naming the file
+    and the 1-based line number. A missing folder or file also raises :class:`FedsimError`.
+    """
+    path = _run_dir(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FedsimError(f"run directory '{path.parent}' has no {METRICS_FILE}")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise FedsimError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    numbered = [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    records: list[dict] = []
+    for pos, (lineno, line) in enumerate(numbered):
+        is_last = pos == len(numbered) - 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if is_last:
+                break  # truncated line of a file still being written
+            raise FedsimError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            if is_last:
+                break
+            raise FedsimError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """Return ``RUN/config.yaml`` as a mapping (loaded with ``yaml.safe_load``), or ``{}`` if it is absent.
+
+    The config only decorates titles here, so an unreadable or non-mapping file also gives ``{}``.
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_label_histogram(path: str | Path) -> np.ndarray:
+    """Read a ``label_histogram.csv`` (header ``client,class_0,...``) into an int array [clients, classes]."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = [row for row in csv.reader(fh) if row and any(cell.strip() for cell in row)]
+    except OSError as exc:
+        raise FedsimError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not rows:
+        raise FedsimError(f"{path}: empty label histogram")
+    header, body = rows[0], rows[1:]
+    num_classes = len(header) - 1
+    if num_classes < 1:
+        raise FedsimError(f"{path}: header must be 'client,class_0,class_1,...'")
+    counts = np.zeros((len(body), num_classes), dtype=np.int64)
+    for i, row in enumerate(body):
+        if len(row) != num_classes + 1:
+            raise FedsimError(f"{path}:{i + 2}: expected {num_classes + 1} columns, got {len(row)}")
+        try:
+            counts[i] = [int(float(cell)) for cell in row[1:]]
+        except ValueError as exc:
+            raise FedsimError(f"{path}:{i + 2}: non-numeric count") from exc
+    return counts
+
+
+def run_label(run_dir: str | Path) -> str:
+    """Legend label of a run: the name of its folder (resolved, so '.' gives the real name)."""
+    path = Path(run_dir)
+    return path.name or path.resolve().name or str(path)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _round_of(record: dict, index: int) -> float:
+    x = record.get("round")
+    return float(x) if _is_number(x) else float(index)
+
+
+def available_metrics(records: Sequence[dict]) -> list[str]:
+    """Sorted numeric metric keys that have at least one finite value (``round`` excluded)."""
+    keys: set[str] = set()
+    for record in records:
+        for key, value in record.items():
+            if key != "round" and _is_finite(value):
+                keys.add(key)
+    return sorted(keys)
+
+
+def _series(records: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
+    """(rounds, values) of the finite values of ``key``; x is the record index when 'round' is absent."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for index, record in enumerate(records):
+        value = record.get(key)
+        if _is_finite(value):
+            xs.append(_round_of(record, index))
+            ys.append(float(value))
+    return xs, ys
+
+
+# --------------------------------------------------------------------------------------------------
+# Figure helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _new_figure(nrows: int = 1, *, width: float = 8.0, row_height: float = 3.0) -> tuple[Figure, list[Axes]]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(width, 1.0 + row_height * nrows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, 1, sharex=True, squeeze=False)[:, 0]
+    for ax in axes:  # rounds and clients are integers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig, list(axes)
+
+
+def _save(fig: Figure, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.tight_layout()
+        fig.savefig(out, dpi=DPI, format="png")
+    finally:
+        fig.clear()
+    return out
+
+
+def _wants_log(name: str, values: Sequence[float]) -> bool:
+    """Log scale only for norm/drift/loss-like metrics whose positive values span > 2 orders of magnitude."""
+    if not values or not any(token in name for token in _LOG_CANDIDATES):
+        return False
+    low, high = min(values), max(values)
+    return low > 0 and high / low > _LOG_SPAN
+
+
+def _pretty(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def _config_title(config: dict[str, Any]) -> str:
+    def name_of(value: Any) -> str | None:
+        if isinstance(value, dict):  # e.g. {"name": "fedavg", ...}
+            value = value.get("name")
+        return None if value is None or isinstance(value, (dict, list)) else str(value)
+
+    parts = [name_of(config.get(key)) for key in ("strategy", "dataset", "model")]
+    return " · ".join(part for part in parts if part)
+
+
+def _run_title(run_dir: Path, config: dict[str, Any]) -> str:
+    title = _config_title(config) or run_label(run_dir)
+    seed = config.get("seed")
+    if _is_number(seed):
+        title += f" (seed {seed})"
+    return title
+
+
+def _plot_line(ax: Axes, xs: Sequence[float], ys: Sequence[float], label: str, **kwargs: Any) -> None:
+    marker = "o" if len(xs) <= 30 else None
+    ax.plot(xs, ys, label=label, marker=marker, markersize=3, linewidth=1.5, **kwargs)
+
+
+def _unique_labels(dirs: Sequence[Path]) -> list[str]:
+    """Folder names, disambiguated with parent folders when two runs share a name."""
+    labels = [run_label(d) for d in dirs]
+    depth = 1
+    while len(set(labels)) < len(labels) and depth < 6:
+        depth += 1
+        labels = ["/".join(d.resolve().parts[-depth:]) for d in dirs]
+    if len(set(labels)) < len(labels):
+        labels = [str(d) for d in dirs]
+    return labels
+
+
+# --------------------------------------------------------------------------------------------------
+# Public plotting API
+# --------------------------------------------------------------------------------------------------
+
+
+def plot_runs(run_dirs: Sequence[str | Path], metrics: Sequence[str], out: str | Path) -> Path:
+    """Overlay several runs in one PNG: one subplot per metric (stacked, shared x = round), one line per run.
+
+    Raises :class:`FedsimError` when ``run_dirs`` or ``metrics`` is empty, when a run folder does not exist
+    or has no ``metrics.jsonl``, or when a requested metric appears in none of the runs (the message lists
+    the available metrics and suggests the closest). A metric missing from only some runs is drawn for the
+    others. Returns the path written; parent folders of ``out`` are created.
+    """
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    metrics = list(dict.fromkeys(metrics))  # drop duplicates, keep order
+    if not metrics:
+        raise FedsimError("no metrics to plot; name at least one metric")
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise FedsimError("no run directories to plot")
+    runs = [read_metrics(d) for d in dirs]
+
+    available = sorted({key for records in runs for key in available_metrics(records)})
+    for metric in metrics:
+        if metric not in available:
+            listing = ", ".join(available) if available else "none"
+            raise FedsimError(
+                f"metric '{metric}' is in none of the runs{did_you_mean(metric, available)}; "
+                f"available metrics: {listing}"
+            )
+
+    labels = _unique_labels(dirs)
+    fig, axes = _new_figure(len(metrics))
+    for ax, metric in zip(axes, metrics, strict=True):
+        all_values: list[float] = []
+        for records, label in zip(runs, labels, strict=True):
+            xs, ys = _series(records, metric)
+            all_values.extend(ys)
+            if xs:
+                _plot_line(ax, xs, ys, label)
+            else:  # keep colours aligned with the other panels and list the run in the legend
+                ax.plot([], [], label=f"{label} (no data)")
+        if _wants_log(metric, all_values):
+            ax.set_yscale("log")
+        ax.set_ylabel(_pretty(metric))
+        ax.set_title(_pretty(metric), fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    axes[-1].set_xlabel("round")
+    if len(dirs) == 1:
+        fig.suptitle(_run_title(dirs[0], read_config(dirs[0])))
+    else:
+        common = {_config_title(read_config(d)) for d in dirs}
+        shared = common.pop() if len(common) == 1 else ""
+        fig.suptitle(f"{len(dirs)} runs" + (f": {shared}" if shared else ""))
+    return _save(fig, out)
+
+
+def plot_label_histogram(counts: np.ndarray, out: str | Path, max_clients: int = 100) -> Path:
+    """Stacked bars of the label counts of each client, coloured by class (a partition plot).
+
+    ``counts`` is [num_clients, num_classes]. With more than ``max_clients`` clients only the first
+    ``max_clients`` are drawn and the title says so. Returns the path written.
+    """
+    counts = np.asarray(counts)
+    if counts.ndim != 2 or counts.shape[0] == 0 or counts.shape[1] == 0:
+        raise FedsimError(f"label histogram must be a non-empty [clients, classes] array, got {counts.shape}")
+    if max_clients < 1:
+        raise FedsimError(f"max_clients must be at least 1, got {max_clients}")
+    if np.any(counts < 0):
+        raise FedsimError("label histogram has negative counts")
+    num_clients, num_classes = counts.shape
+    shown = counts[:max_clients].astype(float)
+    n = shown.shape[0]
+
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if num_classes <= 10 else "tab20" if num_classes <= 20 else "viridis"]
+    colours = [cmap(c / max(num_classes - 1, 1)) if num_classes > 20 else cmap(c) for c in range(num_classes)]
+
+    fig, (ax,) = _new_figure(1, width=max(8.0, min(24.0, 0.12 * n + 4.0)), row_height=4.0)
+    x = np.arange(n)
+    bottom = np.zeros(n)
+    width = 0.8 if n > 1 else 0.5
+    for c in range(num_classes):
+        ax.bar(x, shown[:, c], bottom=bottom, width=width, color=colours[c], label=f"class {c}", linewidth=0)
+        bottom += shown[:, c]
+    ax.set_xlabel("client")
+    ax.set_ylabel("samples")
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.margins(y=0.02)
+    if n <= 30:
+        ax.set_xticks(x)
+    if num_classes <= 20:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), title="label")
+    title = f"Label distribution: {num_clients} clients, {num_classes} classes"
+    if num_clients > n:
+        title += f" (first {n} of {num_clients} clients shown)"
+    ax.set_title(title)
+    return _save(fig, out)
+
+
+def _plot_panel_group(records: Sequence[dict], panels: Sequence[Sequence[str]], out: Path, title: str) -> Path | None:
+    """One subplot per panel (a list of metrics drawn together); empty panels are dropped."""
+    present = [[m for m in panel if _series(records, m)[0]] for panel in panels]
+    present = [panel for panel in present if panel]
+    if not present:
+        return None
+    fig, axes = _new_figure(len(present))
+    for ax, panel in zip(axes, present, strict=True):
+        values: list[float] = []
+        for metric in panel:
+            xs, ys = _series(records, metric)
+            values.extend(ys)
+            _plot_line(ax, xs, ys, _pretty(metric))
+        if all(_wants_log(metric, values) for metric in panel):
+            ax.set_yscale("log")
+        ax.set_ylabel(_pretty(panel[0]) if len(panel) == 1 else " / ".join(_pretty(m) for m in panel))
+        ax.grid(True, alpha=0.3)
+        if len(panel) > 1:
+            ax.legend(fontsize=8, loc="best")
+    axes[-1].set_xlabel("round")
+    fig.suptitle(title)
+    return _save(fig, out)
+
+
+def _plot_client_accuracy(records: Sequence[dict], out: Path, title: str) -> Path | None:
+    xs_mean, ys_mean = _series(records, "client_accuracy_mean")
+    xs_worst, ys_worst = _series(records, "client_accuracy_worst10")
+    if not xs_mean and not xs_worst:
+        return None
+    fig, (ax,) = _new_figure(1, row_height=3.5)
+    if xs_mean:
+        _plot_line(ax, xs_mean, ys_mean, "mean client accuracy", color="C0")
+        band = [
+            (x, mean, std)
+            for x, mean, std in (
+                (_round_of(record, i), record.get("client_accuracy_mean"), record.get("client_accuracy_std"))
+                for i, record in enumerate(records)
+            )
+            if _is_finite(mean) and _is_finite(std)
+        ]
+        if band:
+            bx = [b[0] for b in band]
+            lo = [b[1] - b[2] for b in band]
+            hi = [b[1] + b[2] for b in band]
+            ax.fill_between(bx, lo, hi, color="C0", alpha=0.2, label="± std", linewidth=0)
+    if xs_worst:
+        _plot_line(ax, xs_worst, ys_worst, "worst 10% of clients", color="C3")
+    ax.set_xlabel("round")
+    ax.set_ylabel("client accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title)
+    return _save(fig, out)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write the standard plots of one run into its folder and return the paths written.
+
+    * ``convergence.png``: test accuracy, and in a second panel train and test loss, vs round;
+    * ``drift.png``: drift, update norm and (if present) consensus distance vs round;
+    * ``label_histogram.png``: the clients' label counts, when ``label_histogram.csv`` exists;
+    * ``client_accuracy.png``: mean client accuracy with a ± std band and the worst-10% accuracy.
+
+    A plot (or panel) whose metrics are all absent or null is skipped.
+    """
+    run = _run_dir(run_dir)
+    records = read_metrics(run)
+    title = _run_title(run, read_config(run))
+    written: list[Path] = []
+
+    convergence = _plot_panel_group(
+        records, [["test_accuracy"], ["train_loss", "test_loss"]], run / "convergence.png", title
+    )
+    drift = _plot_panel_group(records, [["drift"], ["update_norm"], ["consensus_distance"]], run / "drift.png", title)
+    written += [p for p in (convergence, drift) if p is not None]
+
+    histogram = run / HISTOGRAM_FILE
+    if histogram.is_file():
+        written.append(plot_label_histogram(read_label_histogram(histogram), run / "label_histogram.png"))
+
+    client = _plot_client_accuracy(records, run / "client_accuracy.png", title)
+    if client is not None:
+        written.append(client)
+    return written

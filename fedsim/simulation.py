@@ -1,0 +1,279 @@
+"""One federated run: data -> partition -> model -> strategy -> rounds of (configure, train, aggregate),
+with metrics every round, evaluation every ``eval_every`` rounds and checkpoints every
+``checkpoint_every`` rounds. Entry point: :func:`simulate` (the CLI's ``fedsim simulate``)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsim import rng
+from fedsim.config import RunConfig, dump_config, load_config, make_config
+from fedsim.data import label_histogram, load_dataset, partition, split_clients
+from fedsim.data.samplers import make_sampler
+from fedsim.engine.evaluate import client_accuracy_spread, evaluate, per_client_accuracy
+from fedsim.engine.executor import LocalExecutor
+from fedsim.engine.protocol import ClientUpdates, ServerState
+from fedsim.engine.pytree import Tree, all_finite, flatten, nbytes
+from fedsim.engine.store import ClientStore
+from fedsim.errors import DivergenceError, FedsimError
+from fedsim.models import build_model
+from fedsim.optim import lr_at, make_optimizer
+from fedsim.results import CONFIG_FILE, SUMMARY_FILE, ResultsDir
+from strategies import build_strategy
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FedsimError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu or auto")
+    return torch.device(name)
+
+
+def initial_params(model: torch.nn.Module, seed: int) -> Tree:
+    """Re-initialize ``model`` from a seed derived from the run seed; return its parameters as a tree."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(rng.seed_for(seed, rng.STREAM_INIT))
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    torch.random.set_rng_state(gen_state)
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def client_drift(deltas: Tree) -> float | None:
+    """Client drift: ``mean_k ||Delta_k - mean Delta|| / ||mean Delta||`` (plain mean over the clients)."""
+    flat = flatten(deltas).double()
+    mean = flat.mean(dim=0)
+    norm = float(mean.norm())
+    if norm == 0.0 or not math.isfinite(norm):
+        return None
+    return float((flat - mean).norm(dim=1).mean() / norm)
+
+
+class Simulation:
+    """A fully set-up federated experiment (data on device, model, strategy, executor)."""
+
+    def __init__(self, config: RunConfig):
+        self.config = c = config
+        self.device = resolve_device(c.device)
+        ds = load_dataset(
+            c.dataset, path=c.data_path, seed=c.seed, num_clients=c.clients,
+            synthetic_alpha=c.synthetic_alpha, synthetic_beta=c.synthetic_beta,
+        )  # fmt: skip
+        self.dataset = ds
+        parts = partition(
+            c.partition, ds.y_train, c.clients, seed=c.seed, alpha=c.alpha, min_size=c.min_client_size,
+            classes_per_client=c.classes_per_client, natural=ds.client_train,
+        )  # fmt: skip
+        self.histogram = label_histogram(ds.y_train, parts, ds.num_classes)
+        train_parts, test_parts = split_clients(parts, c.client_test_fraction, c.seed)
+        if any(len(p) == 0 for p in train_parts):
+            raise FedsimError("a client has no training samples; raise --min-client-size or lower the test fraction")
+        self.store = ClientStore.build(ds.x_train, ds.y_train, train_parts, test_parts, self.device)
+        self.x_test = torch.as_tensor(ds.x_test, device=self.device)
+        self.y_test = torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device)
+        self.model = build_model(c.model, ds.feature_shape, ds.num_classes, **c.model_args).to(self.device)
+        self.init_params = initial_params(self.model, c.seed)
+        self.strategy = build_strategy(c.strategy, **c.strategy_options())
+        optimizer = make_optimizer(
+            c.optimizer, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
+            betas=c.adam_betas, eps=c.adam_eps,
+        )  # fmt: skip
+        self.executor = LocalExecutor(
+            self.model, self.store, make_sampler(c.sampler), optimizer, self.strategy.client_algorithm,
+            seed=c.seed, local_steps=None if c.local_epochs else c.local_steps, local_epochs=c.local_epochs,
+            batch_size=c.batch_size, chunk_size=c.chunk_size, grad_mode=c.grad_mode, sequential=c.sequential,
+        )  # fmt: skip
+        self.executor.init_client_state(self.init_params)
+        self.model_bytes = nbytes(self.init_params)
+        self.num_params = sum(v.numel() for v in self.init_params.values())
+
+    def lr(self, round_: int) -> float:
+        c = self.config
+        return lr_at(
+            round_, c.lr, c.lr_schedule, total_rounds=c.rounds, decay=c.lr_decay, step=c.lr_step, min_lr=c.min_lr
+        )
+
+    def round_metrics(
+        self, round_: int, state: ServerState, new: ServerState, updates: ClientUpdates, broadcast_bytes: int
+    ) -> dict[str, Any]:
+        selected = len(updates.client_ids)
+        extras_up = sum(v[0].numel() * v.element_size() for v in updates.extras.values())
+        step = {k: new.params[k] - state.params[k] for k in new.params}
+        return {
+            "round": round_,
+            "lr": self.lr(round_),
+            "clients": selected,
+            "train_loss": float((updates.train_loss.double() * updates.weights.to(torch.float64)).sum()),
+            "drift": client_drift(updates.deltas),
+            "update_norm": float(flatten(step, stacked=False).norm()),
+            "bytes_up": selected * (self.model_bytes + extras_up),
+            "bytes_down": selected * (self.model_bytes + broadcast_bytes),
+        }
+
+    def evaluate(self, params: Tree) -> dict[str, Any]:
+        test = evaluate(self.model, params, self.x_test, self.y_test)
+        record = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
+        acc = per_client_accuracy(
+            self.model, params, self.store.x, self.store.y, self.store.test_order, self.store.test_offsets
+        )
+        record.update(client_accuracy_spread(acc))
+        return record
+
+    def checkpoint_payload(self, round_: int, state: ServerState) -> dict[str, Any]:
+        sampler_state = self.executor.sampler_state or {}
+        return {
+            "round": round_,
+            "params": {k: v.cpu() for k, v in state.params.items()},
+            "extras": {k: v.cpu() for k, v in state.extras.items()},
+            "client_state": self.executor.client_state,
+            "sampler_state": {k: torch.as_tensor(v) for k, v in sampler_state.items()},
+        }
+
+    def restore(self, payload: dict[str, Any]) -> tuple[int, ServerState]:
+        to_dev = lambda tree: {k: v.to(self.device) for k, v in tree.items()}  # noqa: E731
+        state = ServerState(to_dev(payload["params"]), to_dev(payload["extras"]))
+        self.executor.client_state = dict(payload["client_state"])
+        sampler_state = payload.get("sampler_state") or {}
+        self.executor.sampler_state = {k: v.numpy() for k, v in sampler_state.items()} or None
+        return int(payload["round"]), state
+
+    def run(
+        self,
+        results: ResultsDir | None = None,
+        *,
+        start_round: int = 1,
+        state: ServerState | None = None,
+        on_round: RoundCallback | None = None,
+    ) -> dict[str, Any]:
+        """Run rounds ``start_round..rounds``; returns the summary (also written to ``summary.json``)."""
+        c = self.config
+        state = state or self.strategy.init(self.init_params)
+        history = results.read_metrics() if results else []
+        for r in range(start_round, c.rounds + 1):
+            t0 = time.perf_counter()
+            plan = self.strategy.configure(r, state, self.store.num_clients, c.seed)
+            updates = self.executor.train(plan, state.params, r, self.lr(r))
+            new_state = self.strategy.aggregate(r, state, updates)
+            broadcast_bytes = sum(v.numel() * v.element_size() for v in plan.broadcast.values())
+            record = self.round_metrics(r, state, new_state, updates, broadcast_bytes)
+            diverged = not math.isfinite(record["train_loss"]) or not all_finite(new_state.params)
+            state = new_state
+            if not diverged and (r % c.eval_every == 0 or r == c.rounds):
+                record.update(self.evaluate(state.params))
+            else:
+                record.update({"test_accuracy": None, "test_loss": None})
+            record["time_s"] = time.perf_counter() - t0
+            if diverged:
+                record["diverged"] = True
+            history.append(record)
+            if results:
+                results.append_metrics(record)
+            if on_round:
+                on_round(record)
+            if diverged:
+                summary = self.summary(history, diverged=True)
+                if results:
+                    results.write_json(SUMMARY_FILE, summary)
+                where = f"; metrics so far are in {results.path}" if results else ""
+                raise DivergenceError(
+                    f"training diverged at round {r} (train_loss={record['train_loss']}){where}; try a smaller --lr"
+                )
+            if results and c.checkpoint_every and (r % c.checkpoint_every == 0 or r == c.rounds):
+                results.save_checkpoint(self.checkpoint_payload(r, state))
+        self.final_state = state
+        summary = self.summary(history)
+        if results:
+            results.write_json(SUMMARY_FILE, summary)
+        return summary
+
+    def summary(self, history: list[dict[str, Any]], diverged: bool = False) -> dict[str, Any]:
+        evaluated = [h for h in history if h.get("test_accuracy") is not None]
+        best = max(evaluated, key=lambda h: h["test_accuracy"], default=None)
+        last_eval = evaluated[-1] if evaluated else {}
+        return {
+            "rounds_completed": history[-1]["round"] if history else 0,
+            "diverged": diverged,
+            "final_test_accuracy": last_eval.get("test_accuracy"),
+            "final_test_loss": last_eval.get("test_loss"),
+            "best_test_accuracy": best["test_accuracy"] if best else None,
+            "best_round": best["round"] if best else None,
+            "final_train_loss": history[-1]["train_loss"] if history else None,
+            "total_time_s": float(sum(h.get("time_s", 0.0) for h in history)),
+            "total_bytes_up": int(sum(h["bytes_up"] for h in history)),
+            "total_bytes_down": int(sum(h["bytes_down"] for h in history)),
+            "num_params": self.num_params,
+            "num_clients": self.store.num_clients,
+            "device": str(self.device),
+            "dataset": self.config.dataset,
+            "model": self.config.model,
+            "strategy": self.config.strategy,
+        }
+
+
+def simulate(
+    config: RunConfig | dict[str, Any] | str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    on_round: RoundCallback | None = None,
+    plots: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Run a federated experiment and return its summary.
+
+    ``config`` is a :class:`RunConfig`, a mapping, or a YAML/TOML file; keyword ``overrides`` win. With
+    ``out`` the results folder is written (config.yaml, metrics.jsonl, summary.json, checkpoints, plots).
+    """
+    if isinstance(config, RunConfig):
+        cfg = make_config({**config.model_dump(), **overrides})
+    elif isinstance(config, dict):
+        cfg = make_config({**config, **overrides})
+    else:
+        cfg = load_config(config, overrides)
+    sim = Simulation(cfg)
+    results = None
+    if out is not None:
+        results = ResultsDir.create(out, overwrite=overwrite)
+        results.write_text(CONFIG_FILE, dump_config(cfg))
+        results.write_histogram(sim.histogram)
+    summary = sim.run(results, on_round=on_round)
+    if results and plots:
+        from fedsim.plots import plot_run
+
+        plot_run(results.path)
+    return summary
+
+
+def resume(out: str | Path, *, on_round: RoundCallback | None = None, plots: bool = True) -> dict[str, Any]:
+    """Continue a killed run from its last checkpoint; ends with the same metrics as an uninterrupted run."""
+    results = ResultsDir.open_existing(out)
+    cfg = load_config(results.file(CONFIG_FILE))
+    sim = Simulation(cfg)
+    payload = results.load_checkpoint()
+    if payload is None:
+        start, state = 1, None
+    else:
+        last, state = sim.restore(payload)
+        start = last + 1
+    results.truncate_metrics(start - 1)
+    if start > cfg.rounds:
+        summary = sim.summary(results.read_metrics())
+        results.write_json(SUMMARY_FILE, summary)
+    else:
+        summary = sim.run(results, start_round=start, state=state, on_round=on_round)
+    if plots:
+        from fedsim.plots import plot_run
+
+        plot_run(results.path)
+    return summary

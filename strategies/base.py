@@ -1,0 +1,77 @@
+"""The strategy interface: ``init(params) -> state``, ``configure(round, state) -> Plan``,
+``aggregate(round, state, updates) -> state``. State is explicit data (:class:`ServerState`)."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+
+from fedsim import rng
+from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, Plan, ServerState
+from fedsim.engine.pytree import Tree, tree_map, weighted_sum
+from fedsim.errors import FedsimError
+
+
+def select_clients(num_clients: int, fraction: float, min_clients: int, seed: int, round_: int) -> np.ndarray:
+    """Uniformly sample ``max(min_clients, round(fraction * N))`` distinct clients (sorted ids).
+
+    The draw depends only on (seed, round), not on earlier rounds, so a resumed run selects the same clients.
+    """
+    count = min(num_clients, max(min_clients, int(round(fraction * num_clients))))
+    if count >= num_clients:
+        return np.arange(num_clients)
+    keys = rng.hash_keys(seed, rng.STREAM_SELECTION, round_, np.arange(num_clients))
+    return np.sort(np.argsort(keys, kind="stable")[:count])
+
+
+class Strategy:
+    """Base server strategy: FedAvg's client selection and hooks for subclasses.
+
+    Subclasses implement :meth:`server_update` (how the weighted mean update moves the global model) and
+    may set ``client_algorithm`` and extra state in :meth:`init`.
+    """
+
+    name: ClassVar[str] = "base"
+    client_algorithm: ClientAlgorithm
+
+    def __init__(self, fraction: float = 1.0, min_clients: int = 1):
+        if not 0.0 < fraction <= 1.0:
+            raise FedsimError(f"fraction must be in (0, 1], got {fraction}")
+        if min_clients < 1:
+            raise FedsimError(f"min_clients must be >= 1, got {min_clients}")
+        self.fraction, self.min_clients = fraction, min_clients
+        self.client_algorithm = ClientAlgorithm()
+
+    def init(self, params: Tree) -> ServerState:
+        """Initial server state from the initial global parameters."""
+        return ServerState(params={k: v.detach().clone() for k, v in params.items()})
+
+    def configure(self, round_: int, state: ServerState, num_clients: int, seed: int) -> Plan:
+        """Pick this round's clients and the broadcast extras."""
+        return Plan(select_clients(num_clients, self.fraction, self.min_clients, seed, round_))
+
+    def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
+        """New server state from the clients' updates: ``server_update`` of the weighted mean delta."""
+        mean_delta = weighted_sum(updates.deltas, updates.weights)
+        return self.server_update(round_, state, mean_delta)
+
+    def server_update(self, round_: int, state: ServerState, mean_delta: Tree) -> ServerState:
+        raise NotImplementedError
+
+    def upload_extras_bytes(self, params: Tree) -> int:
+        """Bytes each client uploads besides its model update."""
+        return 0
+
+
+def apply_step(params: Tree, step: Tree, scale: float = 1.0) -> Tree:
+    """``params - scale * step`` leaf-wise."""
+    return tree_map(lambda p, s: p - scale * s, params, step)
+
+
+def check_positive(**values: float) -> None:
+    """Raise a FedsimError naming the first value that is not a positive finite number."""
+    for name, v in values.items():
+        if not (v > 0 and math.isfinite(v)):
+            raise FedsimError(f"{name} must be > 0, got {v}")

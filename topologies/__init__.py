@@ -1,0 +1,1 @@
+"""Graph topologies for decentralized learning (networkx only; see the topology issue)."""

@@ -57,6 +57,7 @@ def bench_engine(
     grad_mode: str = "sum",
     sequential: bool = True,
     lr: float = 0.05,
+    model_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Time the three training paths on identical work; returns a JSON-ready dict."""
     dev = resolve_device(device)
@@ -65,7 +66,7 @@ def bench_engine(
     if parts is None:  # more clients than samples: clients share samples (sampling is with replacement)
         rows = np.arange(clients * max(1, batch_size)) % len(ds.y_train)
         parts = np.array_split(rows, clients)
-    net = build_model(model, ds.feature_shape, ds.num_classes).to(dev)
+    net = build_model(model, ds.feature_shape, ds.num_classes, **(model_args or {})).to(dev)
     params = initial_params(net, 0)
     store = ClientStore.build(ds.x_train, ds.y_train, parts, [np.zeros(0, np.int64)] * clients, dev)
     opt = SGD()
@@ -79,7 +80,7 @@ def bench_engine(
     result: dict[str, Any] = {
         "dataset": dataset, "model": model, "clients": clients, "local_steps": local_steps,
         "batch_size": batch_size, "repeats": repeats, "device": str(dev), "chunk_size": chunk,
-        "grad_mode": grad_mode, "num_params": sum(v.numel() for v in params.values()),
+        "grad_mode": grad_mode, "model_args": model_args or {}, "num_params": sum(v.numel() for v in params.values()),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor()
         or platform.machine(),
     }  # fmt: skip

@@ -1,0 +1,152 @@
+"""The command line: simulate/plot/list/bench, flag precedence, one-line errors with exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fedsim.cli import main
+
+FAST = ["--clients", "6", "--rounds", "2", "--local-steps", "2", "--quiet"]
+
+
+def run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_simulate_writes_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run(["simulate", *FAST, "--out", str(out)], capsys)
+    assert code == 0, stdout
+    assert "final test accuracy" in stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_flags_override_config_file(tmp_path, capsys):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("rounds: 3\nclients: 6\nlocal-steps: 2\nstrategy: fedavgm\n")
+    out = tmp_path / "run"
+    code, _, err = run(
+        ["simulate", str(cfg), "--rounds", "2", "--set", "server_momentum=0.5", "--quiet", "--out", str(out)], capsys
+    )
+    assert code == 0, err
+    resolved = (out / "config.yaml").read_text()
+    assert "rounds: 2" in resolved and "strategy: fedavgm" in resolved and "server_momentum: 0.5" in resolved
+
+
+def test_toml_config(tmp_path, capsys):
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('rounds = 1\nclients = 4\nmodel = "logreg"\n')
+    code, _, err = run(["simulate", str(cfg), "--quiet", "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dataset", "digts"], "unknown dataset 'digts' (did you mean 'digits'?)"),
+        (["--model", "lenet"], "did you mean 'lenet5'"),
+        (["--strategy", "fedavgg"], "did you mean 'fedavg'"),
+        (["--optimizer", "adm"], "did you mean 'adam'"),
+        (["--partition", "dirichlet2"], "did you mean 'dirichlet'"),
+        (["--set", "roundz=3"], "unknown config key 'roundz' (did you mean 'rounds'?)"),
+        (["--set", "noequals"], "--set expects KEY=VALUE"),
+        (["--lr", "-1"], "lr"),
+        (["--alpha", "0"], "alpha"),
+        (["--dataset", "npz"], "needs data_path"),
+        (["--dataset", "npz", "--data-path", "/nonexistent/x.npz"], "/nonexistent/x.npz"),
+        (["--clients", "5000"], "client"),
+        (["--device", "tpu"], "device"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
+    out = tmp_path / "r"
+    code, _, err = run(["simulate", *argv, "--quiet", "--out", str(out)], capsys)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, _, err = run(["simulate", str(tmp_path / "nope.yaml"), "--quiet"], capsys)
+    assert code == 2 and "config file not found" in err
+
+
+def test_existing_results_folder_is_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["simulate", *FAST, "--out", str(out)], capsys)[0] == 0
+    before = (out / "metrics.jsonl").read_text()
+    code, _, err = run(["simulate", *FAST, "--rounds", "1", "--out", str(out)], capsys)
+    assert code == 2 and "--overwrite" in err
+    assert (out / "metrics.jsonl").read_text() == before
+    assert run(["simulate", *FAST, "--rounds", "1", "--out", str(out), "--overwrite"], capsys)[0] == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_resume_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["simulate", *FAST, "--out", str(out)], capsys)[0] == 0
+    code, stdout, _ = run(["simulate", "--resume", str(out), "--quiet"], capsys)
+    assert code == 0 and "2 rounds" in stdout
+    code, _, err = run(["simulate", "--resume", str(out), "--rounds", "5"], capsys)
+    assert code == 2 and "rounds" in err
+
+
+def test_divergence_exit_code_3(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(["simulate", *FAST, "--lr", "1e9", "--rounds", "5", "--out", str(out)], capsys)
+    assert code == 3 and "diverged" in err
+    assert (out / "metrics.jsonl").is_file()
+
+
+def test_list(capsys):
+    code, stdout, _ = run(["list"], capsys)
+    assert code == 0
+    for word in ("digits", "dirichlet", "shuffle", "lenet5", "fedyogi", "adamw", "cosine"):
+        assert word in stdout
+
+
+def test_plot_overlays_runs(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(["simulate", *FAST, "--out", str(a)], capsys)[0] == 0
+    assert run(["simulate", *FAST, "--strategy", "fedprox", "--out", str(b)], capsys)[0] == 0
+    png = tmp_path / "cmp.png"
+    code, stdout, _ = run(["plot", str(a), str(b), "--metric", "test_accuracy,drift", "--out", str(png)], capsys)
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, err = run(["plot", str(a), "--metric", "test_acc", "--out", str(png)], capsys)
+    assert code == 2 and "did you mean 'test_accuracy'" in err
+
+
+def test_bench_engine_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, _ = run(
+        ["bench", "engine", "--clients", "6", "--local-steps", "2", "--repeats", "1", "--out", str(out)], capsys
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["vectorized"]["samples_per_s"] > 0 and result["sequential"]["samples_per_s"] > 0
+    assert result["vectorized_over_sequential"] > 0 and result["vectorized_over_centralized"] > 0
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    """The installed entry point: exit code 2 and a single line on stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", "simulate", "--dataset", "cifar100", "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: unknown dataset")
+    usage = subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", "simulate", "--rounds", "abc"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr

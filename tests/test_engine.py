@@ -1,0 +1,199 @@
+"""The vectorized trainer against the sequential per-client reference, chunking and gradient modes."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedsim.data.samplers import IIDSampler, ShuffleSampler
+from fedsim.engine.executor import LocalExecutor, auto_chunk_size
+from fedsim.engine.protocol import ClientAlgorithm, Plan
+from fedsim.engine.pytree import flatten
+from fedsim.engine.store import ClientStore
+from fedsim.models import MODELS, build_model
+from fedsim.optim import make_optimizer
+from fedsim.simulation import initial_params
+from strategies import ProximalClient
+
+NUM_CLIENTS = 9
+
+
+def make_setup(model_name, sizes, image=(1, 8, 8), classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = int(sum(sizes))
+    x = torch.randn(n, *image, generator=g).numpy()
+    y = torch.randint(0, classes, (n,), generator=g).numpy()
+    bounds = np.cumsum([0, *sizes])
+    parts = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+    store = ClientStore.build(x, y, parts, [np.zeros(0, np.int64)] * len(sizes), torch.device("cpu"))
+    model = build_model(model_name, image, classes)
+    return model, store, initial_params(model, seed)
+
+
+def make_executor(
+    model,
+    store,
+    *,
+    sequential=False,
+    chunk_size=None,
+    sampler=None,
+    optimizer=None,
+    algorithm=None,
+    local_steps=3,
+    local_epochs=None,
+    batch_size=4,
+    grad_mode="sum",
+):
+    return LocalExecutor(
+        model,
+        store,
+        sampler or ShuffleSampler(),
+        optimizer or make_optimizer("sgd", momentum=0.9),
+        algorithm or ClientAlgorithm(),
+        seed=7,
+        local_steps=None if local_epochs else local_steps,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        sequential=sequential,
+        grad_mode=grad_mode,
+    )
+
+
+def assert_close_updates(a, b, rtol=1e-5):
+    fa, fb = flatten(a.deltas).double(), flatten(b.deltas).double()
+    scale = fb.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    err = ((fa - fb).norm(dim=1, keepdim=True) / scale).max()
+    assert float(err) < rtol, f"relative error {float(err)}"
+    assert torch.equal(a.num_steps.cpu(), b.num_steps.cpu())
+    torch.testing.assert_close(a.train_loss.double().cpu(), b.train_loss.double().cpu(), rtol=1e-5, atol=1e-6)
+
+
+RAGGED = [1, 3, 4, 5, 7, 9, 12, 17, 30]
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("participation", ["full", "partial"])
+def test_vectorized_equals_sequential_every_model(model_name, participation):
+    model, store, params = make_setup(model_name, RAGGED)
+    ids = np.arange(NUM_CLIENTS) if participation == "full" else np.array([0, 2, 3, 7, 8])
+    plan = Plan(ids)
+    vec = make_executor(model, store).train(plan, params, 1, 0.05)
+    seq = make_executor(model, store, sequential=True).train(plan, params, 1, 0.05)
+    assert_close_updates(vec, seq)
+    assert flatten(vec.deltas).abs().sum() > 0  # training really moved the parameters
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        make_optimizer("sgd"),
+        make_optimizer("sgd", momentum=0.9, nesterov=True, weight_decay=1e-3),
+        make_optimizer("adam", weight_decay=1e-4),
+        make_optimizer("adamw", weight_decay=1e-2),
+    ],
+    ids=["sgd", "nesterov", "adam", "adamw"],
+)
+def test_ragged_epochs_match_sequential(optimizer):
+    """Epoch mode: clients take different numbers of steps (masked), partial last batches."""
+    model, store, params = make_setup("mlp", RAGGED)
+    kw = dict(optimizer=optimizer, local_epochs=2, batch_size=5)
+    vec = make_executor(model, store, **kw).train(Plan(np.arange(NUM_CLIENTS)), params, 1, 0.03)
+    seq = make_executor(model, store, sequential=True, **kw).train(Plan(np.arange(NUM_CLIENTS)), params, 1, 0.03)
+    assert_close_updates(vec, seq)
+    expected_steps = 2 * -(-np.array(RAGGED) // 5)
+    assert vec.num_steps.tolist() == expected_steps.tolist()
+
+
+def test_fedprox_client_matches_sequential():
+    model, store, params = make_setup("logreg", RAGGED)
+    kw = dict(algorithm=ProximalClient(mu=0.5))
+    vec = make_executor(model, store, **kw).train(Plan(np.arange(NUM_CLIENTS)), params, 1, 0.1)
+    seq = make_executor(model, store, sequential=True, **kw).train(Plan(np.arange(NUM_CLIENTS)), params, 1, 0.1)
+    assert_close_updates(vec, seq)
+    plain = make_executor(model, store).train(Plan(np.arange(NUM_CLIENTS)), params, 1, 0.1)
+    # the proximal pull shrinks every client's update
+    assert (flatten(vec.deltas).norm(dim=1) < flatten(plain.deltas).norm(dim=1)).all()
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_results_do_not_depend_on_chunk_size(model_name):
+    model, store, params = make_setup(model_name, RAGGED)
+    plan = Plan(np.arange(NUM_CLIENTS))
+    runs = [make_executor(model, store, chunk_size=cs).train(plan, params, 2, 0.05) for cs in (1, 4, NUM_CLIENTS)]
+    for other in runs[1:]:
+        torch.testing.assert_close(flatten(other.deltas), flatten(runs[0].deltas), rtol=1e-6, atol=1e-7)
+
+
+def test_client_order_does_not_matter():
+    """A client's update depends on (seed, round, client) only, not on who else is in its chunk."""
+    model, store, params = make_setup("mlp", RAGGED)
+    ex = make_executor(model, store, chunk_size=3)
+    alone = ex.train(Plan(np.array([4])), params, 3, 0.05)
+    together = ex.train(Plan(np.arange(NUM_CLIENTS)), params, 3, 0.05)
+    torch.testing.assert_close(flatten(alone.deltas)[0], flatten(together.deltas)[4], rtol=1e-6, atol=1e-7)
+
+
+def test_grad_modes_agree():
+    model, store, params = make_setup("lenet5", RAGGED)
+    plan = Plan(np.arange(NUM_CLIENTS))
+    a = make_executor(model, store, grad_mode="sum").train(plan, params, 1, 0.05)
+    b = make_executor(model, store, grad_mode="vmap").train(plan, params, 1, 0.05)
+    assert_close_updates(a, b)
+
+
+def test_iid_sampler_full_batches_match_sequential():
+    model, store, params = make_setup("mlp", RAGGED)
+    kw = dict(sampler=IIDSampler(), batch_size=8)
+    vec = make_executor(model, store, **kw).train(Plan(np.arange(NUM_CLIENTS)), params, 1, 0.05)
+    seq = make_executor(model, store, sequential=True, **kw).train(Plan(np.arange(NUM_CLIENTS)), params, 1, 0.05)
+    assert_close_updates(vec, seq)
+
+
+def test_rounds_draw_different_batches():
+    model, store, params = make_setup("mlp", RAGGED)
+    ex = make_executor(model, store)
+    r1 = ex.train(Plan(np.arange(NUM_CLIENTS)), params, 1, 0.05)
+    r2 = ex.train(Plan(np.arange(NUM_CLIENTS)), params, 2, 0.05)
+    assert not torch.allclose(flatten(r1.deltas), flatten(r2.deltas))
+
+
+def test_auto_chunk_size_respects_memory(monkeypatch):
+    import fedsim.engine.executor as ex
+
+    model, store, params = make_setup("mlp", RAGGED)
+    monkeypatch.setattr(ex, "available_memory", lambda device: 10 << 20)
+    small = auto_chunk_size(model, params, store.x[:1], 32, torch.device("cpu"))
+    monkeypatch.setattr(ex, "available_memory", lambda device: 10 << 30)
+    large = auto_chunk_size(model, params, store.x[:1], 32, torch.device("cpu"))
+    assert 1 <= small < large
+    model_bytes = sum(v.numel() * 4 for v in params.values())
+    assert large <= max(16, ex.CPU_CHUNK_BYTES // model_bytes)
+
+
+def test_build_model_refuses_batchnorm(tmp_path, monkeypatch):
+    from fedsim.errors import FedsimError
+
+    (tmp_path / "bn_model.py").write_text(
+        "from torch import nn\n"
+        "def make(shape, classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, classes))\n"
+        "def good(shape, classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(FedsimError, match="BatchNorm"):
+        build_model("bn_model:make", (1, 8, 8), 10)
+    assert isinstance(build_model("bn_model:good", (1, 8, 8), 10), torch.nn.Module)
+    with pytest.raises(FedsimError, match="no callable 'missing'"):
+        build_model("bn_model:missing", (1, 8, 8), 10)
+    with pytest.raises(FedsimError, match="cannot import"):
+        build_model("no_such_module_xyz:make", (1, 8, 8), 10)
+    with pytest.raises(FedsimError, match="did you mean 'lenet5'"):
+        build_model("lenet", (1, 8, 8), 10)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28)])
+def test_models_shapes(name, shape):
+    model = build_model(name, shape, 10)
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)

@@ -1,0 +1,71 @@
+"""Samplers: chunk independence, epoch coverage, masks for small clients, determinism."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedsim.data.samplers import IIDSampler, ShuffleSampler, make_sampler, steps_per_client
+from fedsim.errors import FedsimError
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6), batch=st.integers(1, 9), epochs=st.integers(1, 3))
+def test_shuffle_epochs_are_permutations(sizes, batch, epochs):
+    sizes = np.array(sizes)
+    b, _ = ShuffleSampler().sample(3, 1, np.arange(len(sizes)) + 10, sizes, steps=None, epochs=epochs, batch_size=batch)
+    spe = -(-sizes // batch)
+    for c, n in enumerate(sizes):
+        visited = b.positions[c][b.mask[c]]
+        assert len(visited) == epochs * n
+        for e in range(epochs):
+            assert sorted(visited[e * n : (e + 1) * n]) == list(range(n))
+        assert b.step_active[c].sum() == epochs * spe[c]
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=2, max_size=6), batch=st.integers(1, 9), steps=st.integers(1, 12))
+def test_shuffle_steps_stream_and_chunk_independence(sizes, batch, steps):
+    sizes = np.array(sizes)
+    ids = np.arange(len(sizes)) * 3
+    full, _ = ShuffleSampler().sample(5, 2, ids, sizes, steps=steps, epochs=None, batch_size=batch)
+    for c in range(len(sizes)):
+        alone, _ = ShuffleSampler().sample(
+            5, 2, ids[c : c + 1], sizes[c : c + 1], steps=steps, epochs=None, batch_size=batch
+        )
+        np.testing.assert_array_equal(alone.positions[0], full.positions[c])
+        np.testing.assert_array_equal(alone.mask[0], full.mask[c])
+        per_step = min(batch, sizes[c])
+        assert (full.mask[c].sum(axis=1) == per_step).all()
+        stream = full.positions[c][full.mask[c]]
+        n = sizes[c]
+        for start in range(0, len(stream) - n + 1, n):  # every complete epoch of the stream is a permutation
+            assert sorted(stream[start : start + n]) == list(range(n))
+
+
+def test_iid_sampler_range_and_full_batches():
+    sizes = np.array([1, 5, 100])
+    b, _ = IIDSampler().sample(0, 1, np.arange(3), sizes, steps=50, epochs=None, batch_size=16)
+    assert b.mask.all()
+    for c, n in enumerate(sizes):
+        assert b.positions[c].min() >= 0 and b.positions[c].max() < n
+    assert len(np.unique(b.positions[2])) > 60  # covers the client's data
+
+
+def test_sampling_depends_on_seed_and_round_only():
+    s = ShuffleSampler()
+    a, _ = s.sample(1, 1, np.array([4]), np.array([50]), steps=3, epochs=None, batch_size=8)
+    b, _ = s.sample(1, 1, np.array([4]), np.array([50]), steps=3, epochs=None, batch_size=8)
+    c, _ = s.sample(1, 2, np.array([4]), np.array([50]), steps=3, epochs=None, batch_size=8)
+    d, _ = s.sample(2, 1, np.array([4]), np.array([50]), steps=3, epochs=None, batch_size=8)
+    assert (a.positions == b.positions).all()
+    assert not (a.positions == c.positions).all() and not (a.positions == d.positions).all()
+
+
+def test_steps_per_client_and_errors():
+    assert steps_per_client(np.array([10, 3]), None, 2, 4).tolist() == [6, 2]
+    assert steps_per_client(np.array([10, 3]), 5, None, 4).tolist() == [5, 5]
+    with pytest.raises(FedsimError):
+        steps_per_client(np.array([3]), None, None, 4)
+    with pytest.raises(FedsimError, match="did you mean 'shuffle'"):
+        make_sampler("shufle")

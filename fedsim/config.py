@@ -100,9 +100,22 @@ class RunConfig(BaseModel):
             raise FedsimError("nesterov needs momentum > 0")
         if self.nesterov and self.optimizer != "sgd":
             raise FedsimError("nesterov applies to the sgd optimizer only")
+        self._check_strategy_options()
         if self.dataset == "npz" and not self.data_path:
             raise FedsimError("dataset 'npz' needs data_path (--data-path FILE.npz)")
         return self
+
+    def _check_strategy_options(self) -> None:
+        """A strategy option changed from its default must be one the chosen strategy uses."""
+        from strategies import strategy_options
+
+        accepted = strategy_options(self.strategy)
+        for name in STRATEGY_FIELDS:
+            if name not in accepted and getattr(self, name) != type(self).model_fields[name].default:
+                users = sorted(s for s in _strategies_accepting(name))
+                raise FedsimError(
+                    f"option '{name}' is not used by strategy '{self.strategy}' (it applies to: {', '.join(users)})"
+                )
 
     def strategy_options(self) -> dict[str, Any]:
         """Options passed to the strategy constructor (unset server_lr/tau keep each strategy's default)."""
@@ -117,11 +130,20 @@ class RunConfig(BaseModel):
         return opts
 
 
+STRATEGY_FIELDS = ("mu", "server_lr", "server_momentum", "beta1", "beta2", "tau")
+
+
+def _strategies_accepting(option: str) -> list[str]:
+    from strategies import STRATEGIES, strategy_options
+
+    return [name for name in STRATEGIES if option in strategy_options(name)]
+
+
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
-        return f"unknown config key '{loc}'{did_you_mean(loc, RunConfig.model_fields)}"
+        return f"unknown config key {loc!r}{did_you_mean(loc, RunConfig.model_fields)}"
     msg = first["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -143,7 +165,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FedsimError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise FedsimError(f"cannot read config file {path}: {str(e).splitlines()[0]}") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:

@@ -28,4 +28,4 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
 def unknown(kind: str, value: str, choices: Iterable[str]) -> FedsimError:
     """Build the standard 'unknown X' error listing the valid choices."""
     choices = sorted(choices)
-    return FedsimError(f"unknown {kind} '{value}'{did_you_mean(value, choices)}; choose from: {', '.join(choices)}")
+    return FedsimError(f"unknown {kind} {value!r}{did_you_mean(value, choices)}; choose from: {', '.join(choices)}")

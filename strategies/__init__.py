@@ -1,7 +1,7 @@
 """Server strategies and client algorithms. One class per strategy; the update rule is in its docstring.
 
-``build_strategy(name, **options)`` builds one by name; options a strategy does not take are ignored only
-when they are at their defaults (the config layer checks that).
+``build_strategy(name, **options)`` builds one by name and ignores options the strategy does not take; the
+config layer refuses a changed option that the chosen strategy does not use (e.g. ``mu`` with ``fedavg``).
 """
 
 from __future__ import annotations

@@ -15,11 +15,11 @@ from fedsim.errors import FedsimError
 
 
 def select_clients(num_clients: int, fraction: float, min_clients: int, seed: int, round_: int) -> np.ndarray:
-    """Uniformly sample ``max(min_clients, round(fraction * N))`` distinct clients (sorted ids).
+    """Uniformly sample ``max(min_clients, floor(fraction * N + 0.5))`` distinct clients (sorted ids), at most N.
 
     The draw depends only on (seed, round), not on earlier rounds, so a resumed run selects the same clients.
     """
-    count = min(num_clients, max(min_clients, int(round(fraction * num_clients))))
+    count = min(num_clients, max(min_clients, math.floor(fraction * num_clients + 0.5)))
     if count >= num_clients:
         return np.arange(num_clients)
     keys = rng.hash_keys(seed, rng.STREAM_SELECTION, round_, np.arange(num_clients))

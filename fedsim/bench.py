@@ -27,7 +27,7 @@ from fedsim.engine.protocol import ClientAlgorithm, Plan
 from fedsim.engine.store import ClientStore
 from fedsim.models import build_model
 from fedsim.optim import SGD
-from fedsim.simulation import initial_params, resolve_device
+from fedsim.simulation import init_seed, parameters_of, resolve_device
 
 
 def _timed(fn, repeats: int, device: torch.device) -> float:
@@ -66,8 +66,8 @@ def bench_engine(
     if parts is None:  # more clients than samples: clients share samples (sampling is with replacement)
         rows = np.arange(clients * max(1, batch_size)) % len(ds.y_train)
         parts = np.array_split(rows, clients)
-    net = build_model(model, ds.feature_shape, ds.num_classes, **(model_args or {})).to(dev)
-    params = initial_params(net, 0)
+    net = build_model(model, ds.feature_shape, ds.num_classes, seed=init_seed(0), **(model_args or {})).to(dev)
+    params = parameters_of(net)
     store = ClientStore.build(ds.x_train, ds.y_train, parts, [np.zeros(0, np.int64)] * clients, dev)
     opt = SGD()
     ids = np.arange(clients)

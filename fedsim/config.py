@@ -98,8 +98,14 @@ class RunConfig(BaseModel):
             raise unknown("model", self.model, MODELS)
         if self.nesterov and self.momentum == 0:
             raise FedsimError("nesterov needs momentum > 0")
-        if self.nesterov and self.optimizer != "sgd":
-            raise FedsimError("nesterov applies to the sgd optimizer only")
+        if self.optimizer != "sgd" and (self.momentum or self.nesterov):
+            raise FedsimError(
+                f"momentum/nesterov apply to the sgd optimizer, not '{self.optimizer}' (adam uses adam_betas)"
+            )
+        if self.optimizer == "sgd" and (self.adam_betas != (0.9, 0.999) or self.adam_eps != 1e-8):
+            raise FedsimError("adam_betas/adam_eps apply to the adam and adamw optimizers, not 'sgd'")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise FedsimError(f"adam_betas must each be in [0, 1), got {list(self.adam_betas)}")
         self._check_strategy_options()
         if self.dataset == "npz" and not self.data_path:
             raise FedsimError("dataset 'npz' needs data_path (--data-path FILE.npz)")

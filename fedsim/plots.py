@@ -12,7 +12,6 @@ touches global pyplot state.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedsim.errors import FedsimError, did_you_mean
+from fedsim.results import CONFIG_FILE, _run_dir, read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -37,8 +37,6 @@ __all__ = [
     "run_label",
 ]
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
 HISTOGRAM_FILE = "label_histogram.csv"
 DPI = 120
 # Metrics whose values may span orders of magnitude: these get a log y axis when that helps.
@@ -49,45 +47,6 @@ _LOG_SPAN = 100.0  # more than two orders of magnitude
 # --------------------------------------------------------------------------------------------------
 # Reading a results folder
 # --------------------------------------------------------------------------------------------------
-
-
-def _run_dir(run_dir: str | Path) -> Path:
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise FedsimError(f"run directory '{path}' does not exist")
-    return path
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Parse ``RUN/metrics.jsonl`` into one dict per round, in file order.
-
-    Blank lines are skipped. A final line that is not a valid JSON object is ignored (the run may still
-    be appending to the file); a malformed line anywhere else raises :class:`FedsimError` naming the file
-    and the 1-based line number. A missing folder or file also raises :class:`FedsimError`.
-    """
-    path = _run_dir(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise FedsimError(f"run directory '{path.parent}' has no {METRICS_FILE}")
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise FedsimError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    numbered = [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    records: list[dict] = []
-    for pos, (lineno, line) in enumerate(numbered):
-        is_last = pos == len(numbered) - 1
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if is_last:
-                break  # truncated line of a file still being written
-            raise FedsimError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from exc
-        if not isinstance(record, dict):
-            if is_last:
-                break
-            raise FedsimError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:

@@ -34,10 +34,57 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _clean(value: Any) -> Any:
-    """JSON-safe value: non-finite floats become None."""
+    """JSON-safe copy: non-finite floats become None, recursively."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
     return value
+
+
+def _looks_like_results(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() or (path / METRICS_FILE).is_file()
+
+
+def _run_dir(run_dir: str | Path) -> Path:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FedsimError(f"run directory '{path}' does not exist")
+    return path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Parse ``RUN/metrics.jsonl`` into one dict per round, in file order.
+
+    Blank lines are skipped. A final line that is not a valid JSON object is ignored (the run may still
+    be appending to the file); a malformed line anywhere else raises :class:`FedsimError` naming the file
+    and the 1-based line number. A missing folder or file also raises :class:`FedsimError`.
+    """
+    path = _run_dir(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FedsimError(f"run directory '{path.parent}' has no {METRICS_FILE}")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise FedsimError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    numbered = [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    records: list[dict] = []
+    for pos, (lineno, line) in enumerate(numbered):
+        is_last = pos == len(numbered) - 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if is_last:
+                break  # truncated line of a file still being written
+            raise FedsimError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            if is_last:
+                break
+            raise FedsimError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
 
 
 class ResultsDir:
@@ -46,9 +93,10 @@ class ResultsDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    @classmethod
-    def create(cls, path: str | Path, overwrite: bool = False) -> ResultsDir:
-        """Make a new results folder; an existing non-empty folder needs ``overwrite``."""
+    @staticmethod
+    def check_new(path: str | Path, overwrite: bool = False) -> None:
+        """Raise unless ``path`` can become a new results folder: it must not exist, be empty, or (with
+        ``overwrite``) be an earlier results folder. Other folders are never deleted."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise FedsimError(f"output path {path} exists and is not a folder")
@@ -57,8 +105,20 @@ class ResultsDir:
                 raise FedsimError(
                     f"results folder {path} already exists; pass --overwrite to replace it or --resume to continue it"
                 )
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
+            if not _looks_like_results(path):
+                raise FedsimError(f"refusing to overwrite {path}: it is not a fedsim results folder")
+
+    @classmethod
+    def create(cls, path: str | Path, overwrite: bool = False) -> ResultsDir:
+        """Make a new results folder (see :meth:`check_new`); ``overwrite`` replaces an earlier one."""
+        path = Path(path)
+        cls.check_new(path, overwrite)
+        try:
+            if path.is_dir() and any(path.iterdir()):
+                shutil.rmtree(path)
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FedsimError(f"cannot create results folder {path}: {e.strerror or e}") from None
         return cls(path)
 
     @classmethod
@@ -75,25 +135,17 @@ class ResultsDir:
         _atomic_write_bytes(self.file(name), text.encode())
 
     def write_json(self, name: str, data: Any) -> None:
-        self.write_text(name, json.dumps(data, indent=2, default=_clean) + "\n")
+        self.write_text(name, json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        line = json.dumps({k: _clean(v) for k, v in record.items()})
+        line = json.dumps(_clean(record), allow_nan=False)
         with open(self.file(METRICS_FILE), "a") as f:
             f.write(line + "\n")
             f.flush()
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.file(METRICS_FILE)
-        if not path.exists():
-            return []
-        records = []
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a truncated last line from a killed run
-        return records
+        """Metric records so far (a truncated last line is ignored; a damaged earlier line is an error)."""
+        return read_metrics(self.path) if self.file(METRICS_FILE).exists() else []
 
     def truncate_metrics(self, last_round: int) -> None:
         """Keep only metric lines of rounds ``<= last_round`` (used when resuming from a checkpoint)."""

@@ -32,6 +32,10 @@ RoundCallback = Callable[[dict[str, Any]], None]
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        from fedsim.errors import unknown
+
+        raise unknown("device", name, ("auto", "cpu", "cuda"))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -39,14 +43,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def initial_params(model: torch.nn.Module, seed: int) -> Tree:
-    """Re-initialize ``model`` from a seed derived from the run seed; return its parameters as a tree."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(rng.seed_for(seed, rng.STREAM_INIT))
-    for module in model.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    torch.random.set_rng_state(gen_state)
+def make_deterministic(device: torch.device) -> None:
+    """Ask cuDNN for deterministic convolution algorithms (same numbers run after run)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def init_seed(seed: int) -> int:
+    """The model-initialization seed of a run."""
+    return rng.seed_for(seed, rng.STREAM_INIT)
+
+
+def parameters_of(model: torch.nn.Module) -> Tree:
+    """The model's trainable parameters as a detached tree (the initial global model)."""
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
@@ -66,6 +76,7 @@ class Simulation:
     def __init__(self, config: RunConfig):
         self.config = c = config
         self.device = resolve_device(c.device)
+        make_deterministic(self.device)
         ds = load_dataset(
             c.dataset, path=c.data_path, seed=c.seed, num_clients=c.clients,
             synthetic_alpha=c.synthetic_alpha, synthetic_beta=c.synthetic_beta,
@@ -82,8 +93,9 @@ class Simulation:
         self.store = ClientStore.build(ds.x_train, ds.y_train, train_parts, test_parts, self.device)
         self.x_test = torch.as_tensor(ds.x_test, device=self.device)
         self.y_test = torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device)
-        self.model = build_model(c.model, ds.feature_shape, ds.num_classes, **c.model_args).to(self.device)
-        self.init_params = initial_params(self.model, c.seed)
+        model = build_model(c.model, ds.feature_shape, ds.num_classes, seed=init_seed(c.seed), **c.model_args)
+        self.model = model.to(self.device)
+        self.init_params = parameters_of(self.model)
         self.strategy = build_strategy(c.strategy, **c.strategy_options())
         optimizer = make_optimizer(
             c.optimizer, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
@@ -95,6 +107,10 @@ class Simulation:
             batch_size=c.batch_size, chunk_size=c.chunk_size, grad_mode=c.grad_mode, sequential=c.sequential,
         )  # fmt: skip
         self.executor.init_client_state(self.init_params)
+        # Resolved once per run (not per round from free memory): float32 results of convolutional models
+        # depend slightly on the chunk size, so a run keeps one.
+        selected = len(self.strategy.configure(1, self.strategy.init(self.init_params), c.clients, c.seed).client_ids)
+        self.executor.chunk_size = self.executor.resolve_chunk_size(self.init_params, selected)
         self.model_bytes = nbytes(self.init_params)
         self.num_params = sum(v.numel() for v in self.init_params.values())
 
@@ -108,7 +124,7 @@ class Simulation:
         self, round_: int, state: ServerState, new: ServerState, updates: ClientUpdates, broadcast_bytes: int
     ) -> dict[str, Any]:
         selected = len(updates.client_ids)
-        extras_up = sum(v[0].numel() * v.element_size() for v in updates.extras.values())
+        extras_up = nbytes(updates.extras, stacked=True) if updates.extras else 0
         step = {k: new.params[k] - state.params[k] for k in new.params}
         return {
             "round": round_,
@@ -141,12 +157,23 @@ class Simulation:
         }
 
     def restore(self, payload: dict[str, Any]) -> tuple[int, ServerState]:
+        """Server state, client state and sampler state from a checkpoint payload (validated first)."""
+        self._check_checkpoint(payload)
         to_dev = lambda tree: {k: v.to(self.device) for k, v in tree.items()}  # noqa: E731
         state = ServerState(to_dev(payload["params"]), to_dev(payload["extras"]))
         self.executor.client_state = dict(payload["client_state"])
         sampler_state = payload.get("sampler_state") or {}
         self.executor.sampler_state = {k: v.numpy() for k, v in sampler_state.items()} or None
         return int(payload["round"]), state
+
+    def _check_checkpoint(self, payload: Any) -> None:
+        keys = ("round", "params", "extras", "client_state")
+        if not isinstance(payload, dict) or any(k not in payload for k in keys):
+            raise FedsimError("checkpoint is not a fedsim checkpoint (missing round/params/extras/client_state)")
+        expected = {k: tuple(v.shape) for k, v in self.init_params.items()}
+        found = {k: tuple(v.shape) for k, v in payload["params"].items()}
+        if found != expected:
+            raise FedsimError("checkpoint parameters do not match the run's model (names or shapes differ)")
 
     def run(
         self,
@@ -165,7 +192,7 @@ class Simulation:
             plan = self.strategy.configure(r, state, self.store.num_clients, c.seed)
             updates = self.executor.train(plan, state.params, r, self.lr(r))
             new_state = self.strategy.aggregate(r, state, updates)
-            broadcast_bytes = sum(v.numel() * v.element_size() for v in plan.broadcast.values())
+            broadcast_bytes = nbytes(plan.broadcast)
             record = self.round_metrics(r, state, new_state, updates, broadcast_bytes)
             diverged = not math.isfinite(record["train_loss"]) or not all_finite(new_state.params)
             state = new_state
@@ -191,7 +218,6 @@ class Simulation:
                 )
             if results and c.checkpoint_every and (r % c.checkpoint_every == 0 or r == c.rounds):
                 results.save_checkpoint(self.checkpoint_payload(r, state))
-        self.final_state = state
         summary = self.summary(history)
         if results:
             results.write_json(SUMMARY_FILE, summary)
@@ -215,6 +241,7 @@ class Simulation:
             "num_params": self.num_params,
             "num_clients": self.store.num_clients,
             "device": str(self.device),
+            "chunk_size": self.executor.chunk_size,
             "dataset": self.config.dataset,
             "model": self.config.model,
             "strategy": self.config.strategy,
@@ -241,6 +268,8 @@ def simulate(
         cfg = make_config({**config, **overrides})
     else:
         cfg = load_config(config, overrides)
+    if out is not None:
+        ResultsDir.check_new(out, overwrite)  # before loading data: fail fast, touch nothing
     sim = Simulation(cfg)
     results = None
     if out is not None:

@@ -60,10 +60,6 @@ class Strategy:
     def server_update(self, round_: int, state: ServerState, mean_delta: Tree) -> ServerState:
         raise NotImplementedError
 
-    def upload_extras_bytes(self, params: Tree) -> int:
-        """Bytes each client uploads besides its model update."""
-        return 0
-
 
 def apply_step(params: Tree, step: Tree, scale: float = 1.0) -> Tree:
     """``params - scale * step`` leaf-wise."""

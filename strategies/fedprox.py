@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fedsim.engine.protocol import ClientAlgorithm, LocalContext
 from fedsim.engine.pytree import Tree
+from fedsim.errors import FedsimError
 
-from .base import check_positive
 from .fedavg import FedAvg
 
 
@@ -31,6 +31,6 @@ class FedProx(FedAvg):
     def __init__(self, mu: float = 0.01, **kwargs):
         super().__init__(**kwargs)
         if mu < 0:
-            check_positive(mu=mu)
+            raise FedsimError(f"mu must be >= 0, got {mu}")
         self.mu = mu
         self.client_algorithm = ProximalClient(mu)

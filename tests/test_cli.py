@@ -150,3 +150,82 @@ def test_console_script_error_has_no_traceback(tmp_path):
         cwd=tmp_path,
     )
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "os:getcwd"], "could not be built"),
+        (["--model", "cnn", "--set", "model_args={width: 3}"], "could not be built"),
+        (["--set", "model_args={hidden: [-1]}"], "could not be built"),
+        (["--optimizer", "adam", "--momentum", "0.9"], "momentum/nesterov apply to the sgd optimizer"),
+        (["--set", "adam_betas=[1.0, 0.999]", "--optimizer", "adam"], "adam_betas must each be in [0, 1)"),
+        (["--set", "adam_betas=[0.8, 0.99]"], "apply to the adam and adamw optimizers"),
+        (["--strategy", "fedavg", "--mu", "0.5"], "option 'mu' is not used by strategy 'fedavg'"),
+    ],
+)
+def test_more_bad_input(tmp_path, capsys, argv, message):
+    code, _, err = run(["simulate", *argv, "--quiet", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing created for a refused run
+
+
+def test_dropout_model_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "drop_model.py").write_text(
+        "from torch import nn\n"
+        "def make(shape, classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Dropout(0.5), nn.Linear(8, classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = run(["simulate", "--model", "drop_model:make", "--quiet", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "Dropout" in err
+
+
+def test_overwrite_refuses_foreign_folder(tmp_path, capsys):
+    precious = tmp_path / "thesis"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "sub" / "thesis.tex").write_text("years of work")
+    code, _, err = run(["simulate", *FAST, "--out", str(precious), "--overwrite"], capsys)
+    assert code == 2 and "not a fedsim results folder" in err
+    assert (precious / "sub" / "thesis.tex").read_text() == "years of work"
+
+
+def test_out_path_under_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(["simulate", *FAST, "--out", str(tmp_path / "file" / "run")], capsys)
+    assert code == 2 and "cannot create results folder" in err
+
+
+def test_resume_refuses_damaged_history_and_foreign_checkpoint(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "run"
+    assert run(["simulate", *FAST, "--rounds", "3", "--out", str(out)], capsys)[0] == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    damaged = "\n".join([lines[0], "{not json", lines[2]]) + "\n"
+    (out / "metrics.jsonl").write_text(damaged)
+    code, _, err = run(["simulate", "--resume", str(out), "--quiet"], capsys)
+    assert code == 2 and "metrics.jsonl:2" in err
+    assert (out / "metrics.jsonl").read_text() == damaged  # history kept as it was
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    torch.save({"foo": 1}, out / "checkpoint.pt")
+    code, _, err = run(["simulate", "--resume", str(out), "--quiet"], capsys)
+    assert code == 2 and "not a fedsim checkpoint" in err
+    torch.save({"round": 1, "params": {"w": torch.zeros(2)}, "extras": {}, "client_state": {}}, out / "checkpoint.pt")
+    code, _, err = run(["simulate", "--resume", str(out), "--quiet"], capsys)
+    assert code == 2 and "do not match" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "0"], "repeats"),
+        (["--batch-size", "0"], "batch-size"),
+        (["--grad-mode", "foo"], "unknown grad_mode 'foo'"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--model", "lenet"], "did you mean 'lenet5'"),
+    ],
+)
+def test_bench_bad_input(capsys, argv, message):
+    code, _, err = run(["bench", "engine", "--clients", "4", "--local-steps", "1", "--repeats", "1", *argv], capsys)
+    assert code == 2 and message in err and "Traceback" not in err

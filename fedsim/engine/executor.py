@@ -6,6 +6,8 @@ travel to the device. Results are concatenated in client order, so they do not d
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch import nn
@@ -18,19 +20,15 @@ from .store import ClientStore
 from .trainer import VectorizedTrainer, train_sequential
 
 
-def available_memory(device: torch.device) -> int:
-    """Free bytes on ``device``: CUDA free memory, or MemAvailable of the host."""
+def device_memory(device: torch.device) -> int:
+    """Total bytes of ``device`` (GPU memory, or the host's RAM). Total rather than free memory, so that the
+    automatic chunk size (and with it the float32 rounding of convolutions) is the same run after run."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(torch.cuda.get_device_properties(device).total_memory)
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
 
 
 def activation_bytes(model: nn.Module, x_example: torch.Tensor) -> int:
@@ -59,9 +57,9 @@ def auto_chunk_size(
     batch_size: int,
     device: torch.device,
     state_copies: int = 2,
-    budget_fraction: float = 0.4,
+    budget_fraction: float = 0.3,
 ) -> int:
-    """Clients per chunk that fit in ``budget_fraction`` of free memory.
+    """Clients per chunk that fit in ``budget_fraction`` of the device's memory.
 
     Per client: parameters, gradient, update, delta and optimizer state (``4 + state_copies`` copies of
     the model) plus the activations of one minibatch kept for the backward pass (x3 for gradients and
@@ -69,7 +67,7 @@ def auto_chunk_size(
     """
     model_bytes = sum(v.numel() * v.element_size() for v in params.values())
     per_client = (4 + state_copies) * model_bytes + 3 * batch_size * activation_bytes(model, x_example)
-    budget = budget_fraction * available_memory(device)
+    budget = budget_fraction * device_memory(device)
     fits = max(1, int(budget // max(per_client, 1)))
     if device.type == "cpu":
         # On CPU a chunk whose stacked parameters stay within a few tens of MB runs fastest (measured on the

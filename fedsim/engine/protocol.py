@@ -68,6 +68,10 @@ class ClientAlgorithm:
     """Hooks that shape local training; the default is plain local training (FedAvg's client).
 
     All tensors are stacked over the chunk's clients. Subclasses override only what they change.
+
+    Ownership: the ``grads`` and ``params`` a hook receives belong to the trainer, which updates them in
+    place after the hook returns (the fast optimizer path); a hook that keeps a tensor across steps must
+    ``clone()`` it. ``ctx`` tensors (global params, broadcast, client state) are never written by the trainer.
     """
 
     name = "local"

@@ -20,11 +20,6 @@ def stack(tree: Tree, copies: int) -> Tree:
     return {k: v.unsqueeze(0).expand(copies, *v.shape).clone() for k, v in tree.items()}
 
 
-def index(tree: Tree, idx: Tensor | slice | int) -> Tree:
-    """Select clients along the leading axis."""
-    return {k: v[idx] for k, v in tree.items()}
-
-
 def concat(trees: list[Tree]) -> Tree:
     """Concatenate stacked trees along the client axis."""
     return {k: torch.cat([t[k] for t in trees]) for k in trees[0]}
@@ -37,38 +32,14 @@ def flatten(tree: Tree, stacked: bool = True) -> Tensor:
     return torch.cat([v.reshape(-1) for v in tree.values()])
 
 
-def unflatten(flat: Tensor, like: Tree, stacked: bool = True) -> Tree:
-    """Inverse of :func:`flatten` with shapes taken from ``like`` (``like`` unstacked shapes if not stacked)."""
-    out, offset = {}, 0
-    for k, v in like.items():
-        shape = v.shape[1:] if stacked else v.shape
-        n = shape.numel()
-        if stacked:
-            out[k] = flat[:, offset : offset + n].reshape(flat.shape[0], *shape)
-        else:
-            out[k] = flat[offset : offset + n].reshape(shape)
-        offset += n
-    return out
-
-
 def weighted_sum(tree: Tree, weights: Tensor) -> Tree:
     """``sum_c weights[c] * tree[c]`` over the client axis (weights shape ``[C]``)."""
     return {k: torch.tensordot(weights.to(v.dtype), v, dims=1) for k, v in tree.items()}
 
 
-def num_params(tree: Tree, stacked: bool = False) -> int:
-    """Number of scalars per client."""
-    return sum((v[0] if stacked else v).numel() for v in tree.values())
-
-
 def nbytes(tree: Tree, stacked: bool = False) -> int:
     """Bytes per client."""
     return sum((v[0] if stacked else v).numel() * v.element_size() for v in tree.values())
-
-
-def to(tree: Tree, device: torch.device | str) -> Tree:
-    """Move every leaf to ``device``."""
-    return {k: v.to(device) for k, v in tree.items()}
 
 
 def all_finite(tree: Tree) -> bool:

@@ -60,10 +60,6 @@ class ClientStore:
         """Training samples per client."""
         return np.diff(self.offsets)
 
-    @property
-    def test_sizes(self) -> np.ndarray:
-        return np.diff(self.test_offsets)
-
     def global_index(self, client_ids: np.ndarray, positions: np.ndarray) -> Tensor:
         """Map per-client positions ``[C, ...]`` to global row ids of ``x`` (on the store's device)."""
         start = self.offsets[np.asarray(client_ids)].reshape(-1, *([1] * (positions.ndim - 1)))

@@ -28,6 +28,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from .protocol import ClientAlgorithm, LocalContext
 from .pytree import Tree, stack
 
+GRAD_MODES = ("sum", "vmap")
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits [B, classes], targets [B]) -> per-sample loss [B]
 
 
@@ -64,6 +65,10 @@ class VectorizedTrainer:
     """Trains a chunk of clients at once (see the module docstring for the math)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn = cross_entropy, grad_mode: str = "sum"):
+        if grad_mode not in GRAD_MODES:
+            from fedsim.errors import unknown
+
+            raise unknown("grad_mode", grad_mode, GRAD_MODES)
         self.model = model
         self.loss_fn = loss_fn
         self.grad_mode = grad_mode

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from fedsim.errors import FedsimError, unknown
@@ -37,21 +38,30 @@ def _import_factory(spec: str) -> ModelFactory:
     return factory
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **model_args) -> nn.Module:
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int | None = None, **model_args
+) -> nn.Module:
     """Build a registered model by name, or a user model from ``package.module:factory``; ``model_args``
-    are passed to the factory as keywords (e.g. ``hidden=(200, 200)`` for ``mlp``)."""
+    are passed to the factory as keywords (e.g. ``hidden=(200, 200)`` for ``mlp``).
+
+    With ``seed`` the model is constructed (and so initialized) on the CPU under a private generator seeded
+    with it, leaving the global RNG untouched: the same seed gives the same initial weights on any device,
+    also for user models that draw their parameters in ``__init__``.
+    """
     if ":" in name:
         factory = _import_factory(name)
     elif name in MODELS:
         factory = MODELS[name]
     else:
         raise unknown("model", name, MODELS)
-    try:
-        model = factory(tuple(input_shape), num_classes, **model_args)
-    except TypeError as e:
-        if not model_args:
-            raise
-        raise FedsimError(f"model '{name}' does not accept model_args {model_args}: {e}") from None
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            model = factory(tuple(input_shape), num_classes, **model_args)
+        except Exception as e:  # a user factory or bad model_args: report, do not crash
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise FedsimError(f"model '{name}' could not be built with model_args {model_args}: {detail}") from None
     if not isinstance(model, nn.Module):
         raise FedsimError(f"model factory '{name}' returned {type(model).__name__}, not a torch.nn.Module")
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -59,6 +69,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **mod
             f"model '{name}' uses BatchNorm, whose running statistics cannot be vectorized across clients; "
             "use GroupNorm or LayerNorm"
         )
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        raise FedsimError(f"model '{name}' uses Dropout, which the vectorized trainer does not support yet")
     return model
 
 

@@ -20,6 +20,8 @@ app = typer.Typer(
 )  # fmt: skip
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (JSON on stdout).")
 app.add_typer(bench_app, name="bench")
+topology_app = typer.Typer(no_args_is_help=True, help="Build, inspect and convert graph topologies.")
+app.add_typer(topology_app, name="topology")
 
 Opt = typer.Option
 
@@ -171,10 +173,12 @@ def list_components() -> None:
     from fedsim.models import MODELS
     from fedsim.optim import OPTIMIZERS, SCHEDULES
     from strategies import STRATEGIES
+    from topologies import GENERATORS, MIXING_METHODS
 
     for title, names in (
         ("datasets", DATASETS), ("partitioners", PARTITIONERS), ("samplers", SAMPLERS), ("models", MODELS),
         ("strategies", STRATEGIES), ("optimizers", OPTIMIZERS), ("lr schedules", SCHEDULES),
+        ("topologies", GENERATORS), ("mixing", MIXING_METHODS),
     ):  # fmt: skip
         typer.echo(f"{title + ':':14} {', '.join(names)}")
 
@@ -207,6 +211,68 @@ def bench_engine_cmd(
     if out:
         out.write_text(text + "\n")
     typer.echo(text)
+
+
+def _parse_kwargs(items: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FedsimError(f"--param expects KEY=VALUE, got '{item}'")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+@topology_app.command("build")
+def topology_build(
+    name: Annotated[str, typer.Argument(help="Graph family, e.g. ring, torus, exponential, erdos_renyi.")],
+    n: Annotated[int, Opt("--n", min=1, help="Number of nodes.")],
+    output: Annotated[Path, Opt("--output", "-o", help="Output file; the format follows the extension.")],
+    param: Annotated[list[str] | None, Opt("--param", help="Generator option KEY=VALUE (repeatable).")] = None,
+) -> None:
+    """Generate a graph and save it (GraphML, GML, edge list, adjacency list, .adj, JSON)."""
+    import topologies
+
+    graph = topologies.build(name, n, **_parse_kwargs(param))
+    topologies.save(graph, output)
+    typer.echo(f"wrote {output} ({graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges)")
+
+
+@topology_app.command("show")
+def topology_show(
+    path: Annotated[Path, typer.Argument(help="Topology file.")],
+    method: Annotated[str, Opt(help="Mixing-matrix method for the spectral gap.")] = "metropolis_hastings",
+    png: Annotated[Path | None, Opt(help="Drawing (default: FILE with .png).")] = None,
+) -> None:
+    """Nodes, edges, degrees, spectral gap, mixing-time estimate, and a PNG drawing."""
+    import topologies
+    from fedsim.plots import plot_topology
+
+    graph = topologies.load(path)
+    info = topologies.analyze(graph)
+    if method != "metropolis_hastings":
+        w = topologies.mixing_matrix(graph, method)
+        info["spectral_gap"] = topologies.spectral_gap(w)
+        info["mixing_time_estimate"] = topologies.mixing_time_estimate(w)
+    for key, value in info.items():
+        typer.echo(f"{key + ':':22} {value:.6g}" if isinstance(value, float) else f"{key + ':':22} {value}")
+    out = plot_topology(graph, png or path.with_suffix(".png"), title=path.name)
+    typer.echo(f"{'drawing:':22} {out}")
+
+
+@topology_app.command("convert")
+def topology_convert(
+    source: Annotated[Path, typer.Argument(help="Input topology file.")],
+    target: Annotated[Path, typer.Argument(help="Output file; the format follows the extension.")],
+) -> None:
+    """Convert a topology file between formats."""
+    import topologies
+
+    graph = topologies.load(source)
+    topologies.save(graph, target)
+    typer.echo(f"wrote {target} ({graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -397,3 +397,37 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if client is not None:
         written.append(client)
     return written
+
+
+def plot_topology(graph: Any, out: str | Path, title: str | None = None) -> Path:
+    """Draw a networkx graph (spring layout with a fixed seed; circular for rings and small regular graphs)
+    with nodes labelled 0..n-1, and save it as a PNG."""
+    import networkx as nx
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = graph.number_of_nodes()
+    degrees = {d for _, d in graph.degree()}
+    layout = nx.circular_layout(graph) if degrees == {2} or n <= 8 else nx.spring_layout(graph, seed=0)
+    fig = Figure(figsize=(6, 6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    nx.draw_networkx(
+        graph,
+        pos=layout,
+        ax=ax,
+        node_size=max(30, 300 - 2 * n),
+        with_labels=n <= 64,
+        font_size=7,
+        node_color="#4c72b0",
+        edge_color="#999999",
+        font_color="white",
+    )
+    ax.set_title(title or f"{n} nodes, {graph.number_of_edges()} edges")
+    ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(out)
+    fig.clear()
+    return out

@@ -24,7 +24,9 @@ def test_defaults_validate():
 
 def test_yaml_file_and_overrides_precedence(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("rounds: 5\nlr: 0.1\nclients: 7\nstrategy: fedprox\nmu: 0.2\noptimizer: adam\nadam_betas: [0.8, 0.9]\n")
+    path.write_text(
+        "rounds: 5\nlr: 0.1\nclients: 7\nstrategy: fedprox\nmu: 0.2\noptimizer: adam\nadam_betas: [0.8, 0.9]\n"
+    )
     from_file = load_config(path)
     assert (from_file.rounds, from_file.lr, from_file.clients, from_file.strategy, from_file.mu) == (
         5,

@@ -21,10 +21,11 @@ from .trainer import VectorizedTrainer, train_sequential
 
 
 def device_memory(device: torch.device) -> int:
-    """Total bytes of ``device`` (GPU memory, or the host's RAM). Total rather than free memory, so that the
-    automatic chunk size (and with it the float32 rounding of convolutions) is the same run after run."""
+    """Memory budget base of ``device``: free GPU memory (``cuda.mem_get_info``), or the host's total RAM
+    (stable across runs, unlike MemAvailable). The engine calls it once per run."""
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -59,7 +60,7 @@ def auto_chunk_size(
     state_copies: int = 2,
     budget_fraction: float = 0.3,
 ) -> int:
-    """Clients per chunk that fit in ``budget_fraction`` of the device's memory.
+    """Clients per chunk that fit in ``budget_fraction`` of the device's memory (see :func:`device_memory`).
 
     Per client: parameters, gradient, update, delta and optimizer state (``4 + state_copies`` copies of
     the model) plus the activations of one minibatch kept for the backward pass (x3 for gradients and

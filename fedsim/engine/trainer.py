@@ -18,7 +18,7 @@ vectorized path is tested against.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ class ChunkResult:
     train_loss: Tensor
     extras: Tree
     client_state: Tree
+    opt_state: Tree = field(default_factory=dict)
 
 
 def _masked_mean(losses: Tensor, mask: Tensor) -> Tensor:
@@ -108,12 +109,20 @@ class VectorizedTrainer:
         algorithm: ClientAlgorithm,
         broadcast: Tree | None = None,
         client_state: Tree | None = None,
+        start: Tree | None = None,
+        opt_state: Tree | None = None,
     ) -> ChunkResult:
-        """Run local training for a chunk: ``sample_index[C, K, B]`` global sample ids, ``mask[C, K, B]``."""
+        """Run local training for a chunk: ``sample_index[C, K, B]`` global sample ids, ``mask[C, K, B]``.
+
+        Clients start from ``global_params`` (federated) or from their own stacked ``start`` parameters
+        (decentralized nodes); ``deltas = start - final``. ``opt_state`` continues a previous call's local
+        optimizer state (returned in the result) instead of a fresh one.
+        """
         num_clients, num_steps_max, _ = sample_index.shape
         ctx = LocalContext(global_params, broadcast or {}, client_state or {}, lr)
-        params = stack(global_params, num_clients)
-        opt_state = optimizer.init(params)
+        params = {k: v.clone() for k, v in start.items()} if start is not None else stack(global_params, num_clients)
+        origin = start if start is not None else {k: v.unsqueeze(0) for k, v in global_params.items()}
+        opt_state = {k: v.clone() for k, v in opt_state.items()} if opt_state is not None else optimizer.init(params)
         maskf = mask.to(next(iter(params.values())).dtype)
         step_active = mask.any(dim=2)  # [C, K]
         all_active = step_active.all(dim=0).tolist()
@@ -131,10 +140,10 @@ class VectorizedTrainer:
                 opt_state = _select(active, new_state, opt_state)
             loss_sum += losses.double() * step_active[:, k]
         steps = step_active.sum(dim=1)
-        deltas = {name: global_params[name].unsqueeze(0) - p for name, p in params.items()}
+        deltas = {name: origin[name] - p for name, p in params.items()}
         deltas, extras, new_client_state = algorithm.finish(deltas, steps, ctx)
         train_loss = (loss_sum / steps.clamp_min(1)).float()
-        return ChunkResult(deltas, steps, train_loss, extras, new_client_state)
+        return ChunkResult(deltas, steps, train_loss, extras, new_client_state, opt_state)
 
 
 def train_sequential(
@@ -149,15 +158,23 @@ def train_sequential(
     algorithm: ClientAlgorithm,
     broadcast: Tree | None = None,
     client_state: Tree | None = None,
+    start: Tree | None = None,
+    opt_state: Tree | None = None,
     loss_fn: LossFn = cross_entropy,
 ) -> ChunkResult:
-    """Reference path: every client trained alone, one after another, through the unbatched model."""
+    """Reference path: every client trained alone, one after another, through the unbatched model
+    (same ``start``/``opt_state`` semantics as :meth:`VectorizedTrainer.train`)."""
     results = []
     for c in range(sample_index.shape[0]):
         state_c = {k: v[c : c + 1] for k, v in (client_state or {}).items()}
         ctx = LocalContext(global_params, broadcast or {}, state_c, lr)
-        params = {k: v.detach().clone().unsqueeze(0) for k, v in global_params.items()}
-        opt_state = optimizer.init(params)
+        source = start if start is not None else {k: v.unsqueeze(0) for k, v in global_params.items()}
+        origin = {k: v[c : c + 1] if start is not None else v for k, v in source.items()}
+        params = {k: v.detach().clone() for k, v in origin.items()}
+        if opt_state is not None:
+            opt_state_c = {k: v[c : c + 1].clone() for k, v in opt_state.items()}
+        else:
+            opt_state_c = optimizer.init(params)
         loss_sum, steps = 0.0, 0
         for k in range(sample_index.shape[1]):
             m = mask[c, k]
@@ -171,14 +188,14 @@ def train_sequential(
                 g = torch.autograd.grad(loss, list(leaves.values()))
             grads = {n: gi.unsqueeze(0) for n, gi in zip(leaves, g, strict=True)}
             grads = algorithm.grad_transform(grads, params, ctx)
-            updates, opt_state = optimizer.update(grads, opt_state, params, lr)
+            updates, opt_state_c = optimizer.update(grads, opt_state_c, params, lr)
             params = {n: p + updates[n] for n, p in params.items()}
             loss_sum += float(loss.detach())
             steps += 1
-        deltas = {n: global_params[n].unsqueeze(0) - p for n, p in params.items()}
+        deltas = {n: origin[n] - p for n, p in params.items()}
         steps_t = torch.tensor([steps], device=sample_index.device)
         deltas, extras, new_state = algorithm.finish(deltas, steps_t, ctx)
-        results.append((deltas, steps, loss_sum / max(steps, 1), extras, new_state))
+        results.append((deltas, steps, loss_sum / max(steps, 1), extras, new_state, opt_state_c))
     cat = lambda i: {k: torch.cat([r[i][k] for r in results]) for k in results[0][i]}  # noqa: E731
     return ChunkResult(
         cat(0),
@@ -186,4 +203,5 @@ def train_sequential(
         torch.tensor([r[2] for r in results], dtype=torch.float32),
         cat(3),
         cat(4),
+        cat(5),
     )

@@ -26,15 +26,15 @@ app.add_typer(topology_app, name="topology")
 Opt = typer.Option
 
 
-def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``--set key=value`` pairs, values parsed as YAML scalars (numbers, booleans, lists)."""
+def _parse_pairs(items: list[str] | None, flag: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (``--set``, ``--param``); values parsed as YAML scalars (numbers, booleans, lists)."""
     import yaml
 
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise FedsimError(f"--set expects KEY=VALUE, got '{item}'")
+            raise FedsimError(f"{flag} expects KEY=VALUE, got '{item}'")
         out[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return out
 
@@ -101,7 +101,7 @@ def simulate(
         batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, optimizer=optimizer, momentum=momentum, mu=mu,
         seed=seed, device=device, chunk_size=chunk_size, eval_every=eval_every,
     )  # fmt: skip
-    overrides.update(_parse_set(set_))
+    overrides.update(_parse_pairs(set_))
     cfg = load_config(config, overrides)
     out = out or _default_out(cfg.strategy, cfg.dataset, cfg.model, cfg.seed)
     progress.total = cfg.rounds
@@ -213,18 +213,6 @@ def bench_engine_cmd(
     typer.echo(text)
 
 
-def _parse_kwargs(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FedsimError(f"--param expects KEY=VALUE, got '{item}'")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
-
-
 @topology_app.command("build")
 def topology_build(
     name: Annotated[str, typer.Argument(help="Graph family, e.g. ring, torus, exponential, erdos_renyi.")],
@@ -235,7 +223,7 @@ def topology_build(
     """Generate a graph and save it (GraphML, GML, edge list, adjacency list, .adj, JSON)."""
     import topologies
 
-    graph = topologies.build(name, n, **_parse_kwargs(param))
+    graph = topologies.build(name, n, **_parse_pairs(param, "--param"))
     topologies.save(graph, output)
     typer.echo(f"wrote {output} ({graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges)")
 

@@ -7,41 +7,33 @@ import sys
 
 import pytest
 
-from fedsim.cli import main
-
 FAST = ["--clients", "6", "--rounds", "2", "--local-steps", "2", "--quiet"]
 
 
-def run(argv, capsys):
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_simulate_writes_results(tmp_path, capsys):
+def test_simulate_writes_results(tmp_path, cli):
     out = tmp_path / "run"
-    code, stdout, _ = run(["simulate", *FAST, "--out", str(out)], capsys)
+    code, stdout, _ = cli(["simulate", *FAST, "--out", str(out)])
     assert code == 0, stdout
     assert "final test accuracy" in stdout
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_flags_override_config_file(tmp_path, capsys):
+def test_flags_override_config_file(tmp_path, cli):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text("rounds: 3\nclients: 6\nlocal-steps: 2\nstrategy: fedavgm\n")
     out = tmp_path / "run"
-    code, _, err = run(
-        ["simulate", str(cfg), "--rounds", "2", "--set", "server_momentum=0.5", "--quiet", "--out", str(out)], capsys
+    code, _, err = cli(
+        ["simulate", str(cfg), "--rounds", "2", "--set", "server_momentum=0.5", "--quiet", "--out", str(out)]
     )
     assert code == 0, err
     resolved = (out / "config.yaml").read_text()
     assert "rounds: 2" in resolved and "strategy: fedavgm" in resolved and "server_momentum: 0.5" in resolved
 
 
-def test_toml_config(tmp_path, capsys):
+def test_toml_config(tmp_path, cli):
     cfg = tmp_path / "exp.toml"
     cfg.write_text('rounds = 1\nclients = 4\nmodel = "logreg"\n')
-    code, _, err = run(["simulate", str(cfg), "--quiet", "--out", str(tmp_path / "r")], capsys)
+    code, _, err = cli(["simulate", str(cfg), "--quiet", "--out", str(tmp_path / "r")])
     assert code == 0, err
 
 
@@ -63,68 +55,68 @@ def test_toml_config(tmp_path, capsys):
         (["--device", "tpu"], "device"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
+def test_bad_input_is_one_line_exit_2(tmp_path, cli, argv, message):
     out = tmp_path / "r"
-    code, _, err = run(["simulate", *argv, "--quiet", "--out", str(out)], capsys)
+    code, _, err = cli(["simulate", *argv, "--quiet", "--out", str(out)])
     assert code == 2
     assert message in err
     assert "Traceback" not in err
 
 
-def test_missing_config_file(tmp_path, capsys):
-    code, _, err = run(["simulate", str(tmp_path / "nope.yaml"), "--quiet"], capsys)
+def test_missing_config_file(tmp_path, cli):
+    code, _, err = cli(["simulate", str(tmp_path / "nope.yaml"), "--quiet"])
     assert code == 2 and "config file not found" in err
 
 
-def test_existing_results_folder_is_kept(tmp_path, capsys):
+def test_existing_results_folder_is_kept(tmp_path, cli):
     out = tmp_path / "run"
-    assert run(["simulate", *FAST, "--out", str(out)], capsys)[0] == 0
+    assert cli(["simulate", *FAST, "--out", str(out)])[0] == 0
     before = (out / "metrics.jsonl").read_text()
-    code, _, err = run(["simulate", *FAST, "--rounds", "1", "--out", str(out)], capsys)
+    code, _, err = cli(["simulate", *FAST, "--rounds", "1", "--out", str(out)])
     assert code == 2 and "--overwrite" in err
     assert (out / "metrics.jsonl").read_text() == before
-    assert run(["simulate", *FAST, "--rounds", "1", "--out", str(out), "--overwrite"], capsys)[0] == 0
+    assert cli(["simulate", *FAST, "--rounds", "1", "--out", str(out), "--overwrite"])[0] == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def test_resume_cli(tmp_path, capsys):
+def test_resume_cli(tmp_path, cli):
     out = tmp_path / "run"
-    assert run(["simulate", *FAST, "--out", str(out)], capsys)[0] == 0
-    code, stdout, _ = run(["simulate", "--resume", str(out), "--quiet"], capsys)
+    assert cli(["simulate", *FAST, "--out", str(out)])[0] == 0
+    code, stdout, _ = cli(["simulate", "--resume", str(out), "--quiet"])
     assert code == 0 and "2 rounds" in stdout
-    code, _, err = run(["simulate", "--resume", str(out), "--rounds", "5"], capsys)
+    code, _, err = cli(["simulate", "--resume", str(out), "--rounds", "5"])
     assert code == 2 and "rounds" in err
 
 
-def test_divergence_exit_code_3(tmp_path, capsys):
+def test_divergence_exit_code_3(tmp_path, cli):
     out = tmp_path / "run"
-    code, _, err = run(["simulate", *FAST, "--lr", "1e9", "--rounds", "5", "--out", str(out)], capsys)
+    code, _, err = cli(["simulate", *FAST, "--lr", "1e9", "--rounds", "5", "--out", str(out)])
     assert code == 3 and "diverged" in err
     assert (out / "metrics.jsonl").is_file()
 
 
-def test_list(capsys):
-    code, stdout, _ = run(["list"], capsys)
+def test_list(cli):
+    code, stdout, _ = cli(["list"])
     assert code == 0
     for word in ("digits", "dirichlet", "shuffle", "lenet5", "fedyogi", "adamw", "cosine"):
         assert word in stdout
 
 
-def test_plot_overlays_runs(tmp_path, capsys):
+def test_plot_overlays_runs(tmp_path, cli):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run(["simulate", *FAST, "--out", str(a)], capsys)[0] == 0
-    assert run(["simulate", *FAST, "--strategy", "fedprox", "--out", str(b)], capsys)[0] == 0
+    assert cli(["simulate", *FAST, "--out", str(a)])[0] == 0
+    assert cli(["simulate", *FAST, "--strategy", "fedprox", "--out", str(b)])[0] == 0
     png = tmp_path / "cmp.png"
-    code, stdout, _ = run(["plot", str(a), str(b), "--metric", "test_accuracy,drift", "--out", str(png)], capsys)
+    code, stdout, _ = cli(["plot", str(a), str(b), "--metric", "test_accuracy,drift", "--out", str(png)])
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    code, _, err = run(["plot", str(a), "--metric", "test_acc", "--out", str(png)], capsys)
+    code, _, err = cli(["plot", str(a), "--metric", "test_acc", "--out", str(png)])
     assert code == 2 and "did you mean 'test_accuracy'" in err
 
 
-def test_bench_engine_json(tmp_path, capsys):
+def test_bench_engine_json(tmp_path, cli):
     out = tmp_path / "bench.json"
-    code, stdout, _ = run(
-        ["bench", "engine", "--clients", "6", "--local-steps", "2", "--repeats", "1", "--out", str(out)], capsys
+    code, stdout, _ = cli(
+        ["bench", "engine", "--clients", "6", "--local-steps", "2", "--repeats", "1", "--out", str(out)]
     )
     assert code == 0
     result = json.loads(out.read_text())
@@ -164,55 +156,55 @@ def test_console_script_error_has_no_traceback(tmp_path):
         (["--strategy", "fedavg", "--mu", "0.5"], "option 'mu' is not used by strategy 'fedavg'"),
     ],
 )
-def test_more_bad_input(tmp_path, capsys, argv, message):
-    code, _, err = run(["simulate", *argv, "--quiet", "--out", str(tmp_path / "r")], capsys)
+def test_more_bad_input(tmp_path, cli, argv, message):
+    code, _, err = cli(["simulate", *argv, "--quiet", "--out", str(tmp_path / "r")])
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()  # nothing created for a refused run
 
 
-def test_dropout_model_refused(tmp_path, capsys, monkeypatch):
+def test_dropout_model_refused(tmp_path, cli, monkeypatch):
     (tmp_path / "drop_model.py").write_text(
         "from torch import nn\n"
         "def make(shape, classes):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Dropout(0.5), nn.Linear(8, classes))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    code, _, err = run(["simulate", "--model", "drop_model:make", "--quiet", "--out", str(tmp_path / "r")], capsys)
+    code, _, err = cli(["simulate", "--model", "drop_model:make", "--quiet", "--out", str(tmp_path / "r")])
     assert code == 2 and "Dropout" in err
 
 
-def test_overwrite_refuses_foreign_folder(tmp_path, capsys):
+def test_overwrite_refuses_foreign_folder(tmp_path, cli):
     precious = tmp_path / "thesis"
     (precious / "sub").mkdir(parents=True)
     (precious / "sub" / "thesis.tex").write_text("years of work")
-    code, _, err = run(["simulate", *FAST, "--out", str(precious), "--overwrite"], capsys)
+    code, _, err = cli(["simulate", *FAST, "--out", str(precious), "--overwrite"])
     assert code == 2 and "not a fedsim results folder" in err
     assert (precious / "sub" / "thesis.tex").read_text() == "years of work"
 
 
-def test_out_path_under_a_file(tmp_path, capsys):
+def test_out_path_under_a_file(tmp_path, cli):
     (tmp_path / "file").write_text("x")
-    code, _, err = run(["simulate", *FAST, "--out", str(tmp_path / "file" / "run")], capsys)
+    code, _, err = cli(["simulate", *FAST, "--out", str(tmp_path / "file" / "run")])
     assert code == 2 and "cannot create results folder" in err
 
 
-def test_resume_refuses_damaged_history_and_foreign_checkpoint(tmp_path, capsys):
+def test_resume_refuses_damaged_history_and_foreign_checkpoint(tmp_path, cli):
     import torch
 
     out = tmp_path / "run"
-    assert run(["simulate", *FAST, "--rounds", "3", "--out", str(out)], capsys)[0] == 0
+    assert cli(["simulate", *FAST, "--rounds", "3", "--out", str(out)])[0] == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     damaged = "\n".join([lines[0], "{not json", lines[2]]) + "\n"
     (out / "metrics.jsonl").write_text(damaged)
-    code, _, err = run(["simulate", "--resume", str(out), "--quiet"], capsys)
+    code, _, err = cli(["simulate", "--resume", str(out), "--quiet"])
     assert code == 2 and "metrics.jsonl:2" in err
     assert (out / "metrics.jsonl").read_text() == damaged  # history kept as it was
     (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     torch.save({"foo": 1}, out / "checkpoint.pt")
-    code, _, err = run(["simulate", "--resume", str(out), "--quiet"], capsys)
+    code, _, err = cli(["simulate", "--resume", str(out), "--quiet"])
     assert code == 2 and "not a fedsim checkpoint" in err
     torch.save({"round": 1, "params": {"w": torch.zeros(2)}, "extras": {}, "client_state": {}}, out / "checkpoint.pt")
-    code, _, err = run(["simulate", "--resume", str(out), "--quiet"], capsys)
+    code, _, err = cli(["simulate", "--resume", str(out), "--quiet"])
     assert code == 2 and "do not match" in err
 
 
@@ -226,6 +218,6 @@ def test_resume_refuses_damaged_history_and_foreign_checkpoint(tmp_path, capsys)
         (["--model", "lenet"], "did you mean 'lenet5'"),
     ],
 )
-def test_bench_bad_input(capsys, argv, message):
-    code, _, err = run(["bench", "engine", "--clients", "4", "--local-steps", "1", "--repeats", "1", *argv], capsys)
+def test_bench_bad_input(cli, argv, message):
+    code, _, err = cli(["bench", "engine", "--clients", "4", "--local-steps", "1", "--repeats", "1", *argv])
     assert code == 2 and message in err and "Traceback" not in err

@@ -56,6 +56,10 @@ def simulate(
     clients: Annotated[int | None, Opt(help="Number of simulated clients.")] = None,
     partition: Annotated[str | None, Opt(help="iid | dirichlet | shards | natural")] = None,
     alpha: Annotated[float | None, Opt(help="Dirichlet concentration (label skew).")] = None,
+    topology: Annotated[
+        str | None, Opt(help="Graph file (GraphML, GML, edge list, .adj, JSON): decentralized training over it.")
+    ] = None,
+    mixing: Annotated[str | None, Opt(help="Mixing matrix: metropolis_hastings | max_degree | uniform | ...")] = None,
     strategy: Annotated[str | None, Opt(help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad")] = None,
     fraction: Annotated[float | None, Opt(help="Fraction of clients selected per round.")] = None,
     rounds: Annotated[int | None, Opt(help="Communication rounds.")] = None,
@@ -96,7 +100,8 @@ def simulate(
         _print_summary(summary, resume)
         return
     overrides = dict(
-        dataset=dataset, data_path=data_path, model=model, clients=clients, partition=partition, alpha=alpha,
+        dataset=dataset, data_path=data_path, model=model, topology=topology, mixing=mixing,
+        clients=clients, partition=partition, alpha=alpha,
         strategy=strategy, fraction=fraction, rounds=rounds, local_steps=local_steps, local_epochs=local_epochs,
         batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, optimizer=optimizer, momentum=momentum, mu=mu,
         seed=seed, device=device, chunk_size=chunk_size, eval_every=eval_every,

@@ -39,6 +39,9 @@ class RunConfig(BaseModel):
     # model
     model: str = "mlp"
     model_args: dict[str, Any] = Field(default_factory=dict)
+    # decentralized mode (a topology file turns it on)
+    topology: str | None = None
+    mixing: str = "metropolis_hastings"
     # strategy
     strategy: str = "fedavg"
     fraction: float = Field(1.0, gt=0, le=1)
@@ -76,6 +79,14 @@ class RunConfig(BaseModel):
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(10, ge=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_strategy(cls, data: Any) -> Any:
+        """Without an explicit strategy: ``dsgd`` over a topology, else ``fedavg``."""
+        if isinstance(data, dict) and data.get("strategy") is None:
+            data = {**data, "strategy": "dsgd" if data.get("topology") else "fedavg"}
+        return data
+
     @model_validator(mode="after")
     def _check_names(self) -> RunConfig:
         from fedsim.data import DATASETS, PARTITIONERS
@@ -83,14 +94,23 @@ class RunConfig(BaseModel):
         from fedsim.errors import unknown
         from fedsim.models import MODELS
         from fedsim.optim import OPTIMIZERS
-        from strategies import STRATEGIES
+        from strategies import DECENTRALIZED, STRATEGIES
+        from topologies import MIXING_METHODS
 
+        if self.topology and self.strategy in STRATEGIES:
+            raise FedsimError(
+                f"strategy '{self.strategy}' is federated; with a topology use one of: {', '.join(DECENTRALIZED)}"
+            )
+        if not self.topology and self.strategy in DECENTRALIZED:
+            raise FedsimError(f"strategy '{self.strategy}' is decentralized and needs a topology (--topology FILE)")
+        strategies = {**STRATEGIES, **DECENTRALIZED}
         for kind, value, choices in (
             ("dataset", self.dataset, DATASETS),
             ("partition", self.partition, PARTITIONERS),
             ("sampler", self.sampler, SAMPLERS),
             ("optimizer", self.optimizer, OPTIMIZERS),
-            ("strategy", self.strategy, STRATEGIES),
+            ("strategy", self.strategy, strategies),
+            ("mixing method", self.mixing, MIXING_METHODS),
         ):
             if value not in choices:
                 raise unknown(kind, value, choices)

@@ -96,7 +96,7 @@ class Simulation:
         model = build_model(c.model, ds.feature_shape, ds.num_classes, seed=init_seed(c.seed), **c.model_args)
         self.model = model.to(self.device)
         self.init_params = parameters_of(self.model)
-        self.strategy = build_strategy(c.strategy, **c.strategy_options())
+        self.strategy = self.make_strategy()
         optimizer = make_optimizer(
             c.optimizer, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
             betas=c.adam_betas, eps=c.adam_eps,
@@ -109,16 +109,36 @@ class Simulation:
         self.executor.init_client_state(self.init_params)
         # Resolved once per run (not per round from free memory): float32 results of convolutional models
         # depend slightly on the chunk size, so a run keeps one.
-        selected = len(self.strategy.configure(1, self.strategy.init(self.init_params), c.clients, c.seed).client_ids)
-        self.executor.chunk_size = self.executor.resolve_chunk_size(self.init_params, selected)
+        self.executor.chunk_size = self.executor.resolve_chunk_size(self.init_params, self.clients_per_round())
         self.model_bytes = nbytes(self.init_params)
         self.num_params = sum(v.numel() for v in self.init_params.values())
+
+    def make_strategy(self):
+        return build_strategy(self.config.strategy, **self.config.strategy_options())
+
+    def clients_per_round(self) -> int:
+        state = self.strategy.init(self.init_params)
+        return len(self.strategy.configure(1, state, self.config.clients, self.config.seed).client_ids)
 
     def lr(self, round_: int) -> float:
         c = self.config
         return lr_at(
             round_, c.lr, c.lr_schedule, total_rounds=c.rounds, decay=c.lr_decay, step=c.lr_step, min_lr=c.min_lr
         )
+
+    def initial_state(self) -> ServerState:
+        return self.strategy.init(self.init_params)
+
+    def round(self, round_: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
+        """One federated round: configure, train the selected clients, aggregate; returns the new state and
+        the round's metrics (without evaluation)."""
+        plan = self.strategy.configure(round_, state, self.store.num_clients, self.config.seed)
+        updates = self.executor.train(plan, state.params, round_, self.lr(round_))
+        new_state = self.strategy.aggregate(round_, state, updates)
+        return new_state, self.round_metrics(round_, state, new_state, updates, nbytes(plan.broadcast))
+
+    def evaluate_state(self, state: ServerState) -> dict[str, Any]:
+        return self.evaluate(state.params)
 
     def round_metrics(
         self, round_: int, state: ServerState, new: ServerState, updates: ClientUpdates, broadcast_bytes: int
@@ -170,7 +190,7 @@ class Simulation:
         keys = ("round", "params", "extras", "client_state")
         if not isinstance(payload, dict) or any(k not in payload for k in keys):
             raise FedsimError("checkpoint is not a fedsim checkpoint (missing round/params/extras/client_state)")
-        expected = {k: tuple(v.shape) for k, v in self.init_params.items()}
+        expected = {k: tuple(v.shape) for k, v in self.initial_state().params.items()}
         found = {k: tuple(v.shape) for k, v in payload["params"].items()}
         if found != expected:
             raise FedsimError("checkpoint parameters do not match the run's model (names or shapes differ)")
@@ -185,19 +205,14 @@ class Simulation:
     ) -> dict[str, Any]:
         """Run rounds ``start_round..rounds``; returns the summary (also written to ``summary.json``)."""
         c = self.config
-        state = state or self.strategy.init(self.init_params)
+        state = state if state is not None else self.initial_state()
         history = results.read_metrics() if results else []
         for r in range(start_round, c.rounds + 1):
             t0 = time.perf_counter()
-            plan = self.strategy.configure(r, state, self.store.num_clients, c.seed)
-            updates = self.executor.train(plan, state.params, r, self.lr(r))
-            new_state = self.strategy.aggregate(r, state, updates)
-            broadcast_bytes = nbytes(plan.broadcast)
-            record = self.round_metrics(r, state, new_state, updates, broadcast_bytes)
-            diverged = not math.isfinite(record["train_loss"]) or not all_finite(new_state.params)
-            state = new_state
+            state, record = self.round(r, state)
+            diverged = not math.isfinite(record["train_loss"]) or not all_finite(state.params)
             if not diverged and (r % c.eval_every == 0 or r == c.rounds):
-                record.update(self.evaluate(state.params))
+                record.update(self.evaluate_state(state))
             else:
                 record.update({"test_accuracy": None, "test_loss": None})
             record["time_s"] = time.perf_counter() - t0
@@ -248,6 +263,23 @@ class Simulation:
         }
 
 
+def make_simulation(config: RunConfig) -> Simulation:
+    """A federated :class:`Simulation`, or a decentralized one when the config names a topology file.
+
+    Over a topology, the number of clients is the graph's node count unless ``clients`` was set explicitly
+    (then the two must agree).
+    """
+    if not config.topology:
+        return Simulation(config)
+    import topologies
+    from fedsim.decentralized import DecentralizedSimulation
+
+    if "clients" not in config.model_fields_set:
+        nodes = topologies.load(config.topology).number_of_nodes()
+        config = make_config({**config.model_dump(exclude_unset=True), "clients": nodes})
+    return DecentralizedSimulation(config)
+
+
 def simulate(
     config: RunConfig | dict[str, Any] | str | Path | None = None,
     out: str | Path | None = None,
@@ -263,18 +295,18 @@ def simulate(
     ``out`` the results folder is written (config.yaml, metrics.jsonl, summary.json, checkpoints, plots).
     """
     if isinstance(config, RunConfig):
-        cfg = make_config({**config.model_dump(), **overrides})
+        cfg = make_config({**config.model_dump(exclude_unset=True), **overrides})
     elif isinstance(config, dict):
         cfg = make_config({**config, **overrides})
     else:
         cfg = load_config(config, overrides)
     if out is not None:
         ResultsDir.check_new(out, overwrite)  # before loading data: fail fast, touch nothing
-    sim = Simulation(cfg)
+    sim = make_simulation(cfg)
     results = None
     if out is not None:
         results = ResultsDir.create(out, overwrite=overwrite)
-        results.write_text(CONFIG_FILE, dump_config(cfg))
+        results.write_text(CONFIG_FILE, dump_config(sim.config))
         results.write_histogram(sim.histogram)
     summary = sim.run(results, on_round=on_round)
     if results and plots:
@@ -288,7 +320,7 @@ def resume(out: str | Path, *, on_round: RoundCallback | None = None, plots: boo
     """Continue a killed run from its last checkpoint; ends with the same metrics as an uninterrupted run."""
     results = ResultsDir.open_existing(out)
     cfg = load_config(results.file(CONFIG_FILE))
-    sim = Simulation(cfg)
+    sim = make_simulation(cfg)
     payload = results.load_checkpoint()
     if payload is None:
         start, state = 1, None

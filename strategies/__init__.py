@@ -12,6 +12,7 @@ from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, Plan, ServerS
 from fedsim.errors import unknown
 
 from .base import Strategy, select_clients
+from .decentralized import DECENTRALIZED, DSGD, DSGDATC, gossip, gossip_matrix
 from .fedavg import FedAvg
 from .fedavgm import FedAvgM
 from .fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
@@ -24,6 +25,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 def strategy_options(name: str) -> set[str]:
     """Keyword options a strategy's constructor accepts (including the base ones)."""
+    if name in DECENTRALIZED:
+        return set()
     cls = STRATEGIES[name]
     names: set[str] = set()
     for klass in cls.__mro__:
@@ -41,9 +44,11 @@ def build_strategy(name: str, **options) -> Strategy:
 
 
 __all__ = [
-    "STRATEGIES",
     "ClientAlgorithm",
     "ClientUpdates",
+    "DECENTRALIZED",
+    "DSGD",
+    "DSGDATC",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -53,9 +58,12 @@ __all__ = [
     "FedYogi",
     "Plan",
     "ProximalClient",
+    "STRATEGIES",
     "ServerState",
     "Strategy",
     "build_strategy",
+    "gossip",
+    "gossip_matrix",
     "select_clients",
     "strategy_options",
 ]

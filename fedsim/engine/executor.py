@@ -124,14 +124,19 @@ class LocalExecutor:
         auto = auto_chunk_size(self.model, params, self.store.x[:1], self.batch_size, self.device)
         return max(1, min(num_selected, auto))
 
-    def train(self, plan: Plan, params: Tree, round_: int, lr: float) -> ClientUpdates:
-        """Train the plan's clients from the global ``params`` and return their stacked updates."""
+    def train(
+        self, plan: Plan, params: Tree, round_: int, lr: float, start: Tree | None = None, opt_state: Tree | None = None
+    ) -> ClientUpdates:
+        """Train the plan's clients from the global ``params`` (or from their own stacked ``start``
+        parameters, rows in plan order, with local optimizer state ``opt_state``) and return their updates."""
         ids = np.asarray(plan.client_ids, dtype=np.int64)
         chunk = self.resolve_chunk_size(params, len(ids))
         results = []
-        for start in range(0, len(ids), chunk):
-            chunk_ids = ids[start : start + chunk]
-            results.append(self._train_chunk(chunk_ids, plan, params, round_, lr))
+        for first in range(0, len(ids), chunk):
+            rows = slice(first, first + chunk)
+            results.append(
+                self._train_chunk(ids[rows], plan, params, round_, lr, _rows(start, rows), _rows(opt_state, rows))
+            )
         sizes = torch.as_tensor(self.store.sizes[ids], dtype=torch.float64, device=self.device)
         return ClientUpdates(
             client_ids=ids,
@@ -140,9 +145,10 @@ class LocalExecutor:
             num_steps=torch.cat([r.num_steps for r in results]),
             train_loss=torch.cat([r.train_loss.to(self.device) for r in results]),
             extras=concat([r.extras for r in results]) if results[0].extras else {},
+            opt_state=concat([r.opt_state for r in results]) if results[0].opt_state else {},
         )
 
-    def _train_chunk(self, chunk_ids: np.ndarray, plan: Plan, params: Tree, round_: int, lr: float):
+    def _train_chunk(self, chunk_ids, plan, params, round_, lr, start=None, opt_state=None):
         batches, self.sampler_state = self.sampler.sample(
             self.seed, round_, chunk_ids, self.store.sizes[chunk_ids],
             steps=self.local_steps, epochs=self.local_epochs, batch_size=self.batch_size,
@@ -153,9 +159,13 @@ class LocalExecutor:
         state = {k: v[chunk_ids].to(self.device) for k, v in self.client_state.items()}
         args = (params, self.store.x, self.store.y, index, mask, self.optimizer, lr, self.algorithm)
         if self.sequential:
-            result = train_sequential(self.model, *args, plan.broadcast, state)
+            result = train_sequential(self.model, *args, plan.broadcast, state, start, opt_state)
         else:
-            result = self.trainer.train(*args, plan.broadcast, state)
+            result = self.trainer.train(*args, plan.broadcast, state, start, opt_state)
         for k, v in result.client_state.items():
             self.client_state[k][chunk_ids] = v.detach().cpu()
         return result
+
+
+def _rows(tree: Tree | None, rows: slice) -> Tree | None:
+    return {k: v[rows] for k, v in tree.items()} if tree is not None else None

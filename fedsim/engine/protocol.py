@@ -37,7 +37,8 @@ class ClientUpdates:
 
     ``deltas[k] = w_global - w_k`` (so the FedAvg step is ``w <- w - sum_k p_k deltas[k]``);
     ``num_samples``: local training set sizes; ``num_steps``: optimizer steps taken; ``train_loss``: mean
-    local minibatch loss over the round; ``extras``: additional per-client uploads (stacked trees).
+    local minibatch loss over the round; ``extras``: additional per-client uploads (stacked trees);
+    ``opt_state``: the clients' local optimizer state at the end (kept by decentralized nodes).
     """
 
     client_ids: np.ndarray
@@ -46,6 +47,7 @@ class ClientUpdates:
     num_steps: Tensor
     train_loss: Tensor
     extras: Tree = field(default_factory=dict)
+    opt_state: Tree = field(default_factory=dict)
 
     @property
     def weights(self) -> Tensor:

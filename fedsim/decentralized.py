@@ -1,0 +1,124 @@
+"""Decentralized learning over a graph: every node is a client that trains its own model, then gossips.
+
+A round is ``local_steps`` local optimizer steps on every node at once (the vectorized trainer, nodes as
+the client axis, each node keeping its local optimizer state), followed by one gossip ``X <- W X`` with the
+topology's mixing matrix (see :mod:`strategies.decentralized` for combine-then-adapt vs adapt-then-combine).
+
+Metrics per round, besides the federated ones: ``consensus_distance`` = (1/m) sum_i ||x_i - x_bar||^2 and
+``spectral_gap`` of W; on evaluation rounds ``test_accuracy``/``test_loss`` of the average model x_bar,
+the per-node accuracy spread (``node_accuracy_mean``/``_std``/``_worst10``, every node's model on the test
+set), ``generalization_gap`` = test loss - training loss of x_bar (training loss on all nodes' data) and
+``node_generalization_gap`` = mean over nodes of (test loss of x_i - loss of x_i on node i's own data).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+import topologies
+from fedsim.engine.evaluate import client_accuracy_spread, evaluate
+from fedsim.engine.protocol import ClientAlgorithm, Plan, ServerState
+from fedsim.engine.pytree import Tree, flatten, stack
+from fedsim.engine.trainer import cross_entropy
+from fedsim.simulation import Simulation, client_drift
+from strategies import DECENTRALIZED, gossip_matrix
+
+
+def consensus_distance(x: Tree) -> float:
+    """``(1/m) sum_i ||x_i - x_bar||^2`` over the stacked node parameters."""
+    flat = flatten(x).double()
+    return float(((flat - flat.mean(dim=0)) ** 2).sum(dim=1).mean())
+
+
+class DecentralizedSimulation(Simulation):
+    """D-SGD and relatives over the topology file of the config (static mixing matrix)."""
+
+    def __init__(self, config):
+        self.graph = topologies.load(config.topology)
+        topologies.check_nodes(self.graph, config.clients)
+        self.mixing_np = topologies.mixing_matrix(self.graph, config.mixing)
+        self.gap = topologies.spectral_gap(self.mixing_np)
+        self.degree_sum = int(sum(d for _, d in self.graph.degree()))
+        super().__init__(config)
+        self.mixing = gossip_matrix(self.mixing_np, self.device)
+
+    def make_strategy(self):
+        algorithm = DECENTRALIZED[self.config.strategy]()
+        algorithm.client_algorithm = ClientAlgorithm()
+        return algorithm
+
+    def clients_per_round(self) -> int:
+        return self.config.clients
+
+    def initial_state(self) -> ServerState:
+        """All nodes start from the same initial model; no local optimizer state yet."""
+        return ServerState(stack(self.init_params, self.config.clients), {})
+
+    def round(self, round_: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
+        nodes = np.arange(self.config.clients)
+        updates = self.executor.train(
+            Plan(nodes), self.init_params, round_, self.lr(round_), start=state.params, opt_state=state.extras or None
+        )
+        new_params = self.strategy.step(self.mixing, state.params, updates.deltas)
+        mean_step = {k: new_params[k].mean(0) - state.params[k].mean(0) for k in new_params}
+        record = {
+            "round": round_,
+            "lr": self.lr(round_),
+            "clients": len(nodes),
+            "train_loss": float((updates.train_loss.double() * updates.weights.to(torch.float64)).sum()),
+            "drift": client_drift(updates.deltas),
+            "update_norm": float(flatten(mean_step, stacked=False).norm()),
+            "consensus_distance": consensus_distance(new_params),
+            "spectral_gap": self.gap,
+            "bytes_up": self.degree_sum * self.model_bytes,
+            "bytes_down": self.degree_sum * self.model_bytes,
+        }
+        return ServerState(new_params, updates.opt_state), record
+
+    def evaluate_state(self, state: ServerState) -> dict[str, Any]:
+        nodes = state.params
+        average = {k: v.mean(0) for k, v in nodes.items()}
+        test = evaluate(self.model, average, self.x_test, self.y_test)
+        train = evaluate(self.model, average, self.store.x[self.store.order], self.store.y[self.store.order])
+        node_test_loss, node_test_acc = self._node_scores(nodes, self.x_test, self.y_test)
+        node_train_loss = self._own_data_loss(nodes)
+        record = {
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "generalization_gap": test["loss"] - train["loss"],
+            "node_generalization_gap": float((node_test_loss - node_train_loss).mean()),
+        }
+        spread = client_accuracy_spread(node_test_acc.cpu().numpy())
+        record.update({k.replace("client_", "node_"): v for k, v in spread.items()})
+        return record
+
+    @torch.no_grad()
+    def _node_scores(self, nodes: Tree, x: Tensor, y: Tensor, chunk: int = 64) -> tuple[Tensor, Tensor]:
+        """Mean loss and accuracy of every node's model on the same data ``(x, y)``."""
+        forward = vmap(lambda p, xb: functional_call(self.model, p, (xb,)), in_dims=(0, None))
+        losses, accs = [], []
+        for first in range(0, self.config.clients, chunk):
+            part = {k: v[first : first + chunk] for k, v in nodes.items()}
+            logits = forward(part, x)  # [c, N, classes]
+            c = logits.shape[0]
+            loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(c)).reshape(c, -1)
+            losses.append(loss.double().mean(1))
+            accs.append((logits.argmax(-1) == y).double().mean(1))
+        return torch.cat(losses), torch.cat(accs)
+
+    @torch.no_grad()
+    def _own_data_loss(self, nodes: Tree) -> Tensor:
+        """Loss of node i's model on node i's own training samples, for all nodes at once (padded)."""
+        sizes = self.store.sizes
+        positions = np.minimum(np.arange(sizes.max())[None, :], sizes[:, None] - 1)
+        mask = torch.as_tensor(np.arange(sizes.max())[None, :] < sizes[:, None], device=self.device)
+        index = self.store.global_index(np.arange(self.config.clients), positions)
+        logits = vmap(lambda p, xb: functional_call(self.model, p, (xb,)))(nodes, self.store.x[index])
+        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), self.store.y[index].reshape(-1))
+        loss = loss.reshape(mask.shape).double() * mask
+        return loss.sum(1) / mask.sum(1)

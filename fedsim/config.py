@@ -42,6 +42,7 @@ class RunConfig(BaseModel):
     # decentralized mode (a topology file turns it on)
     topology: str | None = None
     mixing: str = "metropolis_hastings"
+    schedule: Literal["static", "one_peer_exponential", "random_matchings"] = "static"
     # strategy
     strategy: str = "fedavg"
     fraction: float = Field(1.0, gt=0, le=1)

@@ -27,6 +27,7 @@ from fedsim.engine.pytree import Tree, flatten, stack
 from fedsim.engine.trainer import cross_entropy
 from fedsim.simulation import Simulation, client_drift
 from strategies import DECENTRALIZED, gossip_matrix
+from topologies.schedules import Schedule
 
 
 def consensus_distance(x: Tree) -> float:
@@ -35,17 +36,51 @@ def consensus_distance(x: Tree) -> float:
     return float(((flat - flat.mean(dim=0)) ** 2).sum(dim=1).mean())
 
 
+class StaticSchedule(Schedule):
+    """A fixed mixing matrix, as a schedule of period 1."""
+
+    def __init__(self, w: np.ndarray) -> None:
+        self.w, self.n, self.period = w, w.shape[0], 1
+
+    def matrix(self, t: int) -> np.ndarray:
+        return self.w
+
+
+def mixing_schedule(config) -> Schedule:
+    """The run's gossip schedule: a YAML schedule file (graph files cycled per round), or the topology file's
+    graph as a static matrix (``--mixing``), or a time-varying family over its node count
+    (``schedule: one_peer_exponential | random_matchings``, seeded by the run seed)."""
+    path = str(config.topology)
+    if path.endswith((".yaml", ".yml")):
+        if config.schedule != "static":
+            raise topologies.TopologyError(f"schedule '{config.schedule}' applies to a graph file, not to {path}")
+        return topologies.FileSchedule(path)
+    graph = topologies.load(path)
+    n = graph.number_of_nodes()
+    if config.schedule == "one_peer_exponential":
+        return topologies.OnePeerExponential(n)
+    if config.schedule == "random_matchings":
+        return topologies.RandomMatchings(n, seed=config.seed)
+    return StaticSchedule(topologies.mixing_matrix(graph, config.mixing))
+
+
 class DecentralizedSimulation(Simulation):
     """D-SGD and relatives over the topology file of the config (static mixing matrix)."""
 
     def __init__(self, config):
-        self.graph = topologies.load(config.topology)
-        topologies.check_nodes(self.graph, config.clients)
-        self.mixing_np = topologies.mixing_matrix(self.graph, config.mixing)
-        self.gap = topologies.spectral_gap(self.mixing_np)
-        self.degree_sum = int(sum(d for _, d in self.graph.degree()))
+        self.schedule = mixing_schedule(config)
+        if self.schedule.n != config.clients:
+            raise topologies.TopologyError(f"topology has {self.schedule.n} nodes but --clients is {config.clients}")
         super().__init__(config)
-        self.mixing = gossip_matrix(self.mixing_np, self.device)
+        self._static = None
+        if self.schedule.period == 1:  # static: one matrix for the whole run
+            self._static = self._gossip_step(0)
+
+    def _gossip_step(self, t: int) -> tuple[Tensor, float, int]:
+        """W_t on the device, its spectral gap, and the number of directed edges (messages) it uses."""
+        w = self.schedule.matrix(t)
+        messages = int(np.count_nonzero(w) - np.count_nonzero(np.diag(w)))
+        return gossip_matrix(w, self.device), topologies.spectral_gap(w), messages
 
     def make_strategy(self):
         algorithm = DECENTRALIZED[self.config.strategy]()
@@ -64,7 +99,8 @@ class DecentralizedSimulation(Simulation):
         updates = self.executor.train(
             Plan(nodes), self.init_params, round_, self.lr(round_), start=state.params, opt_state=state.extras or None
         )
-        new_params = self.strategy.step(self.mixing, state.params, updates.deltas)
+        w, gap, messages = self._static or self._gossip_step(round_ - 1)
+        new_params = self.strategy.step(w, state.params, updates.deltas)
         mean_step = {k: new_params[k].mean(0) - state.params[k].mean(0) for k in new_params}
         record = {
             "round": round_,
@@ -74,9 +110,9 @@ class DecentralizedSimulation(Simulation):
             "drift": client_drift(updates.deltas),
             "update_norm": float(flatten(mean_step, stacked=False).norm()),
             "consensus_distance": consensus_distance(new_params),
-            "spectral_gap": self.gap,
-            "bytes_up": self.degree_sum * self.model_bytes,
-            "bytes_down": self.degree_sum * self.model_bytes,
+            "spectral_gap": gap,
+            "bytes_up": messages * self.model_bytes,
+            "bytes_down": messages * self.model_bytes,
         }
         return ServerState(new_params, updates.opt_state), record
 

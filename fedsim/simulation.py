@@ -271,11 +271,10 @@ def make_simulation(config: RunConfig) -> Simulation:
     """
     if not config.topology:
         return Simulation(config)
-    import topologies
-    from fedsim.decentralized import DecentralizedSimulation
+    from fedsim.decentralized import DecentralizedSimulation, mixing_schedule
 
     if "clients" not in config.model_fields_set:
-        nodes = topologies.load(config.topology).number_of_nodes()
+        nodes = mixing_schedule(config).n
         config = make_config({**config.model_dump(exclude_unset=True), "clients": nodes})
     return DecentralizedSimulation(config)
 

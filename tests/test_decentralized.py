@@ -137,3 +137,34 @@ def test_cli_topology_flag(tmp_path, cli):
     assert code == 0, err
     assert "strategy: dsgd" in (tmp_path / "r" / "config.yaml").read_text()
     assert np.isfinite(metrics(tmp_path / "r")[-1]["consensus_distance"])
+
+
+def test_time_varying_schedules(tmp_path):
+    ope = simulate(
+        {**SMALL, "topology": RING, "schedule": "one_peer_exponential", "rounds": 4}, tmp_path / "ope", plots=False
+    )
+    rows = metrics(tmp_path / "ope")
+    model_bytes = ope["num_params"] * 4
+    assert all(r["bytes_up"] == 16 * model_bytes for r in rows)  # every node sends to exactly one peer
+    assert len({r["spectral_gap"] for r in rows}) > 1  # W_t changes with t
+    a = simulate({**SMALL, "topology": RING, "schedule": "random_matchings"}, tmp_path / "rm1", plots=False)
+    b = simulate({**SMALL, "topology": RING, "schedule": "random_matchings"}, tmp_path / "rm2", plots=False)
+    assert a["final_test_loss"] == b["final_test_loss"]  # matchings are a function of (seed, step)
+    assert all(r["bytes_up"] <= 16 * model_bytes for r in metrics(tmp_path / "rm1"))
+
+
+def test_schedule_file_cycles_graphs(tmp_path):
+    topologies.save(topologies.build("ring", 8), tmp_path / "ring.graphml")
+    topologies.save(topologies.build("complete", 8), tmp_path / "complete.graphml")
+    (tmp_path / "cycle.yaml").write_text("graphs: [ring.graphml, complete.graphml]\n")
+    summary = simulate({**SMALL, "topology": str(tmp_path / "cycle.yaml"), "rounds": 4}, tmp_path / "r", plots=False)
+    rows = metrics(tmp_path / "r")
+    assert summary["num_clients"] == 8
+    messages = [r["bytes_up"] // (summary["num_params"] * 4) for r in rows]
+    assert messages == [16, 56, 16, 56]  # ring (8 edges x 2), complete (28 edges x 2), cycled
+    with pytest.raises(FedsimError, match="applies to a graph file"):
+        simulate(
+            {**SMALL, "topology": str(tmp_path / "cycle.yaml"), "schedule": "random_matchings"},
+            tmp_path / "bad",
+            plots=False,
+        )

@@ -112,3 +112,93 @@ def bench_engine(
         result["sequential"] = {"seconds": t_seq, "samples_per_s": samples / t_seq, "repeats": seq_repeats}
         result["vectorized_over_sequential"] = t_seq / t_vec
     return result
+
+
+def bench_dsgd(
+    *,
+    nodes: int = 64,
+    topology: str = "ring",
+    dataset: str = "digits",
+    model: str = "mlp",
+    batch_size: int = 32,
+    steps: int = 10,
+    repeats: int = 5,
+    device: str = "auto",
+    lr: float = 0.05,
+    loop: bool = True,
+) -> dict[str, Any]:
+    """D-SGD steps (one local SGD step on every node, then gossip ``X <- W X``), three ways in one process:
+    the engine (vectorized step + sparse gossip), a per-node loop (one ``nn.Module`` and one
+    ``torch.optim.SGD`` per node, gossip as per-node weighted sums over neighbours), and the engine's gossip
+    alone (its share of a step)."""
+    import copy
+
+    import topologies
+    from strategies import DSGD, gossip, gossip_matrix
+
+    dev = resolve_device(device)
+    ds = load_dataset(dataset, num_clients=nodes)
+    rows = np.arange(nodes * batch_size) % len(ds.y_train)
+    parts = np.array_split(rows, nodes)
+    net = build_model(model, ds.feature_shape, ds.num_classes, seed=init_seed(0)).to(dev)
+    params = parameters_of(net)
+    store = ClientStore.build(ds.x_train, ds.y_train, parts, [np.zeros(0, np.int64)] * nodes, dev)
+    w_np = topologies.mixing_matrix(topologies.build(topology, nodes))
+    w = gossip_matrix(w_np, dev)
+    ids = np.arange(nodes)
+    batches, _ = IIDSampler().sample(0, 1, ids, store.sizes, steps=steps, epochs=None, batch_size=batch_size)
+    index = store.global_index(ids, batches.positions)
+    mask = torch.ones(index.shape, dtype=torch.bool, device=dev)
+    executor = LocalExecutor(
+        net, store, IIDSampler(), SGD(), ClientAlgorithm(), seed=0, local_steps=1, local_epochs=None,
+        batch_size=batch_size, chunk_size=nodes,
+    )  # fmt: skip
+    start = {k: v.unsqueeze(0).repeat(nodes, *([1] * v.dim())) for k, v in params.items()}
+    algorithm = DSGD()
+
+    def vectorized() -> None:
+        x = start
+        for k in range(steps):
+            r = executor.trainer.train(params, store.x, store.y, index[:, k : k + 1], mask[:, k : k + 1], SGD(), lr,
+                                       ClientAlgorithm(), start=x)  # fmt: skip
+            x = algorithm.step(w, x, r.deltas)
+
+    def gossip_only() -> None:
+        x = start
+        for _ in range(steps):
+            x = gossip(w, x)
+
+    result: dict[str, Any] = {
+        "nodes": nodes, "topology": topology, "model": model, "dataset": dataset, "batch_size": batch_size,
+        "steps": steps, "repeats": repeats, "device": str(dev), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "num_params": sum(v.numel() for v in params.values()),
+    }  # fmt: skip
+    t_vec = _timed(vectorized, repeats, dev)
+    t_gossip = _timed(gossip_only, repeats, dev)
+    result["vectorized"] = {"seconds_per_step": t_vec / steps}
+    result["gossip"] = {"seconds_per_step": t_gossip / steps, "share_of_step": t_gossip / t_vec}
+    if loop:
+        neighbours = [np.nonzero(w_np[i])[0] for i in range(nodes)]
+        models = [copy.deepcopy(net) for _ in range(nodes)]
+        optims = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
+
+        def per_node() -> None:
+            for m in models:
+                m.load_state_dict(params, strict=False)
+            for k in range(steps):
+                for i, (m, opt) in enumerate(zip(models, optims, strict=True)):
+                    rows_i = index[i, k]
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(m(store.x[rows_i]), store.y[rows_i]).backward()
+                    opt.step()
+                with torch.no_grad():
+                    current = [[p.detach().clone() for p in m.parameters()] for m in models]
+                    for i, m in enumerate(models):
+                        for pi, p in enumerate(m.parameters()):
+                            p.copy_(sum(float(w_np[i, j]) * current[j][pi] for j in neighbours[i]))
+
+        loop_repeats = max(1, min(repeats, 3))
+        t_loop = _timed(per_node, loop_repeats, dev)
+        result["per_node_loop"] = {"seconds_per_step": t_loop / steps, "repeats": loop_repeats}
+        result["vectorized_over_loop"] = t_loop / t_vec
+    return result

@@ -218,6 +218,30 @@ def bench_engine_cmd(
     typer.echo(text)
 
 
+@bench_app.command("dsgd")
+def bench_dsgd_cmd(
+    nodes: Annotated[int, Opt(min=2, help="Graph nodes.")] = 64,
+    topology: Annotated[str, Opt(help="Graph family (topologies.build).")] = "ring",
+    model: Annotated[str, Opt(help="Model name.")] = "mlp",
+    steps: Annotated[int, Opt(min=1, help="D-SGD steps per timing.")] = 10,
+    repeats: Annotated[int, Opt(min=1, help="Timed repeats (median reported).")] = 5,
+    device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
+    skip_loop: Annotated[bool, Opt(help="Skip the slow per-node loop.")] = False,
+    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
+) -> None:
+    """D-SGD step: vectorized + sparse gossip vs a per-node loop with per-node optimizers; gossip share."""
+    import json
+
+    from fedsim.bench import bench_dsgd
+
+    result = bench_dsgd(nodes=nodes, topology=topology, model=model, steps=steps, repeats=repeats, device=device,
+                        loop=not skip_loop)  # fmt: skip
+    text = json.dumps(result, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    typer.echo(text)
+
+
 @topology_app.command("build")
 def topology_build(
     name: Annotated[str, typer.Argument(help="Graph family, e.g. ring, torus, exponential, erdos_renyi.")],

@@ -168,3 +168,13 @@ def test_schedule_file_cycles_graphs(tmp_path):
             tmp_path / "bad",
             plots=False,
         )
+
+
+def test_bench_dsgd_cli(tmp_path, cli):
+    out = tmp_path / "dsgd.json"
+    code, _, err = cli(["bench", "dsgd", "--nodes", "8", "--steps", "2", "--repeats", "1", "--out", str(out)])
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["vectorized_over_loop"] > 0 and result["gossip"]["share_of_step"] > 0
+    code, _, err = cli(["bench", "dsgd", "--nodes", "1"])
+    assert code == 2 and "Traceback" not in err

@@ -188,6 +188,16 @@ def list_components() -> None:
         typer.echo(f"{title + ':':14} {', '.join(names)}")
 
 
+def _emit_json(result: dict[str, Any], out: Path | None) -> None:
+    """Print a benchmark result as JSON (and write it to ``out`` when given)."""
+    import json
+
+    text = json.dumps(result, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    typer.echo(text)
+
+
 @bench_app.command("engine")
 def bench_engine_cmd(
     dataset: Annotated[str, Opt(help="Data set whose samples are used.")] = "digits",
@@ -203,8 +213,6 @@ def bench_engine_cmd(
     out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
 ) -> None:
     """Vectorized vs sequential per-client loop vs one centralized batch of the same samples."""
-    import json
-
     from fedsim.bench import bench_engine
 
     result = bench_engine(
@@ -212,10 +220,7 @@ def bench_engine_cmd(
         repeats=repeats, device=device, chunk_size=chunk_size, grad_mode=grad_mode,
         sequential=not skip_sequential,
     )  # fmt: skip
-    text = json.dumps(result, indent=2)
-    if out:
-        out.write_text(text + "\n")
-    typer.echo(text)
+    _emit_json(result, out)
 
 
 @bench_app.command("dsgd")
@@ -230,16 +235,11 @@ def bench_dsgd_cmd(
     out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
 ) -> None:
     """D-SGD step: vectorized + sparse gossip vs a per-node loop with per-node optimizers; gossip share."""
-    import json
-
     from fedsim.bench import bench_dsgd
 
     result = bench_dsgd(nodes=nodes, topology=topology, model=model, steps=steps, repeats=repeats, device=device,
                         loop=not skip_loop)  # fmt: skip
-    text = json.dumps(result, indent=2)
-    if out:
-        out.write_text(text + "\n")
-    typer.echo(text)
+    _emit_json(result, out)
 
 
 @topology_app.command("build")

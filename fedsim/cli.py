@@ -292,19 +292,28 @@ def topology_convert(
     typer.echo(f"wrote {target} ({graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges)")
 
 
+def _usage_error_type() -> type[Exception]:
+    """The usage-error base class of the installed typer: its vendored click (typer >= 0.22 no longer depends
+    on click) or click itself (older typer)."""
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        from click import ClickException
+    return ClickException
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the typer app and turns user errors into one-line messages."""
-    import click
-
+    usage_error = _usage_error_type()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="fedsim")
         return int(rv or 0)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         return 1
-    except click.ClickException as e:
+    except usage_error as e:
         e.show()
         return e.exit_code
     except FedsimError as e:

@@ -148,13 +148,19 @@ class DecentralizedSimulation(Simulation):
         return torch.cat(losses), torch.cat(accs)
 
     @torch.no_grad()
-    def _own_data_loss(self, nodes: Tree) -> Tensor:
-        """Loss of node i's model on node i's own training samples, for all nodes at once (padded)."""
+    def _own_data_loss(self, nodes: Tree, chunk: int = 64) -> Tensor:
+        """Loss of node i's model on node i's own training samples, for a chunk of nodes at a time (padded)."""
         sizes = self.store.sizes
-        positions = np.minimum(np.arange(sizes.max())[None, :], sizes[:, None] - 1)
-        mask = torch.as_tensor(np.arange(sizes.max())[None, :] < sizes[:, None], device=self.device)
-        index = self.store.global_index(np.arange(self.config.clients), positions)
-        logits = vmap(lambda p, xb: functional_call(self.model, p, (xb,)))(nodes, self.store.x[index])
-        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), self.store.y[index].reshape(-1))
-        loss = loss.reshape(mask.shape).double() * mask
-        return loss.sum(1) / mask.sum(1)
+        width = np.arange(sizes.max())[None, :]
+        forward = vmap(lambda p, xb: functional_call(self.model, p, (xb,)))
+        losses = []
+        for first in range(0, self.config.clients, chunk):
+            ids = np.arange(first, min(first + chunk, self.config.clients))
+            positions = np.minimum(width, sizes[ids, None] - 1)
+            mask = torch.as_tensor(width < sizes[ids, None], device=self.device)
+            index = self.store.global_index(ids, positions)
+            logits = forward({k: v[ids] for k, v in nodes.items()}, self.store.x[index])
+            loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), self.store.y[index].reshape(-1))
+            loss = loss.reshape(mask.shape).double() * mask
+            losses.append(loss.sum(1) / mask.sum(1))
+        return torch.cat(losses)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -221,3 +222,14 @@ def test_resume_refuses_damaged_history_and_foreign_checkpoint(tmp_path, cli):
 def test_bench_bad_input(cli, argv, message):
     code, _, err = cli(["bench", "engine", "--clients", "4", "--local-steps", "1", "--repeats", "1", *argv])
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_usage_error_type_matches_installed_typer():
+    """main() must catch the usage-error class that the installed typer really raises (typer >= 0.22
+    vendors click and no longer installs it)."""
+    from fedsim.cli import _usage_error_type, app
+
+    with pytest.raises(_usage_error_type()):
+        app(args=["simulate", "--rounds", "abc"], standalone_mode=False)
+    source = (Path(__file__).resolve().parents[1] / "fedsim" / "cli.py").read_text()
+    assert "\nimport click" not in source and "    import click" not in source

@@ -39,8 +39,8 @@ def _parse_pairs(items: list[str] | None, flag: str = "--set") -> dict[str, Any]
     return out
 
 
-def _default_out(strategy: str, dataset: str, model: str, seed: int) -> Path:
-    base = Path("runs") / f"{strategy}-{dataset}-{model.replace(':', '_')}-s{seed}"
+def _default_out(strategy: str, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
+    base = Path("runs") / f"{strategy}-{dataset}-{model.replace(':', '_')}-{tag or f's{seed}'}"
     path, i = base, 1
     while path.exists():
         path, i = Path(f"{base}-{i}"), i + 1
@@ -62,10 +62,16 @@ def simulate(
     mixing: Annotated[str | None, Opt(help="Mixing matrix: metropolis_hastings | max_degree | uniform | ...")] = None,
     strategy: Annotated[str | None, Opt(help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad")] = None,
     fraction: Annotated[float | None, Opt(help="Fraction of clients selected per round.")] = None,
+    availability: Annotated[
+        str | None, Opt(help="always | markov (clients on/off by a two-state chain; --set availability_p_on=...)")
+    ] = None,
     rounds: Annotated[int | None, Opt(help="Communication rounds.")] = None,
     local_steps: Annotated[int | None, Opt(help="Local optimizer steps per round.")] = None,
     local_epochs: Annotated[int | None, Opt(help="Local epochs per round (overrides --local-steps).")] = None,
     batch_size: Annotated[int | None, Opt(help="Local minibatch size.")] = None,
+    laziness: Annotated[
+        float | None, Opt(help="Markov samplers (--set sampler=markov-ring|markov-regular): P(chain stays put).")
+    ] = None,
     lr: Annotated[float | None, Opt(help="Local learning rate.")] = None,
     lr_schedule: Annotated[str | None, Opt(help="constant | step | cosine (per round).")] = None,
     optimizer: Annotated[str | None, Opt(help="Local optimizer: sgd | adam | adamw.")] = None,
@@ -79,6 +85,12 @@ def simulate(
     out: Annotated[Path | None, Opt(help="Results folder (default: runs/STRATEGY-DATASET-MODEL-sSEED).")] = None,
     overwrite: Annotated[bool, Opt(help="Replace an existing results folder.")] = False,
     resume: Annotated[Path | None, Opt(help="Continue the run in this results folder from its checkpoint.")] = None,
+    seeds: Annotated[
+        str | None, Opt(help="Repeat over seeds (0-9, 0,3,7, 1-3,8): OUT/seed-S/ each, quantiles in seeds_summary.json")
+    ] = None,
+    probe: Annotated[str | None, Opt(help="stability: twin run on data differing in one sample of one node.")] = None,
+    probe_node: Annotated[int | None, Opt(help="Stability probe: node/client whose sample is replaced (0).")] = None,
+    probe_sample: Annotated[int | None, Opt(help="Stability probe: position of that sample in its list (0).")] = None,
     quiet: Annotated[bool, Opt(help="No progress bar.")] = False,
 ) -> None:
     """Run a federated experiment and write its results folder."""
@@ -86,6 +98,8 @@ def simulate(
     from fedsim.config import load_config
 
     progress = _Progress(quiet)
+    if resume is not None and seeds is not None:
+        raise FedsimError("--seeds cannot be combined with --resume; resume one seed's folder: --resume OUT/seed-S")
     if resume is not None:
         given = [
             n
@@ -102,17 +116,78 @@ def simulate(
     overrides = dict(
         dataset=dataset, data_path=data_path, model=model, topology=topology, mixing=mixing,
         clients=clients, partition=partition, alpha=alpha,
+        availability=availability,
         strategy=strategy, fraction=fraction, rounds=rounds, local_steps=local_steps, local_epochs=local_epochs,
         batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, optimizer=optimizer, momentum=momentum, mu=mu,
         seed=seed, device=device, chunk_size=chunk_size, eval_every=eval_every,
+        laziness=laziness,
     )  # fmt: skip
     overrides.update(_parse_pairs(set_))
+    repeat = _repeat_options(seeds, seed, probe, probe_node, probe_sample)
     cfg = load_config(config, overrides)
+    if repeat is not None:
+        _simulate_repeats(cfg, *repeat, out=out, overwrite=overwrite, progress=progress)
+        return
     out = out or _default_out(cfg.strategy, cfg.dataset, cfg.model, cfg.seed)
     progress.total = cfg.rounds
     with progress:
         summary = simulation.simulate(cfg, out, overwrite=overwrite, on_round=progress.update)
     _print_summary(summary, out)
+
+
+def _repeat_options(
+    seeds: str | None, seed: int | None, probe: str | None, node: int | None, sample: int | None
+) -> tuple[list[int] | None, str | None, dict[str, int]] | None:
+    """Parsed ``--seeds`` and ``--probe*`` flags (None when neither is given); bad values fail here."""
+    from fedsim.probes import check_probe, check_probe_options
+    from fedsim.seeds import parse_seeds
+
+    options = {k: v for k, v in (("node", node), ("sample", sample)) if v is not None}
+    if probe is None and options:
+        raise FedsimError("--probe-node/--probe-sample need --probe stability")
+    if probe is not None:
+        check_probe(probe)
+        check_probe_options(**options)
+    if seeds is not None and seed is not None:
+        raise FedsimError("--seed and --seeds exclude each other; list the seeds in --seeds")
+    if seeds is None and probe is None:
+        return None
+    return (parse_seeds(seeds) if seeds is not None else None), probe, options
+
+
+def _simulate_repeats(
+    cfg: Any, seeds: list[int] | None, probe: str | None, options: dict[str, int], *,
+    out: Path | None, overwrite: bool, progress: _Progress,
+) -> None:  # fmt: skip
+    """``--seeds`` (optionally with ``--probe``) or a single ``--probe`` run, with a short summary line."""
+    from fedsim.probes import run_stability_probe
+    from fedsim.seeds import run_seeds
+
+    tag = "seeds" if seeds is not None else None
+    out = out or _default_out(cfg.strategy, cfg.dataset, cfg.model, cfg.seed, tag)
+    progress.total = cfg.rounds * (len(seeds) if seeds else 1)
+    done = iter(range(1, progress.total + 1))
+    tick = lambda record: progress.update({**record, "round": next(done)})  # noqa: E731
+    with progress:
+        if seeds is None:
+            summary = run_stability_probe(cfg, out, overwrite=overwrite, on_round=tick, **options)
+        else:
+            report = run_seeds(cfg, seeds, out, overwrite=overwrite, on_round=tick, probe=probe, probe_options=options)
+    if seeds is None:
+        _print_summary(summary, out)
+        typer.echo(
+            f"stability: final distance {summary['final_stability_distance']:.4g} (mean over nodes), "
+            f"max {summary['final_stability_distance_max']:.4g}, perturbed node "
+            f"{summary['final_stability_distance_node']:.4g} -> {Path(out) / 'stability.csv'}"
+        )
+        return
+    parts = []
+    for key in ("final_test_accuracy", "final_stability_distance"):
+        if key in report["final"]:
+            st = report["final"][key]
+            name = key.replace("_", " ")
+            parts.append(f"{name} median {st['median']:.4g}, q90 {st['q90']:.4g}, mean {st['mean']:.4g}")
+    typer.echo(f"done: {len(seeds)} seeds x {cfg.rounds} rounds; {'; '.join(parts) or 'no final values'} -> {out}")
 
 
 class _Progress:
@@ -141,7 +216,9 @@ class _Progress:
         if self._bar is None:
             return
         acc = record.get("test_accuracy")
-        text = f"loss {record['train_loss']:.4f}" + (f"  acc {acc:.4f}" if acc is not None else "")
+        loss = record["train_loss"]
+        text = f"loss {loss:.4f}" if loss is not None else "no clients"
+        text += f"  acc {acc:.4f}" if acc is not None else ""
         self._bar.update(self._task, completed=record["round"], description=text)
 
 

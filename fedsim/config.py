@@ -43,6 +43,11 @@ class RunConfig(BaseModel):
     topology: str | None = None
     mixing: str = "metropolis_hastings"
     schedule: Literal["static", "one_peer_exponential", "random_matchings"] = "static"
+    # decentralized min-max problems (strategy dsgda)
+    problem: Literal["auc", "dro"] | None = None
+    dual_lr: float | None = Field(None, gt=0)
+    positive_classes: list[int] | None = None
+    dro_lambda: float = Field(1.0, gt=0)
     # strategy
     strategy: str = "fedavg"
     fraction: float = Field(1.0, gt=0, le=1)
@@ -53,12 +58,18 @@ class RunConfig(BaseModel):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float | None = Field(None, gt=0)
+    # client availability (federated mode): "markov" turns each client on/off by a two-state chain
+    availability: Literal["always", "markov"] = "always"
+    availability_p_on: float = Field(0.5, gt=0, le=1)
+    availability_p_off: float = Field(0.5, gt=0, le=1)
     # local training
     rounds: int = Field(20, ge=1)
     local_steps: int = Field(10, ge=1)
     local_epochs: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
     sampler: str = "shuffle"
+    laziness: float | None = Field(None, ge=0, lt=1)  # markov samplers: probability the chain stays put
+    markov_degree: int = Field(4, ge=2)  # markov-regular: degree of the random regular graph (even)
     optimizer: str = "sgd"
     lr: float = Field(0.05, gt=0)
     lr_schedule: Literal["constant", "step", "cosine"] = "constant"
@@ -128,9 +139,44 @@ class RunConfig(BaseModel):
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise FedsimError(f"adam_betas must each be in [0, 1), got {list(self.adam_betas)}")
         self._check_strategy_options()
+        self._check_sampler_options()
+        self._check_minimax_options()
+        self._check_availability()
         if self.dataset == "npz" and not self.data_path:
             raise FedsimError("dataset 'npz' needs data_path (--data-path FILE.npz)")
         return self
+
+    def _check_availability(self) -> None:
+        """p_on/p_off only with ``availability: markov``; Markov availability only in federated mode."""
+        if self.availability == "always":
+            for name in ("availability_p_on", "availability_p_off"):
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise FedsimError(f"option '{name}' applies to availability 'markov' (--availability markov)")
+        elif self.topology:
+            raise FedsimError(
+                "Markov availability is a federated participation model; drop --availability with a topology"
+            )
+
+    def _check_sampler_options(self) -> None:
+        """A sampler option changed from its default must be one the chosen sampler uses."""
+        from fedsim.data.samplers import SAMPLERS, sampler_options
+
+        accepted = sampler_options(self.sampler)
+        for name in SAMPLER_FIELDS:
+            if name not in accepted and getattr(self, name) != type(self).model_fields[name].default:
+                users = sorted(s for s in SAMPLERS if name in sampler_options(s))
+                raise FedsimError(
+                    f"option '{name}' is not used by sampler '{self.sampler}' (it applies to: {', '.join(users)})"
+                )
+        if self.markov_degree % 2:
+            raise FedsimError(f"markov_degree must be even (d/2 permutations), got {self.markov_degree}")
+
+    def sampler_options(self) -> dict[str, Any]:
+        """Options passed to the sampler constructor (an unset laziness keeps each sampler's default)."""
+        from fedsim.data.samplers import sampler_options
+
+        fields = sampler_options(self.sampler)
+        return {arg: getattr(self, name) for name, arg in fields.items() if getattr(self, name) is not None}
 
     def _check_strategy_options(self) -> None:
         """A strategy option changed from its default must be one the chosen strategy uses."""
@@ -143,6 +189,27 @@ class RunConfig(BaseModel):
                 raise FedsimError(
                     f"option '{name}' is not used by strategy '{self.strategy}' (it applies to: {', '.join(users)})"
                 )
+
+    def _check_minimax_options(self) -> None:
+        """Min-max options need ``strategy: dsgda`` and a problem that uses them."""
+        given = [n for n in MINIMAX_FIELDS if getattr(self, n) != type(self).model_fields[n].default]
+        if not self.strategy.startswith("dsgda"):
+            if given:
+                raise FedsimError(
+                    f"option '{given[0]}' applies to the min-max strategies dsgda and dsgda-atc, not '{self.strategy}'"
+                )
+            return
+        problem = self.problem or "auc"
+        for name, users in (("positive_classes", "auc"), ("dro_lambda", "dro")):
+            if name in given and problem != users:
+                raise FedsimError(f"option '{name}' applies to problem '{users}', not '{problem}'")
+        if self.weight_decay:
+            raise FedsimError("weight_decay is not supported with dsgda: it would also shrink the dual variables")
+        if self.dual_lr is not None and self.optimizer != "sgd":
+            raise FedsimError(
+                f"dual_lr needs the sgd optimizer: '{self.optimizer}' normalizes the gradient scale, cancelling the "
+                "ratio dual_lr / lr"
+            )
 
     def strategy_options(self) -> dict[str, Any]:
         """Options passed to the strategy constructor (unset server_lr/tau keep each strategy's default)."""
@@ -157,6 +224,8 @@ class RunConfig(BaseModel):
         return opts
 
 
+MINIMAX_FIELDS = ("problem", "dual_lr", "positive_classes", "dro_lambda")
+SAMPLER_FIELDS = ("laziness", "markov_degree")
 STRATEGY_FIELDS = ("mu", "server_lr", "server_momentum", "beta1", "beta2", "tau")
 
 

@@ -22,9 +22,8 @@ from torch.func import functional_call, vmap
 
 import topologies
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate
-from fedsim.engine.protocol import ClientAlgorithm, Plan, ServerState
+from fedsim.engine.protocol import Plan, ServerState
 from fedsim.engine.pytree import Tree, flatten, stack
-from fedsim.engine.trainer import cross_entropy
 from fedsim.simulation import Simulation, client_drift
 from strategies import DECENTRALIZED, gossip_matrix
 from topologies.schedules import Schedule
@@ -34,6 +33,14 @@ def consensus_distance(x: Tree) -> float:
     """``(1/m) sum_i ||x_i - x_bar||^2`` over the stacked node parameters."""
     flat = flatten(x).double()
     return float(((flat - flat.mean(dim=0)) ** 2).sum(dim=1).mean())
+
+
+def _prefixed(prefix: str, tree: Tree) -> Tree:
+    return {prefix + k: v for k, v in tree.items()}
+
+
+def _unprefixed(prefix: str, tree: Tree) -> Tree:
+    return {k[len(prefix) :]: v for k, v in tree.items() if k.startswith(prefix)}
 
 
 class StaticSchedule(Schedule):
@@ -83,24 +90,33 @@ class DecentralizedSimulation(Simulation):
         return gossip_matrix(w, self.device), topologies.spectral_gap(w), messages
 
     def make_strategy(self):
-        algorithm = DECENTRALIZED[self.config.strategy]()
-        algorithm.client_algorithm = ClientAlgorithm()
-        return algorithm
+        return DECENTRALIZED[self.config.strategy]()
+
+    @staticmethod
+    def correct(outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-sample 0/1 correctness of the node models' outputs (classification: argmax)."""
+        return outputs.argmax(-1) == targets
 
     def clients_per_round(self) -> int:
         return self.config.clients
 
     def initial_state(self) -> ServerState:
-        """All nodes start from the same initial model; no local optimizer state yet."""
-        return ServerState(stack(self.init_params, self.config.clients), {})
+        """All nodes start from the same initial model; no local optimizer state yet. ``extras`` holds the
+        nodes' local optimizer state (keys ``opt.*``) and the strategy's per-node state (``strategy.*``)."""
+        params = stack(self.init_params, self.config.clients)
+        return ServerState(params, _prefixed("strategy.", self.strategy.init(params)))
 
     def round(self, round_: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
         nodes = np.arange(self.config.clients)
+        lr = self.lr(round_)
+        opt_state = _unprefixed("opt.", state.extras)
         updates = self.executor.train(
-            Plan(nodes), self.init_params, round_, self.lr(round_), start=state.params, opt_state=state.extras or None
+            Plan(nodes), self.init_params, round_, lr, start=state.params, opt_state=opt_state or None
         )
         w, gap, messages = self._static or self._gossip_step(round_ - 1)
-        new_params = self.strategy.step(w, state.params, updates.deltas)
+        new_params, strategy_state = self.strategy.update(
+            w, state.params, updates.deltas, lr, _unprefixed("strategy.", state.extras)
+        )
         mean_step = {k: new_params[k].mean(0) - state.params[k].mean(0) for k in new_params}
         record = {
             "round": round_,
@@ -114,13 +130,14 @@ class DecentralizedSimulation(Simulation):
             "bytes_up": messages * self.model_bytes,
             "bytes_down": messages * self.model_bytes,
         }
-        return ServerState(new_params, updates.opt_state), record
+        extras = {**_prefixed("opt.", updates.opt_state), **_prefixed("strategy.", strategy_state)}
+        return ServerState(new_params, extras), record
 
     def evaluate_state(self, state: ServerState) -> dict[str, Any]:
         nodes = state.params
         average = {k: v.mean(0) for k, v in nodes.items()}
         test = evaluate(self.model, average, self.x_test, self.y_test)
-        train = evaluate(self.model, average, self.store.x[self.store.order], self.store.y[self.store.order])
+        train = evaluate(self.model, average, *self.train_data())
         node_test_loss, node_test_acc = self._node_scores(nodes, self.x_test, self.y_test)
         node_train_loss = self._own_data_loss(nodes)
         record = {
@@ -133,6 +150,10 @@ class DecentralizedSimulation(Simulation):
         record.update({k.replace("client_", "node_"): v for k, v in spread.items()})
         return record
 
+    def train_data(self) -> tuple[Tensor, Tensor]:
+        """All nodes' training samples (the data set whose loss the generalization gap subtracts)."""
+        return self.store.x[self.store.order], self.store.y[self.store.order]
+
     @torch.no_grad()
     def _node_scores(self, nodes: Tree, x: Tensor, y: Tensor, chunk: int = 64) -> tuple[Tensor, Tensor]:
         """Mean loss and accuracy of every node's model on the same data ``(x, y)``."""
@@ -140,11 +161,11 @@ class DecentralizedSimulation(Simulation):
         losses, accs = [], []
         for first in range(0, self.config.clients, chunk):
             part = {k: v[first : first + chunk] for k, v in nodes.items()}
-            logits = forward(part, x)  # [c, N, classes]
-            c = logits.shape[0]
-            loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(c)).reshape(c, -1)
-            losses.append(loss.double().mean(1))
-            accs.append((logits.argmax(-1) == y).double().mean(1))
+            outputs = forward(part, x)  # [c, N, outputs]
+            c = outputs.shape[0]
+            flat, targets = outputs.reshape(-1, outputs.shape[-1]), y.repeat(c)
+            losses.append(self.loss_fn(flat, targets).reshape(c, -1).double().mean(1))
+            accs.append(self.correct(flat, targets).reshape(c, -1).double().mean(1))
         return torch.cat(losses), torch.cat(accs)
 
     @torch.no_grad()
@@ -160,7 +181,69 @@ class DecentralizedSimulation(Simulation):
             mask = torch.as_tensor(width < sizes[ids, None], device=self.device)
             index = self.store.global_index(ids, positions)
             logits = forward({k: v[ids] for k, v in nodes.items()}, self.store.x[index])
-            loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), self.store.y[index].reshape(-1))
+            loss = self.loss_fn(logits.reshape(-1, logits.shape[-1]), self.store.y[index].reshape(-1))
             loss = loss.reshape(mask.shape).double() * mask
             losses.append(loss.sum(1) / mask.sum(1))
         return torch.cat(losses)
+
+
+class MinimaxSimulation(DecentralizedSimulation):
+    """Decentralized SGDA (``strategy: dsgda``) on a min-max problem of :mod:`fedsim.minimax`.
+
+    Evaluation reports, for the average model ``(x_bar, y_bar)``: ``primal_dual_gap`` on all nodes' training
+    data, ``test_loss``/``train_loss`` as the objective ``f`` on the test/training set,
+    ``generalization_gap`` (their difference), ``node_generalization_gap`` (per node, on its own data),
+    ``test_accuracy``, and the problem's own metric (``test_auc`` for AUC maximization,
+    ``worst_class_accuracy`` for robust logistic regression).
+    """
+
+    def __init__(self, config):
+        from fedsim.minimax import make_problem
+
+        self.problem = make_problem(
+            config.problem or "auc", positive_classes=config.positive_classes, dro_lambda=config.dro_lambda
+        )
+        self.loss_fn = self.problem.loss
+        self.correct = self.problem.correct
+        super().__init__(config)
+
+    def make_model(self, ds) -> torch.nn.Module:
+        from fedsim.models import build_model
+        from fedsim.simulation import init_seed
+
+        c = self.config
+        self.problem.fit(self.store.y[self.store.order], ds.num_classes)
+        outputs = self.problem.output_classes(ds.num_classes)
+        base = build_model(c.model, ds.feature_shape, outputs, seed=init_seed(c.seed), **c.model_args)
+        return self.problem.wrap(base)  # the problem's own variables start at fixed values
+
+    def make_strategy(self):
+        from fedsim.minimax import DescentAscentClient
+
+        ratio = (self.config.dual_lr or self.config.lr) / self.config.lr
+        return DECENTRALIZED[self.config.strategy](DescentAscentClient(self.problem, ratio))
+
+    def evaluate_state(self, state: ServerState) -> dict[str, Any]:
+        nodes = state.params
+        average = {k: v.mean(0) for k, v in nodes.items()}
+        x_train, y_train = self.train_data()
+        problem, model = self.problem, self.model
+        test_loss = problem.objective(model, average, self.x_test, self.y_test)
+        train_loss = problem.objective(model, average, x_train, y_train)
+        node_test_loss, node_test_acc = self._node_scores(nodes, self.x_test, self.y_test)
+        record = {
+            "test_accuracy": self._accuracy(average),
+            "test_loss": test_loss,
+            "generalization_gap": test_loss - train_loss,
+            "node_generalization_gap": float((node_test_loss - self._own_data_loss(nodes)).mean()),
+            "primal_dual_gap": problem.primal_dual_gap(model, average, x_train, y_train),
+        }
+        record.update(problem.metrics(model, average, self.x_test, self.y_test))
+        spread = client_accuracy_spread(node_test_acc.cpu().numpy())
+        record.update({k.replace("client_", "node_"): v for k, v in spread.items()})
+        return record
+
+    @torch.no_grad()
+    def _accuracy(self, params) -> float:
+        outputs = functional_call(self.model, params, (self.x_test,))
+        return float(self.correct(outputs, self.y_test).double().mean())

@@ -31,6 +31,7 @@ __all__ = [
     "plot_label_histogram",
     "plot_run",
     "plot_runs",
+    "plot_seed_bands",
     "read_config",
     "read_label_histogram",
     "read_metrics",
@@ -372,7 +373,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     """Write the standard plots of one run into its folder and return the paths written.
 
     * ``convergence.png``: test accuracy, and in a second panel train and test loss, vs round;
-    * ``drift.png``: drift, update norm and (if present) consensus distance vs round;
+    * ``drift.png``: client drift and update norm vs round;
+    * ``consensus.png`` (decentralized runs): consensus distance, spectral gap of W_t, and the generalization
+      gaps of the average model and of the nodes;
+    * min-max runs add the problem's metrics (``test_auc``, ``worst_class_accuracy``) to the accuracy panel
+      of ``convergence.png`` and a ``primal_dual_gap`` panel;
     * ``label_histogram.png``: the clients' label counts, when ``label_histogram.csv`` exists;
     * ``client_accuracy.png``: mean client accuracy with a ± std band and the worst-10% accuracy.
 
@@ -384,10 +389,19 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     written: list[Path] = []
 
     convergence = _plot_panel_group(
-        records, [["test_accuracy"], ["train_loss", "test_loss"]], run / "convergence.png", title
+        records,
+        [["test_accuracy", "test_auc", "worst_class_accuracy"], ["train_loss", "test_loss"], ["primal_dual_gap"]],
+        run / "convergence.png",
+        title,
     )
-    drift = _plot_panel_group(records, [["drift"], ["update_norm"], ["consensus_distance"]], run / "drift.png", title)
-    written += [p for p in (convergence, drift) if p is not None]
+    drift = _plot_panel_group(records, [["drift"], ["update_norm"]], run / "drift.png", title)
+    consensus = _plot_panel_group(
+        records,
+        [["consensus_distance"], ["spectral_gap"], ["generalization_gap", "node_generalization_gap"]],
+        run / "consensus.png",
+        title,
+    )
+    written += [p for p in (convergence, drift, consensus) if p is not None]
 
     histogram = run / HISTOGRAM_FILE
     if histogram.is_file():
@@ -431,3 +445,40 @@ def plot_topology(graph: Any, out: str | Path, title: str | None = None) -> Path
     fig.savefig(out)
     fig.clear()
     return out
+
+
+def plot_seed_bands(run_dirs: Sequence[str | Path], metrics: Sequence[str], out: str | Path) -> Path:
+    """Repeats of one experiment (e.g. over seeds) in one PNG: per metric, the median over runs at each round
+    with a 10-90% band and a min-max band (``numpy.quantile``, linear interpolation, over the runs that have a
+    finite value at that round).
+
+    Metrics present in none of the runs are skipped; :class:`FedsimError` when none is present or
+    ``run_dirs`` is empty. Returns the path written.
+    """
+    dirs = [Path(d) for d in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+    if not dirs:
+        raise FedsimError("no run directories to plot")
+    runs = [read_metrics(d) for d in dirs]
+    present = [m for m in dict.fromkeys(metrics) if any(_series(records, m)[0] for records in runs)]
+    if not present:
+        raise FedsimError(f"none of the metrics {', '.join(metrics)} is in the runs")
+    fig, axes = _new_figure(len(present))
+    for ax, metric in zip(axes, present, strict=True):
+        by_round: dict[float, list[float]] = {}
+        for records in runs:
+            for x, y in zip(*_series(records, metric), strict=True):
+                by_round.setdefault(x, []).append(y)
+        xs = sorted(by_round)
+        q = np.array([np.quantile(by_round[x], [0.0, 0.1, 0.5, 0.9, 1.0], method="linear") for x in xs])
+        ax.fill_between(xs, q[:, 0], q[:, 4], color="C0", alpha=0.15, linewidth=0, label="min-max")
+        ax.fill_between(xs, q[:, 1], q[:, 3], color="C0", alpha=0.3, linewidth=0, label="10-90%")
+        _plot_line(ax, xs, q[:, 2], "median", color="C0")
+        if _wants_log(metric, [v for values in by_round.values() for v in values]):
+            ax.set_yscale("log")
+        ax.set_ylabel(_pretty(metric))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    axes[-1].set_xlabel("round")
+    common = {_config_title(read_config(d)) for d in dirs}
+    fig.suptitle(f"{len(dirs)} runs" + (f": {common.pop()}" if len(common) == 1 and "" not in common else ""))
+    return _save(fig, out)

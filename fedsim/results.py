@@ -25,6 +25,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTOGRAM_FILE = "label_histogram.csv"
+SEEDS_FILE = "seeds_config.yaml"  # marks a folder of repeated runs (fedsim.seeds)
+STABILITY_FILE = "stability.csv"  # per-node twin distances of a stability-probe run (fedsim.probes)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -45,7 +47,8 @@ def _clean(value: Any) -> Any:
 
 
 def _looks_like_results(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() or (path / METRICS_FILE).is_file()
+    """A single run's folder, or a folder of repeated runs over seeds (marked by ``SEEDS_FILE``)."""
+    return any((path / name).is_file() for name in (CONFIG_FILE, METRICS_FILE, SEEDS_FILE))
 
 
 def _run_dir(run_dir: str | Path) -> Path:
@@ -126,6 +129,8 @@ class ResultsDir:
         path = Path(path)
         if not (path / CONFIG_FILE).is_file():
             raise FedsimError(f"cannot resume: {path} is not a results folder (no {CONFIG_FILE})")
+        if (path / STABILITY_FILE).is_file():
+            raise FedsimError(f"cannot resume {path}: a stability-probe run keeps no checkpoint of its twin; rerun it")
         return cls(path)
 
     def file(self, name: str) -> Path:

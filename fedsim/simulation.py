@@ -13,14 +13,17 @@ from typing import Any
 import torch
 
 from fedsim import rng
+from fedsim.availability import make_availability
 from fedsim.config import RunConfig, dump_config, load_config, make_config
 from fedsim.data import label_histogram, load_dataset, partition, split_clients
+from fedsim.data.markov import chain_report
 from fedsim.data.samplers import make_sampler
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate, per_client_accuracy
 from fedsim.engine.executor import LocalExecutor
 from fedsim.engine.protocol import ClientUpdates, ServerState
 from fedsim.engine.pytree import Tree, all_finite, flatten, nbytes
 from fedsim.engine.store import ClientStore
+from fedsim.engine.trainer import cross_entropy
 from fedsim.errors import DivergenceError, FedsimError
 from fedsim.models import build_model
 from fedsim.optim import lr_at, make_optimizer
@@ -28,6 +31,7 @@ from fedsim.results import CONFIG_FILE, SUMMARY_FILE, ResultsDir
 from strategies import build_strategy
 
 RoundCallback = Callable[[dict[str, Any]], None]
+RoundHook = Callable[[int, ServerState, dict[str, Any]], bool]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,18 +97,22 @@ class Simulation:
         self.store = ClientStore.build(ds.x_train, ds.y_train, train_parts, test_parts, self.device)
         self.x_test = torch.as_tensor(ds.x_test, device=self.device)
         self.y_test = torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device)
-        model = build_model(c.model, ds.feature_shape, ds.num_classes, seed=init_seed(c.seed), **c.model_args)
-        self.model = model.to(self.device)
+        self.model = self.make_model(ds).to(self.device)
         self.init_params = parameters_of(self.model)
         self.strategy = self.make_strategy()
+        self.availability = make_availability(
+            c.availability, p_on=c.availability_p_on, p_off=c.availability_p_off, seed=c.seed
+        )
         optimizer = make_optimizer(
             c.optimizer, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
             betas=c.adam_betas, eps=c.adam_eps,
         )  # fmt: skip
+        sampler = make_sampler(c.sampler, **c.sampler_options())
         self.executor = LocalExecutor(
-            self.model, self.store, make_sampler(c.sampler), optimizer, self.strategy.client_algorithm,
+            self.model, self.store, sampler, optimizer, self.strategy.client_algorithm,
             seed=c.seed, local_steps=None if c.local_epochs else c.local_steps, local_epochs=c.local_epochs,
             batch_size=c.batch_size, chunk_size=c.chunk_size, grad_mode=c.grad_mode, sequential=c.sequential,
+            loss_fn=self.loss_fn,
         )  # fmt: skip
         self.executor.init_client_state(self.init_params)
         # Resolved once per run (not per round from free memory): float32 results of convolutional models
@@ -112,6 +120,14 @@ class Simulation:
         self.executor.chunk_size = self.executor.resolve_chunk_size(self.init_params, self.clients_per_round())
         self.model_bytes = nbytes(self.init_params)
         self.num_params = sum(v.numel() for v in self.init_params.values())
+
+    loss_fn = staticmethod(cross_entropy)
+    """Per-sample training loss ``(outputs, targets) -> [B]`` (a min-max problem's objective overrides it)."""
+
+    def make_model(self, ds) -> torch.nn.Module:
+        """The model trained by every client (built on the CPU from the run's init seed)."""
+        c = self.config
+        return build_model(c.model, ds.feature_shape, ds.num_classes, seed=init_seed(c.seed), **c.model_args)
 
     def make_strategy(self):
         return build_strategy(self.config.strategy, **self.config.strategy_options())
@@ -132,10 +148,21 @@ class Simulation:
     def round(self, round_: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
         """One federated round: configure, train the selected clients, aggregate; returns the new state and
         the round's metrics (without evaluation)."""
-        plan = self.strategy.configure(round_, state, self.store.num_clients, self.config.seed)
-        updates = self.executor.train(plan, state.params, round_, self.lr(round_))
-        new_state = self.strategy.aggregate(round_, state, updates)
-        return new_state, self.round_metrics(round_, state, new_state, updates, nbytes(plan.broadcast))
+        n, extra = self.store.num_clients, {}
+        if self.availability is not None:  # passed only when on, so strategies without the keyword still work
+            extra["available"] = self.availability.available(round_, n)
+        plan = self.strategy.configure(round_, state, n, self.config.seed, **extra)
+        if len(plan.client_ids) == 0:  # nobody available: the model and server state stay as they are
+            new_state = state
+            record = {"round": round_, "lr": self.lr(round_), "clients": 0, "train_loss": None, "drift": None,
+                      "update_norm": 0.0, "bytes_up": 0, "bytes_down": 0}  # fmt: skip
+        else:
+            updates = self.executor.train(plan, state.params, round_, self.lr(round_))
+            new_state = self.strategy.aggregate(round_, state, updates)
+            record = self.round_metrics(round_, state, new_state, updates, nbytes(plan.broadcast))
+        if "available" in extra:
+            record["available_clients"] = len(extra["available"])
+        return new_state, record
 
     def evaluate_state(self, state: ServerState) -> dict[str, Any]:
         return self.evaluate(state.params)
@@ -202,19 +229,26 @@ class Simulation:
         start_round: int = 1,
         state: ServerState | None = None,
         on_round: RoundCallback | None = None,
+        extend: RoundHook | None = None,
     ) -> dict[str, Any]:
-        """Run rounds ``start_round..rounds``; returns the summary (also written to ``summary.json``)."""
+        """Run rounds ``start_round..rounds``; returns the summary (also written to ``summary.json``).
+
+        ``extend(round, state, record)`` (the stability probe's twin run) may add metrics to each round's
+        record before it is written (``test_loss`` is not None on evaluated rounds); True means it diverged."""
         c = self.config
         state = state if state is not None else self.initial_state()
         history = results.read_metrics() if results else []
         for r in range(start_round, c.rounds + 1):
             t0 = time.perf_counter()
             state, record = self.round(r, state)
-            diverged = not math.isfinite(record["train_loss"]) or not all_finite(state.params)
+            loss = record["train_loss"]  # None in a round without clients
+            diverged = (loss is not None and not math.isfinite(loss)) or not all_finite(state.params)
             if not diverged and (r % c.eval_every == 0 or r == c.rounds):
                 record.update(self.evaluate_state(state))
             else:
                 record.update({"test_accuracy": None, "test_loss": None})
+            if extend is not None and extend(r, state, record):
+                diverged = True
             record["time_s"] = time.perf_counter() - t0
             if diverged:
                 record["diverged"] = True
@@ -249,7 +283,7 @@ class Simulation:
             "final_test_loss": last_eval.get("test_loss"),
             "best_test_accuracy": best["test_accuracy"] if best else None,
             "best_round": best["round"] if best else None,
-            "final_train_loss": history[-1]["train_loss"] if history else None,
+            "final_train_loss": next((h["train_loss"] for h in reversed(history) if h["train_loss"] is not None), None),
             "total_time_s": float(sum(h.get("time_s", 0.0) for h in history)),
             "total_bytes_up": int(sum(h["bytes_up"] for h in history)),
             "total_bytes_down": int(sum(h["bytes_down"] for h in history)),
@@ -260,7 +294,15 @@ class Simulation:
             "dataset": self.config.dataset,
             "model": self.config.model,
             "strategy": self.config.strategy,
+            **self.sampler_report(),
         }
+
+    def sampler_report(self) -> dict[str, Any]:
+        """``sampler_spectral_gap`` (slowest client chain) and ``sampler_mixing_time`` (largest bound
+        ``log(4 n_c) / gap_c``) of a Markov sampler, computed once per run; None for samplers without a chain."""
+        if getattr(self, "_sampler_report", None) is None:
+            self._sampler_report = chain_report(self.executor.sampler, self.store.sizes, self.config.seed)
+        return self._sampler_report
 
 
 def make_simulation(config: RunConfig) -> Simulation:
@@ -271,12 +313,13 @@ def make_simulation(config: RunConfig) -> Simulation:
     """
     if not config.topology:
         return Simulation(config)
-    from fedsim.decentralized import DecentralizedSimulation, mixing_schedule
+    from fedsim.decentralized import DecentralizedSimulation, MinimaxSimulation, mixing_schedule
 
     if "clients" not in config.model_fields_set:
         nodes = mixing_schedule(config).n
         config = make_config({**config.model_dump(exclude_unset=True), "clients": nodes})
-    return DecentralizedSimulation(config)
+    minimax = config.strategy.startswith("dsgda")
+    return MinimaxSimulation(config) if minimax else DecentralizedSimulation(config)
 
 
 def simulate(

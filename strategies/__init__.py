@@ -12,7 +12,7 @@ from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, Plan, ServerS
 from fedsim.errors import unknown
 
 from .base import Strategy, select_clients
-from .decentralized import DECENTRALIZED, DSGD, DSGDATC, gossip, gossip_matrix
+from .decentralized import DECENTRALIZED, DSGD, DSGDA, DSGDAATC, DSGDATC, DSGT, gossip, gossip_matrix
 from .fedavg import FedAvg
 from .fedavgm import FedAvgM
 from .fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
@@ -48,7 +48,10 @@ __all__ = [
     "ClientUpdates",
     "DECENTRALIZED",
     "DSGD",
+    "DSGDA",
+    "DSGDAATC",
     "DSGDATC",
+    "DSGT",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",

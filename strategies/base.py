@@ -14,16 +14,28 @@ from fedsim.engine.pytree import Tree, tree_map, weighted_sum
 from fedsim.errors import FedsimError
 
 
-def select_clients(num_clients: int, fraction: float, min_clients: int, seed: int, round_: int) -> np.ndarray:
+def select_clients(
+    num_clients: int, fraction: float, min_clients: int, seed: int, round_: int, available: np.ndarray | None = None
+) -> np.ndarray:
     """Uniformly sample ``max(min_clients, floor(fraction * N + 0.5))`` distinct clients (sorted ids), at most N.
 
     The draw depends only on (seed, round), not on earlier rounds, so a resumed run selects the same clients.
+    With ``available`` (sorted ids of the clients that can take part, the set A) the draw is among A only,
+    ``min(|A|, max(min_clients, floor(fraction * |A| + 0.5)))`` clients: the ones in A with the smallest
+    per-client hash keys, so ``available = arange(N)`` selects exactly what ``available = None`` does.
     """
-    count = min(num_clients, max(min_clients, math.floor(fraction * num_clients + 0.5)))
-    if count >= num_clients:
-        return np.arange(num_clients)
-    keys = rng.hash_keys(seed, rng.STREAM_SELECTION, round_, np.arange(num_clients))
-    return np.sort(np.argsort(keys, kind="stable")[:count])
+    if available is None:
+        count = min(num_clients, max(min_clients, math.floor(fraction * num_clients + 0.5)))
+        if count >= num_clients:
+            return np.arange(num_clients)
+        keys = rng.hash_keys(seed, rng.STREAM_SELECTION, round_, np.arange(num_clients))
+        return np.sort(np.argsort(keys, kind="stable")[:count])
+    pool = np.asarray(available, dtype=np.int64)
+    count = min(len(pool), max(min_clients, math.floor(fraction * len(pool) + 0.5)))
+    if count >= len(pool):
+        return pool
+    keys = rng.hash_keys(seed, rng.STREAM_SELECTION, round_, pool)
+    return np.sort(pool[np.argsort(keys, kind="stable")[:count]])
 
 
 class Strategy:
@@ -48,9 +60,11 @@ class Strategy:
         """Initial server state from the initial global parameters."""
         return ServerState(params={k: v.detach().clone() for k, v in params.items()})
 
-    def configure(self, round_: int, state: ServerState, num_clients: int, seed: int) -> Plan:
-        """Pick this round's clients and the broadcast extras."""
-        return Plan(select_clients(num_clients, self.fraction, self.min_clients, seed, round_))
+    def configure(
+        self, round_: int, state: ServerState, num_clients: int, seed: int, available: np.ndarray | None = None
+    ) -> Plan:
+        """Pick this round's clients (among ``available`` when given: sorted ids) and the broadcast extras."""
+        return Plan(select_clients(num_clients, self.fraction, self.min_clients, seed, round_, available))
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         """New server state from the clients' updates: ``server_update`` of the weighted mean delta."""

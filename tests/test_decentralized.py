@@ -81,6 +81,7 @@ def test_dsgd_on_ring_learns_and_reports_metrics(tmp_path):
     assert summary["best_test_accuracy"] > 0.6
     assert rows[0]["bytes_up"] == 32 * summary["num_params"] * 4  # 16 edges, both directions
     assert (tmp_path / "ring" / "drift.png").is_file()
+    assert (tmp_path / "ring" / "consensus.png").is_file()
 
 
 def test_cta_and_atc_differ_and_vectorized_matches_sequential(tmp_path):

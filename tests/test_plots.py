@@ -246,7 +246,7 @@ def test_plot_label_histogram_rejects_bad_counts(bad: np.ndarray, tmp_path: Path
 def test_plot_run_writes_all_plots(run_a: Path) -> None:
     paths = plot_run(run_a)
     names = sorted(p.name for p in paths)
-    assert names == ["client_accuracy.png", "convergence.png", "drift.png", "label_histogram.png"]
+    assert names == ["client_accuracy.png", "consensus.png", "convergence.png", "drift.png", "label_histogram.png"]
     for path in paths:
         assert path.parent == run_a
         assert_png(path)

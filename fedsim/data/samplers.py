@@ -10,6 +10,9 @@ Local work is either ``steps`` (K steps for every client) or ``epochs`` (E passe
 ``E * ceil(n_c / B)`` steps, ragged across clients). Samplers with memory across rounds (the Markov-chain
 samplers of the decentralized issue) keep it in ``state``: a dict of arrays indexed by client id that the
 engine checkpoints; stateless samplers ignore it.
+
+Samplers that are Markov chains (``iid`` as the trivial one, ``markov-ring``, ``markov-regular``) also have
+``spectral_gaps(sizes, client_ids, seed)``: the gap of every client's chain (see :mod:`fedsim.data.markov`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from fedsim import rng
+from fedsim.data import markov
 from fedsim.errors import FedsimError, unknown
 
 
@@ -85,6 +89,11 @@ class IIDSampler:
         mask = np.broadcast_to(k < n_steps[:, None, None], positions.shape).copy()
         return Batches(positions, mask), state
 
+    def spectral_gaps(self, sizes: np.ndarray, client_ids: np.ndarray, seed: int) -> np.ndarray:
+        """i.i.d. sampling is the Markov chain ``P = 1 pi^T`` (every row uniform): its other eigenvalues are 0,
+        so the gap is 1 for every client."""
+        return np.ones(len(sizes))
+
 
 class ShuffleSampler:
     """Epoch shuffling without replacement (``DataLoader(shuffle=True)`` per client).
@@ -145,7 +154,149 @@ def _segment_permutations(
     return j[order], seg_offset
 
 
-SAMPLERS: dict[str, type] = {"iid": IIDSampler, "shuffle": ShuffleSampler}
+class _MarkovSampler:
+    """Shared machinery of the Markov-chain samplers (see :mod:`fedsim.data.markov` for the chains).
+
+    Each client walks one chain over the positions ``0..n_c-1`` of its own sample list. A step with batch size
+    B consumes B consecutive chain states, so the chain advances B times per optimizer step (inferred: the
+    source describes one index per step; B = 1 is that case). Step mode: K steps; epoch mode:
+    ``E * ceil(n_c / B)`` steps, every step a full batch of B states.
+
+    Memory across rounds: ``state["markov_position"][client]`` (global client id, -1 = not started) is the
+    last state the client consumed; its next round continues from there. A chain's first state is uniform,
+    hashed from (seed, client). Transition ``t`` of a round uses the uniform number hashed from
+    (seed, round, client, t), so paths do not depend on chunking, and a checkpointed state resumes the same path.
+    """
+
+    name: str
+    config_options: dict[str, str] = {}  # RunConfig field -> constructor argument
+    _key: int
+    STATE_KEY = "markov_position"
+
+    def __init__(self, laziness: float):
+        if not 0.0 <= float(laziness) < 1.0:
+            raise FedsimError(f"{self.name} sampler: laziness must be in [0, 1), got {laziness}")
+        self.laziness = float(laziness)
+
+    def sample(self, seed, round_, client_ids, sizes, *, steps, epochs, batch_size, state=None):
+        sizes = np.asarray(sizes, dtype=np.int64)
+        client_ids = np.asarray(client_ids, dtype=np.int64)
+        if (sizes <= 0).any():
+            raise FedsimError(f"{self.name} sampler: a selected client has no training samples")
+        n_steps = steps_per_client(sizes, steps, epochs, batch_size)
+        k_max = int(n_steps.max(initial=0))
+        state = dict(state or {})
+        positions = _grown(state.get(self.STATE_KEY), int(client_ids.max(initial=-1)) + 1)
+        current = positions[client_ids]
+        if (current >= sizes).any():
+            raise FedsimError(f"{self.name} sampler: saved chain state does not match the clients' data sizes")
+        started = current >= 0
+        start = np.where(started, current, markov.start_positions(seed, client_ids, sizes))
+        t = np.arange(k_max * batch_size)[None, :]
+        u = rng.uniform(seed, rng.STREAM_SAMPLER, self._key, round_, client_ids[:, None], t)
+        # A chain that has not started consumes its uniform first state as is; past its last step it stays.
+        moves = (t < (n_steps * batch_size)[:, None]) & ((t > 0) | started[:, None])
+        path = self._walk(seed, client_ids, sizes, start, u, moves)
+        if path.shape[1]:
+            positions[client_ids] = path[:, -1]
+        state[self.STATE_KEY] = positions
+        path = path.reshape(len(client_ids), k_max, batch_size)
+        mask = np.broadcast_to(np.arange(k_max)[None, :, None] < n_steps[:, None, None], path.shape).copy()
+        return Batches(path, mask), state
+
+    def _walk(self, seed, client_ids, sizes, start, u, moves) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _grown(positions: np.ndarray | None, size: int) -> np.ndarray:
+    """A copy of the per-client positions, grown with -1 (not started) to at least ``size`` entries."""
+    old = np.asarray(positions if positions is not None else [], dtype=np.int64)
+    out = np.full(max(size, len(old)), -1, dtype=np.int64)
+    out[: len(old)] = old
+    return out
+
+
+class MarkovRingSampler(_MarkovSampler):
+    """Lazy random walk on a ring of a client's sample positions (slow mixing, gap ``Theta(1/n^2)``): stay
+    with probability ``laziness``, else step +1 or -1 (mod n_c) with probability ``(1 - laziness)/2`` each."""
+
+    name = "markov-ring"
+    config_options = {"laziness": "laziness"}
+    _key = markov.KEY_RING
+
+    def __init__(self, laziness: float = 0.5):
+        super().__init__(laziness)
+
+    def _walk(self, seed, client_ids, sizes, start, u, moves):
+        return markov.ring_walk(start, u, moves, sizes, self.laziness)
+
+    def transition_matrix(self, n: int, client_id: int = 0, seed: int = 0) -> np.ndarray:
+        """The chain's explicit ``n x n`` transition matrix (the same for every client of that size)."""
+        return markov.ring_transition_matrix(n, self.laziness)
+
+    def spectral_gaps(self, sizes: np.ndarray, client_ids: np.ndarray, seed: int) -> np.ndarray:
+        """Closed-form gap of every client's chain (see :func:`fedsim.data.markov.ring_spectral_gaps`)."""
+        return markov.ring_spectral_gaps(sizes, self.laziness)
+
+
+class MarkovRegularSampler(_MarkovSampler):
+    """Lazy random walk on a random ``degree``-regular multigraph over a client's sample positions (fast
+    mixing), permutation model: ``degree/2`` random permutations per client, drawn from (seed, client) and
+    fixed for the whole run. Stays with probability ``laziness``, else moves along one of the ``degree``
+    neighbour slots, chosen uniformly. The neighbour tables of recent chunks are cached."""
+
+    name = "markov-regular"
+    config_options = {"laziness": "laziness", "markov_degree": "degree"}
+    _key = markov.KEY_REGULAR
+    _CACHE_SIZE = 64
+
+    def __init__(self, degree: int = 4, laziness: float = 0.0):
+        super().__init__(laziness)
+        if isinstance(degree, bool) or not isinstance(degree, int | np.integer) or degree < 2 or degree % 2:
+            raise FedsimError(f"markov-regular sampler: degree must be an even integer >= 2, got {degree!r}")
+        self.degree = int(degree)
+        self._cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def neighbours(self, seed: int, client_ids: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The clients' stacked neighbour table ``[sum n_c, degree]`` and each client's first row."""
+        client_ids, sizes = np.asarray(client_ids, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
+        key = (seed, client_ids.tobytes(), sizes.tobytes())
+        if key not in self._cache:
+            if len(self._cache) >= self._CACHE_SIZE:
+                self._cache.clear()
+            table = markov.regular_neighbours(seed, client_ids, sizes, self.degree)
+            self._cache[key] = table, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        return self._cache[key]
+
+    def _walk(self, seed, client_ids, sizes, start, u, moves):
+        table, row_offset = self.neighbours(seed, client_ids, sizes)
+        return markov.regular_walk(start, u, moves, table, row_offset, self.laziness)
+
+    def transition_matrix(self, n: int, client_id: int = 0, seed: int = 0) -> np.ndarray:
+        """Client ``client_id``'s explicit ``n x n`` transition matrix (symmetric, doubly stochastic)."""
+        table, _ = self.neighbours(seed, np.array([client_id]), np.array([n]))
+        return markov.regular_transition_matrix(table, self.laziness)
+
+    def spectral_gaps(self, sizes: np.ndarray, client_ids: np.ndarray, seed: int) -> np.ndarray:
+        """Gap of every client's chain by eigen-decomposition (dense, or sparse ``eigsh`` for large clients)."""
+        sizes = np.asarray(sizes, dtype=np.int64)
+        table = markov.regular_neighbours(seed, client_ids, sizes, self.degree)
+        first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        gaps = [markov.regular_spectral_gap(table[a : a + n], self.laziness) for a, n in zip(first, sizes, strict=True)]
+        return np.array(gaps)
+
+
+SAMPLERS: dict[str, type] = {
+    "iid": IIDSampler,
+    "shuffle": ShuffleSampler,
+    "markov-ring": MarkovRingSampler,
+    "markov-regular": MarkovRegularSampler,
+}
+
+
+def sampler_options(name: str) -> dict[str, str]:
+    """RunConfig fields the sampler ``name`` uses, mapped to its constructor arguments."""
+    return dict(getattr(SAMPLERS.get(name), "config_options", {}))
 
 
 def make_sampler(name: str, **options) -> Sampler:

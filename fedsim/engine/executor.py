@@ -17,7 +17,7 @@ from fedsim.data.samplers import Sampler
 from .protocol import ClientAlgorithm, ClientUpdates, Plan
 from .pytree import Tree, concat, stack
 from .store import ClientStore
-from .trainer import VectorizedTrainer, train_sequential
+from .trainer import LossFn, VectorizedTrainer, cross_entropy, train_sequential
 
 
 def device_memory(device: torch.device) -> int:
@@ -99,13 +99,14 @@ class LocalExecutor:
         chunk_size: int | None = None,
         grad_mode: str = "sum",
         sequential: bool = False,
+        loss_fn: LossFn = cross_entropy,
     ):
         self.model, self.store, self.sampler = model, store, sampler
         self.optimizer, self.algorithm = optimizer, algorithm
         self.seed, self.local_steps, self.local_epochs = seed, local_steps, local_epochs
         self.batch_size, self.chunk_size = batch_size, chunk_size
-        self.sequential = sequential
-        self.trainer = VectorizedTrainer(model, grad_mode=grad_mode)
+        self.sequential, self.loss_fn = sequential, loss_fn
+        self.trainer = VectorizedTrainer(model, loss_fn=loss_fn, grad_mode=grad_mode)
         self.sampler_state = None
         self.client_state: Tree = {}
 
@@ -159,7 +160,7 @@ class LocalExecutor:
         state = {k: v[chunk_ids].to(self.device) for k, v in self.client_state.items()}
         args = (params, self.store.x, self.store.y, index, mask, self.optimizer, lr, self.algorithm)
         if self.sequential:
-            result = train_sequential(self.model, *args, plan.broadcast, state, start, opt_state)
+            result = train_sequential(self.model, *args, plan.broadcast, state, start, opt_state, self.loss_fn)
         else:
             result = self.trainer.train(*args, plan.broadcast, state, start, opt_state)
         for k, v in result.client_state.items():

@@ -86,6 +86,11 @@ class ClientAlgorithm:
         """Turn the minibatch gradient into the local direction (e.g. FedProx adds ``mu (w - w_g)``)."""
         return grads
 
+    def project(self, params: Tree) -> Tree:
+        """Map parameters back onto their feasible set after every local step (identity by default; the
+        simplex-constrained dual of a min-max problem overrides it). May work in place; returns the tree."""
+        return params
+
     def finish(self, deltas: Tree, num_steps: Tensor, ctx: LocalContext) -> tuple[Tree, Tree, Tree]:
         """After local training: return ``(uploaded deltas, upload extras, new client state)``."""
         return deltas, {}, ctx.client_state

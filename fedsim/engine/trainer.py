@@ -138,6 +138,7 @@ class VectorizedTrainer:
                 active = step_active[:, k]
                 params = _select(active, {name: p + updates[name] for name, p in params.items()}, params)
                 opt_state = _select(active, new_state, opt_state)
+            params = algorithm.project(params)
             loss_sum += losses.double() * step_active[:, k]
         steps = step_active.sum(dim=1)
         deltas = {name: origin[name] - p for name, p in params.items()}
@@ -189,7 +190,7 @@ def train_sequential(
             grads = {n: gi.unsqueeze(0) for n, gi in zip(leaves, g, strict=True)}
             grads = algorithm.grad_transform(grads, params, ctx)
             updates, opt_state_c = optimizer.update(grads, opt_state_c, params, lr)
-            params = {n: p + updates[n] for n, p in params.items()}
+            params = algorithm.project({n: p + updates[n] for n, p in params.items()})
             loss_sum += float(loss.detach())
             steps += 1
         deltas = {n: origin[n] - p for n, p in params.items()}

@@ -60,7 +60,15 @@ def simulate(
         str | None, Opt(help="Graph file (GraphML, GML, edge list, .adj, JSON): decentralized training over it.")
     ] = None,
     mixing: Annotated[str | None, Opt(help="Mixing matrix: metropolis_hastings | max_degree | uniform | ...")] = None,
-    strategy: Annotated[str | None, Opt(help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad")] = None,
+    strategy: Annotated[
+        str | None,
+        Opt(
+            help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad; over a topology: "
+            "dsgd | dsgd-atc | dsgt | dsgda | dsgda-atc"
+        ),
+    ] = None,
+    problem: Annotated[str | None, Opt(help="Min-max problem of dsgda: auc | dro.")] = None,
+    dual_lr: Annotated[float | None, Opt(help="Dual (ascent) step size of dsgda (default: --lr).")] = None,
     fraction: Annotated[float | None, Opt(help="Fraction of clients selected per round.")] = None,
     availability: Annotated[
         str | None, Opt(help="always | markov (clients on/off by a two-state chain; --set availability_p_on=...)")
@@ -116,7 +124,7 @@ def simulate(
     overrides = dict(
         dataset=dataset, data_path=data_path, model=model, topology=topology, mixing=mixing,
         clients=clients, partition=partition, alpha=alpha,
-        availability=availability,
+        availability=availability, problem=problem, dual_lr=dual_lr,
         strategy=strategy, fraction=fraction, rounds=rounds, local_steps=local_steps, local_epochs=local_epochs,
         batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, optimizer=optimizer, momentum=momentum, mu=mu,
         seed=seed, device=device, chunk_size=chunk_size, eval_every=eval_every,

@@ -179,3 +179,14 @@ def test_bench_dsgd_cli(tmp_path, cli):
     assert result["vectorized_over_loop"] > 0 and result["gossip"]["share_of_step"] > 0
     code, _, err = cli(["bench", "dsgd", "--nodes", "1"])
     assert code == 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("family", ["ring", "star", "torus", "erdos_renyi", "barabasi_albert"])
+def test_sparse_gossip_equals_dense_product(family):
+    w = topologies.mixing_matrix(topologies.build(family, 12))
+    op = gossip_matrix(w, torch.device("cpu"), torch.float64)
+    x = {"a": torch.randn(12, 3, 4, dtype=torch.float64), "b": torch.randn(12, dtype=torch.float64)}
+    mixed = gossip(op, x)
+    dense = torch.as_tensor(w)
+    for k, v in x.items():
+        assert torch.allclose(mixed[k].reshape(12, -1), dense @ v.reshape(12, -1), atol=1e-12)

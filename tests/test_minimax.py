@@ -174,3 +174,16 @@ def test_minimax_config_errors(values, message):
 def test_positive_classes_out_of_range_is_refused():
     with pytest.raises(FedsimError, match="positive_classes"):
         make_simulation(make_config(dict(topology=RING, strategy="dsgda", positive_classes=[12])))
+
+
+def test_cli_runs_dsgda_and_plots_the_gap(cli, tmp_path):
+    out = tmp_path / "dro"
+    code, _, err = cli(["simulate", "--topology", RING, "--strategy", "dsgda-atc", "--problem", "dro",
+                        "--dual-lr", "0.2", "--rounds", "2", "--local-steps", "2", "--quiet", "--out", str(out)])  # fmt: skip
+    assert code == 0, err
+    last = read(out)[-1]
+    assert last["primal_dual_gap"] >= 0 and last["worst_class_accuracy"] is not None
+    assert (out / "convergence.png").is_file() and (out / "consensus.png").is_file()
+    code, _, err = cli(["simulate", "--topology", RING, "--problem", "dro", "--out", str(tmp_path / "bad")])
+    assert code == 2 and err.count("\n") == 1 and "min-max strategies" in err
+    assert not (tmp_path / "bad").exists()

@@ -163,11 +163,13 @@ def _save(fig: Figure, out: str | Path) -> Path:
 
 
 def _wants_log(name: str, values: Sequence[float]) -> bool:
-    """Log scale only for norm/drift/loss-like metrics whose positive values span > 2 orders of magnitude."""
-    if not values or not any(token in name for token in _LOG_CANDIDATES):
+    """Log scale only for norm/drift/loss/distance-like metrics, never negative, whose positive values span more
+    than 2 orders of magnitude (zeros, e.g. a stability distance before the swapped sample is drawn, are then
+    not drawn)."""
+    if not values or not any(token in name for token in _LOG_CANDIDATES) or min(values) < 0:
         return False
-    low, high = min(values), max(values)
-    return low > 0 and high / low > _LOG_SPAN
+    positive = [v for v in values if v > 0]
+    return bool(positive) and max(positive) / min(positive) > _LOG_SPAN
 
 
 def _pretty(name: str) -> str:

@@ -220,33 +220,12 @@ def run_stability_probe(
 
 
 def plot_stability(run_dir: str | Path) -> Path | None:
-    """``stability.png``: distance mean / max / at the perturbed node vs round, and the held-out loss difference.
-
-    A panel gets a log y axis when its positive values span more than two decades (zeros, e.g. before the
-    replaced sample is first drawn, are then not drawn). Returns None when the run has no stability metrics.
-    """
-    from fedsim.plots import _LOG_SPAN, _new_figure, _plot_line, _run_title, _save, _series, read_config, read_metrics
+    """``stability.png``: distance mean / max / at the perturbed node vs round, and the held-out loss difference
+    (log y axis when the positive values span more than two decades). None when the run has no stability
+    metrics."""
+    from fedsim.plots import _plot_panel_group, _run_title, read_config, read_metrics
 
     run = Path(run_dir)
-    records = read_metrics(run)
     panels = [["stability_distance", "stability_distance_max", "stability_distance_node"], ["stability_loss_diff"]]
-    panels = [[m for m in panel if _series(records, m)[0]] for panel in panels]
-    panels = [panel for panel in panels if panel]
-    if not panels:
-        return None
-    fig, axes = _new_figure(len(panels))
-    for ax, panel in zip(axes, panels, strict=True):
-        positive: list[float] = []
-        for metric in panel:
-            xs, ys = _series(records, metric)
-            positive += [y for y in ys if y > 0]
-            style = "--" if metric.endswith("_node") else "-"  # the node is often the max: keep both visible
-            _plot_line(ax, xs, ys, metric.replace("_", " "), linestyle=style)
-        if positive and max(positive) / min(positive) > _LOG_SPAN:
-            ax.set_yscale("log")
-        ax.set_ylabel("||x_i - x_i'||" if panel[0] != "stability_loss_diff" else "mean |loss diff|")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    axes[-1].set_xlabel("round")
-    fig.suptitle(f"stability probe: {_run_title(run, read_config(run))}")
-    return _save(fig, run / STABILITY_PLOT)
+    title = f"stability probe: {_run_title(run, read_config(run))}"
+    return _plot_panel_group(read_metrics(run), panels, run / STABILITY_PLOT, title)

@@ -146,11 +146,15 @@ class RunConfig(BaseModel):
             raise FedsimError("dataset 'npz' needs data_path (--data-path FILE.npz)")
         return self
 
+    def _changed(self, name: str) -> bool:
+        """True when option ``name`` differs from its default (the user set it)."""
+        return getattr(self, name) != type(self).model_fields[name].default
+
     def _check_availability(self) -> None:
         """p_on/p_off only with ``availability: markov``; Markov availability only in federated mode."""
         if self.availability == "always":
             for name in ("availability_p_on", "availability_p_off"):
-                if getattr(self, name) != type(self).model_fields[name].default:
+                if self._changed(name):
                     raise FedsimError(f"option '{name}' applies to availability 'markov' (--availability markov)")
         elif self.topology:
             raise FedsimError(
@@ -163,7 +167,7 @@ class RunConfig(BaseModel):
 
         accepted = sampler_options(self.sampler)
         for name in SAMPLER_FIELDS:
-            if name not in accepted and getattr(self, name) != type(self).model_fields[name].default:
+            if name not in accepted and self._changed(name):
                 users = sorted(s for s in SAMPLERS if name in sampler_options(s))
                 raise FedsimError(
                     f"option '{name}' is not used by sampler '{self.sampler}' (it applies to: {', '.join(users)})"
@@ -184,7 +188,7 @@ class RunConfig(BaseModel):
 
         accepted = strategy_options(self.strategy)
         for name in STRATEGY_FIELDS:
-            if name not in accepted and getattr(self, name) != type(self).model_fields[name].default:
+            if name not in accepted and self._changed(name):
                 users = sorted(s for s in _strategies_accepting(name))
                 raise FedsimError(
                     f"option '{name}' is not used by strategy '{self.strategy}' (it applies to: {', '.join(users)})"
@@ -192,7 +196,7 @@ class RunConfig(BaseModel):
 
     def _check_minimax_options(self) -> None:
         """Min-max options need ``strategy: dsgda`` and a problem that uses them."""
-        given = [n for n in MINIMAX_FIELDS if getattr(self, n) != type(self).model_fields[n].default]
+        given = [n for n in MINIMAX_FIELDS if self._changed(n)]
         if not self.strategy.startswith("dsgda"):
             if given:
                 raise FedsimError(

@@ -63,9 +63,19 @@ def simulate(
     strategy: Annotated[
         str | None,
         Opt(
-            help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad; over a topology: "
-            "dsgd | dsgd-atc | dsgt | dsgda | dsgda-atc"
+            help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | scaffold | scaffold-m | fednova | "
+            "feddyn | fedcm; over a topology: dsgd | dsgd-atc | dsgt | dsgda | dsgda-atc"
         ),
+    ] = None,
+    regulator: Annotated[str | None, Opt(help="Client regulator wrapping the strategy: none | ecgr | bherd.")] = None,
+    ecgr_beta: Annotated[float | None, Opt(help="ECGR damping of the unselected steps (0.2).")] = None,
+    ecgr_rho: Annotated[float | None, Opt(help="ECGR fraction of steps selected by herding (0.5).")] = None,
+    ecgr_center: Annotated[str | None, Opt(help="ECGR herding centre: zero | local_mean.")] = None,
+    bherd_unit: Annotated[str | None, Opt(help="BHerd units: step | microbatch | sample.")] = None,
+    bherd_ratio: Annotated[float | None, Opt(help="BHerd fraction of units kept (0.5).")] = None,
+    bherd_scale: Annotated[str | None, Opt(help="BHerd upload: sum | rescale.")] = None,
+    aggregator: Annotated[
+        str | None, Opt(help="Server aggregation: mean | median | trimmed_mean | krum | gaf.")
     ] = None,
     problem: Annotated[str | None, Opt(help="Min-max problem of dsgda: auc | dro.")] = None,
     dual_lr: Annotated[float | None, Opt(help="Dual (ascent) step size of dsgda (default: --lr).")] = None,
@@ -128,7 +138,8 @@ def simulate(
         strategy=strategy, fraction=fraction, rounds=rounds, local_steps=local_steps, local_epochs=local_epochs,
         batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, optimizer=optimizer, momentum=momentum, mu=mu,
         seed=seed, device=device, chunk_size=chunk_size, eval_every=eval_every,
-        laziness=laziness,
+        laziness=laziness, regulator=regulator, ecgr_beta=ecgr_beta, ecgr_rho=ecgr_rho, ecgr_center=ecgr_center,
+        bherd_unit=bherd_unit, bherd_ratio=bherd_ratio, bherd_scale=bherd_scale, aggregator=aggregator,
     )  # fmt: skip
     overrides.update(_parse_pairs(set_))
     repeat = _repeat_options(seeds, seed, probe, probe_node, probe_sample)

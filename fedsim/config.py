@@ -58,6 +58,29 @@ class RunConfig(BaseModel):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float | None = Field(None, gt=0)
+    fedcm_beta: float = Field(0.1, gt=0, le=1)  # fedcm, scaffold-m: weight of the fresh gradient
+    feddyn_alpha: float = Field(0.01, gt=0)
+    fednova_form: Literal["simplified", "general"] = "simplified"
+    scaffold_control: Literal["model_difference", "gradient_mean"] | None = None  # None: the strategy's default
+    # robust aggregation (any federated strategy)
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "gaf"] = "mean"
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5)
+    krum_byzantine: int = Field(0, ge=0)
+    krum_select: int = Field(1, ge=1)
+    gaf_tau: float = Field(0.97, ge=0, le=2)
+    # client-side regulators and filters (any federated strategy)
+    regulator: Literal["none", "ecgr", "bherd"] = "none"
+    ecgr_rho: float = Field(0.5, gt=0, le=1)
+    ecgr_beta: float = Field(0.2, ge=0, le=1)
+    ecgr_center: Literal["zero", "local_mean"] = "zero"
+    bherd_unit: Literal["step", "microbatch", "sample"] = "step"
+    bherd_ratio: float = Field(0.5, gt=0, le=1)
+    bherd_scale: Literal["sum", "rescale"] = "sum"
+    bherd_microbatches: int = Field(4, ge=2)
+    trajectory_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    trajectory_device: Literal["same", "cpu"] = "same"
+    client_filter: Literal["none", "gaf"] = "none"
+    gaf_microbatches: int = Field(4, ge=2)
     # client availability (federated mode): "markov" turns each client on/off by a two-state chain
     availability: Literal["always", "markov"] = "always"
     availability_p_on: float = Field(0.5, gt=0, le=1)
@@ -139,6 +162,7 @@ class RunConfig(BaseModel):
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise FedsimError(f"adam_betas must each be in [0, 1), got {list(self.adam_betas)}")
         self._check_strategy_options()
+        self._check_client_side_options()
         self._check_sampler_options()
         self._check_minimax_options()
         self._check_availability()
@@ -215,22 +239,75 @@ class RunConfig(BaseModel):
                 "ratio dual_lr / lr"
             )
 
+    def _check_client_side_options(self) -> None:
+        """Regulator, aggregator and client-filter options need the component that uses them; all of them
+        are federated; FedNova's general form needs plain or momentum SGD."""
+        groups = (
+            (REGULATOR_FIELDS["ecgr"], self.regulator == "ecgr", "--regulator ecgr"),
+            (REGULATOR_FIELDS["bherd"], self.regulator == "bherd", "--regulator bherd"),
+            (("trajectory_dtype", "trajectory_device"), self.regulator != "none", "a --regulator"),
+            (("trim_fraction",), self.aggregator == "trimmed_mean", "--aggregator trimmed_mean"),
+            (("krum_byzantine", "krum_select"), self.aggregator == "krum", "--aggregator krum"),
+            (("gaf_tau",), "gaf" in (self.aggregator, self.client_filter), "--aggregator gaf or client_filter: gaf"),
+            (("gaf_microbatches",), self.client_filter == "gaf", "client_filter: gaf"),
+        )
+        for names, used, needs in groups:
+            for name in names:
+                if not used and self._changed(name):
+                    raise FedsimError(f"option '{name}' applies with {needs}")
+        if self.bherd_unit != "microbatch" and self._changed("bherd_microbatches"):
+            raise FedsimError("option 'bherd_microbatches' applies with bherd_unit: microbatch")
+        added = [n for n in ("regulator", "aggregator", "client_filter") if self._changed(n)]
+        if self.topology and added:
+            raise FedsimError(f"option '{added[0]}' applies to federated strategies, not to decentralized training")
+        if self.fednova_form == "general" and (self.optimizer != "sgd" or self.nesterov or self.weight_decay):
+            raise FedsimError(
+                "fednova_form 'general' models local SGD with (heavy-ball) momentum and a proximal term; "
+                f"use --optimizer sgd without nesterov/weight_decay (got '{self.optimizer}')"
+            )
+
+    def client_side(self) -> dict[str, Any]:
+        """The aggregator, regulator and client filter objects of :func:`strategies.build_strategy`."""
+        from strategies import make_aggregator, make_client_filter, make_regulator
+
+        fields = {n: getattr(self, n) for n in CLIENT_SIDE_FIELDS}
+        return {
+            "aggregator": make_aggregator(self.aggregator, **fields),
+            "regulator": make_regulator(self.regulator, **fields),
+            "client_filter": make_client_filter(self.client_filter, **fields),
+        }
+
     def strategy_options(self) -> dict[str, Any]:
-        """Options passed to the strategy constructor (unset server_lr/tau keep each strategy's default)."""
+        """Options passed to the strategy constructor (unset server_lr/tau/scaffold_control keep each
+        strategy's default; FedNova gets ``mu`` only when set, and the local SGD momentum)."""
         opts: dict[str, Any] = {
-            "fraction": self.fraction, "min_clients": self.min_clients, "mu": self.mu,
+            "fraction": self.fraction, "min_clients": self.min_clients,
             "server_momentum": self.server_momentum, "beta1": self.beta1, "beta2": self.beta2,
+            "fedcm_beta": self.fedcm_beta, "feddyn_alpha": self.feddyn_alpha, "fednova_form": self.fednova_form,
+            "local_momentum": self.momentum,
         }  # fmt: skip
-        if self.server_lr is not None:
-            opts["server_lr"] = self.server_lr
-        if self.tau is not None:
-            opts["tau"] = self.tau
+        if self.strategy == "fedprox" or self._changed("mu"):
+            opts["mu"] = self.mu
+        for name in ("server_lr", "tau", "scaffold_control"):
+            if getattr(self, name) is not None:
+                opts[name] = getattr(self, name)
         return opts
 
 
 MINIMAX_FIELDS = ("problem", "dual_lr", "positive_classes", "dro_lambda")
 SAMPLER_FIELDS = ("laziness", "markov_degree")
-STRATEGY_FIELDS = ("mu", "server_lr", "server_momentum", "beta1", "beta2", "tau")
+STRATEGY_FIELDS = (
+    "mu", "server_lr", "server_momentum", "beta1", "beta2", "tau",
+    "fedcm_beta", "feddyn_alpha", "fednova_form", "scaffold_control",
+)  # fmt: skip
+REGULATOR_FIELDS = {
+    "ecgr": ("ecgr_rho", "ecgr_beta", "ecgr_center"),
+    "bherd": ("bherd_unit", "bherd_ratio", "bherd_scale"),
+}
+CLIENT_SIDE_FIELDS = (
+    *REGULATOR_FIELDS["ecgr"], *REGULATOR_FIELDS["bherd"], "bherd_microbatches", "trajectory_dtype",
+    "trajectory_device", "trim_fraction", "krum_byzantine", "krum_select", "gaf_tau", "gaf_microbatches",
+)  # fmt: skip
 
 
 def _strategies_accepting(option: str) -> list[str]:

@@ -64,6 +64,22 @@ def parameters_of(model: torch.nn.Module) -> Tree:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+OSCILLATION_WINDOW = 10
+
+
+def oscillation(history: list[dict[str, Any]], latest: float | None, window: int = OSCILLATION_WINDOW) -> float | None:
+    """Standard deviation (population, ddof 0) of test accuracy over the last ``window`` evaluations,
+    ``latest`` included; None before two evaluations exist."""
+    values = [h["test_accuracy"] for h in history if h.get("test_accuracy") is not None]
+    if latest is not None:
+        values.append(latest)
+    values = values[-window:]
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
 def client_drift(deltas: Tree) -> float | None:
     """Client drift: ``mean_k ||Delta_k - mean Delta|| / ||mean Delta||`` (plain mean over the clients)."""
     flat = flatten(deltas).double()
@@ -130,7 +146,8 @@ class Simulation:
         return build_model(c.model, ds.feature_shape, ds.num_classes, seed=init_seed(c.seed), **c.model_args)
 
     def make_strategy(self):
-        return build_strategy(self.config.strategy, **self.config.strategy_options())
+        c = self.config
+        return build_strategy(c.strategy, **c.client_side(), **c.strategy_options())
 
     def clients_per_round(self) -> int:
         state = self.strategy.init(self.init_params)
@@ -173,7 +190,9 @@ class Simulation:
         selected = len(updates.client_ids)
         extras_up = nbytes(updates.extras, stacked=True) if updates.extras else 0
         step = {k: new.params[k] - state.params[k] for k in new.params}
+        stats = {name: float(v.double().mean()) for name, v in updates.stats.items()}
         return {
+            **stats,
             "round": round_,
             "lr": self.lr(round_),
             "clients": selected,
@@ -245,6 +264,7 @@ class Simulation:
             diverged = (loss is not None and not math.isfinite(loss)) or not all_finite(state.params)
             if not diverged and (r % c.eval_every == 0 or r == c.rounds):
                 record.update(self.evaluate_state(state))
+                record["oscillation"] = oscillation(history, record["test_accuracy"])
             else:
                 record.update({"test_accuracy": None, "test_loss": None})
             if extend is not None and extend(r, state, record):
@@ -283,6 +303,7 @@ class Simulation:
             "final_test_loss": last_eval.get("test_loss"),
             "best_test_accuracy": best["test_accuracy"] if best else None,
             "best_round": best["round"] if best else None,
+            "final_oscillation": last_eval.get("oscillation"),
             "final_train_loss": next((h["train_loss"] for h in reversed(history) if h["train_loss"] is not None), None),
             "total_time_s": float(sum(h.get("time_s", 0.0) for h in history)),
             "total_bytes_up": int(sum(h["bytes_up"] for h in history)),

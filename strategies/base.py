@@ -7,11 +7,14 @@ import math
 from typing import ClassVar
 
 import numpy as np
+from torch import Tensor
 
 from fedsim import rng
 from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, Plan, ServerState
 from fedsim.engine.pytree import Tree, tree_map, weighted_sum
 from fedsim.errors import FedsimError
+
+from .robust import Aggregator
 
 
 def select_clients(
@@ -42,19 +45,28 @@ class Strategy:
     """Base server strategy: FedAvg's client selection and hooks for subclasses.
 
     Subclasses implement :meth:`server_update` (how the weighted mean update moves the global model) and
-    may set ``client_algorithm`` and extra state in :meth:`init`.
+    may set ``client_algorithm`` and extra state in :meth:`init`. Every reduction of per-client updates over
+    the client axis goes through :meth:`reduce`: the sample-weighted mean, or a robust ``aggregator``
+    (:mod:`strategies.robust`: coordinate median, trimmed mean, Krum, GAF) in its place.
     """
 
     name: ClassVar[str] = "base"
     client_algorithm: ClientAlgorithm
 
-    def __init__(self, fraction: float = 1.0, min_clients: int = 1):
+    def __init__(self, fraction: float = 1.0, min_clients: int = 1, aggregator: Aggregator | None = None):
         if not 0.0 < fraction <= 1.0:
             raise FedsimError(f"fraction must be in (0, 1], got {fraction}")
         if min_clients < 1:
             raise FedsimError(f"min_clients must be >= 1, got {min_clients}")
         self.fraction, self.min_clients = fraction, min_clients
+        self.aggregator = aggregator
         self.client_algorithm = ClientAlgorithm()
+
+    def reduce(self, tree: Tree, weights: Tensor) -> Tree:
+        """``sum_k weights[k] tree[k]`` over the client axis, or the robust aggregator's combination."""
+        if self.aggregator is None:
+            return weighted_sum(tree, weights)
+        return self.aggregator(tree, weights)
 
     def init(self, params: Tree) -> ServerState:
         """Initial server state from the initial global parameters."""
@@ -68,7 +80,7 @@ class Strategy:
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         """New server state from the clients' updates: ``server_update`` of the weighted mean delta."""
-        mean_delta = weighted_sum(updates.deltas, updates.weights)
+        mean_delta = self.reduce(updates.deltas, updates.weights)
         return self.server_update(round_, state, mean_delta)
 
     def server_update(self, round_: int, state: ServerState, mean_delta: Tree) -> ServerState:

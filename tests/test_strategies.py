@@ -42,6 +42,9 @@ def _updates(global_np, client_params_np, num_samples):
         num_samples=torch.tensor(num_samples, dtype=torch.float64),
         num_steps=torch.full((s,), 5),
         train_loss=torch.ones(s),
+        extras={f"dc.{k}": 0.5 * v for k, v in deltas.items()},  # SCAFFOLD's control-variate uploads
+        lr=0.1,
+        num_clients=2 * s,
     )
 
 
@@ -370,7 +373,10 @@ def test_select_clients_uniform_frequency():
 
 
 def test_registry_names():
-    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}
+    assert set(STRATEGIES) == {
+        "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+        "scaffold", "scaffold-m", "fednova", "feddyn", "fedcm",
+    }  # fmt: skip
     for name, cls in STRATEGIES.items():
         s = build_strategy(name)
         assert type(s) is cls and s.name == name
@@ -444,8 +450,9 @@ def test_server_state_round_trips_weights_only(name):
     # training continues identically from the restored state
     up = _updates(w0_of(state), [_np_params(rng) for _ in range(2)], [3.0, 1.0])
     up2 = ClientUpdates(
-        up.client_ids, {k: v.clone() for k, v in up.deltas.items()}, up.num_samples, up.num_steps, up.train_loss
-    )
+        up.client_ids, {k: v.clone() for k, v in up.deltas.items()}, up.num_samples, up.num_steps, up.train_loss,
+        up.extras, lr=up.lr, num_clients=up.num_clients,
+    )  # fmt: skip
     s1 = strategy.aggregate(2, state, up)
     s2 = strategy.aggregate(2, restored, up2)
     for k in s1.params:

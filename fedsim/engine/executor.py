@@ -18,6 +18,7 @@ from .protocol import ClientAlgorithm, ClientUpdates, Plan
 from .pytree import Tree, concat, stack
 from .store import ClientStore
 from .trainer import LossFn, VectorizedTrainer, cross_entropy, train_sequential
+from .trajectory import num_units, planned_bytes
 
 
 def device_memory(device: torch.device) -> int:
@@ -59,15 +60,16 @@ def auto_chunk_size(
     device: torch.device,
     state_copies: int = 2,
     budget_fraction: float = 0.3,
+    extra_bytes: int = 0,
 ) -> int:
     """Clients per chunk that fit in ``budget_fraction`` of the device's memory (see :func:`device_memory`).
 
     Per client: parameters, gradient, update, delta and optimizer state (``4 + state_copies`` copies of
     the model) plus the activations of one minibatch kept for the backward pass (x3 for gradients and
-    temporaries).
+    temporaries), plus ``extra_bytes`` (a regulator's trajectory buffer when it lives on the device).
     """
     model_bytes = sum(v.numel() * v.element_size() for v in params.values())
-    per_client = (4 + state_copies) * model_bytes + 3 * batch_size * activation_bytes(model, x_example)
+    per_client = (4 + state_copies) * model_bytes + 3 * batch_size * activation_bytes(model, x_example) + extra_bytes
     budget = budget_fraction * device_memory(device)
     fits = max(1, int(budget // max(per_client, 1)))
     if device.type == "cpu":
@@ -122,8 +124,29 @@ class LocalExecutor:
     def resolve_chunk_size(self, params: Tree, num_selected: int) -> int:
         if self.chunk_size:
             return self.chunk_size
-        auto = auto_chunk_size(self.model, params, self.store.x[:1], self.batch_size, self.device)
+        extra = self.trajectory_bytes(params)
+        auto = auto_chunk_size(self.model, params, self.store.x[:1], self.batch_size, self.device, extra_bytes=extra)
         return max(1, min(num_selected, auto))
+
+    def max_local_steps(self) -> int:
+        """The most local steps any client takes in a round (epoch mode: its largest client's epochs)."""
+        if self.local_epochs is None:
+            return int(self.local_steps or 1)
+        largest = int(self.store.sizes.max()) if self.store.num_clients else 1
+        return self.local_epochs * -(-largest // self.batch_size)
+
+    def trajectory_bytes(self, params: Tree) -> int:
+        """Device bytes per client of the regulator's trajectory (0 without a regulator, or when it is kept in
+        host memory): the memory plan of :mod:`fedsim.engine.trajectory`."""
+        spec = self.algorithm.trajectory
+        if spec is None:
+            return 0
+        units = num_units(spec, self.max_local_steps(), self.batch_size)
+        first = next(iter(params.values()))
+        per_client = sum(v.numel() for v in params.values())
+        if spec.device not in (None, "same") and torch.device(spec.device) != self.device:
+            return 8 * units * units
+        return planned_bytes(spec, per_client, first.dtype, units)
 
     def train(
         self, plan: Plan, params: Tree, round_: int, lr: float, start: Tree | None = None, opt_state: Tree | None = None
@@ -147,6 +170,9 @@ class LocalExecutor:
             train_loss=torch.cat([r.train_loss.to(self.device) for r in results]),
             extras=concat([r.extras for r in results]) if results[0].extras else {},
             opt_state=concat([r.opt_state for r in results]) if results[0].opt_state else {},
+            stats=concat([r.stats for r in results]) if results[0].stats else {},
+            lr=lr,
+            num_clients=self.store.num_clients,
         )
 
     def _train_chunk(self, chunk_ids, plan, params, round_, lr, start=None, opt_state=None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from .pytree import Tree
@@ -38,7 +39,10 @@ class ClientUpdates:
     ``deltas[k] = w_global - w_k`` (so the FedAvg step is ``w <- w - sum_k p_k deltas[k]``);
     ``num_samples``: local training set sizes; ``num_steps``: optimizer steps taken; ``train_loss``: mean
     local minibatch loss over the round; ``extras``: additional per-client uploads (stacked trees);
-    ``opt_state``: the clients' local optimizer state at the end (kept by decentralized nodes).
+    ``opt_state``: the clients' local optimizer state at the end (kept by decentralized nodes);
+    ``stats``: per-client diagnostics ``[C]`` that are not uploaded (a regulator's damped norm fraction);
+    ``lr``: the round's local learning rate; ``num_clients``: the population size N the clients were drawn
+    from (SCAFFOLD's and FedDyn's ``|S| / N``).
     """
 
     client_ids: np.ndarray
@@ -48,6 +52,9 @@ class ClientUpdates:
     train_loss: Tensor
     extras: Tree = field(default_factory=dict)
     opt_state: Tree = field(default_factory=dict)
+    stats: Tree = field(default_factory=dict)
+    lr: float | None = None
+    num_clients: int | None = None
 
     @property
     def weights(self) -> Tensor:
@@ -64,6 +71,25 @@ class LocalContext:
     broadcast: Tree
     client_state: Tree
     lr: float
+    scratch: Tree = field(default_factory=dict)
+    """Per-chunk working memory of the algorithm (e.g. a running sum of raw gradients); dropped afterwards."""
+
+
+@dataclass(frozen=True)
+class TrajectorySpec:
+    """What local training records for a regulator (see :mod:`fedsim.engine.trajectory`).
+
+    ``unit``: ``"step"`` records every local step's parameter delta ``D_i = w_before - w_after``;
+    ``"microbatch"`` the learning-rate-scaled gradient of each of ``microbatches`` equal slices of every
+    step's minibatch; ``"sample"`` the learning-rate-scaled per-sample gradients of the round's samples at the
+    round-start model. ``dtype``/``device`` set where the ``[C, U, D]`` buffer lives (``None``: the
+    parameters' dtype and device; ``"cpu"``: host memory).
+    """
+
+    unit: str = "step"
+    microbatches: int = 1
+    dtype: torch.dtype | None = None
+    device: str | None = None
 
 
 class ClientAlgorithm:
@@ -77,6 +103,12 @@ class ClientAlgorithm:
     """
 
     name = "local"
+    trajectory: TrajectorySpec | None = None
+    """Set by regulators: local training then records a :class:`~fedsim.engine.trajectory.Trajectory` and
+    hands it to :meth:`regulate`."""
+    microbatches: int = 1
+    """When > 1 every step's minibatch is split into this many equal slices whose gradients are computed
+    separately and merged by :meth:`combine_microbatches` (GAF's client filter, BHerd's microbatch unit)."""
 
     def init_client_state(self, params: Tree) -> Tree:
         """Per-client persistent state template (unstacked); empty means stateless."""
@@ -91,6 +123,24 @@ class ClientAlgorithm:
         simplex-constrained dual of a min-max problem overrides it). May work in place; returns the tree."""
         return params
 
+    def combine_microbatches(self, grads: Tree, counts: Tensor) -> tuple[Tree, Tensor | None]:
+        """Merge per-microbatch gradients ``[C, M, ...]`` (``counts[C, M]`` valid samples in each) into the
+        step's gradient ``[C, ...]``; also return which clients take the step (``None``: all). The default is
+        the count-weighted mean, which is the whole minibatch's gradient."""
+        total = counts.sum(1).clamp_min(1.0)
+        weights = counts / total.unsqueeze(1)
+        out = {}
+        for k, g in grads.items():
+            w = weights.reshape(*weights.shape, *([1] * (g.dim() - 2))).to(g.dtype)
+            out[k] = (g * w).sum(1)
+        return out, None
+
     def finish(self, deltas: Tree, num_steps: Tensor, ctx: LocalContext) -> tuple[Tree, Tree, Tree]:
         """After local training: return ``(uploaded deltas, upload extras, new client state)``."""
         return deltas, {}, ctx.client_state
+
+    def regulate(self, deltas: Tree, trajectory, num_steps: Tensor) -> tuple[Tree, Tree]:
+        """With :attr:`trajectory` set: turn the uploaded deltas and the recorded trajectory into the upload
+        (ECGR, BHerd); also return per-client diagnostics ``{name: [C]}``. Runs after :meth:`finish`, so host
+        state (SCAFFOLD's control variates) follows the actual local model."""
+        return deltas, {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,6 +31,19 @@ def flatten(tree: Tree, stacked: bool = True) -> Tensor:
     if stacked:
         return torch.cat([v.reshape(v.shape[0], -1) for v in tree.values()], dim=1)
     return torch.cat([v.reshape(-1) for v in tree.values()])
+
+
+def unflatten(flat: Tensor, like: Tree) -> Tree:
+    """Inverse of :func:`flatten`: ``[C, D]`` (stacked ``like``) or ``[D]`` back to ``like``'s keys and shapes."""
+    out, offset = {}, 0
+    stacked = flat.dim() == 2
+    for k, v in like.items():
+        shape = v.shape[1:] if stacked else v.shape
+        n = math.prod(shape)
+        part = flat[:, offset : offset + n] if stacked else flat[offset : offset + n]
+        out[k] = part.reshape(flat.shape[0], *shape) if stacked else part.reshape(shape)
+        offset += n
+    return out
 
 
 def weighted_sum(tree: Tree, weights: Tensor) -> Tree:

@@ -9,7 +9,13 @@ Clients' parameters are stacked, ``{name: [C, *shape]}``. One local step for the
    ``autograd.grad`` of the summed loss gives every client's own gradient (``grad_mode="sum"``, the
    default); ``grad_mode="vmap"`` uses ``vmap(grad_and_value)`` instead (same numbers);
 4. the client algorithm's gradient transform, then the functional optimizer; clients whose step is fully
-   masked (ragged epochs) keep their parameters and optimizer state unchanged.
+   masked (ragged epochs) keep their parameters and optimizer state unchanged, and the forward and backward
+   pass of such a step run on the active clients only (no compute is spent on masked steps).
+
+Optional, when the client algorithm asks for them: per-microbatch gradients (``algorithm.microbatches``
+equal slices of each minibatch, merged by ``algorithm.combine_microbatches``: GAF's filter), and a recorded
+trajectory of per-step deltas, microbatch or per-sample gradients ``[C, U, D]`` handed to
+``algorithm.regulate`` after ``algorithm.finish`` (ECGR, BHerd; see :mod:`fedsim.engine.trajectory`).
 
 ``train_sequential`` runs each client alone through the plain (unbatched) model and is the reference the
 vectorized path is tested against.
@@ -23,10 +29,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
-from .protocol import ClientAlgorithm, LocalContext
+from .protocol import ClientAlgorithm, LocalContext, TrajectorySpec
 from .pytree import Tree, stack
+from .trajectory import Trajectory, num_units
 
 GRAD_MODES = ("sum", "vmap")
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits [B, classes], targets [B]) -> per-sample loss [B]
@@ -47,6 +54,7 @@ class ChunkResult:
     extras: Tree
     client_state: Tree
     opt_state: Tree = field(default_factory=dict)
+    stats: Tree = field(default_factory=dict)
 
 
 def _masked_mean(losses: Tensor, mask: Tensor) -> Tensor:
@@ -60,6 +68,62 @@ def _select(active: Tensor, new: Tree, old: Tree) -> Tree:
         a = active.reshape(-1, *([1] * (v.dim() - 1)))
         out[k] = torch.where(a, v, old[k])
     return out
+
+
+def _scatter_rows(rows: Tensor, sub: Tree, num_rows: int) -> Tree:
+    """A stacked tree of ``num_rows`` rows, zero except ``rows``, which hold ``sub``."""
+    out = {}
+    for k, v in sub.items():
+        full = v.new_zeros(num_rows, *v.shape[1:])
+        full[rows] = v
+        out[k] = full
+    return out
+
+
+def _per_client(weights: Tensor, like: Tensor) -> Tensor:
+    """Reshape ``[C, n]`` weights to broadcast against ``[C, n, *shape]``."""
+    return weights.reshape(*weights.shape, *([1] * (like.dim() - weights.dim()))).to(like.dtype)
+
+
+def check_microbatches(batch_size: int, microbatches: int) -> int:
+    """Microbatch size; the batch must split into equal slices."""
+    if batch_size % microbatches:
+        from fedsim.errors import FedsimError
+
+        raise FedsimError(f"batch size {batch_size} does not split into {microbatches} equal microbatches")
+    return batch_size // microbatches
+
+
+class _Recorder:
+    """Writes a chunk's trajectory during local training (step deltas, microbatch or per-sample units)."""
+
+    def __init__(self, spec: TrajectorySpec, params: Tree, steps: int, batch: int, lr: float):
+        self.spec, self.lr = spec, lr
+        self.trajectory = Trajectory(params, num_units(spec, steps, batch), spec)
+        self.prev = {k: v.clone() for k, v in params.items()} if spec.unit == "step" else None
+
+    def after_step(self, k: int, params: Tree, active: Tensor) -> None:
+        """Step unit: ``D_k = w_before - w_after`` (zero for clients that did not step)."""
+        if self.prev is None:
+            return
+        for key, p in params.items():
+            self.prev[key].sub_(p)
+        self.trajectory.write(k, self.prev, active)
+        for key, p in params.items():
+            self.prev[key].copy_(p)
+
+    def microbatch(self, k: int, grads: Tree, counts: Tensor) -> None:
+        """Microbatch unit: ``eta (n_m / n) g_m`` for the M slices of step k."""
+        weights = counts / counts.sum(1, keepdim=True).clamp_min(1.0)
+        units = {key: self.lr * g * _per_client(weights, g) for key, g in grads.items()}
+        m = counts.shape[1]
+        self.trajectory.write(k * m, units, counts > 0, per_unit=True)
+
+    def samples(self, k: int, grads: Tree, mask: Tensor) -> None:
+        """Sample unit: ``eta g_s / b`` for the valid samples of step k (b of them)."""
+        weights = mask / mask.sum(1, keepdim=True).clamp_min(1.0)
+        units = {key: self.lr * g * _per_client(weights, g) for key, g in grads.items()}
+        self.trajectory.write(k * mask.shape[1], units, mask > 0, per_unit=True)
 
 
 class VectorizedTrainer:
@@ -78,8 +142,12 @@ class VectorizedTrainer:
         def client_loss(params: Tree, x: Tensor, y: Tensor, m: Tensor) -> Tensor:
             return _masked_mean(loss_fn(model_forward(params, x), y), m)
 
+        def sample_loss(params: Tree, x: Tensor, y: Tensor) -> Tensor:
+            return loss_fn(model_forward(params, x.unsqueeze(0)), y.unsqueeze(0)).squeeze(0)
+
         self._vmapped_grad = vmap(grad_and_value(client_loss))
         self._vmapped_forward = vmap(self._forward)
+        self._per_sample_grad = vmap(vmap(grad(sample_loss), in_dims=(None, 0, 0)))
 
     def _forward(self, params: Tree, x: Tensor) -> Tensor:
         return functional_call(self.model, params, (x,))
@@ -96,6 +164,67 @@ class VectorizedTrainer:
             per_client = _masked_mean(losses, m)
             g = torch.autograd.grad(per_client.sum(), list(leaves.values()))
         return dict(zip(leaves, g, strict=True)), per_client.detach()
+
+    def microbatch_grads(
+        self, params: Tree, x: Tensor, y: Tensor, m: Tensor, microbatches: int
+    ) -> tuple[Tree, Tensor, Tensor]:
+        """Gradients of ``microbatches`` equal consecutive slices of every client's minibatch: ``[C, M, ...]``,
+        the valid samples per slice ``[C, M]`` and each client's masked mean loss over the whole minibatch.
+        Each slice is one more row of the stacked parameters (``repeat_interleave``), so one backward pass
+        gives them all."""
+        c, b = y.shape
+        size = check_microbatches(b, microbatches)
+        rows = c * microbatches
+        leaves = {k: v.detach().repeat_interleave(microbatches, 0).requires_grad_(True) for k, v in params.items()}
+        xs, ys, ms = x.reshape(rows, size, *x.shape[2:]), y.reshape(rows, size), m.reshape(rows, size)
+        with torch.enable_grad():
+            logits = self._vmapped_forward(leaves, xs)
+            losses = self.loss_fn(logits.reshape(rows * size, -1), ys.reshape(-1)).reshape(rows, size)
+            per_slice = _masked_mean(losses, ms)
+            g = torch.autograd.grad(per_slice.sum(), list(leaves.values()))
+        counts = ms.sum(1).reshape(c, microbatches)
+        grads = {k: gi.reshape(c, microbatches, *gi.shape[1:]) for k, gi in zip(leaves, g, strict=True)}
+        loss = (per_slice.detach().reshape(c, microbatches) * counts).sum(1) / counts.sum(1).clamp_min(1.0)
+        return grads, counts, loss
+
+    def per_sample_grads(self, params: Tree, x: Tensor, y: Tensor) -> Tree:
+        """Per-sample gradients ``[C, B, ...]`` at stacked ``params`` (``vmap`` over clients of ``vmap(grad)``
+        over samples)."""
+        return self._per_sample_grad({k: v.detach() for k, v in params.items()}, x, y)
+
+    def _step_grads(
+        self, params: Tree, x: Tensor, y: Tensor, m: Tensor, active: Tensor, everyone: bool,
+        algorithm: ClientAlgorithm, recorder: _Recorder | None, k: int, origin: Tree,
+    ) -> tuple[Tree, Tensor, Tensor | None]:  # fmt: skip
+        """Step gradients (``[C, ...]``, zero for inactive clients), losses and which clients take the step
+        (``None``: the active ones), computed on the active clients only."""
+        num = y.shape[0]
+        rows = None if everyone else active.nonzero().squeeze(1)
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
+        sub = params if rows is None else {key: v[rows] for key, v in params.items()}
+        xs, ys, ms = pick(x), pick(y), pick(m)
+        keep = None
+        if algorithm.microbatches > 1:
+            g_mb, counts, losses = self.microbatch_grads(sub, xs, ys, ms, algorithm.microbatches)
+            grads, keep = algorithm.combine_microbatches(g_mb, counts)
+            if recorder is not None and recorder.spec.unit == "microbatch":
+                if rows is not None:
+                    g_mb, counts = _scatter_rows(rows, g_mb, num), _scatter_rows(rows, {"n": counts}, num)["n"]
+                recorder.microbatch(k, g_mb, counts)
+        else:
+            grads, losses = self.grads(sub, xs, ys, ms)
+        if recorder is not None and recorder.spec.unit == "sample":
+            at = {key: v.expand(len(ys), *v.shape[1:]) if v.shape[0] == 1 else pick(v) for key, v in origin.items()}
+            g_s = self.per_sample_grads(at, xs, ys)
+            if rows is not None:
+                g_s = _scatter_rows(rows, g_s, num)
+            recorder.samples(k, g_s, m)
+        if rows is not None:
+            grads = _scatter_rows(rows, grads, num)
+            losses = _scatter_rows(rows, {"l": losses}, num)["l"]
+            if keep is not None:
+                keep = _scatter_rows(rows, {"k": keep}, num)["k"]
+        return grads, losses, keep
 
     def train(
         self,
@@ -118,7 +247,7 @@ class VectorizedTrainer:
         (decentralized nodes); ``deltas = start - final``. ``opt_state`` continues a previous call's local
         optimizer state (returned in the result) instead of a fresh one.
         """
-        num_clients, num_steps_max, _ = sample_index.shape
+        num_clients, num_steps_max, batch = sample_index.shape
         ctx = LocalContext(global_params, broadcast or {}, client_state or {}, lr)
         params = {k: v.clone() for k, v in start.items()} if start is not None else stack(global_params, num_clients)
         origin = start if start is not None else {k: v.unsqueeze(0) for k, v in global_params.items()}
@@ -126,25 +255,50 @@ class VectorizedTrainer:
         maskf = mask.to(next(iter(params.values())).dtype)
         step_active = mask.any(dim=2)  # [C, K]
         all_active = step_active.all(dim=0).tolist()
+        spec = algorithm.trajectory
+        recorder = _Recorder(spec, params, num_steps_max, batch, lr) if spec is not None else None
         loss_sum = torch.zeros(num_clients, dtype=torch.float64, device=sample_index.device)
+        taken = torch.zeros(num_clients, dtype=torch.long, device=sample_index.device)
         for k in range(num_steps_max):
             idx = sample_index[:, k]
-            grads, losses = self.grads(params, x[idx], y[idx], maskf[:, k])
+            active = step_active[:, k]
+            grads, losses, keep = self._step_grads(
+                params, x[idx], y[idx], maskf[:, k], active, all_active[k], algorithm, recorder, k, origin
+            )
+            everyone = all_active[k]
+            if keep is not None:
+                active = active & keep
+                everyone = everyone and bool(keep.all())
             grads = algorithm.grad_transform(grads, params, ctx)
-            if all_active[k]:  # params, grads and state are this chunk's own: update in place
+            if everyone:  # params, grads and state are this chunk's own: update in place
                 opt_state = optimizer.step_(grads, opt_state, params, lr)
             else:
                 updates, new_state = optimizer.update(grads, opt_state, params, lr)
-                active = step_active[:, k]
                 params = _select(active, {name: p + updates[name] for name, p in params.items()}, params)
                 opt_state = _select(active, new_state, opt_state)
             params = algorithm.project(params)
+            if recorder is not None:
+                recorder.after_step(k, params, active)
             loss_sum += losses.double() * step_active[:, k]
-        steps = step_active.sum(dim=1)
+            taken += active
+        batches = step_active.sum(dim=1)
         deltas = {name: origin[name] - p for name, p in params.items()}
-        deltas, extras, new_client_state = algorithm.finish(deltas, steps, ctx)
-        train_loss = (loss_sum / steps.clamp_min(1)).float()
-        return ChunkResult(deltas, steps, train_loss, extras, new_client_state, opt_state)
+        deltas, extras, new_client_state = algorithm.finish(deltas, taken, ctx)
+        stats: Tree = {}
+        if recorder is not None:
+            deltas, stats = algorithm.regulate(deltas, recorder.trajectory, taken)
+        train_loss = (loss_sum / batches.clamp_min(1)).float()
+        return ChunkResult(deltas, taken, train_loss, extras, new_client_state, opt_state, stats)
+
+
+def _sequential_grads(model, loss_fn, params: Tree, xb: Tensor, yb: Tensor, m: Tensor) -> tuple[Tree, Tensor]:
+    """One client's masked mean loss and its gradient through the plain (unbatched) model (``[1, ...]`` trees)."""
+    leaves = {n: p[0].detach().requires_grad_(True) for n, p in params.items()}
+    with torch.enable_grad():
+        losses = loss_fn(functional_call(model, leaves, (xb,)), yb)
+        loss = (losses * m).sum() / m.sum().clamp_min(1.0)
+        g = torch.autograd.grad(loss, list(leaves.values()))
+    return {n: gi.unsqueeze(0) for n, gi in zip(leaves, g, strict=True)}, loss.detach()
 
 
 def train_sequential(
@@ -164,8 +318,11 @@ def train_sequential(
     loss_fn: LossFn = cross_entropy,
 ) -> ChunkResult:
     """Reference path: every client trained alone, one after another, through the unbatched model
-    (same ``start``/``opt_state`` semantics as :meth:`VectorizedTrainer.train`)."""
+    (same ``start``/``opt_state`` semantics as :meth:`VectorizedTrainer.train`); microbatch and per-sample
+    gradients are plain loops over slices and samples."""
     results = []
+    num_steps_max, batch = sample_index.shape[1], sample_index.shape[2]
+    microbatches = algorithm.microbatches
     for c in range(sample_index.shape[0]):
         state_c = {k: v[c : c + 1] for k, v in (client_state or {}).items()}
         ctx = LocalContext(global_params, broadcast or {}, state_c, lr)
@@ -176,27 +333,53 @@ def train_sequential(
             opt_state_c = {k: v[c : c + 1].clone() for k, v in opt_state.items()}
         else:
             opt_state_c = optimizer.init(params)
-        loss_sum, steps = 0.0, 0
-        for k in range(sample_index.shape[1]):
-            m = mask[c, k]
+        spec = algorithm.trajectory
+        recorder = _Recorder(spec, params, num_steps_max, batch, lr) if spec is not None else None
+        loss_sum, steps, taken = 0.0, 0, 0
+        for k in range(num_steps_max):
+            m = mask[c, k].to(next(iter(params.values())).dtype)
             if not bool(m.any()):
+                if recorder is not None:
+                    recorder.after_step(k, params, torch.zeros(1, dtype=torch.bool))
                 continue
-            leaves = {n: p[0].detach().requires_grad_(True) for n, p in params.items()}
             xb, yb = x[sample_index[c, k]], y[sample_index[c, k]]
-            with torch.enable_grad():
-                losses = loss_fn(functional_call(model, leaves, (xb,)), yb)
-                loss = (losses * m).sum() / m.sum()
-                g = torch.autograd.grad(loss, list(leaves.values()))
-            grads = {n: gi.unsqueeze(0) for n, gi in zip(leaves, g, strict=True)}
-            grads = algorithm.grad_transform(grads, params, ctx)
-            updates, opt_state_c = optimizer.update(grads, opt_state_c, params, lr)
-            params = algorithm.project({n: p + updates[n] for n, p in params.items()})
-            loss_sum += float(loss.detach())
+            keep = None
+            if microbatches > 1:
+                size = check_microbatches(batch, microbatches)
+                parts = [
+                    _sequential_grads(model, loss_fn, params, xb[j * size : (j + 1) * size],
+                                      yb[j * size : (j + 1) * size], m[j * size : (j + 1) * size])
+                    for j in range(microbatches)
+                ]  # fmt: skip
+                g_mb = {n: torch.stack([g[n] for g, _ in parts], dim=1) for n in params}
+                counts = torch.stack([m[j * size : (j + 1) * size].sum() for j in range(microbatches)]).unsqueeze(0)
+                grads, keep = algorithm.combine_microbatches(g_mb, counts)
+                loss = sum(float(l) * float(n) for (_, l), n in zip(parts, counts[0], strict=True)) / float(m.sum())
+                if recorder is not None and spec.unit == "microbatch":
+                    recorder.microbatch(k, g_mb, counts)
+            else:
+                grads, loss = _sequential_grads(model, loss_fn, params, xb, yb, m)
+            if recorder is not None and spec.unit == "sample":
+                per_sample = [_sequential_grads(model, loss_fn, origin, xb[s : s + 1], yb[s : s + 1], m[s : s + 1])[0]
+                              for s in range(batch)]  # fmt: skip
+                recorder.samples(k, {n: torch.stack([g[n] for g in per_sample], dim=1) for n in params}, m.unsqueeze(0))
+            step = keep is None or bool(keep[0])
+            if step:
+                grads = algorithm.grad_transform(grads, params, ctx)
+                updates, opt_state_c = optimizer.update(grads, opt_state_c, params, lr)
+                params = algorithm.project({n: p + updates[n] for n, p in params.items()})
+                taken += 1
+            if recorder is not None:
+                recorder.after_step(k, params, torch.tensor([step]))
+            loss_sum += float(loss)
             steps += 1
         deltas = {n: origin[n] - p for n, p in params.items()}
-        steps_t = torch.tensor([steps], device=sample_index.device)
+        steps_t = torch.tensor([taken], device=sample_index.device)
         deltas, extras, new_state = algorithm.finish(deltas, steps_t, ctx)
-        results.append((deltas, steps, loss_sum / max(steps, 1), extras, new_state, opt_state_c))
+        stats: Tree = {}
+        if recorder is not None:
+            deltas, stats = algorithm.regulate(deltas, recorder.trajectory, steps_t)
+        results.append((deltas, taken, loss_sum / max(steps, 1), extras, new_state, opt_state_c, stats))
     cat = lambda i: {k: torch.cat([r[i][k] for r in results]) for k in results[0][i]}  # noqa: E731
     return ChunkResult(
         cat(0),
@@ -205,4 +388,5 @@ def train_sequential(
         cat(3),
         cat(4),
         cat(5),
+        cat(6),
     )

@@ -1,0 +1,110 @@
+"""Composing client-side algorithms: a host's local rule, an optional microbatch gradient filter (GAF) and
+an optional regulator (ECGR, BHerd) that turns the recorded local trajectory into the upload.
+
+The host owns local training's direction and state (FedProx's proximal term, SCAFFOLD's correction and
+control variates, FedDyn's linear term, FedCM's momentum mixing); the filter only decides how a step's
+microbatch gradients become its gradient; the regulator only rewrites the upload, after the host's
+``finish`` has updated its state from the actual final local model (as ECGR's SCAFFOLD host does).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fedsim.engine.protocol import ClientAlgorithm, LocalContext
+from fedsim.engine.pytree import Tree
+from fedsim.errors import FedsimError
+
+
+class ComposedClient(ClientAlgorithm):
+    """``host`` with an optional ``gradient_filter`` (``combine_microbatches``) and ``regulator``
+    (``trajectory`` spec and ``regulate``)."""
+
+    def __init__(self, host: ClientAlgorithm, regulator=None, gradient_filter=None):
+        self.host, self.regulator, self.gradient_filter = host, regulator, gradient_filter
+        self.name = "+".join(a.name for a in (host, gradient_filter, regulator) if a is not None)
+        self.trajectory = regulator.trajectory if regulator is not None else host.trajectory
+        counts = {getattr(a, "microbatches", 1) for a in (host, regulator, gradient_filter) if a is not None} - {1}
+        if len(counts) > 1:
+            raise FedsimError(f"the client filter and the regulator use different microbatch counts: {sorted(counts)}")
+        self.microbatches = counts.pop() if counts else 1
+
+    def init_client_state(self, params: Tree) -> Tree:
+        return self.host.init_client_state(params)
+
+    def grad_transform(self, grads: Tree, params: Tree, ctx: LocalContext) -> Tree:
+        return self.host.grad_transform(grads, params, ctx)
+
+    def project(self, params: Tree) -> Tree:
+        return self.host.project(params)
+
+    def combine_microbatches(self, grads: Tree, counts: Tensor) -> tuple[Tree, Tensor | None]:
+        if self.gradient_filter is not None:
+            return self.gradient_filter.combine_microbatches(grads, counts)
+        return self.host.combine_microbatches(grads, counts)
+
+    def finish(self, deltas: Tree, num_steps: Tensor, ctx: LocalContext) -> tuple[Tree, Tree, Tree]:
+        return self.host.finish(deltas, num_steps, ctx)
+
+    def regulate(self, deltas: Tree, trajectory, num_steps: Tensor) -> tuple[Tree, Tree]:
+        if self.regulator is None:
+            return self.host.regulate(deltas, trajectory, num_steps)
+        return self.regulator.regulate(deltas, trajectory, num_steps)
+
+
+def compose(host: ClientAlgorithm, regulator=None, gradient_filter=None) -> ClientAlgorithm:
+    """The host alone when nothing is added, else a :class:`ComposedClient`."""
+    if regulator is None and gradient_filter is None:
+        return host
+    return ComposedClient(host, regulator, gradient_filter)
+
+
+REGULATORS = ("none", "ecgr", "bherd")
+CLIENT_FILTERS = ("none", "gaf")
+TRAJECTORY_DTYPES = {"float32": None, "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def make_regulator(name: str, **options):
+    """A regulator by name (``none`` gives None) from config-style options: ``ecgr_rho``, ``ecgr_beta``,
+    ``ecgr_center``; ``bherd_ratio``, ``bherd_unit``, ``bherd_scale``, ``bherd_microbatches``;
+    ``trajectory_dtype`` (``float32``, ``float16``, ``bfloat16``) and ``trajectory_device`` (``same``, ``cpu``)."""
+    import torch
+
+    from fedsim.errors import unknown
+
+    from .bherd import BHerd
+    from .ecgr import ECGR
+
+    if name == "none":
+        return None
+    dtype_name = options.get("trajectory_dtype", "float32")
+    if dtype_name not in TRAJECTORY_DTYPES:
+        raise unknown("trajectory_dtype", dtype_name, TRAJECTORY_DTYPES)
+    dtype = getattr(torch, TRAJECTORY_DTYPES[dtype_name]) if TRAJECTORY_DTYPES[dtype_name] else None
+    device = options.get("trajectory_device", "same")
+    if device not in ("same", "cpu"):
+        raise unknown("trajectory_device", device, ("same", "cpu"))
+    memory = {"dtype": dtype, "device": None if device == "same" else device}
+    if name == "ecgr":
+        return ECGR(options.get("ecgr_rho", 0.5), options.get("ecgr_beta", 0.2), options.get("ecgr_center", "zero"),
+                    **memory)  # fmt: skip
+    if name == "bherd":
+        return BHerd(
+            options.get("bherd_ratio", 0.5), options.get("bherd_unit", "step"), options.get("bherd_scale", "sum"),
+            options.get("bherd_microbatches", 4), **memory,
+        )  # fmt: skip
+    raise unknown("regulator", name, REGULATORS)
+
+
+def make_client_filter(name: str, **options):
+    """A microbatch gradient filter by name (``none`` gives None; ``gaf`` with ``gaf_tau``,
+    ``gaf_microbatches``)."""
+    from fedsim.errors import unknown
+
+    from .gaf import GAFClientFilter
+
+    if name == "none":
+        return None
+    if name == "gaf":
+        return GAFClientFilter(options.get("gaf_tau", 0.97), options.get("gaf_microbatches", 4))
+    raise unknown("client filter", name, CLIENT_FILTERS)

@@ -1,0 +1,128 @@
+"""Client-level momentum broadcast by the server: FedCM (Xu et al., 2021), which Cheng et al. (2023,
+"Momentum benefits non-IID federated learning simply and provably") call FedAvg-M, and their SCAFFOLD-M.
+
+The server keeps a momentum ``m`` (the last round's mean local direction) and broadcasts it; every local
+step mixes it into the client's direction:
+
+    FedCM:       v = beta * g + (1 - beta) * m
+    SCAFFOLD-M:  v = beta * (g - c_k + c) + (1 - beta) * m       (control variates as in SCAFFOLD)
+
+After the round, with ``Delta_k = w - y_k`` over ``K_k`` local steps at learning rate ``eta``:
+
+    m <- sum_k p_k Delta_k / (K_k eta)          w <- w - eta_g * sum_k p_k Delta_k
+
+(``m_0 = 0``). The papers write the global step as ``w <- w - gamma m`` with ``gamma = eta_g K eta``; the
+two agree for equal ``K_k``, and ours keeps ``eta_g = 1`` equal to FedAvg's step. ``beta = 1`` is FedAvg
+(FedCM) or SCAFFOLD (SCAFFOLD-M) exactly. Defaults: ``beta = 0.1`` (FedCM's alpha), ``eta_g = 1``.
+SCAFFOLD-M's control variates default to the mean raw local gradient (Cheng et al.'s update; option II's
+model difference would fold the momentum into them); ``scaffold_control`` switches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, LocalContext, Plan, ServerState
+from fedsim.engine.pytree import Tree
+from fedsim.errors import FedsimError
+
+from .base import Strategy, apply_step, check_positive
+from .scaffold import SCAFFOLD, ScaffoldClient, direction_scale, per_client
+
+
+def mix_momentum(direction: Tree, ctx: LocalContext, beta: float) -> Tree:
+    """``beta * direction + (1 - beta) * m`` with the broadcast momentum ``m`` (``direction`` when beta = 1)."""
+    if beta == 1.0:
+        return direction
+    return {k: beta * d + (1.0 - beta) * ctx.broadcast[f"m.{k}"].unsqueeze(0) for k, d in direction.items()}
+
+
+def check_beta(beta: float) -> float:
+    if not 0.0 < beta <= 1.0:
+        raise FedsimError(f"fedcm_beta must be in (0, 1], got {beta}")
+    return float(beta)
+
+
+class MomentumClient(ClientAlgorithm):
+    """FedCM's local direction ``beta g + (1 - beta) m``."""
+
+    name = "fedcm"
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def grad_transform(self, grads: Tree, params: Tree, ctx: LocalContext) -> Tree:
+        return mix_momentum(grads, ctx, self.beta)
+
+
+class ScaffoldMomentumClient(ScaffoldClient):
+    """SCAFFOLD-M's local direction ``beta (g - c_k + c) + (1 - beta) m``."""
+
+    name = "scaffold-m"
+
+    def __init__(self, beta: float, control: str = "gradient_mean"):
+        super().__init__(control)
+        self.beta = beta
+
+    def grad_transform(self, grads: Tree, params: Tree, ctx: LocalContext) -> Tree:
+        return mix_momentum(self.corrected(grads, ctx), ctx, self.beta)
+
+
+def momentum_of(strategy: Strategy, updates: ClientUpdates) -> Tree:
+    """The new server momentum ``sum_k p_k Delta_k / (K_k eta)`` (through the strategy's reduction)."""
+    scale = direction_scale(updates.num_steps, updates.lr or 1.0)
+    directions = {k: d * per_client(scale, d) for k, d in updates.deltas.items()}
+    return {f"m.{k}": v for k, v in strategy.reduce(directions, updates.weights).items()}
+
+
+class FedCM(Strategy):
+    """FedCM / FedAvg-M (see the module docstring)."""
+
+    name = "fedcm"
+
+    def __init__(self, fedcm_beta: float = 0.1, server_lr: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        check_positive(server_lr=server_lr)
+        self.beta, self.server_lr = check_beta(fedcm_beta), server_lr
+        self.client_algorithm = MomentumClient(self.beta)
+
+    def init(self, params: Tree) -> ServerState:
+        state = super().init(params)
+        state.extras.update({f"m.{k}": torch.zeros_like(v) for k, v in params.items()})
+        return state
+
+    def configure(self, round_, state, num_clients, seed, available=None) -> Plan:
+        plan = super().configure(round_, state, num_clients, seed, available)
+        plan.broadcast = {k: v for k, v in state.extras.items() if k.startswith("m.")}
+        return plan
+
+    def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
+        mean_delta = self.reduce(updates.deltas, updates.weights)
+        extras = {**state.extras, **momentum_of(self, updates)}
+        return ServerState(apply_step(state.params, mean_delta, self.server_lr), extras)
+
+
+class ScaffoldM(SCAFFOLD):
+    """SCAFFOLD-M (see the module docstring): SCAFFOLD's control variates plus FedCM's momentum."""
+
+    name = "scaffold-m"
+
+    def __init__(self, fedcm_beta: float = 0.1, scaffold_control: str = "gradient_mean", **kwargs):
+        super().__init__(scaffold_control=scaffold_control, **kwargs)
+        self.beta = check_beta(fedcm_beta)
+        self.client_algorithm = ScaffoldMomentumClient(self.beta, scaffold_control)
+
+    def init(self, params: Tree) -> ServerState:
+        state = super().init(params)
+        state.extras.update({f"m.{k}": torch.zeros_like(v) for k, v in params.items()})
+        return state
+
+    def configure(self, round_, state, num_clients, seed, available=None) -> Plan:
+        plan = super().configure(round_, state, num_clients, seed, available)
+        plan.broadcast = {k: v for k, v in state.extras.items() if k.startswith(("c.", "m."))}
+        return plan
+
+    def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
+        new = super().aggregate(round_, state, updates)
+        new.extras.update(momentum_of(self, updates))
+        return new

@@ -1,0 +1,124 @@
+"""Robust aggregation of client updates: coordinate-wise median, trimmed mean and (Multi-)Krum.
+
+Each aggregator replaces the sample-weighted mean ``sum_k p_k Delta_k`` wherever a strategy reduces updates
+over the client axis (:meth:`strategies.Strategy.reduce`). They act on the flattened stack ``[S, D]`` and are
+unweighted, as in their papers (sample weights would let one large client dominate, the failure they guard
+against). GAF's agreement filter lives in :mod:`strategies.gaf`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from fedsim.engine.pytree import Tree, flatten, unflatten
+from fedsim.errors import FedsimError, unknown
+
+
+class Aggregator(Protocol):
+    """Combines stacked per-client updates ``{name: [S, ...]}`` (weights ``p[S]``) into one update."""
+
+    name: ClassVar[str]
+
+    def __call__(self, tree: Tree, weights: Tensor) -> Tree: ...
+
+
+def coordinate_median(flat: Tensor) -> Tensor:
+    """Coordinate-wise median of ``[S, D]`` (the mean of the two middle values for even S; Yin et al., 2018)."""
+    ordered = flat.sort(dim=0).values
+    s = flat.shape[0]
+    return ordered[s // 2] if s % 2 else 0.5 * (ordered[s // 2 - 1] + ordered[s // 2])
+
+
+def trimmed_mean(flat: Tensor, trim_fraction: float) -> Tensor:
+    """Coordinate-wise trimmed mean: drop the ``b = floor(trim_fraction * S)`` largest and smallest values of
+    every coordinate, average the remaining ``S - 2b`` (Yin et al., 2018)."""
+    s = flat.shape[0]
+    b = int(trim_fraction * s + 1e-9)
+    if s - 2 * b < 1:
+        raise FedsimError(f"trimmed mean with trim_fraction {trim_fraction} leaves no update of {s}")
+    return flat.sort(dim=0).values[b : s - b].mean(0)
+
+
+def krum_scores(flat: Tensor, byzantine: int) -> Tensor:
+    """Krum scores (Blanchard et al., 2017): ``score_i = sum of ||Delta_i - Delta_j||^2`` over the
+    ``S - f - 2`` nearest other updates ``j`` (at least one)."""
+    s = flat.shape[0]
+    d2 = torch.cdist(flat.double(), flat.double()).pow(2)
+    nearest = max(1, min(s - 1, s - byzantine - 2))
+    d2.fill_diagonal_(float("inf"))
+    return d2.sort(dim=1).values[:, :nearest].sum(1)
+
+
+def krum(flat: Tensor, byzantine: int = 0, select: int = 1) -> Tensor:
+    """Krum (``select = 1``: the update with the lowest score) or Multi-Krum (the mean of the ``select``
+    lowest-scoring updates; ties to the lower client position)."""
+    if flat.shape[0] == 1:
+        return flat[0]
+    scores = krum_scores(flat, byzantine)
+    chosen = torch.sort(scores, stable=True).indices[: min(select, flat.shape[0])]
+    return flat[chosen].mean(0)
+
+
+class Median:
+    """Coordinate-wise median aggregator."""
+
+    name: ClassVar[str] = "median"
+
+    def __call__(self, tree: Tree, weights: Tensor) -> Tree:
+        return unflatten(coordinate_median(flatten(tree)), _first(tree))
+
+
+class TrimmedMean:
+    """Coordinate-wise trimmed-mean aggregator (``trim_fraction`` off each end)."""
+
+    name: ClassVar[str] = "trimmed_mean"
+
+    def __init__(self, trim_fraction: float = 0.1):
+        if not 0.0 <= trim_fraction < 0.5:
+            raise FedsimError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        self.trim_fraction = trim_fraction
+
+    def __call__(self, tree: Tree, weights: Tensor) -> Tree:
+        return unflatten(trimmed_mean(flatten(tree), self.trim_fraction), _first(tree))
+
+
+class Krum:
+    """(Multi-)Krum aggregator: ``krum_byzantine`` assumed attackers f, ``krum_select`` updates averaged."""
+
+    name: ClassVar[str] = "krum"
+
+    def __init__(self, krum_byzantine: int = 0, krum_select: int = 1):
+        if krum_byzantine < 0 or krum_select < 1:
+            raise FedsimError(f"krum needs krum_byzantine >= 0, krum_select >= 1; got {krum_byzantine}, {krum_select}")
+        self.byzantine, self.select = krum_byzantine, krum_select
+
+    def __call__(self, tree: Tree, weights: Tensor) -> Tree:
+        return unflatten(krum(flatten(tree), self.byzantine, self.select), _first(tree))
+
+
+def _first(tree: Tree) -> Tree:
+    """An unstacked template of a stacked tree (shapes without the client axis)."""
+    return {k: v[0] for k, v in tree.items()}
+
+
+def make_aggregator(name: str, **options) -> Aggregator | None:
+    """An aggregator by name (``mean`` gives None: the strategy's own weighted mean) with the options its
+    constructor takes."""
+    import inspect
+
+    from .gaf import GAF
+
+    if name == "mean":
+        return None
+    registry = {cls.name: cls for cls in (Median, TrimmedMean, Krum, GAF)}
+    if name not in registry:
+        raise unknown("aggregator", name, ("mean", *registry))
+    cls = registry[name]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return cls(**{k: v for k, v in options.items() if k in accepted})
+
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "gaf")

@@ -1,0 +1,115 @@
+"""SCAFFOLD (Karimireddy et al., ICML 2020), option II control variates.
+
+Client ``k`` keeps a control variate ``c_k`` across rounds (stacked for all clients in host memory; only
+the selected clients' rows travel to the device); the server keeps ``c`` and broadcasts it. Local steps
+follow the corrected direction ``g - c_k + c``; after ``K_k`` steps from ``w`` to ``y_k``:
+
+    c_k+ = c_k - c + (w - y_k) / (K_k eta)                                  (option II, the default)
+    c_k+ = (1 / K_k) sum_i g_k,i                  (``scaffold_control="gradient_mean"``: the mean raw
+                                                   stochastic gradient along the local path; our option)
+    w   <- w - eta_g * sum_k p_k (w - y_k)        (p_k sample weights; the paper's uniform mean for equal n_k)
+    c   <- c + (|S| / N) * mean_k (c_k+ - c_k)
+
+Uploads: the delta and ``c_k+ - c_k``; broadcast: ``w`` and ``c``. The control variates are updated from
+the actual final local model even when a regulator (ECGR) rewrites the uploaded delta, as in ECGR's code.
+With all control variates zero (the first round) a round is exactly FedAvg's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, LocalContext, Plan, ServerState
+from fedsim.engine.pytree import Tree
+
+from .base import Strategy, apply_step, check_positive
+
+
+def per_client(values: Tensor, like: Tensor) -> Tensor:
+    """``[C]`` values shaped to broadcast against ``[C, ...]``."""
+    return values.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def direction_scale(num_steps: Tensor, lr: float) -> Tensor:
+    """``1 / (K_k eta)`` per client: turns a local delta into the mean local direction."""
+    return 1.0 / (num_steps.clamp_min(1).double() * lr)
+
+
+CONTROLS = ("model_difference", "gradient_mean")
+
+
+class ScaffoldClient(ClientAlgorithm):
+    """Corrected local direction ``g - c_k + c`` and the control-variate update (``control``: option II
+    ``"model_difference"`` or ``"gradient_mean"``)."""
+
+    name = "scaffold"
+
+    def __init__(self, control: str = "model_difference"):
+        if control not in CONTROLS:
+            from fedsim.errors import unknown
+
+            raise unknown("scaffold_control", control, CONTROLS)
+        self.control = control
+
+    def corrected(self, grads: Tree, ctx: LocalContext) -> Tree:
+        """``g - c_k + c``; with ``gradient_mean`` also sums the raw gradients for the control update."""
+        if self.control == "gradient_mean":
+            for k, g in grads.items():
+                key = f"gsum.{k}"
+                ctx.scratch[key] = ctx.scratch[key] + g if key in ctx.scratch else g.clone()
+        return {k: g - ctx.client_state[f"c.{k}"] + ctx.broadcast[f"c.{k}"].unsqueeze(0) for k, g in grads.items()}
+
+    def init_client_state(self, params: Tree) -> Tree:
+        return {f"c.{k}": torch.zeros_like(v) for k, v in params.items()}
+
+    def grad_transform(self, grads: Tree, params: Tree, ctx: LocalContext) -> Tree:
+        return self.corrected(grads, ctx)
+
+    def new_control(self, deltas: Tree, num_steps: Tensor, ctx: LocalContext) -> Tree:
+        if self.control == "gradient_mean":
+            steps = num_steps.clamp_min(1).double()
+            sums = {k: ctx.scratch.get(f"gsum.{k}", torch.zeros_like(d)) for k, d in deltas.items()}
+            return {k: v / per_client(steps, v) for k, v in sums.items()}
+        scale = direction_scale(num_steps, ctx.lr)
+        return {
+            k: ctx.client_state[f"c.{k}"] - ctx.broadcast[f"c.{k}"].unsqueeze(0) + d * per_client(scale, d)
+            for k, d in deltas.items()
+        }
+
+    def finish(self, deltas: Tree, num_steps: Tensor, ctx: LocalContext) -> tuple[Tree, Tree, Tree]:
+        new = self.new_control(deltas, num_steps, ctx)
+        extras = {f"dc.{k}": v - ctx.client_state[f"c.{k}"] for k, v in new.items()}
+        return deltas, extras, {f"c.{k}": v for k, v in new.items()}
+
+
+class SCAFFOLD(Strategy):
+    """SCAFFOLD's server (see the module docstring); ``server_lr`` is eta_g (default 1)."""
+
+    name = "scaffold"
+
+    def __init__(self, server_lr: float = 1.0, scaffold_control: str = "model_difference", **kwargs):
+        super().__init__(**kwargs)
+        check_positive(server_lr=server_lr)
+        self.server_lr = server_lr
+        self.client_algorithm = ScaffoldClient(scaffold_control)
+
+    def init(self, params: Tree) -> ServerState:
+        state = super().init(params)
+        state.extras.update({f"c.{k}": torch.zeros_like(v) for k, v in params.items()})
+        return state
+
+    def configure(self, round_, state, num_clients, seed, available=None) -> Plan:
+        plan = super().configure(round_, state, num_clients, seed, available)
+        plan.broadcast = {k: v for k, v in state.extras.items() if k.startswith("c.")}
+        return plan
+
+    def update_control(self, state: ServerState, updates: ClientUpdates) -> Tree:
+        """``c + (|S| / N) mean_k (c_k+ - c_k)``."""
+        share = len(updates.client_ids) / (updates.num_clients or len(updates.client_ids))
+        return {k: v + share * updates.extras[f"d{k}"].mean(0) for k, v in state.extras.items() if k.startswith("c.")}
+
+    def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
+        mean_delta = self.reduce(updates.deltas, updates.weights)
+        extras = {**state.extras, **self.update_control(state, updates)}
+        return ServerState(apply_step(state.params, mean_delta, self.server_lr), extras)

@@ -30,6 +30,7 @@ class RunConfig(BaseModel):
     data_path: str | None = None
     synthetic_alpha: float = Field(1.0, ge=0)
     synthetic_beta: float = Field(1.0, ge=0)
+    train_samples: int | None = Field(None, ge=1)  # a seeded random subset of the training set
     clients: int = Field(20, ge=1)
     partition: str = "dirichlet"
     alpha: float = Field(0.5, gt=0)

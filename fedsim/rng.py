@@ -19,6 +19,7 @@ STREAM_SELECTION = 2
 STREAM_INIT = 3
 STREAM_AVAILABILITY = 4
 STREAM_PARTITION = 5
+STREAM_SUBSET = 6
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

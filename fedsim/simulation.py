@@ -15,7 +15,7 @@ import torch
 from fedsim import rng
 from fedsim.availability import make_availability
 from fedsim.config import RunConfig, dump_config, load_config, make_config
-from fedsim.data import label_histogram, load_dataset, partition, split_clients
+from fedsim.data import label_histogram, load_dataset, partition, split_clients, subsample_train
 from fedsim.data.markov import chain_report
 from fedsim.data.samplers import make_sampler
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate, per_client_accuracy
@@ -101,6 +101,8 @@ class Simulation:
             c.dataset, path=c.data_path, seed=c.seed, num_clients=c.clients,
             synthetic_alpha=c.synthetic_alpha, synthetic_beta=c.synthetic_beta,
         )  # fmt: skip
+        if c.train_samples is not None:
+            ds = subsample_train(ds, c.train_samples, c.seed)
         self.dataset = ds
         parts = partition(
             c.partition, ds.y_train, c.clients, seed=c.seed, alpha=c.alpha, min_size=c.min_client_size,

@@ -1,6 +1,6 @@
 """Datasets (offline sources, standardized) and client partitioners."""
 
-from .datasets import DATASETS, Dataset, load_dataset
+from .datasets import DATASETS, Dataset, load_dataset, subsample_train
 from .partition import PARTITIONERS, label_histogram, partition, split_clients
 
 __all__ = [
@@ -11,4 +11,5 @@ __all__ = [
     "load_dataset",
     "partition",
     "split_clients",
+    "subsample_train",
 ]

@@ -610,6 +610,22 @@ def load_npz(path: str) -> Dataset:
 # --------------------------------------------------------------------------------------------------------
 
 
+def subsample_train(ds: Dataset, samples: int, seed: int) -> Dataset:
+    """The dataset with a random subset of ``samples`` training samples (the test set unchanged): the first
+    ``samples`` of a permutation drawn from ``(STREAM_SUBSET, seed)``, kept in their original order. A natural
+    client id per sample is kept with its sample."""
+    from fedsim.rng import STREAM_SUBSET
+
+    n = len(ds.y_train)
+    if not 1 <= samples <= n:
+        raise FedsimError(f"train_samples must be in [1, {n}] for dataset '{ds.name}', got {samples}")
+    if samples == n:
+        return ds
+    keep = np.sort(np.random.default_rng((STREAM_SUBSET, seed)).permutation(n)[:samples])
+    natural = ds.client_train[keep] if ds.client_train is not None else None
+    return Dataset(ds.name, ds.x_train[keep], ds.y_train[keep], ds.x_test, ds.y_test, ds.num_classes, natural)
+
+
 def load_dataset(
     name: str,
     *,

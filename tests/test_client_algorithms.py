@@ -1,0 +1,242 @@
+"""Host algorithms, regulators and filters inside the engine: vectorized equals the sequential reference,
+and the special cases that must reduce to a known method do so."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedsim.config import make_config
+from fedsim.simulation import Simulation
+
+BASE = dict(
+    dataset="digits", clients=6, alpha=0.3, rounds=3, local_steps=4, batch_size=8, lr=0.05, seed=3, device="cpu",
+    model="mlp", model_args={"hidden": [16]}, checkpoint_every=0,
+)  # fmt: skip
+
+
+def run(rounds=None, **overrides):
+    """Final server state and per-round records of a small in-memory run."""
+    cfg = make_config({**BASE, **overrides, **({"rounds": rounds} if rounds else {})})
+    sim = Simulation(cfg)
+    state = sim.initial_state()
+    records = []
+    for r in range(1, cfg.rounds + 1):
+        state, record = sim.round(r, state)
+        records.append(record)
+    return sim, state, records
+
+
+def assert_params_close(a, b, rtol=1e-5, atol=1e-6):
+    for k in a.params:
+        torch.testing.assert_close(a.params[k], b.params[k], rtol=rtol, atol=atol, msg=k)
+
+
+def assert_params_equal(a, b):
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k]), k
+
+
+CASES = [
+    dict(strategy="fedavg"),
+    dict(strategy="fedprox", mu=0.1),
+    dict(strategy="scaffold"),
+    dict(strategy="scaffold", scaffold_control="gradient_mean"),
+    dict(strategy="scaffold-m", fedcm_beta=0.5),
+    dict(strategy="fednova"),
+    dict(strategy="fednova", fednova_form="general", momentum=0.9, mu=0.1),
+    dict(strategy="feddyn", feddyn_alpha=0.1),
+    dict(strategy="fedcm", fedcm_beta=0.5),
+    dict(strategy="fedavg", regulator="ecgr"),
+    dict(strategy="scaffold", regulator="ecgr", momentum=0.9),
+    dict(strategy="fednova", regulator="ecgr", ecgr_center="local_mean"),
+    dict(strategy="feddyn", regulator="ecgr", ecgr_rho=0.25, ecgr_beta=0.0),
+    dict(strategy="fedcm", regulator="ecgr"),
+    dict(strategy="fedprox", regulator="bherd"),
+    dict(strategy="fedavg", regulator="bherd", bherd_unit="microbatch", bherd_microbatches=2, bherd_scale="rescale"),
+    dict(strategy="fedavg", regulator="bherd", bherd_unit="sample", bherd_ratio=0.3),
+    dict(strategy="fedavg", client_filter="gaf", gaf_microbatches=2, gaf_tau=1.0),
+    dict(strategy="scaffold", aggregator="median"),
+    dict(strategy="fedavg", aggregator="trimmed_mean", trim_fraction=0.2),
+    dict(strategy="fedavg", aggregator="krum", krum_byzantine=1, krum_select=2),
+    dict(strategy="fedavg", aggregator="gaf", gaf_tau=1.2),
+    dict(strategy="fedavg", regulator="ecgr", trajectory_dtype="float16", trajectory_device="cpu"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_vectorized_matches_sequential(case):
+    """Ragged clients (one local epoch each, partial participation): the vectorized engine (masked steps run
+    on the active clients only) equals the per-client reference loop."""
+    options = {"local_epochs": 1, "fraction": 0.7, **case}
+    _, vec, vec_records = run(**options)
+    _, seq, seq_records = run(sequential=True, **options)
+    assert_params_close(vec, seq, rtol=1e-4, atol=1e-5)
+    for k in vec.extras:
+        torch.testing.assert_close(vec.extras[k], seq.extras[k], rtol=1e-4, atol=1e-4, msg=k)
+    for a, b in zip(vec_records, seq_records, strict=True):
+        for key in ("train_loss", "drift", "damped_norm_fraction"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "host",
+    [dict(strategy="fedavg"), dict(strategy="fedprox", mu=0.1), dict(strategy="scaffold", momentum=0.9),
+     dict(strategy="fednova"), dict(strategy="feddyn"), dict(strategy="fedcm")],  # fmt: skip
+    ids=lambda c: c["strategy"],
+)
+@pytest.mark.parametrize("neutral", [dict(ecgr_beta=1.0), dict(ecgr_rho=1.0)], ids=["beta1", "rho1"])
+def test_ecgr_neutral_settings_equal_the_host_exactly(host, neutral):
+    _, plain, plain_records = run(**host)
+    _, ecgr, ecgr_records = run(regulator="ecgr", **neutral, **host)
+    assert_params_equal(plain, ecgr)
+    for k in plain.extras:
+        assert torch.equal(plain.extras[k], ecgr.extras[k]), k
+    assert all(r["damped_norm_fraction"] == 0.0 for r in ecgr_records)
+
+
+def test_ecgr_upload_has_the_plain_delta_norm_and_changes_the_model():
+    sim, _, _ = run(rounds=1, strategy="fedavg")
+    state = sim.initial_state()
+    plain = sim.executor.train(sim.strategy.configure(1, state, 6, 3), state.params, 1, 0.05)
+    sim_e, _, _ = run(rounds=1, strategy="fedavg", regulator="ecgr", momentum=0.9)
+    sim_p, _, _ = run(rounds=1, strategy="fedavg", momentum=0.9)
+    state = sim_p.initial_state()
+    plan = sim_p.strategy.configure(1, state, 6, 3)
+    plain = sim_p.executor.train(plan, state.params, 1, 0.05)
+    regulated = sim_e.executor.train(plan, state.params, 1, 0.05)
+    from fedsim.engine.pytree import flatten
+
+    torch.testing.assert_close(flatten(regulated.deltas).norm(dim=1), flatten(plain.deltas).norm(dim=1))
+    assert not torch.allclose(flatten(regulated.deltas), flatten(plain.deltas))
+    assert (regulated.stats["damped_norm_fraction"] > 0).all()
+
+
+def test_bherd_step_sum_with_ratio_one_is_the_host():
+    _, plain, _ = run(strategy="fedprox", mu=0.1)
+    _, herd, records = run(strategy="fedprox", mu=0.1, regulator="bherd", bherd_ratio=1.0)
+    assert_params_equal(plain, herd)
+
+
+def test_bherd_rescale_multiplies_the_kept_sum():
+    _, plain_sum, _ = run(rounds=1, strategy="fedavg", regulator="bherd", bherd_ratio=0.5)
+    _, rescaled, _ = run(rounds=1, strategy="fedavg", regulator="bherd", bherd_ratio=0.5, bherd_scale="rescale")
+    _, init, _ = run(rounds=1, strategy="fedavg", lr=1e-12)  # (model unchanged: the initial params)
+    # all clients take 4 steps and keep 2: the rescaled update is twice the summed one
+    for k in plain_sum.params:
+        d_sum = init.params[k] - plain_sum.params[k]
+        d_rescaled = init.params[k] - rescaled.params[k]
+        torch.testing.assert_close(d_rescaled, 2 * d_sum, rtol=1e-4, atol=1e-7)
+
+
+def test_scaffold_first_round_with_zero_control_variates_is_fedavg():
+    _, fedavg, _ = run(rounds=1, strategy="fedavg", momentum=0.5)
+    _, scaffold, _ = run(rounds=1, strategy="scaffold", momentum=0.5)
+    assert_params_equal(fedavg, scaffold)
+    assert any(bool(v.abs().sum() > 0) for k, v in scaffold.extras.items() if k.startswith("c."))
+
+
+def test_scaffold_client_state_stays_with_its_client():
+    """With partial participation only the selected clients' control variates change, and they equal
+    c_k - c + Delta_k / (K eta) computed from that round's updates."""
+    sim, _, _ = run(rounds=1, strategy="scaffold", fraction=0.5)
+    state = sim.initial_state()
+    seen = []
+    for r in (1, 2, 3):
+        before = {k: v.clone() for k, v in sim.executor.client_state.items()}
+        plan = sim.strategy.configure(r, state, 6, sim.config.seed)
+        updates = sim.executor.train(plan, state.params, r, sim.lr(r))
+        after = sim.executor.client_state
+        chosen = set(plan.client_ids.tolist())
+        for key, value in after.items():
+            name = key[2:]
+            for client in range(6):
+                if client not in chosen:
+                    assert torch.equal(value[client], before[key][client])
+            for row, client in enumerate(plan.client_ids):
+                expected = (
+                    before[key][client] - state.extras[key] + updates.deltas[name][row] / (updates.num_steps[row] * sim.lr(r))
+                )
+                torch.testing.assert_close(value[client], expected, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(updates.extras[f"d{key}"][row], value[client] - before[key][client])
+        seen.append(chosen)
+        state = sim.strategy.aggregate(r, state, updates)
+    assert len(set().union(*seen)) > len(seen[0])  # different clients over the rounds
+
+
+def test_fednova_with_equal_step_counts_is_fedavg():
+    _, fedavg, _ = run(strategy="fedavg", momentum=0.9)
+    for form in ("simplified", "general"):
+        _, nova, _ = run(strategy="fednova", fednova_form=form)
+        _, plain, _ = run(strategy="fedavg")
+        assert_params_close(nova, plain, rtol=1e-6, atol=1e-7)
+    _, nova_m, _ = run(strategy="fednova", momentum=0.9)  # simplified: tau = K regardless of momentum
+    assert_params_close(nova_m, fedavg, rtol=1e-6, atol=1e-7)
+
+
+def test_fedcm_with_beta_one_is_fedavg_and_scaffold_m_is_scaffold():
+    _, fedavg, _ = run(strategy="fedavg")
+    _, fedcm, _ = run(strategy="fedcm", fedcm_beta=1.0)
+    assert_params_equal(fedavg, fedcm)
+    _, scaffold, _ = run(strategy="scaffold", scaffold_control="gradient_mean")
+    _, scaffold_m, _ = run(strategy="scaffold-m", fedcm_beta=1.0)
+    assert_params_equal(scaffold, scaffold_m)
+
+
+def test_fedcm_momentum_is_the_mean_local_direction():
+    sim, _, _ = run(rounds=1, strategy="fedcm", fedcm_beta=0.3)
+    state = sim.initial_state()
+    plan = sim.strategy.configure(1, state, 6, 3)
+    assert set(plan.broadcast) == {f"m.{k}" for k in state.params}
+    updates = sim.executor.train(plan, state.params, 1, 0.05)
+    new = sim.strategy.aggregate(1, state, updates)
+    p = updates.weights
+    for k, d in updates.deltas.items():
+        expected = sum(p[i] * d[i] / (updates.num_steps[i] * 0.05) for i in range(len(p)))
+        torch.testing.assert_close(new.extras[f"m.{k}"], expected.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(new.params[k], state.params[k] - sum(p[i] * d[i] for i in range(len(p))).float())
+
+
+def test_feddyn_round_against_its_equations():
+    sim, _, _ = run(rounds=1, strategy="feddyn", feddyn_alpha=0.2, fraction=0.5)
+    state = sim.initial_state()
+    for r in (1, 2):
+        plan = sim.strategy.configure(r, state, 6, 3)
+        h_before = {k: v[plan.client_ids].clone() for k, v in sim.executor.client_state.items()}
+        updates = sim.executor.train(plan, state.params, r, 0.05)
+        new = sim.strategy.aggregate(r, state, updates)
+        for k, d in updates.deltas.items():
+            theta = state.params[k] - d  # client models
+            theta_bar = theta.mean(0)
+            h = state.extras[f"h.{k}"] - 0.2 * (3 / 6) * (theta_bar - state.params[k])
+            torch.testing.assert_close(new.extras[f"h.{k}"], h, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(new.params[k], theta_bar - h / 0.2, rtol=1e-5, atol=1e-5)
+            h_k = sim.executor.client_state[f"h.{k}"][plan.client_ids]
+            torch.testing.assert_close(h_k, h_before[f"h.{k}"] - 0.2 * (theta - state.params[k]), rtol=1e-5, atol=1e-6)
+        state = new
+
+
+def test_gaf_client_filter_that_always_agrees_is_plain_training():
+    """Two microbatches of equal size always folded: (g1 + g2) / 2 is the whole batch's gradient."""
+    _, plain, _ = run(strategy="fedavg")
+    _, gaf, _ = run(strategy="fedavg", client_filter="gaf", gaf_microbatches=2, gaf_tau=2.0)
+    assert_params_close(plain, gaf, rtol=1e-5, atol=1e-6)
+
+
+def test_gaf_client_filter_that_never_agrees_skips_every_step():
+    sim, state, records = run(rounds=1, strategy="fedavg", client_filter="gaf", gaf_microbatches=4, gaf_tau=0.0)
+    init = sim.initial_state()
+    assert_params_equal(init, state)
+    assert records[0]["update_norm"] == 0.0
+
+
+def test_oscillation_is_the_std_of_the_last_ten_evaluations():
+    _, _, _ = run(rounds=1)
+    from fedsim.simulation import oscillation
+
+    history = [{"test_accuracy": v} for v in [0.1, None, 0.5, 0.2, 0.3, 0.9, 0.4, 0.6, 0.7, 0.8, 0.55]]
+    latest = 0.65
+    values = [0.5, 0.2, 0.3, 0.9, 0.4, 0.6, 0.7, 0.8, 0.55, 0.65]
+    assert oscillation(history, latest) == pytest.approx(float(np.std(values)))
+    assert oscillation([], 0.5) is None
+    assert oscillation([{"test_accuracy": 0.4}], 0.6) == pytest.approx(0.1)

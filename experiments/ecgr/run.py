@@ -109,10 +109,14 @@ def execute(run: dict[str, Any]) -> str:
     """One run in a worker process (single-threaded torch: the sweep parallelizes over runs)."""
     import torch
 
+    from fedsim.errors import DivergenceError
     from fedsim.simulation import simulate
 
     torch.set_num_threads(1)
-    simulate(run["config"], run["out"], overwrite=True, plots=False)
+    try:
+        simulate(run["config"], run["out"], overwrite=True, plots=False)
+    except DivergenceError:  # the run wrote its metrics and a summary marked "diverged"
+        return f"{run['out']} (diverged)"
     return str(run["out"])
 
 
@@ -188,6 +192,7 @@ def summarize(table: dict[str, Any], plan: list[dict[str, Any]], extra: dict[str
                 values["damped_norm_fraction"] = [float(np.mean(d)) if d else None for d in damped]
             if target is not None:
                 values["rounds_to_target"] = [rounds_to(run["rows"], target) for run in runs.values()]
+            values["diverged"] = [float(bool(run["summary"].get("diverged"))) for run in runs.values()]
             entry["methods"][name] = {
                 "stats": {k: stats(v) for k, v in values.items()},
                 "per_seed": {str(s): {k: values[k][i] for k in values} for i, s in enumerate(runs)},
@@ -249,6 +254,9 @@ def markdown(results: dict[str, Any]) -> str:
                 total = len(m["per_seed"])
                 text = fmt(st["rounds_to_target"], 1.0, 1) + f" ({len(reached)}/{total} reached)"
                 row.append(text)
+            diverged = int(sum(v["diverged"] for v in m["per_seed"].values()))
+            if diverged:
+                row[0] += f" ({diverged} of {len(m['per_seed'])} diverged)"
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

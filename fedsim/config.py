@@ -258,6 +258,13 @@ class RunConfig(BaseModel):
                     raise FedsimError(f"option '{name}' applies with {needs}")
         if self.bherd_unit != "microbatch" and self._changed("bherd_microbatches"):
             raise FedsimError("option 'bherd_microbatches' applies with bherd_unit: microbatch")
+        for name, used in (
+            ("gaf_microbatches", self.client_filter == "gaf"),
+            ("bherd_microbatches", self.regulator == "bherd" and self.bherd_unit == "microbatch"),
+        ):
+            if used and self.batch_size % getattr(self, name):
+                count = getattr(self, name)
+                raise FedsimError(f"batch size {self.batch_size} does not split into {name} = {count} equal microbatches")
         added = [n for n in ("regulator", "aggregator", "client_filter") if self._changed(n)]
         if self.topology and added:
             raise FedsimError(f"option '{added[0]}' applies to federated strategies, not to decentralized training")

@@ -314,6 +314,7 @@ class Simulation:
             "num_clients": self.store.num_clients,
             "device": str(self.device),
             "chunk_size": self.executor.chunk_size,
+            "client_state_bytes": sum(v.numel() * v.element_size() for v in self.executor.client_state.values()),
             "dataset": self.config.dataset,
             "model": self.config.model,
             "strategy": self.config.strategy,

@@ -81,8 +81,14 @@ def test_vectorized_matches_sequential(case):
 
 @pytest.mark.parametrize(
     "host",
-    [dict(strategy="fedavg"), dict(strategy="fedprox", mu=0.1), dict(strategy="scaffold", momentum=0.9),
-     dict(strategy="fednova"), dict(strategy="feddyn"), dict(strategy="fedcm")],  # fmt: skip
+    [
+        dict(strategy="fedavg"),
+        dict(strategy="fedprox", mu=0.1),
+        dict(strategy="scaffold", momentum=0.9),
+        dict(strategy="fednova"),
+        dict(strategy="feddyn"),
+        dict(strategy="fedcm"),
+    ],  # fmt: skip
     ids=lambda c: c["strategy"],
 )
 @pytest.mark.parametrize("neutral", [dict(ecgr_beta=1.0), dict(ecgr_rho=1.0)], ids=["beta1", "rho1"])
@@ -155,7 +161,9 @@ def test_scaffold_client_state_stays_with_its_client():
                     assert torch.equal(value[client], before[key][client])
             for row, client in enumerate(plan.client_ids):
                 expected = (
-                    before[key][client] - state.extras[key] + updates.deltas[name][row] / (updates.num_steps[row] * sim.lr(r))
+                    before[key][client]
+                    - state.extras[key]
+                    + updates.deltas[name][row] / (updates.num_steps[row] * sim.lr(r))
                 )
                 torch.testing.assert_close(value[client], expected, rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(updates.extras[f"d{key}"][row], value[client] - before[key][client])

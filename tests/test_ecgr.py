@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -137,8 +136,12 @@ def _stacked(seed=0, clients=3):
 
 @pytest.mark.parametrize(
     "spec",
-    [TrajectorySpec(), TrajectorySpec(dtype=torch.float16), TrajectorySpec(dtype=torch.bfloat16),
-     TrajectorySpec(device="cpu")],  # fmt: skip
+    [
+        TrajectorySpec(),
+        TrajectorySpec(dtype=torch.float16),
+        TrajectorySpec(dtype=torch.bfloat16),
+        TrajectorySpec(device="cpu"),
+    ],  # fmt: skip
 )
 def test_trajectory_gram_and_combine(spec, monkeypatch):
     import fedsim.engine.trajectory as tmod

@@ -178,8 +178,8 @@ def test_positive_classes_out_of_range_is_refused():
 
 def test_cli_runs_dsgda_and_plots_the_gap(cli, tmp_path):
     out = tmp_path / "dro"
-    code, _, err = cli(["simulate", "--topology", RING, "--strategy", "dsgda-atc", "--problem", "dro",
-                        "--dual-lr", "0.2", "--rounds", "2", "--local-steps", "2", "--quiet", "--out", str(out)])  # fmt: skip
+    code, _, err = cli(["simulate", "--topology", RING, "--strategy", "dsgda-atc", "--problem", "dro", "--dual-lr",
+                        "0.2", "--rounds", "2", "--local-steps", "2", "--quiet", "--out", str(out)])  # fmt: skip
     assert code == 0, err
     last = read(out)[-1]
     assert last["primal_dual_gap"] >= 0 and last["worst_class_accuracy"] is not None

@@ -264,7 +264,7 @@ class RunConfig(BaseModel):
         ):
             if used and self.batch_size % getattr(self, name):
                 count = getattr(self, name)
-                raise FedsimError(f"batch size {self.batch_size} does not split into {name} = {count} equal microbatches")
+                raise FedsimError(f"batch size {self.batch_size} does not split into {name} = {count} microbatches")
         added = [n for n in ("regulator", "aggregator", "client_filter") if self._changed(n)]
         if self.topology and added:
             raise FedsimError(f"option '{added[0]}' applies to federated strategies, not to decentralized training")

@@ -202,3 +202,61 @@ def bench_dsgd(
         result["per_node_loop"] = {"seconds_per_step": t_loop / steps, "repeats": loop_repeats}
         result["vectorized_over_loop"] = t_loop / t_vec
     return result
+
+
+def bench_regulator(
+    *,
+    regulator: str = "ecgr",
+    strategy: str = "fedavg",
+    dataset: str = "digits",
+    model: str = "mlp",
+    clients: int = 20,
+    local_steps: int = 40,
+    batch_size: int = 32,
+    repeats: int = 5,
+    device: str = "auto",
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Per-round time of ``strategy`` with and without a client regulator (vectorized engine, full
+    participation, ``local_steps`` steps of ``batch_size``), timed alternately in one process after a warm-up
+    round each; returns the medians and the overhead ``t_regulated / t_plain - 1``."""
+    from fedsim.config import make_config
+    from fedsim.simulation import Simulation
+
+    base = dict(
+        dataset=dataset, model=model, clients=clients, local_steps=local_steps, batch_size=batch_size, device=device,
+        strategy=strategy, rounds=1, checkpoint_every=0, sampler="iid", partition="iid", client_test_fraction=0.0,
+    )  # fmt: skip
+    plain = Simulation(make_config(base))
+    regulated = Simulation(make_config({**base, "regulator": regulator, **(options or {})}))
+    dev = plain.device
+    states = {"plain": plain.initial_state(), "regulated": regulated.initial_state()}
+    sims = {"plain": plain, "regulated": regulated}
+    times: dict[str, list[float]] = {"plain": [], "regulated": []}
+
+    def once(name: str) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        sims[name].round(1, states[name])
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
+    for name in sims:  # warm-up
+        once(name)
+    for _ in range(repeats):
+        for name in sims:
+            times[name].append(once(name))
+    t_plain, t_reg = statistics.median(times["plain"]), statistics.median(times["regulated"])
+    spec = regulated.executor.algorithm.trajectory
+    return {
+        "regulator": regulator, "strategy": strategy, "dataset": dataset, "model": model, "clients": clients,
+        "local_steps": local_steps, "batch_size": batch_size, "repeats": repeats, "device": str(dev),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "num_params": plain.num_params,
+        "chunk_size": regulated.executor.chunk_size, "options": options or {},
+        "trajectory_bytes_per_client": regulated.executor.trajectory_bytes(regulated.init_params) if spec else 0,
+        "plain": {"seconds_per_round": t_plain, "all": times["plain"]},
+        "regulated": {"seconds_per_round": t_reg, "all": times["regulated"]},
+        "overhead": t_reg / t_plain - 1.0,
+    }  # fmt: skip

@@ -273,13 +273,14 @@ def list_components() -> None:
     from fedsim.data.samplers import SAMPLERS
     from fedsim.models import MODELS
     from fedsim.optim import OPTIMIZERS, SCHEDULES
-    from strategies import STRATEGIES
+    from strategies import AGGREGATORS, CLIENT_FILTERS, DECENTRALIZED, REGULATORS, STRATEGIES
     from topologies import GENERATORS, MIXING_METHODS
 
     for title, names in (
         ("datasets", DATASETS), ("partitioners", PARTITIONERS), ("samplers", SAMPLERS), ("models", MODELS),
-        ("strategies", STRATEGIES), ("optimizers", OPTIMIZERS), ("lr schedules", SCHEDULES),
-        ("topologies", GENERATORS), ("mixing", MIXING_METHODS),
+        ("strategies", STRATEGIES), ("decentralized", DECENTRALIZED), ("regulators", REGULATORS),
+        ("aggregators", AGGREGATORS), ("client filters", CLIENT_FILTERS), ("optimizers", OPTIMIZERS),
+        ("lr schedules", SCHEDULES), ("topologies", GENERATORS), ("mixing", MIXING_METHODS),
     ):  # fmt: skip
         typer.echo(f"{title + ':':14} {', '.join(names)}")
 
@@ -335,6 +336,30 @@ def bench_dsgd_cmd(
 
     result = bench_dsgd(nodes=nodes, topology=topology, model=model, steps=steps, repeats=repeats, device=device,
                         loop=not skip_loop)  # fmt: skip
+    _emit_json(result, out)
+
+
+@bench_app.command("regulator")
+def bench_regulator_cmd(
+    regulator: Annotated[str, Opt(help="ecgr | bherd")] = "ecgr",
+    strategy: Annotated[str, Opt(help="Host strategy.")] = "fedavg",
+    dataset: Annotated[str, Opt(help="Data set.")] = "digits",
+    model: Annotated[str, Opt(help="Model name.")] = "mlp",
+    clients: Annotated[int, Opt(min=1, help="Clients (all trained every round).")] = 20,
+    local_steps: Annotated[int, Opt(min=1, help="Local steps K per round.")] = 40,
+    batch_size: Annotated[int, Opt(min=1, help="Minibatch size.")] = 32,
+    repeats: Annotated[int, Opt(min=1, help="Timed rounds per variant (median reported).")] = 5,
+    device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
+    set_: Annotated[list[str] | None, Opt("--set", help="Regulator option KEY=VALUE (repeatable).")] = None,
+    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
+) -> None:
+    """Per-round time of a strategy with and without a client regulator (ECGR's overhead)."""
+    from fedsim.bench import bench_regulator
+
+    result = bench_regulator(
+        regulator=regulator, strategy=strategy, dataset=dataset, model=model, clients=clients,
+        local_steps=local_steps, batch_size=batch_size, repeats=repeats, device=device, options=_parse_pairs(set_),
+    )  # fmt: skip
     _emit_json(result, out)
 
 

@@ -99,7 +99,7 @@ def test_divergence_exit_code_3(tmp_path, cli):
 def test_list(cli):
     code, stdout, _ = cli(["list"])
     assert code == 0
-    for word in ("digits", "dirichlet", "shuffle", "lenet5", "fedyogi", "adamw", "cosine"):
+    for word in ("digits", "dirichlet", "shuffle", "lenet5", "fedyogi", "adamw", "cosine", "scaffold-m", "ecgr", "krum"):
         assert word in stdout
 
 
@@ -233,3 +233,19 @@ def test_usage_error_type_matches_installed_typer():
         app(args=["simulate", "--rounds", "abc"], standalone_mode=False)
     source = (Path(__file__).resolve().parents[1] / "fedsim" / "cli.py").read_text()
     assert "\nimport click" not in source and "    import click" not in source
+
+
+def test_bench_regulator_json(tmp_path, cli):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "regulator", "--clients", "4", "--local-steps", "3", "--repeats", "1", "--device", "cpu",
+            "--set", "ecgr_beta=0.5", "--out", str(out)]  # fmt: skip
+    code, stdout, err = cli(argv)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["regulated"]["seconds_per_round"] > 0 and result["plain"]["seconds_per_round"] > 0
+    assert result["overhead"] == pytest.approx(
+        result["regulated"]["seconds_per_round"] / result["plain"]["seconds_per_round"] - 1
+    )
+    assert result["trajectory_bytes_per_client"] == 3 * result["num_params"] * 4 + 8 * 9
+    code, _, err = cli(["bench", "regulator", "--clients", "4", "--set", "ecgr_rho=2"])
+    assert code == 2 and "ecgr_rho" in err

@@ -95,7 +95,7 @@ def test_client_side_options_from_the_cli(tmp_path, cli, flags):
         (["--regulator", "ecgr", "--topology", "experiments/topologies/ring16.graphml"], "federated strategies"),
         (
             ["--set", "client_filter=gaf", "--set", "gaf_microbatches=5"],
-            "does not split into gaf_microbatches = 5 equal microbatches",
+            "does not split into gaf_microbatches = 5 microbatches",
         ),
         (["--set", "train_samples=100000"], "train_samples must be in [1, 1437]"),
     ],

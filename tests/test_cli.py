@@ -99,7 +99,8 @@ def test_divergence_exit_code_3(tmp_path, cli):
 def test_list(cli):
     code, stdout, _ = cli(["list"])
     assert code == 0
-    for word in ("digits", "dirichlet", "shuffle", "lenet5", "fedyogi", "adamw", "cosine", "scaffold-m", "ecgr", "krum"):
+    words = ("digits", "dirichlet", "shuffle", "lenet5", "fedyogi", "adamw", "cosine", "scaffold-m", "ecgr", "krum")
+    for word in words:
         assert word in stdout
 
 

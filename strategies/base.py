@@ -7,6 +7,7 @@ import math
 from typing import ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from fedsim import rng
@@ -52,6 +53,10 @@ class Strategy:
 
     name: ClassVar[str] = "base"
     client_algorithm: ClientAlgorithm
+    server_state: ClassVar[tuple[str, ...]] = ()
+    """Prefixes of per-parameter server state in ``extras``, zero at the start (``"c."``: ``c.<param>``)."""
+    broadcast: ClassVar[tuple[str, ...]] = ()
+    """Prefixes of the ``extras`` sent to the selected clients with the model (SCAFFOLD's ``c``)."""
 
     def __init__(self, fraction: float = 1.0, min_clients: int = 1, aggregator: Aggregator | None = None):
         if not 0.0 < fraction <= 1.0:
@@ -69,14 +74,18 @@ class Strategy:
         return self.aggregator(tree, weights)
 
     def init(self, params: Tree) -> ServerState:
-        """Initial server state from the initial global parameters."""
-        return ServerState(params={k: v.detach().clone() for k, v in params.items()})
+        """Initial server state from the initial global parameters (plus zero :attr:`server_state`)."""
+        extras = {f"{prefix}{k}": torch.zeros_like(v) for prefix in self.server_state for k, v in params.items()}
+        return ServerState({k: v.detach().clone() for k, v in params.items()}, extras)
 
     def configure(
         self, round_: int, state: ServerState, num_clients: int, seed: int, available: np.ndarray | None = None
     ) -> Plan:
         """Pick this round's clients (among ``available`` when given: sorted ids) and the broadcast extras."""
-        return Plan(select_clients(num_clients, self.fraction, self.min_clients, seed, round_, available))
+        ids = select_clients(num_clients, self.fraction, self.min_clients, seed, round_, available)
+        return Plan(
+            ids, {k: v for k, v in state.extras.items() if k.startswith(self.broadcast)} if self.broadcast else {}
+        )
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         """New server state from the clients' updates: ``server_update`` of the weighted mean delta."""

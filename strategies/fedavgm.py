@@ -17,16 +17,12 @@ class FedAvgM(Strategy):
     """
 
     name = "fedavgm"
+    server_state = ("momentum.",)
 
     def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.9, **kwargs):
         super().__init__(**kwargs)
         check_positive(server_lr=server_lr)
         self.server_lr, self.server_momentum = server_lr, server_momentum
-
-    def init(self, params: Tree) -> ServerState:
-        state = super().init(params)
-        state.extras = {f"momentum.{k}": v.new_zeros(v.shape) for k, v in params.items()}
-        return state
 
     def server_update(self, round_: int, state: ServerState, mean_delta: Tree) -> ServerState:
         momentum = {k: state.extras[f"momentum.{k}"] for k in mean_delta}

@@ -20,9 +20,7 @@ model difference would fold the momentum into them); ``scaffold_control`` switch
 
 from __future__ import annotations
 
-import torch
-
-from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, LocalContext, Plan, ServerState
+from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
 from fedsim.engine.pytree import Tree
 from fedsim.errors import FedsimError
 
@@ -79,22 +77,13 @@ class FedCM(Strategy):
     """FedCM / FedAvg-M (see the module docstring)."""
 
     name = "fedcm"
+    server_state = broadcast = ("m.",)
 
     def __init__(self, fedcm_beta: float = 0.1, server_lr: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         check_positive(server_lr=server_lr)
         self.beta, self.server_lr = check_beta(fedcm_beta), server_lr
         self.client_algorithm = MomentumClient(self.beta)
-
-    def init(self, params: Tree) -> ServerState:
-        state = super().init(params)
-        state.extras.update({f"m.{k}": torch.zeros_like(v) for k, v in params.items()})
-        return state
-
-    def configure(self, round_, state, num_clients, seed, available=None) -> Plan:
-        plan = super().configure(round_, state, num_clients, seed, available)
-        plan.broadcast = {k: v for k, v in state.extras.items() if k.startswith("m.")}
-        return plan
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         mean_delta = self.reduce(updates.deltas, updates.weights)
@@ -106,21 +95,12 @@ class ScaffoldM(SCAFFOLD):
     """SCAFFOLD-M (see the module docstring): SCAFFOLD's control variates plus FedCM's momentum."""
 
     name = "scaffold-m"
+    server_state = broadcast = ("c.", "m.")
 
     def __init__(self, fedcm_beta: float = 0.1, scaffold_control: str = "gradient_mean", **kwargs):
         super().__init__(scaffold_control=scaffold_control, **kwargs)
         self.beta = check_beta(fedcm_beta)
         self.client_algorithm = ScaffoldMomentumClient(self.beta, scaffold_control)
-
-    def init(self, params: Tree) -> ServerState:
-        state = super().init(params)
-        state.extras.update({f"m.{k}": torch.zeros_like(v) for k, v in params.items()})
-        return state
-
-    def configure(self, round_, state, num_clients, seed, available=None) -> Plan:
-        plan = super().configure(round_, state, num_clients, seed, available)
-        plan.broadcast = {k: v for k, v in state.extras.items() if k.startswith(("c.", "m."))}
-        return plan
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         new = super().aggregate(round_, state, updates)

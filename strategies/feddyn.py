@@ -48,6 +48,7 @@ class FedDyn(Strategy):
     """FedDyn's server (see the module docstring)."""
 
     name = "feddyn"
+    server_state = ("h.",)
 
     def __init__(self, feddyn_alpha: float = 0.01, **kwargs):
         super().__init__(**kwargs)
@@ -55,11 +56,6 @@ class FedDyn(Strategy):
             raise FedsimError(f"feddyn_alpha must be > 0, got {feddyn_alpha}")
         self.alpha = feddyn_alpha
         self.client_algorithm = FedDynClient(feddyn_alpha)
-
-    def init(self, params: Tree) -> ServerState:
-        state = super().init(params)
-        state.extras.update({f"h.{k}": torch.zeros_like(v) for k, v in params.items()})
-        return state
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         count = len(updates.client_ids)

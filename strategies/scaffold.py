@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, LocalContext, Plan, ServerState
+from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
 from fedsim.engine.pytree import Tree
 
 from .base import Strategy, apply_step, check_positive
@@ -87,22 +87,13 @@ class SCAFFOLD(Strategy):
     """SCAFFOLD's server (see the module docstring); ``server_lr`` is eta_g (default 1)."""
 
     name = "scaffold"
+    server_state = broadcast = ("c.",)
 
     def __init__(self, server_lr: float = 1.0, scaffold_control: str = "model_difference", **kwargs):
         super().__init__(**kwargs)
         check_positive(server_lr=server_lr)
         self.server_lr = server_lr
         self.client_algorithm = ScaffoldClient(scaffold_control)
-
-    def init(self, params: Tree) -> ServerState:
-        state = super().init(params)
-        state.extras.update({f"c.{k}": torch.zeros_like(v) for k, v in params.items()})
-        return state
-
-    def configure(self, round_, state, num_clients, seed, available=None) -> Plan:
-        plan = super().configure(round_, state, num_clients, seed, available)
-        plan.broadcast = {k: v for k, v in state.extras.items() if k.startswith("c.")}
-        return plan
 
     def update_control(self, state: ServerState, updates: ClientUpdates) -> Tree:
         """``c + (|S| / N) mean_k (c_k+ - c_k)``."""

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .protocol import ClientAlgorithm, LocalContext, TrajectorySpec
-from .pytree import Tree, stack
+from .pytree import Tree, flatten, stack
 from .trajectory import Trajectory, num_units
 
 GRAD_MODES = ("sum", "vmap")
@@ -95,15 +95,27 @@ def check_microbatches(batch_size: int, microbatches: int) -> int:
 
 
 class _Recorder:
-    """Writes a chunk's trajectory during local training (step deltas, microbatch or per-sample units)."""
+    """Writes a chunk's trajectory during local training (step deltas, microbatch or per-sample units).
 
-    def __init__(self, spec: TrajectorySpec, params: Tree, steps: int, batch: int, lr: float):
+    Step units stored in the parameters' dtype keep the iterates ``w_k`` (one copy per step) and difference
+    them once at the end (:meth:`Trajectory.differences_`); in a narrower dtype every delta is formed in full
+    precision against a copy of the previous iterate before it is stored."""
+
+    def __init__(
+        self, spec: TrajectorySpec, params: Tree, steps: int, batch: int, lr: float, buffer: Tensor | None = None
+    ):
         self.spec, self.lr = spec, lr
-        self.trajectory = Trajectory(params, num_units(spec, steps, batch), spec)
-        self.prev = {k: v.clone() for k, v in params.items()} if spec.unit == "step" else None
+        step_unit = spec.unit == "step"
+        first = next(iter(params.values()))
+        self.iterates = step_unit and (spec.dtype is None or spec.dtype == first.dtype)
+        self.trajectory = Trajectory(params, num_units(spec, steps, batch), spec, buffer, zero=not step_unit)
+        self.prev = {k: v.clone() for k, v in params.items()} if step_unit and not self.iterates else None
 
     def after_step(self, k: int, params: Tree, active: Tensor) -> None:
         """Step unit: ``D_k = w_before - w_after`` (zero for clients that did not step)."""
+        if self.iterates:
+            self.trajectory.write(k, params, active)
+            return
         if self.prev is None:
             return
         for key, p in params.items():
@@ -111,6 +123,12 @@ class _Recorder:
         self.trajectory.write(k, self.prev, active)
         for key, p in params.items():
             self.prev[key].copy_(p)
+
+    def finish(self, origin: Tree) -> Trajectory:
+        """The completed trajectory (iterates turned into deltas)."""
+        if self.iterates:
+            self.trajectory.differences_(flatten(origin))
+        return self.trajectory
 
     def microbatch(self, k: int, grads: Tree, counts: Tensor) -> None:
         """Microbatch unit: ``eta (n_m / n) g_m`` for the M slices of step k."""
@@ -145,6 +163,7 @@ class VectorizedTrainer:
         def sample_loss(params: Tree, x: Tensor, y: Tensor) -> Tensor:
             return loss_fn(model_forward(params, x.unsqueeze(0)), y.unsqueeze(0)).squeeze(0)
 
+        self._trajectory_buffer: Tensor | None = None  # reused across chunks and rounds
         self._vmapped_grad = vmap(grad_and_value(client_loss))
         self._vmapped_forward = vmap(self._forward)
         self._per_sample_grad = vmap(vmap(grad(sample_loss), in_dims=(None, 0, 0)))
@@ -256,7 +275,10 @@ class VectorizedTrainer:
         step_active = mask.any(dim=2)  # [C, K]
         all_active = step_active.all(dim=0).tolist()
         spec = algorithm.trajectory
-        recorder = _Recorder(spec, params, num_steps_max, batch, lr) if spec is not None else None
+        recorder = None
+        if spec is not None:
+            recorder = _Recorder(spec, params, num_steps_max, batch, lr, self._trajectory_buffer)
+            self._trajectory_buffer = recorder.trajectory.units
         loss_sum = torch.zeros(num_clients, dtype=torch.float64, device=sample_index.device)
         taken = torch.zeros(num_clients, dtype=torch.long, device=sample_index.device)
         for k in range(num_steps_max):
@@ -286,7 +308,7 @@ class VectorizedTrainer:
         deltas, extras, new_client_state = algorithm.finish(deltas, taken, ctx)
         stats: Tree = {}
         if recorder is not None:
-            deltas, stats = algorithm.regulate(deltas, recorder.trajectory, taken)
+            deltas, stats = algorithm.regulate(deltas, recorder.finish(origin), taken)
         train_loss = (loss_sum / batches.clamp_min(1)).float()
         return ChunkResult(deltas, taken, train_loss, extras, new_client_state, opt_state, stats)
 
@@ -378,7 +400,7 @@ def train_sequential(
         deltas, extras, new_state = algorithm.finish(deltas, steps_t, ctx)
         stats: Tree = {}
         if recorder is not None:
-            deltas, stats = algorithm.regulate(deltas, recorder.trajectory, steps_t)
+            deltas, stats = algorithm.regulate(deltas, recorder.finish(origin), steps_t)
         results.append((deltas, taken, loss_sum / max(steps, 1), extras, new_state, opt_state_c, stats))
     cat = lambda i: {k: torch.cat([r[i][k] for r in results]) for k in results[0][i]}  # noqa: E731
     return ChunkResult(

@@ -54,7 +54,10 @@ class Trajectory:
     """The recorded units of a chunk: ``units[C, U, D]`` and ``mask[C, U]`` (True where a unit was recorded;
     masked units, e.g. steps a ragged client did not take, are zero and never selected)."""
 
-    def __init__(self, params: Tree, count: int, spec: TrajectorySpec | None = None):
+    def __init__(
+        self, params: Tree, count: int, spec: TrajectorySpec | None = None, buffer: Tensor | None = None,
+        zero: bool = True,
+    ):  # fmt: skip
         spec = spec or TrajectorySpec()
         first = next(iter(params.values()))
         self.spec = spec
@@ -63,9 +66,13 @@ class Trajectory:
         self.layout = [(k, tuple(v.shape[1:]), v[0].numel()) for k, v in params.items()]
         self.dim = sum(n for _, _, n in self.layout)
         storage_device = torch.device(spec.device) if spec.device not in (None, "same") else first.device
-        self.units = torch.zeros(
-            self.num_clients, count, self.dim, dtype=spec.dtype or first.dtype, device=storage_device
-        )
+        shape, dtype = (self.num_clients, count, self.dim), spec.dtype or first.dtype
+        if buffer is not None and buffer.shape == shape and buffer.dtype == dtype and buffer.device == storage_device:
+            self.units = buffer  # reused: no allocation and no first-touch page faults per round
+        else:
+            self.units = torch.empty(shape, dtype=dtype, device=storage_device)
+        if zero:
+            self.units.zero_()
         self.mask = torch.zeros(self.num_clients, count, dtype=torch.bool, device=first.device)
 
     @property
@@ -91,6 +98,16 @@ class Trajectory:
             offset += numel
         flags = torch.ones(self.num_clients, n, dtype=torch.bool, device=self.mask.device) if active is None else active
         self.mask[:, start : start + n] = flags.reshape(self.num_clients, n)
+
+    def differences_(self, origin: Tensor) -> None:
+        """Turn stored iterates ``W_0..W_{U-1}`` (the parameters after each step) into step deltas in place:
+        ``D_k = W_{k-1} - W_k`` with ``W_{-1} = origin`` (``[C, D]`` or ``[1, D]``). The subtraction is the
+        same float operation as differencing during training, so both give identical deltas."""
+        for k in range(self.num_units - 1, 0, -1):
+            torch.sub(self.units[:, k - 1], self.units[:, k], out=self.units[:, k])
+        if self.num_units:
+            first = self.units[:, 0]
+            torch.sub(origin.to(first.device, first.dtype).expand_as(first), first, out=first)
 
     def _blocks(self):
         """Column blocks of the buffer as float32 (or the parameters' dtype) on the compute device."""

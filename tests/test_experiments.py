@@ -1,5 +1,6 @@
 """Shipped experiment configs stay valid, and the README's example config is the shipped one."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,58 @@ def test_generalization_script_sweeps_and_plots(tmp_path):
     assert stats["min"] <= stats["q10"] <= stats["median"] <= stats["q90"] <= stats["max"]
     assert script.fit_inverse_sqrt(rows) > 0
     assert script.plot_sweep("nodes", result, tmp_path / "nodes.png").stat().st_size > 1000
+
+
+def _ecgr_runner():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ecgr_run", ROOT / "experiments" / "ecgr" / "run.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+ECGR_TABLES = sorted((ROOT / "experiments" / "ecgr").glob("table_*.yaml"))
+
+
+@pytest.mark.parametrize("path", ECGR_TABLES, ids=[p.name for p in ECGR_TABLES])
+def test_ecgr_tables_plan_valid_configs(path, tmp_path):
+    script = _ecgr_runner()
+    table = script.read_table(path)
+    plan = script.plan_runs(table, tmp_path, {}, [int(s) for s in table["seeds"]])
+    assert len(plan) == len(script.grid_points(table["grid"])) * len(table["methods"]) * len(table["seeds"])
+    assert all(r["config"].rounds == 100 and r["config"].clients == 10 for r in plan)  # the paper's setup
+    for name, method in table["methods"].items():
+        other = script.compared_with(name, method)
+        assert other is None or other in table["methods"]
+
+
+def test_ecgr_runner_tables_pairs_and_resumes(tmp_path, capsys):
+    script = _ecgr_runner()
+    table = tmp_path / "table_tiny.yaml"
+    table.write_text(
+        "title: tiny\nbase: " + str(ROOT / "experiments" / "ecgr" / "base.yaml") + "\n"
+        "grid: {alpha: [0.5]}\nseeds: [0, 1]\ntarget: 0.2\n"
+        "methods:\n  FedAvg: {strategy: fedavg}\n  FedAvg+ECGR: {strategy: fedavg, regulator: ecgr}\n"
+    )
+    argv = [str(table), "--set", "dataset=digits", "--set", "model=mlp", "--set", "rounds=3",
+            "--set", "min_client_size=20", "--set", "lr=0.05", "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert script.main(argv) == 0
+    results = json.loads((tmp_path / "out" / "table_tiny.json").read_text())
+    methods = results["points"][0]["methods"]
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 4
+    finals = {}
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        finals[run.name] = summary["final_test_accuracy"]
+    plain = [v for k, v in finals.items() if "ECGR" not in k]
+    assert methods["FedAvg"]["stats"]["final_test_accuracy"]["mean"] == pytest.approx(sum(plain) / 2)
+    diff = methods["FedAvg+ECGR"]["vs"]
+    assert diff["method"] == "FedAvg" and diff["final_test_accuracy"]["n"] == 2
+    assert "FedAvg+ECGR" in (tmp_path / "out" / "table_tiny.md").read_text()
+    assert (tmp_path / "out" / "table_tiny_alpha_0.5.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert script.main(argv) == 0  # everything is done: nothing runs again
+    assert "4 of 4 runs already done; running 0" in capsys.readouterr().out

@@ -9,8 +9,10 @@ tables that share a configuration (the FedAvg baseline of several tables) share 
 
 Outputs in ``--out`` (default ``experiments/results/ecgr``), for table ``T``:
 
-- ``T.md``: per grid point and method, final and best test accuracy, oscillation (std of test accuracy over
-  the last 10 evaluations) as mean +- std over seeds, rounds to the target accuracy when the table sets one,
+- ``T.md``: per grid point and method, final and best test accuracy, the final oscillation (std of test
+  accuracy over the last 10 evaluations) and the mean oscillation (that rolling std averaged over all rounds:
+  with the step-decayed learning rate the final one is near zero for every method), as mean +- std over
+  seeds, rounds to the target accuracy when the table sets one,
   ECGR's damped norm fraction, and the paired difference to the compared row (mean +- std over seeds);
 - ``T.json``: the same numbers, the per-round mean curves and the exact protocol (overrides included);
 - ``T_<grid point>.png``: test accuracy and client drift per round (mean over seeds, band: min-max).
@@ -42,6 +44,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() not in (HERE, HERE.p
 from fedsim.config import dump_config, load_config, make_config  # noqa: E402
 
 SUMMARY_KEYS = ("final_test_accuracy", "best_test_accuracy", "final_oscillation")
+COMPARED_KEYS = (*SUMMARY_KEYS, "mean_oscillation")
 
 
 def read_table(path: Path) -> dict[str, Any]:
@@ -180,6 +183,10 @@ def summarize(table: dict[str, Any], plan: list[dict[str, Any]], extra: dict[str
             runs = {r["seed"]: read_run(r["out"]) for r in plan if r["point"] == point and r["method"] == name}
             per_seed[name] = runs
             values: dict[str, list] = {key: [run["summary"].get(key) for run in runs.values()] for key in SUMMARY_KEYS}
+            values["mean_oscillation"] = [
+                float(np.mean([row["oscillation"] for row in run["rows"] if row.get("oscillation") is not None]))
+                for run in runs.values()
+            ]
             values["mean_drift"] = [
                 float(np.mean([row["drift"] for row in run["rows"] if row.get("drift") is not None]))
                 for run in runs.values()
@@ -203,15 +210,10 @@ def summarize(table: dict[str, Any], plan: list[dict[str, Any]], extra: dict[str
             if other is None or other not in per_seed:
                 continue
             diffs: dict[str, list] = {}
-            for key in SUMMARY_KEYS:
-                diffs[key] = [
-                    per_seed[name][s]["summary"].get(key) - per_seed[other][s]["summary"].get(key)
-                    if per_seed[name][s]["summary"].get(key) is not None
-                    and per_seed[other][s]["summary"].get(key) is not None
-                    else None
-                    for s in per_seed[name]
-                    if s in per_seed[other]
-                ]
+            mine, theirs = entry["methods"][name]["per_seed"], entry["methods"][other]["per_seed"]
+            for key in COMPARED_KEYS:
+                pairs = [(mine[s][key], theirs[s][key]) for s in mine if s in theirs]
+                diffs[key] = [a - b if a is not None and b is not None else None for a, b in pairs]
             entry["methods"][name]["vs"] = {"method": other, **{k: stats(v) for k, v in diffs.items()}}
         results["points"].append(entry)
     return results
@@ -227,14 +229,16 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# {results['title']}", ""]
     lines.append(
         f"Base config `experiments/ecgr/{results['base']}`; overrides {json.dumps(results['overrides']) or '{}'}; "
-        f"seeds {results['seeds']}. Accuracies in %, mean ± std over seeds; Δ is the paired difference to the "
-        "compared row (same seed, same data split)."
+        f"seeds {results['seeds']}. Accuracies and oscillations in percentage points, mean ± std over seeds; "
+        "final osc. = std of test accuracy over the last 10 rounds, mean osc. = that rolling std averaged over "
+        "all rounds; Δ is the paired difference to the compared row (same seed, same data split)."
     )
     target = results.get("target")
     for entry in results["points"]:
         lines += ["", f"## {entry['key']}", ""]
         head = (
-            "| method | final acc | best acc | oscillation | mean drift | damped | Δ final | Δ best | Δ oscillation |"
+            "| method | final acc | best acc | final osc. | mean osc. | mean drift | damped norm "
+            "| Δ final | Δ best | Δ mean osc. |"
         )
         if target is not None:
             head += f" rounds to {target:.0%} |"
@@ -245,9 +249,9 @@ def markdown(results: dict[str, Any]) -> str:
             damped = fmt(st["damped_norm_fraction"], 1.0) if "damped_norm_fraction" in st else ""
             row = [
                 name, fmt(st["final_test_accuracy"]), fmt(st["best_test_accuracy"]), fmt(st["final_oscillation"]),
-                fmt(st["mean_drift"], 1.0), damped,
+                fmt(st["mean_oscillation"]), fmt(st["mean_drift"], 1.0), damped,
                 fmt(vs["final_test_accuracy"]) if vs else "", fmt(vs["best_test_accuracy"]) if vs else "",
-                fmt(vs["final_oscillation"]) if vs else "",
+                fmt(vs["mean_oscillation"]) if vs else "",
             ]  # fmt: skip
             if target is not None:
                 reached = [v for v in m["per_seed"].values() if v["rounds_to_target"] is not None]

@@ -374,8 +374,9 @@ def _plot_client_accuracy(records: Sequence[dict], out: Path, title: str) -> Pat
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write the standard plots of one run into its folder and return the paths written.
 
-    * ``convergence.png``: test accuracy, and in a second panel train and test loss, vs round;
-    * ``drift.png``: client drift and update norm vs round;
+    * ``convergence.png``: test accuracy, and in further panels train and test loss and the oscillation
+      (std of test accuracy over the last 10 evaluations), vs round;
+    * ``drift.png``: client drift and update norm vs round, and a regulator's damped norm fraction;
     * ``consensus.png`` (decentralized runs): consensus distance, spectral gap of W_t, and the generalization
       gaps of the average model and of the nodes;
     * min-max runs add the problem's metrics (``test_auc``, ``worst_class_accuracy``) to the accuracy panel
@@ -392,11 +393,16 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     convergence = _plot_panel_group(
         records,
-        [["test_accuracy", "test_auc", "worst_class_accuracy"], ["train_loss", "test_loss"], ["primal_dual_gap"]],
+        [
+            ["test_accuracy", "test_auc", "worst_class_accuracy"],
+            ["train_loss", "test_loss"],
+            ["primal_dual_gap"],
+            ["oscillation"],
+        ],
         run / "convergence.png",
         title,
     )
-    drift = _plot_panel_group(records, [["drift"], ["update_norm"]], run / "drift.png", title)
+    drift = _plot_panel_group(records, [["drift"], ["update_norm"], ["damped_norm_fraction"]], run / "drift.png", title)
     consensus = _plot_panel_group(
         records,
         [["consensus_distance"], ["spectral_gap"], ["generalization_gap", "node_generalization_gap"]],

@@ -278,3 +278,15 @@ def test_import_is_cheap() -> None:
     code = "import sys, fedsim.plots; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_plot_run_adds_regulator_and_oscillation_panels(tmp_path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    base = [{"round": r, "train_loss": 1.0, "update_norm": 0.5, "drift": 0.3, "test_accuracy": 0.5} for r in range(4)]
+    extra = [{**row, "damped_norm_fraction": 0.4, "oscillation": 0.01 * i} for i, row in enumerate(base)]
+    plain = plot_run(write_run(tmp_path, "plain", base, config={}))
+    regulated = plot_run(write_run(tmp_path, "regulated", extra, config={}))
+    height = {p.parent.name + "/" + p.name: mpimg.imread(p).shape[0] for p in [*plain, *regulated]}
+    assert height["regulated/drift.png"] > height["plain/drift.png"]
+    assert height["regulated/convergence.png"] > height["plain/convergence.png"]

@@ -63,6 +63,7 @@ class RunConfig(BaseModel):
     feddyn_alpha: float = Field(0.01, gt=0)
     fednova_form: Literal["simplified", "general"] = "simplified"
     scaffold_control: Literal["model_difference", "gradient_mean"] | None = None  # None: the strategy's default
+    scaffold_correction: Literal["after_step", "gradient"] = "after_step"
     # robust aggregation (any federated strategy)
     aggregator: Literal["mean", "median", "trimmed_mean", "krum", "gaf"] = "mean"
     trim_fraction: float = Field(0.1, ge=0, lt=0.5)
@@ -292,7 +293,7 @@ class RunConfig(BaseModel):
             "fraction": self.fraction, "min_clients": self.min_clients,
             "server_momentum": self.server_momentum, "beta1": self.beta1, "beta2": self.beta2,
             "fedcm_beta": self.fedcm_beta, "feddyn_alpha": self.feddyn_alpha, "fednova_form": self.fednova_form,
-            "local_momentum": self.momentum,
+            "local_momentum": self.momentum, "scaffold_correction": self.scaffold_correction,
         }  # fmt: skip
         if self.strategy == "fedprox" or self._changed("mu"):
             opts["mu"] = self.mu
@@ -306,7 +307,7 @@ MINIMAX_FIELDS = ("problem", "dual_lr", "positive_classes", "dro_lambda")
 SAMPLER_FIELDS = ("laziness", "markov_degree")
 STRATEGY_FIELDS = (
     "mu", "server_lr", "server_momentum", "beta1", "beta2", "tau",
-    "fedcm_beta", "feddyn_alpha", "fednova_form", "scaffold_control",
+    "fedcm_beta", "feddyn_alpha", "fednova_form", "scaffold_control", "scaffold_correction",
 )  # fmt: skip
 REGULATOR_FIELDS = {
     "ecgr": ("ecgr_rho", "ecgr_beta", "ecgr_center"),

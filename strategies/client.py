@@ -35,6 +35,9 @@ class ComposedClient(ClientAlgorithm):
     def grad_transform(self, grads: Tree, params: Tree, ctx: LocalContext) -> Tree:
         return self.host.grad_transform(grads, params, ctx)
 
+    def after_step(self, params: Tree, ctx: LocalContext) -> Tree:
+        return self.host.after_step(params, ctx)
+
     def project(self, params: Tree) -> Tree:
         return self.host.project(params)
 

@@ -54,12 +54,13 @@ class MomentumClient(ClientAlgorithm):
 
 
 class ScaffoldMomentumClient(ScaffoldClient):
-    """SCAFFOLD-M's local direction ``beta (g - c_k + c) + (1 - beta) m``."""
+    """SCAFFOLD-M's local direction ``beta (g - c_k + c) + (1 - beta) m`` (with ``correction="after_step"``
+    the optimizer sees ``beta g + (1 - beta) m`` and ``beta (c - c_k)`` is applied after the step)."""
 
     name = "scaffold-m"
 
-    def __init__(self, beta: float, control: str = "gradient_mean"):
-        super().__init__(control)
+    def __init__(self, beta: float, control: str = "gradient_mean", correction: str = "after_step"):
+        super().__init__(control, correction, scale=beta if correction == "after_step" else 1.0)
         self.beta = beta
 
     def grad_transform(self, grads: Tree, params: Tree, ctx: LocalContext) -> Tree:
@@ -97,10 +98,13 @@ class ScaffoldM(SCAFFOLD):
     name = "scaffold-m"
     server_state = broadcast = ("c.", "m.")
 
-    def __init__(self, fedcm_beta: float = 0.1, scaffold_control: str = "gradient_mean", **kwargs):
-        super().__init__(scaffold_control=scaffold_control, **kwargs)
+    def __init__(
+        self, fedcm_beta: float = 0.1, scaffold_control: str = "gradient_mean", scaffold_correction: str = "after_step",
+        **kwargs,
+    ):  # fmt: skip
+        super().__init__(scaffold_control=scaffold_control, scaffold_correction=scaffold_correction, **kwargs)
         self.beta = check_beta(fedcm_beta)
-        self.client_algorithm = ScaffoldMomentumClient(self.beta, scaffold_control)
+        self.client_algorithm = ScaffoldMomentumClient(self.beta, scaffold_control, scaffold_correction)
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         new = super().aggregate(round_, state, updates)

@@ -10,9 +10,17 @@ follow the corrected direction ``g - c_k + c``; after ``K_k`` steps from ``w`` t
     w   <- w - eta_g * sum_k p_k (w - y_k)        (p_k sample weights; the paper's uniform mean for equal n_k)
     c   <- c + (|S| / N) * mean_k (c_k+ - c_k)
 
-Uploads: the delta and ``c_k+ - c_k``; broadcast: ``w`` and ``c``. The control variates are updated from
-the actual final local model even when a regulator (ECGR) rewrites the uploaded delta, as in ECGR's code.
-With all control variates zero (the first round) a round is exactly FedAvg's.
+Where the correction enters (``scaffold_correction``) matters once the local optimizer has state:
+
+- ``"after_step"`` (default; ECGR's authors' code and Flower's SCAFFOLD baseline): the optimizer steps on the
+  raw gradient, then ``w <- w - eta (c - c_k)``, outside the momentum buffer;
+- ``"gradient"``: ``g - c_k + c`` is the gradient handed to the optimizer, so momentum (or Adam) acts on
+  the correction too (momentum amplifies it by up to ``1 / (1 - rho)``).
+
+The two are identical for plain SGD. Uploads: the delta and ``c_k+ - c_k``; broadcast: ``w`` and ``c``. The
+control variates are updated from the actual final local model even when a regulator (ECGR) rewrites the
+uploaded delta, as in ECGR's code. With all control variates zero (the first round) a round is exactly
+FedAvg's.
 """
 
 from __future__ import annotations
@@ -37,28 +45,51 @@ def direction_scale(num_steps: Tensor, lr: float) -> Tensor:
 
 
 CONTROLS = ("model_difference", "gradient_mean")
+CORRECTIONS = ("after_step", "gradient")
 
 
 class ScaffoldClient(ClientAlgorithm):
-    """Corrected local direction ``g - c_k + c`` and the control-variate update (``control``: option II
-    ``"model_difference"`` or ``"gradient_mean"``)."""
+    """Corrected local steps (``correction``: ``"after_step"`` or ``"gradient"``, scaled by ``scale``) and
+    the control-variate update (``control``: option II ``"model_difference"`` or ``"gradient_mean"``)."""
 
     name = "scaffold"
 
-    def __init__(self, control: str = "model_difference"):
-        if control not in CONTROLS:
-            from fedsim.errors import unknown
+    def __init__(self, control: str = "model_difference", correction: str = "after_step", scale: float = 1.0):
+        from fedsim.errors import unknown
 
+        if control not in CONTROLS:
             raise unknown("scaffold_control", control, CONTROLS)
-        self.control = control
+        if correction not in CORRECTIONS:
+            raise unknown("scaffold_correction", correction, CORRECTIONS)
+        self.control, self.correction, self.scale = control, correction, scale
+
+    def correction_term(self, ctx: LocalContext) -> Tree:
+        """``scale * (c - c_k)`` per client, computed once per chunk."""
+        if "corr" not in ctx.scratch:
+            ctx.scratch["corr"] = True
+            for key, c_k in ctx.client_state.items():
+                if key.startswith("c."):
+                    ctx.scratch[f"corr.{key[2:]}"] = self.scale * (ctx.broadcast[key].unsqueeze(0) - c_k)
+        return {k[5:]: v for k, v in ctx.scratch.items() if k.startswith("corr.")}
 
     def corrected(self, grads: Tree, ctx: LocalContext) -> Tree:
-        """``g - c_k + c``; with ``gradient_mean`` also sums the raw gradients for the control update."""
+        """The gradient the optimizer sees: ``g + (c - c_k)`` with ``correction="gradient"``, else ``g``;
+        with ``gradient_mean`` also sums the raw gradients for the control update."""
         if self.control == "gradient_mean":
             for k, g in grads.items():
                 key = f"gsum.{k}"
                 ctx.scratch[key] = ctx.scratch[key] + g if key in ctx.scratch else g.clone()
-        return {k: g - ctx.client_state[f"c.{k}"] + ctx.broadcast[f"c.{k}"].unsqueeze(0) for k, g in grads.items()}
+        if self.correction != "gradient":
+            return grads
+        corr = self.correction_term(ctx)
+        return {k: g + corr[k] for k, g in grads.items()}
+
+    def after_step(self, params: Tree, ctx: LocalContext) -> Tree:
+        """``w <- w - eta (c - c_k)`` after every optimizer step (``correction="after_step"``)."""
+        if self.correction == "after_step":
+            for k, v in self.correction_term(ctx).items():
+                params[k].sub_(ctx.lr * v)
+        return params
 
     def init_client_state(self, params: Tree) -> Tree:
         return {f"c.{k}": torch.zeros_like(v) for k, v in params.items()}
@@ -89,11 +120,14 @@ class SCAFFOLD(Strategy):
     name = "scaffold"
     server_state = broadcast = ("c.",)
 
-    def __init__(self, server_lr: float = 1.0, scaffold_control: str = "model_difference", **kwargs):
+    def __init__(
+        self, server_lr: float = 1.0, scaffold_control: str = "model_difference",
+        scaffold_correction: str = "after_step", **kwargs,
+    ):  # fmt: skip
         super().__init__(**kwargs)
         check_positive(server_lr=server_lr)
         self.server_lr = server_lr
-        self.client_algorithm = ScaffoldClient(scaffold_control)
+        self.client_algorithm = ScaffoldClient(scaffold_control, scaffold_correction)
 
     def update_control(self, state: ServerState, updates: ClientUpdates) -> Tree:
         """``c + (|S| / N) mean_k (c_k+ - c_k)``."""

@@ -41,7 +41,10 @@ CASES = [
     dict(strategy="fedprox", mu=0.1),
     dict(strategy="scaffold"),
     dict(strategy="scaffold", scaffold_control="gradient_mean"),
+    dict(strategy="scaffold", momentum=0.5, scaffold_correction="gradient"),
+    dict(strategy="scaffold", momentum=0.9, scaffold_correction="after_step"),
     dict(strategy="scaffold-m", fedcm_beta=0.5),
+    dict(strategy="scaffold-m", fedcm_beta=0.5, scaffold_correction="gradient"),
     dict(strategy="fednova"),
     dict(strategy="fednova", fednova_form="general", momentum=0.9, mu=0.1),
     dict(strategy="feddyn", feddyn_alpha=0.1),
@@ -140,6 +143,36 @@ def test_scaffold_first_round_with_zero_control_variates_is_fedavg():
     _, scaffold, _ = run(rounds=1, strategy="scaffold", momentum=0.5)
     assert_params_equal(fedavg, scaffold)
     assert any(bool(v.abs().sum() > 0) for k, v in scaffold.extras.items() if k.startswith("c."))
+
+
+def test_scaffold_correction_forms_agree_for_plain_sgd_and_differ_with_momentum():
+    """After the step (authors' code, Flower's baseline) or inside the gradient: the same for plain SGD; with
+    momentum the gradient form lets the momentum buffer amplify the correction."""
+    _, after, _ = run(strategy="scaffold", scaffold_correction="after_step")
+    _, inside, _ = run(strategy="scaffold", scaffold_correction="gradient")
+    assert_params_close(after, inside, rtol=1e-5, atol=1e-6)
+    _, after_m, _ = run(strategy="scaffold", scaffold_correction="after_step", momentum=0.9)
+    _, inside_m, _ = run(strategy="scaffold", scaffold_correction="gradient", momentum=0.9)
+    assert not torch.allclose(after_m.params["1.weight"], inside_m.params["1.weight"], atol=1e-4)
+
+
+def test_scaffold_after_step_correction_by_hand():
+    """One local SGD-momentum step of one client against the rule: w1 = w0 - eta buf - eta (c - c_k)."""
+    from fedsim.engine.protocol import LocalContext
+    from strategies.scaffold import ScaffoldClient
+
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(2, 3, generator=gen)}
+    ctx = LocalContext({"w": torch.zeros(3)}, {"c.w": torch.randn(3, generator=gen)},
+                       {"c.w": torch.randn(2, 3, generator=gen)}, lr=0.1)  # fmt: skip
+    client = ScaffoldClient(correction="after_step")
+    grads = {"w": torch.randn(2, 3, generator=gen)}
+    assert torch.equal(client.grad_transform(grads, params, ctx)["w"], grads["w"])  # the optimizer sees g
+    before = params["w"].clone()
+    out = client.after_step({"w": before.clone()}, ctx)
+    torch.testing.assert_close(out["w"], before - 0.1 * (ctx.broadcast["c.w"] - ctx.client_state["c.w"]))
+    inside = ScaffoldClient(correction="gradient").grad_transform(grads, params, ctx)
+    torch.testing.assert_close(inside["w"], grads["w"] - ctx.client_state["c.w"] + ctx.broadcast["c.w"])
 
 
 def test_scaffold_client_state_stays_with_its_client():

@@ -4,7 +4,7 @@ A table config (``table_*.yaml`` next to this script) names a base config (the p
 ``base.yaml``), an optional grid over config keys (e.g. data sets), the seeds and the methods (rows), each a
 set of config overrides. A method may name the row it is compared with (``vs``); ``X+ECGR`` is compared with
 ``X`` by default. Every (grid point, method, seed) is one ``fedsim`` run in ``--runs``, in a folder named
-after a hash of its resolved config: runs are kept, so an interrupted sweep resumes where it stopped, and
+after a hash of its config's non-default values: runs are kept, so an interrupted sweep resumes where it stopped, and
 tables that share a configuration (the FedAvg baseline of several tables) share its run.
 
 Outputs in ``--out`` (default ``experiments/results/ecgr``), for table ``T``:
@@ -41,7 +41,7 @@ ROOT = HERE.parents[1]
 # experiments/ holds a topologies/ folder of graph files that would shadow the package.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() not in (HERE, HERE.parent)]
 
-from fedsim.config import dump_config, load_config, make_config  # noqa: E402
+from fedsim.config import load_config, make_config  # noqa: E402
 
 SUMMARY_KEYS = ("final_test_accuracy", "best_test_accuracy", "final_oscillation")
 COMPARED_KEYS = (*SUMMARY_KEYS, "mean_oscillation")
@@ -92,20 +92,28 @@ def plan_runs(table: dict[str, Any], runs: Path, extra: dict[str, Any], seeds: l
             for seed in seeds:
                 values = {**point, **overrides_of(method), **extra, "seed": seed}
                 config = load_config(table["base_path"], values)
-                digest = hashlib.sha1(dump_config(config).encode()).hexdigest()[:10]
-                out = runs / f"{config.dataset}-{slug(name)}-s{seed}-{digest}"
+                out = runs / f"{config.dataset}-{slug(name)}-s{seed}-{config_digest(config)}"
                 plan.append({"point": point, "method": name, "seed": seed, "config": config, "out": out})
     return plan
 
 
+def config_digest(config) -> str:
+    """A short hash of the config's non-default values: a new option with a default does not rename runs."""
+    values = config.model_dump(mode="json", exclude_defaults=True)
+    return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def is_done(run: dict[str, Any]) -> bool:
+    """Finished, with the same resolved config (compared as values, so runs written before an option with a
+    default existed still count)."""
     out = run["out"]
-    config_file = out / "config.yaml"
-    return (
-        (out / "summary.json").exists()
-        and config_file.exists()
-        and config_file.read_text() == dump_config(run["config"])
-    )
+    if not (out / "summary.json").exists() or not (out / "config.yaml").exists():
+        return False
+    try:
+        stored = load_config(out / "config.yaml")
+    except Exception:  # an unreadable or outdated config: run again
+        return False
+    return stored.model_dump() == run["config"].model_dump()
 
 
 def execute(run: dict[str, Any]) -> str:

@@ -118,6 +118,12 @@ class ClientAlgorithm:
         """Turn the minibatch gradient into the local direction (e.g. FedProx adds ``mu (w - w_g)``)."""
         return grads
 
+    def after_step(self, params: Tree, ctx: LocalContext) -> Tree:
+        """Change the parameters right after every optimizer step, outside the optimizer's state (SCAFFOLD's
+        correction as its authors' and Flower's code apply it); only clients that took the step are changed.
+        May work in place; returns the tree. Identity by default."""
+        return params
+
     def project(self, params: Tree) -> Tree:
         """Map parameters back onto their feasible set after every local step (identity by default; the
         simplex-constrained dual of a min-max problem overrides it). May work in place; returns the tree."""

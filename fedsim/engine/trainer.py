@@ -8,7 +8,8 @@ Clients' parameters are stacked, ``{name: [C, *shape]}``. One local step for the
 3. gradients: because clients' parameters are disjoint, ``d(sum_c L_c)/dw_c = dL_c/dw_c``, so one
    ``autograd.grad`` of the summed loss gives every client's own gradient (``grad_mode="sum"``, the
    default); ``grad_mode="vmap"`` uses ``vmap(grad_and_value)`` instead (same numbers);
-4. the client algorithm's gradient transform, then the functional optimizer; clients whose step is fully
+4. the client algorithm's gradient transform, then the functional optimizer, then the algorithm's
+   ``after_step`` and ``project`` hooks; clients whose step is fully
    masked (ragged epochs) keep their parameters and optimizer state unchanged, and the forward and backward
    pass of such a step run on the active clients only (no compute is spent on masked steps).
 
@@ -294,9 +295,11 @@ class VectorizedTrainer:
             grads = algorithm.grad_transform(grads, params, ctx)
             if everyone:  # params, grads and state are this chunk's own: update in place
                 opt_state = optimizer.step_(grads, opt_state, params, lr)
+                params = algorithm.after_step(params, ctx)
             else:
                 updates, new_state = optimizer.update(grads, opt_state, params, lr)
-                params = _select(active, {name: p + updates[name] for name, p in params.items()}, params)
+                stepped = algorithm.after_step({name: p + updates[name] for name, p in params.items()}, ctx)
+                params = _select(active, stepped, params)
                 opt_state = _select(active, new_state, opt_state)
             params = algorithm.project(params)
             if recorder is not None:
@@ -389,7 +392,8 @@ def train_sequential(
             if step:
                 grads = algorithm.grad_transform(grads, params, ctx)
                 updates, opt_state_c = optimizer.update(grads, opt_state_c, params, lr)
-                params = algorithm.project({n: p + updates[n] for n, p in params.items()})
+                stepped = algorithm.after_step({n: p + updates[n] for n, p in params.items()}, ctx)
+                params = algorithm.project(stepped)
                 taken += 1
             if recorder is not None:
                 recorder.after_step(k, params, torch.tensor([step]))

@@ -64,6 +64,7 @@ class RunConfig(BaseModel):
     fednova_form: Literal["simplified", "general"] = "simplified"
     scaffold_control: Literal["model_difference", "gradient_mean"] | None = None  # None: the strategy's default
     scaffold_correction: Literal["after_step", "gradient"] = "after_step"
+    scaffold_weighting: Literal["samples", "uniform"] = "samples"
     # robust aggregation (any federated strategy)
     aggregator: Literal["mean", "median", "trimmed_mean", "krum", "gaf"] = "mean"
     trim_fraction: float = Field(0.1, ge=0, lt=0.5)
@@ -266,6 +267,14 @@ class RunConfig(BaseModel):
             if used and self.batch_size % getattr(self, name):
                 count = getattr(self, name)
                 raise FedsimError(f"batch size {self.batch_size} does not split into {name} = {count} microbatches")
+        if (
+            self.client_filter == "gaf" and self.regulator == "bherd" and self.bherd_unit == "microbatch"
+            and self.gaf_microbatches != self.bherd_microbatches
+        ):  # fmt: skip
+            raise FedsimError(
+                f"gaf_microbatches ({self.gaf_microbatches}) and bherd_microbatches ({self.bherd_microbatches}) "
+                "must agree: both split the same minibatch"
+            )
         added = [n for n in ("regulator", "aggregator", "client_filter") if self._changed(n)]
         if self.topology and added:
             raise FedsimError(f"option '{added[0]}' applies to federated strategies, not to decentralized training")
@@ -294,6 +303,7 @@ class RunConfig(BaseModel):
             "server_momentum": self.server_momentum, "beta1": self.beta1, "beta2": self.beta2,
             "fedcm_beta": self.fedcm_beta, "feddyn_alpha": self.feddyn_alpha, "fednova_form": self.fednova_form,
             "local_momentum": self.momentum, "scaffold_correction": self.scaffold_correction,
+            "scaffold_weighting": self.scaffold_weighting,
         }  # fmt: skip
         if self.strategy == "fedprox" or self._changed("mu"):
             opts["mu"] = self.mu
@@ -307,7 +317,7 @@ MINIMAX_FIELDS = ("problem", "dual_lr", "positive_classes", "dro_lambda")
 SAMPLER_FIELDS = ("laziness", "markov_degree")
 STRATEGY_FIELDS = (
     "mu", "server_lr", "server_momentum", "beta1", "beta2", "tau",
-    "fedcm_beta", "feddyn_alpha", "fednova_form", "scaffold_control", "scaffold_correction",
+    "fedcm_beta", "feddyn_alpha", "fednova_form", "scaffold_control", "scaffold_correction", "scaffold_weighting",
 )  # fmt: skip
 REGULATOR_FIELDS = {
     "ecgr": ("ecgr_rho", "ecgr_beta", "ecgr_center"),

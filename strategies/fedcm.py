@@ -68,10 +68,16 @@ class ScaffoldMomentumClient(ScaffoldClient):
 
 
 def momentum_of(strategy: Strategy, updates: ClientUpdates) -> Tree:
-    """The new server momentum ``sum_k p_k Delta_k / (K_k eta)`` (through the strategy's reduction)."""
-    scale = direction_scale(updates.num_steps, updates.lr or 1.0)
-    directions = {k: d * per_client(scale, d) for k, d in updates.deltas.items()}
-    return {f"m.{k}": v for k, v in strategy.reduce(directions, updates.weights).items()}
+    """The new server momentum ``sum_k p_k Delta_k / (K_k eta)`` (through the strategy's reduction) over the
+    clients that took a local step (weights renormalized over them; the old momentum if none did)."""
+    stepped = updates.num_steps > 0
+    if not bool(stepped.any()):
+        return {}
+    rows = stepped.nonzero().squeeze(1)
+    weights = updates.weights[rows] / updates.weights[rows].sum()
+    scale = direction_scale(updates.num_steps[rows], updates.lr or 1.0)
+    directions = {k: d[rows] * per_client(scale, d[rows]) for k, d in updates.deltas.items()}
+    return {f"m.{k}": v for k, v in strategy.reduce(directions, weights).items()}
 
 
 class FedCM(Strategy):

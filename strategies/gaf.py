@@ -14,6 +14,9 @@ Two uses here:
 - :class:`GAFClientFilter` as a client micro-batch filter (``client_filter: gaf``): every local step's
   minibatch is split into ``gaf_microbatches`` equal slices, their gradients are folded, and a client whose
   slices never agree skips that step (parameters and optimizer state unchanged), as in the authors' code.
+  A step with a single non-empty slice (a client smaller than a batch, or the last partial batch of an
+  epoch) is taken with that slice's gradient: there is nothing to disagree with (our choice; the authors'
+  microbatches are always full).
 """
 
 from __future__ import annotations
@@ -81,5 +84,6 @@ class GAFClientFilter:
         like = {k: v[:, 0] for k, v in grads.items()}
         c, m = counts.shape
         flat = torch.cat([v.reshape(c, m, -1) for v in grads.values()], dim=2)
-        fold, agreed = gaf_fold(flat, self.tau, counts > 0)
-        return unflatten(fold, like), agreed > 0
+        valid = counts > 0
+        fold, agreed = gaf_fold(flat, self.tau, valid)
+        return unflatten(fold, like), (agreed > 0) | (valid.sum(1) == 1)

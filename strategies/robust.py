@@ -47,7 +47,7 @@ def krum_scores(flat: Tensor, byzantine: int) -> Tensor:
     ``S - f - 2`` nearest other updates ``j`` (at least one)."""
     s = flat.shape[0]
     d2 = torch.cdist(flat.double(), flat.double()).pow(2)
-    nearest = max(1, min(s - 1, s - byzantine - 2))
+    nearest = max(1, s - byzantine - 2)
     d2.fill_diagonal_(float("inf"))
     return d2.sort(dim=1).values[:, :nearest].sum(1)
 
@@ -55,10 +55,14 @@ def krum_scores(flat: Tensor, byzantine: int) -> Tensor:
 def krum(flat: Tensor, byzantine: int = 0, select: int = 1) -> Tensor:
     """Krum (``select = 1``: the update with the lowest score) or Multi-Krum (the mean of the ``select``
     lowest-scoring updates; ties to the lower client position)."""
-    if flat.shape[0] == 1:
-        return flat[0]
+    s = flat.shape[0]
+    if s < byzantine + 3 or select > s:
+        raise FedsimError(
+            f"krum with krum_byzantine={byzantine}, krum_select={select} needs at least "
+            f"{max(byzantine + 3, select)} clients per round, got {s}"
+        )
     scores = krum_scores(flat, byzantine)
-    chosen = torch.sort(scores, stable=True).indices[: min(select, flat.shape[0])]
+    chosen = torch.sort(scores, stable=True).indices[:select]
     return flat[chosen].mean(0)
 
 

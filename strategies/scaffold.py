@@ -7,8 +7,12 @@ follow the corrected direction ``g - c_k + c``; after ``K_k`` steps from ``w`` t
     c_k+ = c_k - c + (w - y_k) / (K_k eta)                                  (option II, the default)
     c_k+ = (1 / K_k) sum_i g_k,i                  (``scaffold_control="gradient_mean"``: the mean raw
                                                    stochastic gradient along the local path; our option)
-    w   <- w - eta_g * sum_k p_k (w - y_k)        (p_k sample weights; the paper's uniform mean for equal n_k)
-    c   <- c + (|S| / N) * mean_k (c_k+ - c_k)
+    w   <- w - eta_g * sum_k q_k (w - y_k)
+    c   <- c + (|S| / N) * sum_k q_k (c_k+ - c_k)
+
+with ``q_k`` the sample weights ``p_k`` (``scaffold_weighting="samples"``, the default: FedAvg's weighting,
+and with full participation ``c = sum_k p_k c_k``, what ECGR's authors' server computes) or ``1 / |S|``
+(``"uniform"``, the paper's means). A client that took no step keeps its ``c_k`` (uploads ``0``).
 
 Where the correction enters (``scaffold_correction``) matters once the local optimizer has state:
 
@@ -46,6 +50,7 @@ def direction_scale(num_steps: Tensor, lr: float) -> Tensor:
 
 CONTROLS = ("model_difference", "gradient_mean")
 CORRECTIONS = ("after_step", "gradient")
+WEIGHTINGS = ("samples", "uniform")
 
 
 class ScaffoldClient(ClientAlgorithm):
@@ -110,6 +115,9 @@ class ScaffoldClient(ClientAlgorithm):
 
     def finish(self, deltas: Tree, num_steps: Tensor, ctx: LocalContext) -> tuple[Tree, Tree, Tree]:
         new = self.new_control(deltas, num_steps, ctx)
+        stepped = num_steps > 0
+        if not bool(stepped.all()):  # no local step: no information, keep c_k
+            new = {k: torch.where(per_client(stepped, v) > 0, v, ctx.client_state[f"c.{k}"]) for k, v in new.items()}
         extras = {f"dc.{k}": v - ctx.client_state[f"c.{k}"] for k, v in new.items()}
         return deltas, extras, {f"c.{k}": v for k, v in new.items()}
 
@@ -122,19 +130,32 @@ class SCAFFOLD(Strategy):
 
     def __init__(
         self, server_lr: float = 1.0, scaffold_control: str = "model_difference",
-        scaffold_correction: str = "after_step", **kwargs,
+        scaffold_correction: str = "after_step", scaffold_weighting: str = "samples", **kwargs,
     ):  # fmt: skip
         super().__init__(**kwargs)
         check_positive(server_lr=server_lr)
-        self.server_lr = server_lr
+        if scaffold_weighting not in WEIGHTINGS:
+            from fedsim.errors import unknown
+
+            raise unknown("scaffold_weighting", scaffold_weighting, WEIGHTINGS)
+        self.server_lr, self.weighting = server_lr, scaffold_weighting
         self.client_algorithm = ScaffoldClient(scaffold_control, scaffold_correction)
 
+    def client_weights(self, updates: ClientUpdates) -> Tensor:
+        """``q_k``: sample weights or ``1 / |S|``."""
+        if self.weighting == "samples":
+            return updates.weights
+        count = len(updates.client_ids)
+        return torch.full((count,), 1.0 / count, dtype=torch.float64, device=updates.num_samples.device)
+
     def update_control(self, state: ServerState, updates: ClientUpdates) -> Tree:
-        """``c + (|S| / N) mean_k (c_k+ - c_k)``."""
+        """``c + (|S| / N) sum_k q_k (c_k+ - c_k)``."""
         share = len(updates.client_ids) / (updates.num_clients or len(updates.client_ids))
-        return {k: v + share * updates.extras[f"d{k}"].mean(0) for k, v in state.extras.items() if k.startswith("c.")}
+        uploads = {k[1:]: v for k, v in updates.extras.items() if k.startswith("dc.")}
+        mean = self.reduce(uploads, self.client_weights(updates))
+        return {k: v + share * mean[k] for k, v in state.extras.items() if k.startswith("c.")}
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
-        mean_delta = self.reduce(updates.deltas, updates.weights)
+        mean_delta = self.reduce(updates.deltas, self.client_weights(updates))
         extras = {**state.extras, **self.update_control(state, updates)}
         return ServerState(apply_step(state.params, mean_delta, self.server_lr), extras)

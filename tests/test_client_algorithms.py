@@ -58,6 +58,8 @@ CASES = [
     dict(strategy="fedavg", regulator="bherd", bherd_unit="microbatch", bherd_microbatches=2, bherd_scale="rescale"),
     dict(strategy="fedavg", regulator="bherd", bherd_unit="sample", bherd_ratio=0.3),
     dict(strategy="fedavg", client_filter="gaf", gaf_microbatches=2, gaf_tau=1.0),
+    dict(strategy="scaffold-m", client_filter="gaf", gaf_microbatches=2, gaf_tau=0.6),
+    dict(strategy="scaffold", scaffold_weighting="uniform", fraction=0.5),
     dict(strategy="scaffold", aggregator="median"),
     dict(strategy="fedavg", aggregator="trimmed_mean", trim_fraction=0.2),
     dict(strategy="fedavg", aggregator="krum", krum_byzantine=1, krum_select=2),
@@ -281,3 +283,28 @@ def test_oscillation_is_the_std_of_the_last_ten_evaluations():
     assert oscillation(history, latest) == pytest.approx(float(np.std(values)))
     assert oscillation([], 0.5) is None
     assert oscillation([{"test_accuracy": 0.4}], 0.6) == pytest.approx(0.1)
+
+
+def test_scaffold_weighting_and_zero_step_clients():
+    """Sample-weighted (default) or uniform means in both server updates; a client without a local step keeps
+    its control variate."""
+    import numpy as np
+
+    from fedsim.engine.protocol import ClientUpdates, LocalContext
+    from strategies import build_strategy
+    from strategies.scaffold import ScaffoldClient
+
+    params = {"w": torch.zeros(2, dtype=torch.float64)}
+    deltas = {"w": torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)}
+    extras = {"dc.w": torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)}
+    sizes = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    up = ClientUpdates(np.arange(2), deltas, sizes, torch.tensor([2, 2]), torch.zeros(2), extras, lr=0.1, num_clients=4)
+    for weighting, q in (("samples", [0.25, 0.75]), ("uniform", [0.5, 0.5])):
+        strategy = build_strategy("scaffold", scaffold_weighting=weighting)
+        new = strategy.aggregate(1, strategy.init(params), up)
+        torch.testing.assert_close(new.params["w"], -torch.tensor([q[0] * 1.0, q[1] * 3.0], dtype=torch.float64))
+        torch.testing.assert_close(new.extras["c.w"], 0.5 * torch.tensor([q[0] * 2.0, q[1] * 4.0], dtype=torch.float64))
+    ctx = LocalContext({"w": torch.zeros(2)}, {"c.w": torch.ones(2)}, {"c.w": torch.full((2, 2), 5.0)}, lr=0.1)
+    _, extras, state = ScaffoldClient().finish({"w": torch.ones(2, 2)}, torch.tensor([0, 4]), ctx)
+    assert torch.equal(state["c.w"][0], torch.full((2,), 5.0)) and torch.equal(extras["dc.w"][0], torch.zeros(2))
+    torch.testing.assert_close(state["c.w"][1], torch.full((2,), 5.0 - 1.0 + 1.0 / (4 * 0.1)))

@@ -98,6 +98,21 @@ def test_client_side_options_from_the_cli(tmp_path, cli, flags):
             "does not split into gaf_microbatches = 5 microbatches",
         ),
         (["--set", "train_samples=100000"], "train_samples must be in [1, 1437]"),
+        (
+            [
+                "--regulator",
+                "bherd",
+                "--bherd-unit",
+                "microbatch",
+                "--set",
+                "bherd_microbatches=2",
+                "--set",
+                "client_filter=gaf",
+            ],
+            "gaf_microbatches (4) and bherd_microbatches (2) must agree",
+        ),
+        (["--set", "scaffold_weighting=uniform"], "option 'scaffold_weighting' is not used by strategy 'fedavg'"),
+        (["--strategy", "scaffold", "--set", "scaffold_correction=inside"], "scaffold_correction"),
     ],
 )
 def test_client_side_bad_input_is_one_line_exit_2(tmp_path, cli, argv, message):

@@ -174,3 +174,30 @@ def test_regulators_reduce_to_the_plain_delta_bit_for_bit():
         for k in deltas:
             assert torch.equal(out[k], deltas[k])
         assert torch.equal(stats["damped_norm_fraction"], torch.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_narrow_storage_survives_a_decayed_learning_rate(dtype):
+    """Step deltas of a late round (lr 2e-6) would underflow float16; stored divided by the learning rate they
+    give the same ECGR upload as float32 storage, to storage precision."""
+    from fedsim.engine.protocol import ClientAlgorithm
+    from fedsim.engine.trainer import VectorizedTrainer
+    from fedsim.models import build_model
+    from fedsim.optim import make_optimizer
+    from strategies import compose
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 5, generator=gen), torch.randint(0, 3, (60,), generator=gen)
+    model = build_model("mlp", (5,), 3, seed=1, hidden=(16,))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    index = torch.randint(0, 60, (4, 10, 8), generator=gen)
+    mask = torch.ones(4, 10, 8, dtype=torch.bool)
+    trainer = VectorizedTrainer(model)
+    sgd = make_optimizer("sgd", momentum=0.9)
+    uploads = {}
+    for name, storage in (("exact", None), ("narrow", dtype)):
+        algorithm = compose(ClientAlgorithm(), ECGR(dtype=storage))
+        uploads[name] = flatten(trainer.train(params, x, y, index, mask, sgd, 2e-6, algorithm).deltas)
+    assert uploads["exact"].abs().max() < 1e-4  # tiny steps: below float16's normal range per step
+    rel = (uploads["narrow"] - uploads["exact"]).norm(dim=1) / uploads["exact"].norm(dim=1)
+    assert rel.max() < (2e-3 if dtype == torch.float16 else 2e-2)

@@ -55,6 +55,10 @@ def test_krum_against_brute_force():
     top3 = np.argsort(scores, kind="stable")[:3]
     torch.testing.assert_close(krum(flat, f, 3), flat[top3].mean(0))
     assert 2 not in top3
+    with pytest.raises(FedsimError, match="needs at least 5 clients per round, got 4"):
+        krum(flat[:4], 2, 1)
+    with pytest.raises(FedsimError, match="needs at least 9 clients"):
+        krum(flat, 0, 9)
 
 
 def test_gaf_fold_against_the_loop_and_skip_rule():
@@ -81,6 +85,12 @@ def test_gaf_client_filter_masks_empty_microbatches_and_reports_skips():
     out, keep = GAFClientFilter(gaf_tau=0.5, gaf_microbatches=3).combine_microbatches(grads, counts)
     torch.testing.assert_close(out["w"][0], torch.tensor([1.0, 0.05]))  # the empty third slice never joins
     assert keep.tolist() == [True, False]  # client 1: nothing agreed -> the step is skipped
+    # a single non-empty slice (a client smaller than the batch) has nothing to disagree with: the step is taken
+    single = {"w": torch.tensor([[[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]]])}
+    out, keep = GAFClientFilter(gaf_tau=0.5, gaf_microbatches=3).combine_microbatches(
+        single, torch.tensor([[3.0, 0, 0]])
+    )
+    assert keep.tolist() == [True] and torch.equal(out["w"][0], torch.tensor([1.0, 2.0]))
 
 
 def test_aggregators_through_the_strategy_reduce():

@@ -144,9 +144,15 @@ class LocalExecutor:
         units = num_units(spec, self.max_local_steps(), self.batch_size)
         first = next(iter(params.values()))
         per_client = sum(v.numel() for v in params.values())
+        model_bytes = per_client * first.element_size()
+        transient = 0
+        if spec.unit == "sample":  # per-sample gradients of one step
+            transient += self.batch_size * model_bytes
+        if spec.dtype not in (None, first.dtype) and spec.unit == "step":  # full-precision previous iterate
+            transient += model_bytes
         if spec.device not in (None, "same") and torch.device(spec.device) != self.device:
-            return 8 * units * units
-        return planned_bytes(spec, per_client, first.dtype, units)
+            return 8 * units * units + transient
+        return planned_bytes(spec, per_client, first.dtype, units) + transient
 
     def train(
         self, plan: Plan, params: Tree, round_: int, lr: float, start: Tree | None = None, opt_state: Tree | None = None

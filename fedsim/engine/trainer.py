@@ -108,8 +108,14 @@ class _Recorder:
         self.spec, self.lr = spec, lr
         step_unit = spec.unit == "step"
         first = next(iter(params.values()))
-        self.iterates = step_unit and (spec.dtype is None or spec.dtype == first.dtype)
-        self.trajectory = Trajectory(params, num_units(spec, steps, batch), spec, buffer, zero=not step_unit)
+        exact = spec.dtype is None or spec.dtype == first.dtype
+        self.iterates = step_unit and exact
+        # A narrower dtype stores units divided by the learning rate (gradient scale), so that small late-round
+        # steps do not underflow float16; the trajectory undoes the scale in gram() and combine().
+        scale = 1.0 if exact or lr == 0 else 1.0 / lr
+        self.trajectory = Trajectory(
+            params, num_units(spec, steps, batch), spec, buffer, zero=not step_unit, scale=scale
+        )
         self.prev = {k: v.clone() for k, v in params.items()} if step_unit and not self.iterates else None
 
     def after_step(self, k: int, params: Tree, active: Tensor) -> None:
@@ -121,6 +127,8 @@ class _Recorder:
             return
         for key, p in params.items():
             self.prev[key].sub_(p)
+            if self.trajectory.scale != 1.0:
+                self.prev[key].mul_(self.trajectory.scale)
         self.trajectory.write(k, self.prev, active)
         for key, p in params.items():
             self.prev[key].copy_(p)
@@ -134,14 +142,16 @@ class _Recorder:
     def microbatch(self, k: int, grads: Tree, counts: Tensor) -> None:
         """Microbatch unit: ``eta (n_m / n) g_m`` for the M slices of step k."""
         weights = counts / counts.sum(1, keepdim=True).clamp_min(1.0)
-        units = {key: self.lr * g * _per_client(weights, g) for key, g in grads.items()}
+        step = self.lr * self.trajectory.scale
+        units = {key: step * g * _per_client(weights, g) for key, g in grads.items()}
         m = counts.shape[1]
         self.trajectory.write(k * m, units, counts > 0, per_unit=True)
 
     def samples(self, k: int, grads: Tree, mask: Tensor) -> None:
         """Sample unit: ``eta g_s / b`` for the valid samples of step k (b of them)."""
         weights = mask / mask.sum(1, keepdim=True).clamp_min(1.0)
-        units = {key: self.lr * g * _per_client(weights, g) for key, g in grads.items()}
+        step = self.lr * self.trajectory.scale
+        units = {key: step * g * _per_client(weights, g) for key, g in grads.items()}
         self.trajectory.write(k * mask.shape[1], units, mask > 0, per_unit=True)
 
 
@@ -289,9 +299,10 @@ class VectorizedTrainer:
                 params, x[idx], y[idx], maskf[:, k], active, all_active[k], algorithm, recorder, k, origin
             )
             everyone = all_active[k]
-            if keep is not None:
+            if keep is not None:  # a filter rejected some clients' steps: they see a zero gradient, like masked ones
                 active = active & keep
                 everyone = everyone and bool(keep.all())
+                grads = _select(keep, grads, {name: torch.zeros_like(g) for name, g in grads.items()})
             grads = algorithm.grad_transform(grads, params, ctx)
             if everyone:  # params, grads and state are this chunk's own: update in place
                 opt_state = optimizer.step_(grads, opt_state, params, lr)

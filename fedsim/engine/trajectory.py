@@ -10,9 +10,11 @@ Three levers, all exact in what the greedy sees up to the storage rounding:
 
 - the greedy needs only the ``U x U`` Gram matrix ``G = D D^T`` per client (:meth:`gram`, computed once
   after training with batched matrix products) plus one weighted sum of units (:meth:`combine`);
-- ``dtype``: store units in ``float16``/``bfloat16`` (half the bytes); the Gram matrix and the weighted sum
-  are computed in float32 from column blocks, and regulators add the *exact* float32 plain delta ``T``
-  rather than re-summing stored units, so a regulator that keeps every unit uploads ``T`` bit for bit;
+- ``dtype``: store units in ``float16``/``bfloat16`` (half the bytes), divided by the learning rate so that
+  the small steps of a decayed schedule stay far above float16's smallest number; the Gram matrix and the
+  weighted sum are computed in float32 from column blocks and rescaled, and regulators add the *exact*
+  float32 plain delta ``T`` rather than re-summing stored units, so a regulator that keeps every unit uploads
+  ``T`` bit for bit;
 - ``device="cpu"``: keep the buffer in host memory (only the ``[C, D]`` current unit travels per step); the
   Gram matrix and the weighted sum then stream column blocks of at most :data:`BLOCK_BYTES` to the device.
 """
@@ -56,11 +58,11 @@ class Trajectory:
 
     def __init__(
         self, params: Tree, count: int, spec: TrajectorySpec | None = None, buffer: Tensor | None = None,
-        zero: bool = True,
+        zero: bool = True, scale: float = 1.0,
     ):  # fmt: skip
         spec = spec or TrajectorySpec()
         first = next(iter(params.values()))
-        self.spec = spec
+        self.spec, self.scale = spec, float(scale)  # stored = unit * scale
         self.num_clients = first.shape[0]
         self.compute_device, self.compute_dtype = first.device, first.dtype
         self.layout = [(k, tuple(v.shape[1:]), v[0].numel()) for k, v in params.items()]
@@ -127,14 +129,15 @@ class Trajectory:
         for block in self._blocks():
             part = torch.bmm(block, block.transpose(1, 2))
             g = part if g is None else g + part
-        return g.double()
+        return g.double() / self.scale**2
 
     def combine(self, coeffs: Tensor) -> Tensor:
         """``sum_u coeffs[c, u] * units[c, u]`` for every client: ``[C, D]`` on the compute device."""
         parts = []
         for block in self._blocks():
             parts.append(torch.bmm(coeffs.to(block.dtype).unsqueeze(1), block).squeeze(1))
-        return torch.cat(parts, dim=1).to(self.compute_dtype)
+        out = torch.cat(parts, dim=1)
+        return (out / self.scale if self.scale != 1.0 else out).to(self.compute_dtype)
 
     def unflatten(self, flat: Tensor) -> Tree:
         """``[C, D]`` back to a stacked tree in parameter order."""

@@ -280,15 +280,22 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
+    arr = lambda a: np.array([np.nan if v is None else v for v in a])  # noqa: E731
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for entry in results["points"]:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        hosts = list(dict.fromkeys(m.get("vs", {}).get("method", name) for name, m in entry["methods"].items()))
         for name, m in entry["methods"].items():
+            compared = m.get("vs", {}).get("method")
+            # a host and its "+ECGR" row share a colour (dashed host, solid regulated); ablation rows get their own
+            group = compared if compared is not None and "+" in name else name
+            color = palette[(hosts.index(group) if group in hosts else len(hosts) + list(entry["methods"]).index(name))
+                            % len(palette)]  # fmt: skip
             for ax, key in zip(axes, ("test_accuracy", "drift"), strict=True):
                 c = m["curves"][key]
                 x = np.arange(1, len(c["mean"]) + 1)
-                arr = lambda a: np.array([np.nan if v is None else v for v in a])  # noqa: E731
-                (line,) = ax.plot(x, arr(c["mean"]), label=name, lw=1.3, ls="--" if "+" not in name else "-")
-                ax.fill_between(x, arr(c["min"]), arr(c["max"]), color=line.get_color(), alpha=0.12, lw=0)
+                ax.plot(x, arr(c["mean"]), label=name, lw=1.3, color=color, ls="-" if compared else "--")
+                ax.fill_between(x, arr(c["min"]), arr(c["max"]), color=color, alpha=0.10, lw=0)
         axes[0].set(xlabel="round", ylabel="test accuracy", title=f"{results['table']}: {entry['key']}")
         axes[1].set(xlabel="round", ylabel="client drift", yscale="log", title="client drift (mean over seeds)")
         axes[0].legend(fontsize=7, ncol=2)

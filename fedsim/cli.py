@@ -50,9 +50,13 @@ def _default_out(strategy: str, dataset: str, model: str, seed: int, tag: str | 
 @app.command()
 def simulate(
     config: Annotated[Path | None, typer.Argument(help="YAML or TOML config file; flags override it.")] = None,
-    dataset: Annotated[str | None, Opt(help="digits | mnist5k | mnist | fashion-mnist | synthetic | npz")] = None,
+    dataset: Annotated[
+        str | None, Opt(help="digits | mnist5k | mnist | fashion-mnist | synthetic | shakespeare | npz")
+    ] = None,
     data_path: Annotated[str | None, Opt(help="File for --dataset npz (arrays x, y, optional client).")] = None,
-    model: Annotated[str | None, Opt(help="logreg | mlp | lenet5 | cnn | package.module:factory")] = None,
+    model: Annotated[
+        str | None, Opt(help="logreg | mlp | lenet5 | cnn | char_transformer | package.module:factory")
+    ] = None,
     clients: Annotated[int | None, Opt(help="Number of simulated clients.")] = None,
     partition: Annotated[str | None, Opt(help="iid | dirichlet | shards | natural")] = None,
     alpha: Annotated[float | None, Opt(help="Dirichlet concentration (label skew).")] = None,
@@ -92,7 +96,15 @@ def simulate(
     ] = None,
     lr: Annotated[float | None, Opt(help="Local learning rate.")] = None,
     lr_schedule: Annotated[str | None, Opt(help="constant | step | cosine (per round).")] = None,
-    optimizer: Annotated[str | None, Opt(help="Local optimizer: sgd | adam | adamw.")] = None,
+    optimizer: Annotated[
+        str | None, Opt(help="Local optimizer: sgd | adam | adamw | foam | gwt | mols | sgd-sai.")
+    ] = None,
+    foam_level: Annotated[int | None, Opt(help="FOAM folding level l: state at 1/2^l columns (2).")] = None,
+    foam_scale: Annotated[float | None, Opt(help="FOAM update scale alpha (0.25).")] = None,
+    gwt_level: Annotated[int | None, Opt(help="GWT Haar levels L: state at 1/2^L columns (2).")] = None,
+    gwt_scale: Annotated[float | None, Opt(help="GWT update scale alpha (0.25).")] = None,
+    mols_estimator: Annotated[str | None, Opt(help="MoLS-style SNR estimator: sai | ema.")] = None,
+    mols_refresh: Annotated[int | None, Opt(help="MoLS-style steps between SNR estimates (0: once).")] = None,
     momentum: Annotated[float | None, Opt(help="SGD momentum.")] = None,
     mu: Annotated[float | None, Opt(help="FedProx proximal coefficient.")] = None,
     seed: Annotated[int | None, Opt(help="Run seed.")] = None,
@@ -140,6 +152,8 @@ def simulate(
         seed=seed, device=device, chunk_size=chunk_size, eval_every=eval_every,
         laziness=laziness, regulator=regulator, ecgr_beta=ecgr_beta, ecgr_rho=ecgr_rho, ecgr_center=ecgr_center,
         bherd_unit=bherd_unit, bherd_ratio=bherd_ratio, bherd_scale=bherd_scale, aggregator=aggregator,
+        foam_level=foam_level, foam_scale=foam_scale, gwt_level=gwt_level, gwt_scale=gwt_scale,
+        mols_estimator=mols_estimator, mols_refresh=mols_refresh,
     )  # fmt: skip
     overrides.update(_parse_pairs(set_))
     repeat = _repeat_options(seeds, seed, probe, probe_node, probe_sample)
@@ -360,6 +374,37 @@ def bench_regulator_cmd(
         regulator=regulator, strategy=strategy, dataset=dataset, model=model, clients=clients,
         local_steps=local_steps, batch_size=batch_size, repeats=repeats, device=device, options=_parse_pairs(set_),
     )  # fmt: skip
+    _emit_json(result, out)
+
+
+@bench_app.command("optimizer")
+def bench_optimizer_cmd(
+    workload: Annotated[str, Opt(help="char_transformer | llama_block")] = "char_transformer",
+    optimizers: Annotated[
+        str, Opt(help="Comma-separated from adam,foam,foam-fused,gwt,gwt-fused,mols,sgd-sai.")
+    ] = "adam,foam,foam-fused,gwt,gwt-fused,mols,sgd-sai",
+    steps: Annotated[int, Opt(min=1, help="Steps per timed round.")] = 10,
+    rounds: Annotated[int, Opt(min=1, help="Timed rounds per optimizer (median reported).")] = 7,
+    device: Annotated[str, Opt(help="cpu | cuda")] = "cpu",
+    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
+) -> None:
+    """Optimizer step time and state bytes against torch.optim.Adam(foreach=True) on the same parameters."""
+    import torch
+
+    from fedsim.optim.benchmark import BENCH_OPTIMIZERS, WORKLOADS, bench_optimizers
+
+    names = tuple(n.strip() for n in optimizers.split(",") if n.strip())
+    for name in names:
+        if name not in BENCH_OPTIMIZERS:
+            choices = ", ".join(BENCH_OPTIMIZERS)
+            raise FedsimError(f"unknown optimizer {name!r} for the benchmark; choose from {choices}")
+    if workload not in WORKLOADS:
+        raise FedsimError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+    if device not in ("cpu", "cuda"):
+        raise FedsimError(f"unknown device {device!r}; choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FedsimError("device cuda requested but CUDA is not available")
+    result = bench_optimizers(workload, names, steps=steps, rounds=rounds, device=device)
     _emit_json(result, out)
 
 

@@ -30,6 +30,8 @@ class RunConfig(BaseModel):
     data_path: str | None = None
     synthetic_alpha: float = Field(1.0, ge=0)
     synthetic_beta: float = Field(1.0, ge=0)
+    shakespeare_min_samples: int = Field(1, ge=1)  # a speaker needs this many training windows (and a test one)
+    shakespeare_max_samples: int | None = Field(None, ge=2)  # cap on each speaker's windows (train + test)
     train_samples: int | None = Field(None, ge=1)  # a seeded random subset of the training set
     clients: int = Field(20, ge=1)
     partition: str = "dirichlet"
@@ -106,7 +108,20 @@ class RunConfig(BaseModel):
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = Field(1e-8, gt=0)
+    adam_eps: float | None = Field(None, gt=0)  # None: the optimizer's default (1e-6 for gwt, else 1e-8)
+    # memory-efficient local optimizers (fedsim.optim): options apply to the named optimizer only
+    compress_params: Literal["body", "all"] = "body"  # foam/gwt: body = matrices minus embeddings and head
+    eps_mode: Literal["torch", "authors"] = "torch"  # foam/gwt: where eps enters (see fedsim.optim.compressed)
+    foam_level: int = Field(2, ge=0, le=16)
+    foam_scale: float = Field(0.25, gt=0)
+    foam_res_scale: float = Field(1.0, ge=0)
+    gwt_level: int = Field(2, ge=0, le=16)
+    gwt_scale: float = Field(0.25, gt=0)
+    gwt_limiter: float = Field(1.01, gt=0)
+    gwt_wavelet: Literal["haar"] = "haar"
+    mols_estimator: Literal["sai", "ema"] = "sai"
+    mols_refresh: int = Field(0, ge=0)
+    sai_momentum: float = Field(0.9, ge=0, lt=1)
     # engine
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -158,17 +173,22 @@ class RunConfig(BaseModel):
             raise FedsimError("nesterov needs momentum > 0")
         if self.optimizer != "sgd" and (self.momentum or self.nesterov):
             raise FedsimError(
-                f"momentum/nesterov apply to the sgd optimizer, not '{self.optimizer}' (adam uses adam_betas)"
+                f"momentum/nesterov apply to the sgd optimizer, not '{self.optimizer}' (adam-like optimizers use "
+                "adam_betas, sgd-sai uses sai_momentum)"
             )
-        if self.optimizer == "sgd" and (self.adam_betas != (0.9, 0.999) or self.adam_eps != 1e-8):
-            raise FedsimError("adam_betas/adam_eps apply to the adam and adamw optimizers, not 'sgd'")
+        if self.optimizer in ("sgd", "sgd-sai") and (self.adam_betas != (0.9, 0.999) or self.adam_eps is not None):
+            raise FedsimError(
+                f"adam_betas/adam_eps apply to the adam, adamw, foam, gwt and mols optimizers, not '{self.optimizer}'"
+            )
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise FedsimError(f"adam_betas must each be in [0, 1), got {list(self.adam_betas)}")
+        self._check_optimizer_options()
         self._check_strategy_options()
         self._check_client_side_options()
         self._check_sampler_options()
         self._check_minimax_options()
         self._check_availability()
+        self._check_dataset_options()
         if self.dataset == "npz" and not self.data_path:
             raise FedsimError("dataset 'npz' needs data_path (--data-path FILE.npz)")
         return self
@@ -176,6 +196,21 @@ class RunConfig(BaseModel):
     def _changed(self, name: str) -> bool:
         """True when option ``name`` differs from its default (the user set it)."""
         return getattr(self, name) != type(self).model_fields[name].default
+
+    def _check_dataset_options(self) -> None:
+        """Shakespeare options need ``dataset: shakespeare``; a built-in sequence model needs token data."""
+        from fedsim.data.datasets import TOKEN_DATASETS
+        from fedsim.models import SEQUENCE_MODELS
+
+        if self.dataset != "shakespeare":
+            for name in SHAKESPEARE_FIELDS:
+                if self._changed(name):
+                    raise FedsimError(f"option '{name}' applies to dataset 'shakespeare' (--dataset shakespeare)")
+        if self.model in SEQUENCE_MODELS and self.dataset not in (*TOKEN_DATASETS, "npz"):
+            raise FedsimError(
+                f"model '{self.model}' reads windows of character indices; use it with --dataset "
+                f"{' or '.join(TOKEN_DATASETS)} (or an npz of token indices), not '{self.dataset}'"
+            )
 
     def _check_availability(self) -> None:
         """p_on/p_off only with ``availability: markov``; Markov availability only in federated mode."""
@@ -241,6 +276,27 @@ class RunConfig(BaseModel):
                 f"dual_lr needs the sgd optimizer: '{self.optimizer}' normalizes the gradient scale, cancelling the "
                 "ratio dual_lr / lr"
             )
+
+    def _check_optimizer_options(self) -> None:
+        """Options of the memory-efficient optimizers apply to their optimizer only; the ema estimator of
+        mols needs mols_refresh > 0."""
+        for name, optimizers in OPTIMIZER_FIELDS.items():
+            if self.optimizer not in optimizers and self._changed(name):
+                raise FedsimError(f"option '{name}' applies with --optimizer {' or '.join(optimizers)}")
+        if self.optimizer == "mols" and self.mols_estimator == "ema" and self.mols_refresh == 0:
+            raise FedsimError("mols_estimator: ema needs mols_refresh > 0 (steps between SNR estimates)")
+
+    def optimizer_options(self) -> dict[str, Any]:
+        """Keyword options of :func:`fedsim.optim.make_optimizer` for this run's optimizer."""
+        if self.optimizer == "sgd-sai":
+            return {"sai_momentum": self.sai_momentum}
+        prefix = {"foam": "foam_", "gwt": "gwt_", "mols": "mols_"}.get(self.optimizer, "")
+        opts = {
+            name[len(prefix) :]: getattr(self, name) for name in OPTIMIZER_FIELDS if prefix and name.startswith(prefix)
+        }
+        if self.optimizer in ("foam", "gwt"):
+            opts["eps_mode"] = self.eps_mode
+        return opts
 
     def _check_client_side_options(self) -> None:
         """Regulator, aggregator and client-filter options need the component that uses them; all of them
@@ -313,7 +369,14 @@ class RunConfig(BaseModel):
         return opts
 
 
+OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {
+    "compress_params": ("foam", "gwt"), "eps_mode": ("foam", "gwt"),
+    "foam_level": ("foam",), "foam_scale": ("foam",), "foam_res_scale": ("foam",),
+    "gwt_level": ("gwt",), "gwt_scale": ("gwt",), "gwt_limiter": ("gwt",), "gwt_wavelet": ("gwt",),
+    "mols_estimator": ("mols",), "mols_refresh": ("mols",), "sai_momentum": ("sgd-sai",),
+}  # fmt: skip
 MINIMAX_FIELDS = ("problem", "dual_lr", "positive_classes", "dro_lambda")
+SHAKESPEARE_FIELDS = ("shakespeare_min_samples", "shakespeare_max_samples")
 SAMPLER_FIELDS = ("laziness", "markov_degree")
 STRATEGY_FIELDS = (
     "mu", "server_lr", "server_momentum", "beta1", "beta2", "tau",

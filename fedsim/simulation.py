@@ -21,12 +21,12 @@ from fedsim.data.samplers import make_sampler
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate, per_client_accuracy
 from fedsim.engine.executor import LocalExecutor
 from fedsim.engine.protocol import ClientUpdates, ServerState
-from fedsim.engine.pytree import Tree, all_finite, flatten, nbytes
+from fedsim.engine.pytree import Tree, all_finite, flatten, nbytes, stack
 from fedsim.engine.store import ClientStore
 from fedsim.engine.trainer import cross_entropy
 from fedsim.errors import DivergenceError, FedsimError
 from fedsim.models import build_model
-from fedsim.optim import lr_at, make_optimizer
+from fedsim.optim import compressible_names, lr_at, make_optimizer, state_bytes
 from fedsim.results import CONFIG_FILE, SUMMARY_FILE, ResultsDir
 from strategies import build_strategy
 
@@ -100,6 +100,7 @@ class Simulation:
         ds = load_dataset(
             c.dataset, path=c.data_path, seed=c.seed, num_clients=c.clients,
             synthetic_alpha=c.synthetic_alpha, synthetic_beta=c.synthetic_beta,
+            shakespeare_min_samples=c.shakespeare_min_samples, shakespeare_max_samples=c.shakespeare_max_samples,
         )  # fmt: skip
         if c.train_samples is not None:
             ds = subsample_train(ds, c.train_samples, c.seed)
@@ -121,10 +122,12 @@ class Simulation:
         self.availability = make_availability(
             c.availability, p_on=c.availability_p_on, p_off=c.availability_p_off, seed=c.seed
         )
+        compress = compressible_names(self.model, include_head_and_embeddings=c.compress_params == "all")
         optimizer = make_optimizer(
             c.optimizer, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
-            betas=c.adam_betas, eps=c.adam_eps,
+            betas=c.adam_betas, eps=c.adam_eps, compress=compress, **c.optimizer_options(),
         )  # fmt: skip
+        self.optimizer_state_bytes = state_bytes(optimizer.init(stack(self.init_params, 1)))
         sampler = make_sampler(c.sampler, **c.sampler_options())
         self.executor = LocalExecutor(
             self.model, self.store, sampler, optimizer, self.strategy.client_algorithm,
@@ -315,6 +318,9 @@ class Simulation:
             "device": str(self.device),
             "chunk_size": self.executor.chunk_size,
             "client_state_bytes": sum(v.numel() * v.element_size() for v in self.executor.client_state.values()),
+            "optimizer": self.config.optimizer,
+            "optimizer_state_bytes_per_client": self.optimizer_state_bytes,
+            "optimizer_state_bytes_all_clients": self.optimizer_state_bytes * self.store.num_clients,
             "dataset": self.config.dataset,
             "model": self.config.model,
             "strategy": self.config.strategy,

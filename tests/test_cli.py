@@ -154,7 +154,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
         (["--set", "model_args={hidden: [-1]}"], "could not be built"),
         (["--optimizer", "adam", "--momentum", "0.9"], "momentum/nesterov apply to the sgd optimizer"),
         (["--set", "adam_betas=[1.0, 0.999]", "--optimizer", "adam"], "adam_betas must each be in [0, 1)"),
-        (["--set", "adam_betas=[0.8, 0.99]"], "apply to the adam and adamw optimizers"),
+        (["--set", "adam_betas=[0.8, 0.99]"], "apply to the adam, adamw, foam, gwt and mols optimizers"),
         (["--strategy", "fedavg", "--mu", "0.5"], "option 'mu' is not used by strategy 'fedavg'"),
     ],
 )

@@ -9,12 +9,13 @@ from fedsim.engine.executor import LocalExecutor, auto_chunk_size
 from fedsim.engine.protocol import ClientAlgorithm, Plan
 from fedsim.engine.pytree import flatten
 from fedsim.engine.store import ClientStore
-from fedsim.models import MODELS, build_model
+from fedsim.models import MODELS, SEQUENCE_MODELS, build_model
 from fedsim.optim import make_optimizer
 from fedsim.simulation import parameters_of
 from strategies import ProximalClient
 
 NUM_CLIENTS = 9
+IMAGE_MODELS = sorted(set(MODELS) - set(SEQUENCE_MODELS))  # sequence models: tests/test_shakespeare.py
 
 
 def make_setup(model_name, sizes, image=(1, 8, 8), classes=5, seed=0):
@@ -65,13 +66,13 @@ def assert_close_updates(a, b, rtol=1e-5):
     err = ((fa - fb).norm(dim=1, keepdim=True) / scale).max()
     assert float(err) < rtol, f"relative error {float(err)}"
     assert torch.equal(a.num_steps.cpu(), b.num_steps.cpu())
-    torch.testing.assert_close(a.train_loss.double().cpu(), b.train_loss.double().cpu(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.train_loss.double().cpu(), b.train_loss.double().cpu(), rtol=rtol, atol=1e-6)
 
 
 RAGGED = [1, 3, 4, 5, 7, 9, 12, 17, 30]
 
 
-@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("model_name", IMAGE_MODELS)
 @pytest.mark.parametrize("participation", ["full", "partial"])
 def test_vectorized_equals_sequential_every_model(model_name, participation):
     model, store, params = make_setup(model_name, RAGGED)
@@ -90,8 +91,12 @@ def test_vectorized_equals_sequential_every_model(model_name, participation):
         make_optimizer("sgd", momentum=0.9, nesterov=True, weight_decay=1e-3),
         make_optimizer("adam", weight_decay=1e-4),
         make_optimizer("adamw", weight_decay=1e-2),
+        make_optimizer("foam", level=1, weight_decay=1e-2),
+        make_optimizer("gwt", level=2),
+        make_optimizer("mols", estimator="ema", refresh=2),
+        make_optimizer("sgd-sai"),
     ],
-    ids=["sgd", "nesterov", "adam", "adamw"],
+    ids=["sgd", "nesterov", "adam", "adamw", "foam", "gwt", "mols", "sgd-sai"],
 )
 def test_ragged_epochs_match_sequential(optimizer):
     """Epoch mode: clients take different numbers of steps (masked), partial last batches."""
@@ -99,7 +104,8 @@ def test_ragged_epochs_match_sequential(optimizer):
     kw = dict(optimizer=optimizer, local_epochs=2, batch_size=5)
     vec = make_executor(model, store, **kw).train(Plan(np.arange(NUM_CLIENTS)), params, 1, 0.03)
     seq = make_executor(model, store, sequential=True, **kw).train(Plan(np.arange(NUM_CLIENTS)), params, 1, 0.03)
-    assert_close_updates(vec, seq)
+    # GWT divides detail bands by sqrt(v) + 1e-6: float32 rounding of the batched gradients shows a little more
+    assert_close_updates(vec, seq, rtol=5e-5 if type(optimizer).__name__ == "FunctionalGWT" else 1e-5)
     expected_steps = 2 * -(-np.array(RAGGED) // 5)
     assert vec.num_steps.tolist() == expected_steps.tolist()
 
@@ -269,7 +275,7 @@ def test_build_model_refuses_batchnorm(tmp_path, monkeypatch):
         build_model("lenet", (1, 8, 8), 10)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28)])
 def test_models_shapes(name, shape):
     model = build_model(name, shape, 10)

@@ -224,7 +224,7 @@ def test_sgd_without_momentum_is_stateless():
 
 
 def test_optimizer_registry():
-    assert set(OPTIMIZERS) == {"sgd", "adam", "adamw"}
+    assert set(OPTIMIZERS) == {"sgd", "adam", "adamw", "foam", "gwt", "mols", "sgd-sai"}
     assert make_optimizer("adam").decoupled is False
     assert make_optimizer("adamw").decoupled is True
 

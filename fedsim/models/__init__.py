@@ -1,7 +1,9 @@
 """Model registry: built-in vmappable models by name, user models by ``package.module:factory``.
 
 A factory is called as ``factory(input_shape, num_classes)`` and returns an ``nn.Module`` whose forward
-maps ``[B, *input_shape]`` to logits ``[B, num_classes]``.
+maps ``[B, *input_shape]`` to logits ``[B, num_classes]``. Sequence models (:data:`SEQUENCE_MODELS`) take
+windows of token indices ``[B, L]`` (float32 indices from a token dataset such as ``shakespeare``) and return
+the logits of the next token.
 """
 
 from __future__ import annotations
@@ -14,11 +16,20 @@ from torch import nn
 
 from fedsim.errors import FedsimError, unknown
 
+from .transformer import char_transformer
 from .zoo import cnn, lenet5, logreg, mlp
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
 
-MODELS: dict[str, ModelFactory] = {"logreg": logreg, "mlp": mlp, "lenet5": lenet5, "cnn": cnn}
+MODELS: dict[str, ModelFactory] = {
+    "logreg": logreg,
+    "mlp": mlp,
+    "lenet5": lenet5,
+    "cnn": cnn,
+    "char_transformer": char_transformer,
+}
+SEQUENCE_MODELS: tuple[str, ...] = ("char_transformer",)
+"""Built-in models whose input is a window of token indices (they need a token dataset)."""
 
 
 def register_model(name: str, factory: ModelFactory) -> None:
@@ -74,4 +85,15 @@ def build_model(
     return model
 
 
-__all__ = ["MODELS", "ModelFactory", "build_model", "register_model", "cnn", "lenet5", "logreg", "mlp"]
+__all__ = [
+    "MODELS",
+    "SEQUENCE_MODELS",
+    "ModelFactory",
+    "build_model",
+    "char_transformer",
+    "cnn",
+    "lenet5",
+    "logreg",
+    "mlp",
+    "register_model",
+]

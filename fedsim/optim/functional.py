@@ -123,9 +123,16 @@ class Adam:
         return state
 
 
-FunctionalOptimizer = SGD | Adam
+OPTIMIZERS = ("sgd", "adam", "adamw", "foam", "gwt", "mols", "sgd-sai")
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+# Options of the memory-efficient optimizers, by optimizer: (option, default). ``eps`` defaults per optimizer.
+OPTIMIZER_OPTIONS: dict[str, dict[str, object]] = {
+    "foam": {"level": 2, "scale": 0.25, "res_scale": 1.0, "eps_mode": "torch"},
+    "gwt": {"level": 2, "scale": 0.25, "limiter": 1.01, "wavelet": "haar", "eps_mode": "torch"},
+    "mols": {"estimator": "sai", "refresh": 0},
+    "sgd-sai": {"sai_momentum": 0.9},
+}
+DEFAULT_EPS = {"adam": 1e-8, "adamw": 1e-8, "foam": 1e-8, "gwt": 1e-6, "mols": 1e-8, "sgd-sai": 1e-8}
 
 
 def make_optimizer(
@@ -135,13 +142,41 @@ def make_optimizer(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-) -> FunctionalOptimizer:
-    """Build a functional local optimizer by name (``sgd``, ``adam``, ``adamw``)."""
-    from fedsim.errors import unknown
+    eps: float | None = None,
+    compress: frozenset[str] | None = None,
+    **options: object,
+):
+    """Build a functional local optimizer by name: ``sgd``, ``adam``, ``adamw``, or the memory-efficient
+    ``foam``, ``gwt``, ``mols`` (MoLS-style, our reconstruction) and ``sgd-sai``. ``eps`` defaults per
+    optimizer (1e-6 for GWT, else 1e-8); ``compress`` names the parameters FOAM/GWT transform (None: every
+    one with at least two dimensions); ``options`` are the optimizer's own (``OPTIMIZER_OPTIONS``)."""
+    from fedsim.errors import FedsimError, unknown
 
-    if name == "sgd":
-        return SGD(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    if name in ("adam", "adamw"):
-        return Adam(betas=tuple(betas), eps=eps, weight_decay=weight_decay, decoupled=name == "adamw")
-    raise unknown("optimizer", name, OPTIMIZERS)
+    from .foam import FunctionalFOAM
+    from .gwt import FunctionalGWT
+    from .mols import FunctionalMoLS
+    from .sgd_sai import FunctionalSGDSaI
+
+    if name not in OPTIMIZERS:
+        raise unknown("optimizer", name, OPTIMIZERS)
+    accepted = OPTIMIZER_OPTIONS.get(name, {})
+    extra = sorted(set(options) - set(accepted))
+    if extra:
+        raise FedsimError(f"optimizer '{name}' takes no option {extra[0]!r}")
+    opts = {**accepted, **options}
+    eps = DEFAULT_EPS.get(name, 1e-8) if eps is None else eps
+    betas = tuple(betas)
+    try:
+        if name == "sgd":
+            return SGD(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        if name in ("adam", "adamw"):
+            return Adam(betas=betas, eps=eps, weight_decay=weight_decay, decoupled=name == "adamw")
+        if name == "foam":
+            return FunctionalFOAM(betas=betas, eps=eps, weight_decay=weight_decay, compress=compress, **opts)
+        if name == "gwt":
+            return FunctionalGWT(betas=betas, eps=eps, weight_decay=weight_decay, compress=compress, **opts)
+        if name == "mols":
+            return FunctionalMoLS(betas=betas, eps=eps, weight_decay=weight_decay, **opts)
+        return FunctionalSGDSaI(momentum=opts["sai_momentum"], eps=eps, weight_decay=weight_decay)
+    except ValueError as err:
+        raise FedsimError(f"optimizer '{name}': {err}") from None

@@ -1,0 +1,200 @@
+"""Shared machinery of the compressed-state Adam optimizers (FOAM, GWT): a ``torch.optim.Optimizer`` base
+class and a functional, client-stacked base.
+
+A parameter is *compressed* when its group's flag (``fold`` for FOAM, ``wave`` for GWT) is true and it has
+at least two dimensions; it then gets the subclass's rule (a transform of the gradient with Adam moments on
+the reduced representation). Every other parameter gets AdamW in the form of the authors' code (GaLore's
+AdamW): ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2``,
+``w <- w - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps')``. Both kinds then take decoupled weight
+decay on the updated weight, ``w <- w - lr * wd * w``.
+
+Where ``eps`` enters (``eps_mode``): ``"torch"`` (default) uses ``eps' = eps sqrt(1 - b2^t)``, which is
+``torch.optim.Adam``'s placement (``eps`` added to the bias-corrected ``sqrt(v_hat)``), so level 0 and
+scale 1 reproduce ``torch.optim.Adam`` to rounding; ``"authors"`` uses ``eps' = eps`` as the authors' code
+(GaLore's AdamW) does. The two differ only for gradient entries near ``eps``, mostly in the first steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedsim.engine.pytree import Tree
+
+from .kernels import Direction, adam_moments
+
+EPS_MODES = ("torch", "authors")
+
+
+def bias_corrected_step(lr: float, beta1: float, beta2: float, step: int) -> float:
+    """``lr * sqrt(1 - b2^t) / (1 - b1^t)``."""
+    return lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+
+
+def check_eps_mode(eps_mode: str) -> None:
+    """Refuse an unknown ``eps_mode``."""
+    if eps_mode not in EPS_MODES:
+        raise ValueError(f"unknown eps_mode {eps_mode!r}; choose one of {', '.join(EPS_MODES)}")
+
+
+class CompressedAdam(torch.optim.Optimizer):
+    """Base class: subclasses set ``flag`` and implement :meth:`_init_compressed` and :meth:`_compressed_step`
+    (which updates the parameter in place by ``-step_size`` times its direction)."""
+
+    flag = "compress"
+
+    def __init__(self, params: Iterable, defaults: dict) -> None:
+        lr, eps, wd, (b1, b2) = defaults["lr"], defaults["eps"], defaults["weight_decay"], defaults["betas"]
+        if lr < 0 or eps < 0 or wd < 0 or not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"invalid hyperparameters: lr={lr}, betas={defaults['betas']}, eps={eps}, wd={wd}")
+        check_eps_mode(defaults["eps_mode"])
+        if int(defaults["level"]) != defaults["level"] or defaults["level"] < 0:
+            raise ValueError(f"level must be a non-negative integer, got {defaults['level']!r}")
+        defaults.setdefault(self.flag, True)
+        super().__init__(params, defaults)
+
+    def workspace(self, shape: tuple[int, ...], like: Tensor, count: int) -> tuple[Tensor, ...]:
+        """``count`` scratch tensors of ``shape`` (dtype and device of ``like``), kept between steps and
+        shared by parameters of one shape: fresh full-size allocations cost page faults on every step.
+        Not part of the state (nothing to save)."""
+        key = (shape, like.dtype, like.device)
+        cache = self.__dict__.setdefault("_workspaces", {})
+        if key not in cache:
+            cache[key] = tuple(torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(count))
+        return cache[key]
+
+    def is_compressed(self, p: Tensor, group: dict) -> bool:
+        """Whether ``p`` gets the compressed rule: the group's flag is on and ``p.dim() >= 2``."""
+        return bool(group[self.flag]) and p.dim() >= 2
+
+    def _init_compressed(self, p: Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    def _compressed_step(self, p: Tensor, state: dict, group: dict, step_size: float, eps: float) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 (torch.optim.Optimizer.step)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            plain: tuple[list[Tensor], ...] = ([], [], [], [])
+            plain_steps: list[float] = []
+            plain_eps: list[float] = []
+            decayed: list[Tensor] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                compressed = self.is_compressed(p, group)
+                if not state:
+                    state["step"] = 0
+                    if compressed:
+                        self._init_compressed(p, state, group)
+                    else:
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step_size = bias_corrected_step(group["lr"], b1, b2, state["step"])
+                eps = group["eps"] * (math.sqrt(1 - b2 ** state["step"]) if group["eps_mode"] == "torch" else 1.0)
+                if compressed:
+                    self._compressed_step(p, state, group, step_size, eps)
+                else:
+                    for bucket, t in zip(plain, (p, p.grad, state["exp_avg"], state["exp_avg_sq"]), strict=True):
+                        bucket.append(t)
+                    plain_steps.append(-step_size)
+                    plain_eps.append(eps)
+                decayed.append(p)
+            if plain[0]:
+                params, grads, exp_avgs, exp_avg_sqs = plain
+                torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
+                torch._foreach_mul_(exp_avg_sqs, b2)
+                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - b2)
+                denom = torch._foreach_sqrt(exp_avg_sqs)
+                torch._foreach_add_(denom, plain_eps)
+                torch._foreach_addcdiv_(params, exp_avgs, denom, plain_steps)
+            if group["weight_decay"] and decayed:
+                torch._foreach_mul_(decayed, 1 - group["lr"] * group["weight_decay"])
+        return loss
+
+
+def per_client(t: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-client ``[C]`` tensor to broadcast against ``like`` ``[C, ...]``."""
+    return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+@dataclass(frozen=True)
+class FunctionalCompressedAdam:
+    """Functional, client-stacked base of FOAM and GWT (``init`` / ``update`` / ``step_`` as
+    :class:`fedsim.optim.Adam`). ``compress`` names the stacked parameters that get the compressed rule
+    (``None``: every parameter with at least two dimensions per client); the rest get AdamW as above."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    compress: frozenset[str] | None = None
+    eps_mode: str = "torch"
+
+    def __post_init__(self) -> None:
+        check_eps_mode(self.eps_mode)
+
+    def is_compressed(self, name: str, value: Tensor) -> bool:
+        """Whether the stacked parameter ``name`` (shape ``[C, ...]``) gets the compressed rule."""
+        return value.dim() >= 3 and (self.compress is None or name in self.compress)
+
+    def _compressed_state(self, name: str, value: Tensor) -> Tree:
+        raise NotImplementedError
+
+    def _compressed_update(self, name: str, g: Tensor, state: Tree, eps: Tensor) -> tuple[Direction, Tree]:
+        raise NotImplementedError
+
+    def init(self, params: Tree) -> Tree:
+        first = next(iter(params.values()))
+        state: Tree = {"step": torch.zeros(first.shape[0], device=first.device, dtype=torch.float64)}
+        for name, value in params.items():
+            if self.is_compressed(name, value):
+                state.update(self._compressed_state(name, value))
+            else:
+                state[f"m.{name}"] = torch.zeros_like(value)
+                state[f"v.{name}"] = torch.zeros_like(value)
+        return state
+
+    def update(self, grads: Tree, state: Tree, params: Tree, lr: float) -> tuple[Tree, Tree]:
+        b1, b2 = self.betas
+        step = state["step"] + 1
+        step_size = lr * torch.sqrt(1 - b2**step) / (1 - b1**step)
+        eps_per_client = self.eps * (torch.sqrt(1 - b2**step) if self.eps_mode == "torch" else torch.ones_like(step))
+        new_state: Tree = {"step": step}
+        updates = {}
+        for name, g in grads.items():
+            w = params[name]
+            eps = per_client(eps_per_client, w)
+            if self.is_compressed(name, w):
+                compressed, sub = self._compressed_update(name, g, state, eps)
+                direction = compressed.materialize()
+                new_state.update(sub)
+            else:
+                m, v = adam_moments(g, state[f"m.{name}"], state[f"v.{name}"], b1, b2)
+                new_state[f"m.{name}"], new_state[f"v.{name}"] = m, v
+                direction = m / (v.sqrt() + eps)
+            u = -per_client(step_size, w) * direction
+            if self.weight_decay:
+                u = u - lr * self.weight_decay * (w + u)
+            updates[name] = u
+        return updates, new_state
+
+    def step_(self, grads: Tree, state: Tree, params: Tree, lr: float) -> Tree:
+        """Apply :meth:`update` to ``params`` in place; returns the new state."""
+        updates, new_state = self.update(grads, state, params, lr)
+        for name, u in updates.items():
+            params[name].add_(u)
+        return new_state

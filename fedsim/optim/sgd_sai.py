@@ -1,0 +1,92 @@
+"""SGD-SaI: SGD with momentum and learning rates scaled at initialization by each tensor's gradient
+signal-to-noise ratio (rule from the authors' code, AnonymousAlethiometer/SGD_SaI; ALGORITHMS.md "SGD-SaI").
+
+At a parameter's first step ``gsnr_p = ||g_p||_2 / (std(g_p) + eps)`` (unbiased std over the tensor's
+entries; 0 for a one-element tensor), frozen afterwards. Momentum ``b <- mu b + (1 - mu) g`` (``b = g`` at
+the first step); ``p <- p (1 - lr wd) - lr gsnr_p b``. One state buffer per parameter plus a scalar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from fedsim.engine.pytree import Tree
+
+from .kernels import gradient_snr
+
+
+class SGDSaI(torch.optim.Optimizer):
+    """SGD-SaI as a ``torch.optim.Optimizer`` (the authors' defaults: lr 1e-2, momentum 0.9, eps 1e-8,
+    weight decay 1e-2, decoupled)."""
+
+    def __init__(
+        self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, eps: float = 1e-8, weight_decay: float = 1e-2
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not 0 <= momentum < 1:
+            raise ValueError(f"invalid hyperparameters: lr={lr}, momentum={momentum}, eps={eps}, wd={weight_decay}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 (torch.optim.Optimizer.step)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if not state:
+                    state["gsnr"] = gradient_snr(g, 0, group["eps"]).reshape(())
+                    state["momentum_buffer"] = g.clone()
+                else:
+                    state["momentum_buffer"].lerp_(g, 1 - mu)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(state["momentum_buffer"] * state["gsnr"], alpha=-lr)
+        return loss
+
+
+@dataclass(frozen=True)
+class FunctionalSGDSaI:
+    """SGD-SaI in the engine's functional, client-stacked form (``gsnr`` per client and tensor, computed at
+    each client's first step; tested equal to :class:`SGDSaI`)."""
+
+    momentum: float = 0.9
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+
+    def init(self, params: Tree) -> Tree:
+        first = next(iter(params.values()))
+        state: Tree = {"step": torch.zeros(first.shape[0], device=first.device, dtype=torch.float64)}
+        for name, value in params.items():
+            state[f"gsnr.{name}"] = value.new_zeros(value.shape[0])
+            state[f"buf.{name}"] = torch.zeros_like(value)
+        return state
+
+    def update(self, grads: Tree, state: Tree, params: Tree, lr: float) -> tuple[Tree, Tree]:
+        first = state["step"] == 0
+        new_state: Tree = {"step": state["step"] + 1}
+        updates = {}
+        for name, g in grads.items():
+            w = params[name]
+            shape = (-1, *([1] * (w.dim() - 1)))
+            is_first = first.reshape(shape)
+            gsnr = torch.where(first, gradient_snr(g, 1, self.eps).reshape(-1), state[f"gsnr.{name}"])
+            buf = torch.where(is_first, g, torch.lerp(state[f"buf.{name}"], g, 1 - self.momentum))
+            new_state[f"gsnr.{name}"], new_state[f"buf.{name}"] = gsnr, buf
+            updates[name] = -lr * (self.weight_decay * w + gsnr.reshape(shape) * buf)
+        return updates, new_state
+
+    def step_(self, grads: Tree, state: Tree, params: Tree, lr: float) -> Tree:
+        """Apply :meth:`update` to ``params`` in place; returns the new state."""
+        updates, new_state = self.update(grads, state, params, lr)
+        for name, u in updates.items():
+            params[name].add_(u)
+        return new_state

@@ -93,3 +93,32 @@ def test_ecgr_runner_tables_pairs_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert script.main(argv) == 0  # everything is done: nothing runs again
     assert "4 of 4 runs already done; running 0" in capsys.readouterr().out
+
+
+def _run_script(path, argv, monkeypatch):
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [str(path), *argv])
+    runpy.run_path(str(path), run_name="__main__")
+
+
+def test_optimizer_experiments_write_table_and_plot(tmp_path, monkeypatch):
+    """Both optimizer experiments run end to end on a tiny budget and write their table, JSON and plot."""
+    folder = ROOT / "experiments" / "optimizers"
+    argv = ["--steps", "4", "--eval-every", "2", "--speakers", "3", "--max-samples", "40", "--val-size", "32",
+            "--optimizers", "FOAM,SGD-SaI", "--out", str(tmp_path)]  # fmt: skip
+    _run_script(folder / "centralized.py", argv, monkeypatch)
+    central = json.loads((tmp_path / "centralized.json").read_text())["results"]
+    assert set(central) == {"Adam", "FOAM", "SGD-SaI"}
+    assert central["FOAM"]["compressed_state_vs_adam"] == pytest.approx(0.25, abs=0.01)
+    assert "| FOAM |" in (tmp_path / "centralized.md").read_text()
+    assert (tmp_path / "centralized.png").stat().st_size > 1000
+    argv = ["--clients", "4", "--fraction", "0.5", "--rounds", "1", "--local-steps", "2", "--max-samples", "40",
+            "--eval-every", "1", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]  # fmt: skip
+    _run_script(folder / "federated.py", argv, monkeypatch)
+    fed = json.loads((tmp_path / "federated.json").read_text())["results"]
+    assert set(fed) == {"Adam", "FOAM", "GWT"}
+    adam, foam = (fed[k]["summary"]["optimizer_state_bytes_all_clients"] for k in ("Adam", "FOAM"))
+    assert foam < 0.5 * adam
+    assert (tmp_path / "federated.png").stat().st_size > 1000

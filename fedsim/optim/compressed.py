@@ -26,6 +26,7 @@ from torch import Tensor
 from fedsim.engine.pytree import Tree
 
 from .kernels import Direction, adam_moments
+from .stacked import AppliesUpdate, step_counter
 
 EPS_MODES = ("torch", "authors")
 
@@ -133,7 +134,7 @@ def per_client(t: Tensor, like: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class FunctionalCompressedAdam:
+class FunctionalCompressedAdam(AppliesUpdate):
     """Functional, client-stacked base of FOAM and GWT (``init`` / ``update`` / ``step_`` as
     :class:`fedsim.optim.Adam`). ``compress`` names the stacked parameters that get the compressed rule
     (``None``: every parameter with at least two dimensions per client); the rest get AdamW as above."""
@@ -158,8 +159,7 @@ class FunctionalCompressedAdam:
         raise NotImplementedError
 
     def init(self, params: Tree) -> Tree:
-        first = next(iter(params.values()))
-        state: Tree = {"step": torch.zeros(first.shape[0], device=first.device, dtype=torch.float64)}
+        state: Tree = {"step": step_counter(params)}
         for name, value in params.items():
             if self.is_compressed(name, value):
                 state.update(self._compressed_state(name, value))
@@ -191,10 +191,3 @@ class FunctionalCompressedAdam:
                 u = u - lr * self.weight_decay * (w + u)
             updates[name] = u
         return updates, new_state
-
-    def step_(self, grads: Tree, state: Tree, params: Tree, lr: float) -> Tree:
-        """Apply :meth:`update` to ``params`` in place; returns the new state."""
-        updates, new_state = self.update(grads, state, params, lr)
-        for name, u in updates.items():
-            params[name].add_(u)
-        return new_state

@@ -16,6 +16,8 @@ from torch import Tensor
 
 from fedsim.engine.pytree import Tree
 
+from .stacked import step_counter
+
 
 def _per_client(t: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-client ``[C]`` tensor to broadcast against ``like`` ``[C, ...]``."""
@@ -78,8 +80,7 @@ class Adam:
     decoupled: bool = False
 
     def init(self, params: Tree) -> Tree:
-        first = next(iter(params.values()))
-        state: Tree = {"step": torch.zeros(first.shape[0], device=first.device, dtype=torch.float64)}
+        state: Tree = {"step": step_counter(params)}
         for k, v in params.items():
             state[f"m.{k}"] = torch.zeros_like(v)
             state[f"v.{k}"] = torch.zeros_like(v)

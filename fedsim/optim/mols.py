@@ -30,6 +30,7 @@ from torch import Tensor
 from fedsim.engine.pytree import Tree
 
 from .kernels import gradient_snr, reduce_dims
+from .stacked import AppliesUpdate, step_counter
 
 ESTIMATORS = ("sai", "ema", "microbatch")
 FUNCTIONAL_ESTIMATORS = ("sai", "ema")
@@ -161,7 +162,7 @@ class MoLS(torch.optim.Optimizer):
 
 
 @dataclass(frozen=True)
-class FunctionalMoLS:
+class FunctionalMoLS(AppliesUpdate):
     """MoLS-style (reconstruction) in the engine's functional, client-stacked form: estimators ``sai`` and
     ``ema`` (per client; tested equal to :class:`MoLS`)."""
 
@@ -176,8 +177,7 @@ class FunctionalMoLS:
         _check(self.estimator, self.refresh, FUNCTIONAL_ESTIMATORS)
 
     def init(self, params: Tree) -> Tree:
-        first = next(iter(params.values()))
-        state: Tree = {"step": torch.zeros(first.shape[0], device=first.device, dtype=torch.float64)}
+        state: Tree = {"step": step_counter(params)}
         for name, value in params.items():
             state[f"m.{name}"] = torch.zeros_like(value)
             state[f"v.{name}"] = torch.zeros_like(value)
@@ -214,10 +214,3 @@ class FunctionalMoLS:
             u = m * (scale * (-lr / bc1)).reshape(shape).to(w.dtype) / denom
             updates[name] = u - lr * self.weight_decay * w if self.weight_decay else u
         return updates, new_state
-
-    def step_(self, grads: Tree, state: Tree, params: Tree, lr: float) -> Tree:
-        """Apply :meth:`update` to ``params`` in place; returns the new state."""
-        updates, new_state = self.update(grads, state, params, lr)
-        for name, u in updates.items():
-            params[name].add_(u)
-        return new_state

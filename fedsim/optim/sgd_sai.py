@@ -16,6 +16,7 @@ import torch
 from fedsim.engine.pytree import Tree
 
 from .kernels import gradient_snr
+from .stacked import AppliesUpdate, step_counter
 
 
 class SGDSaI(torch.optim.Optimizer):
@@ -54,7 +55,7 @@ class SGDSaI(torch.optim.Optimizer):
 
 
 @dataclass(frozen=True)
-class FunctionalSGDSaI:
+class FunctionalSGDSaI(AppliesUpdate):
     """SGD-SaI in the engine's functional, client-stacked form (``gsnr`` per client and tensor, computed at
     each client's first step; tested equal to :class:`SGDSaI`)."""
 
@@ -63,8 +64,7 @@ class FunctionalSGDSaI:
     weight_decay: float = 1e-2
 
     def init(self, params: Tree) -> Tree:
-        first = next(iter(params.values()))
-        state: Tree = {"step": torch.zeros(first.shape[0], device=first.device, dtype=torch.float64)}
+        state: Tree = {"step": step_counter(params)}
         for name, value in params.items():
             state[f"gsnr.{name}"] = value.new_zeros(value.shape[0])
             state[f"buf.{name}"] = torch.zeros_like(value)
@@ -83,10 +83,3 @@ class FunctionalSGDSaI:
             new_state[f"gsnr.{name}"], new_state[f"buf.{name}"] = gsnr, buf
             updates[name] = -lr * (self.weight_decay * w + gsnr.reshape(shape) * buf)
         return updates, new_state
-
-    def step_(self, grads: Tree, state: Tree, params: Tree, lr: float) -> Tree:
-        """Apply :meth:`update` to ``params`` in place; returns the new state."""
-        updates, new_state = self.update(grads, state, params, lr)
-        for name, u in updates.items():
-            params[name].add_(u)
-        return new_state

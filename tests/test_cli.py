@@ -250,3 +250,21 @@ def test_bench_regulator_json(tmp_path, cli):
     assert result["trajectory_bytes_per_client"] == 3 * result["num_params"] * 4 + 8 * 9
     code, _, err = cli(["bench", "regulator", "--clients", "4", "--set", "ecgr_rho=2"])
     assert code == 2 and "ecgr_rho" in err
+
+
+def test_bench_optimizer_json(tmp_path, cli):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "optimizer", "--optimizers", "adam,foam,gwt,mols,sgd-sai", "--steps", "1", "--rounds", "1",
+            "--out", str(out)]  # fmt: skip
+    code, _, err = cli(argv)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    opts = result["optimizers"]
+    assert opts["adam"]["vs_adam"] == 1.0 and all(r["seconds_per_step"] > 0 for r in opts.values())
+    for name in ("foam", "gwt"):  # level 2 on the transformer's matrices (widths divisible by 4)
+        assert opts[name]["matrix_state_vs_adam"] == pytest.approx(0.25)
+    assert opts["sgd-sai"]["matrix_state_vs_adam"] == pytest.approx(0.5)
+    assert result["compressed_params"] < result["num_params"]
+    for bad, message in ((["--optimizers", "lion"], "unknown optimizer 'lion'"), (["--workload", "x"], "workload")):
+        code, _, err = cli(["bench", "optimizer", *bad])
+        assert code == 2 and message in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 
 import pytest
 import torch
@@ -511,6 +512,9 @@ def test_gwt_kernel_matches_the_plain_transform_rule(n, level):
         assert abs(float(prev_t) - prev) < 1e-9
 
 
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "clang++")), reason="torch.compile on CPU needs a C++ compiler"
+)
 @pytest.mark.parametrize("opt_cls", [FOAM, GWT])
 def test_fused_step_matches_eager(opt_cls):
     """The torch.compile'd step equals the eager one to rounding (a divisible matrix, plus an odd-width

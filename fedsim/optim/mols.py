@@ -132,7 +132,7 @@ class MoLS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         live = self._params()
-        for p, group in live:
+        for p, _ in live:
             state = self.state[p]
             if "step" not in state:
                 state["step"] = 0
@@ -140,24 +140,39 @@ class MoLS(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["snr"] = torch.ones((), dtype=torch.float32, device=p.device)
             state["step"] += 1
+        for group in self.param_groups:  # Adam's moments, one foreach pass per group
             b1, b2 = group["betas"]
-            state["exp_avg"].lerp_(p.grad, 1 - b1)
-            state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                grads = [p.grad for p in params]
+                torch._foreach_lerp_([self.state[p]["exp_avg"] for p in params], grads, 1 - b1)
+                squares = [self.state[p]["exp_avg_sq"] for p in params]
+                torch._foreach_mul_(squares, b2)
+                torch._foreach_addcmul_(squares, grads, grads, value=1 - b2)
+        for p, group in live:
+            state = self.state[p]
             if is_due(state["step"], self.estimator, self.refresh):
                 state["snr"] = self._estimate(p, state, group).to(torch.float32)
             for key in ("mb_sum", "mb_sumsq", "mb_count", "mb_last"):
                 state.pop(key, None)
         if not live:
             return loss
-        scales = normalized_scales(torch.stack([self.state[p]["snr"] for p, _ in live]))
-        for (p, group), scale in zip(live, scales, strict=True):
-            state = self.state[p]
+        scales = normalized_scales(torch.stack([self.state[p]["snr"] for p, _ in live])).tolist()
+        scale_of = {id(p): scale for (p, _), scale in zip(live, scales, strict=True)}
+        for group in self.param_groups:
             b1, b2 = group["betas"]
-            t, lr = state["step"], group["lr"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, states = group["lr"], [self.state[p] for p in params]
             if group["weight_decay"]:
-                p.mul_(1 - lr * group["weight_decay"])
-            denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
-            p.addcdiv_(state["exp_avg"] * (scale.to(p.dtype) * (-lr / (1 - b1**t))), denom)
+                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            denom = torch._foreach_div([s["exp_avg_sq"] for s in states], [1 - b2 ** s["step"] for s in states])
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, group["eps"])
+            factors = [scale_of[id(p)] * (-lr / (1 - b1 ** s["step"])) for p, s in zip(params, states, strict=True)]
+            numerators = torch._foreach_mul([s["exp_avg"] for s in states], factors)
+            torch._foreach_addcdiv_(params, numerators, denom)
         return loss
 
 

@@ -78,6 +78,13 @@ class CompressedAdam(torch.optim.Optimizer):
     def _compressed_step(self, p: Tensor, state: dict, group: dict, step_size: float, eps: float) -> None:
         raise NotImplementedError
 
+    def _fusable(self, p: Tensor, group: dict) -> bool:
+        """Whether the compressed ``p`` takes the compiled path (``fused=True`` and a divisible width)."""
+        return bool(group.get("fused")) and p.shape[-1] % (1 << int(group["level"])) == 0
+
+    def _fused_steps(self, params: list[Tensor], step_sizes: list[float], eps: list[float], group: dict) -> None:
+        raise NotImplementedError
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 (torch.optim.Optimizer.step)
         loss = None
@@ -90,6 +97,7 @@ class CompressedAdam(torch.optim.Optimizer):
             plain_steps: list[float] = []
             plain_eps: list[float] = []
             decayed: list[Tensor] = []
+            fused: tuple[list[Tensor], list[float], list[float]] = ([], [], [])
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -107,7 +115,10 @@ class CompressedAdam(torch.optim.Optimizer):
                 state["step"] += 1
                 step_size = bias_corrected_step(group["lr"], b1, b2, state["step"])
                 eps = group["eps"] * (math.sqrt(1 - b2 ** state["step"]) if group["eps_mode"] == "torch" else 1.0)
-                if compressed:
+                if compressed and self._fusable(p, group):
+                    for bucket, value in zip(fused, (p, step_size, eps), strict=True):
+                        bucket.append(value)
+                elif compressed:
                     self._compressed_step(p, state, group, step_size, eps)
                 else:
                     for bucket, t in zip(plain, (p, p.grad, state["exp_avg"], state["exp_avg_sq"]), strict=True):
@@ -115,6 +126,8 @@ class CompressedAdam(torch.optim.Optimizer):
                     plain_steps.append(-step_size)
                     plain_eps.append(eps)
                 decayed.append(p)
+            if fused[0]:
+                self._fused_steps(*fused, group)
             if plain[0]:
                 params, grads, exp_avgs, exp_avg_sqs = plain
                 torch._foreach_lerp_(exp_avgs, grads, 1 - b1)

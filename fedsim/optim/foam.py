@@ -18,7 +18,7 @@ from torch import Tensor
 from fedsim.engine.pytree import Tree
 
 from .compressed import CompressedAdam, FunctionalCompressedAdam
-from .fused import foam_step_
+from .fused import foam_steps_
 from .kernels import Direction, FoamRule
 
 
@@ -61,15 +61,17 @@ class FOAM(CompressedAdam):
 
     def _compressed_step(self, p: Tensor, state: dict, group: dict, step_size: float, eps: float) -> None:
         rule, grad = self.rule(group), p.grad
-        if group["fused"] and p.shape[-1] % (1 << rule.level) == 0:
-            foam_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], step_size, eps, rule.beta1, rule.beta2,
-                       rule.res_scale, rule.scale, rule.level)  # fmt: skip
-            return
         shape = (*rule.state_shape(tuple(grad.shape)), 1 << rule.level)
         direction, state["exp_avg"], state["exp_avg_sq"] = rule.direction(
             grad, state["exp_avg"], state["exp_avg_sq"], eps, self.workspace(shape, grad, 2)
         )
         direction.apply_(p, step_size)
+
+    def _fused_steps(self, params: list[Tensor], step_sizes: list[float], eps: list[float], group: dict) -> None:
+        rule, states = self.rule(group), [self.state[p] for p in params]
+        foam_steps_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], step_sizes, eps, rule.beta1, rule.beta2, rule.res_scale,
+                    rule.scale, rule.level)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,12 @@ Eager PyTorch spends most of a FOAM/GWT step on full-size temporaries and on bro
 block dimension (several times slower per element than plain elementwise ops on CPU); compiled, the step
 becomes a few fused loops and runs at Adam's speed (README, "Performance"). The rules are the same as
 :class:`fedsim.optim.kernels.FoamRule` / :class:`fedsim.optim.kernels.GwtRule` (tested equal to rounding),
-written for a last dimension divisible by ``2^level``; other parameters take the eager path. The first step
-of each new parameter shape compiles a kernel specialized to it (seconds to tens of seconds on a CPU; static
-shapes: kernels compiled for dynamic shapes measured no faster than eager); torch's recompile limit (8 per
-function) bounds the distinct matrix shapes, beyond which torch falls back to eager. Scalars that change
-every step (step size, eps) are passed as 0-d tensors so they do not trigger recompiles.
+written for a last dimension divisible by ``2^level``; other parameters take the eager path. One compiled
+call steps all fusable matrices of a param group (the per-call overhead is paid once per group), so the
+first step compiles a kernel specialized to the group's shapes (seconds to tens of seconds on a CPU; static
+shapes: kernels compiled for dynamic shapes measured no faster than eager), and a group whose set of
+parameters changes compiles again, up to torch's recompile limit (8), beyond which torch runs it eagerly.
+Scalars that change every step (step sizes, eps) are passed as tensors so they do not trigger recompiles.
 """
 
 from __future__ import annotations
@@ -72,13 +73,28 @@ def _gwt_step(
     p.sub_((step_size * scale) * out)
 
 
-def foam_step_(p, g, m, v, step_size: float, eps: float, beta1, beta2, res_scale, scale, level) -> None:
-    """Compiled in-place FOAM step (``p``, ``m``, ``v`` updated); needs ``p.shape[-1] % 2^level == 0``."""
-    t = torch.tensor((step_size, eps), dtype=p.dtype, device=p.device)
-    _compile("foam", _foam_step)(p, g, m, v, t[0], t[1], beta1, beta2, res_scale, scale, 1 << level)
+def _foam_steps(ps, gs, ms, vs, step_sizes, eps, beta1, beta2, res_scale, scale, block) -> None:
+    for i in range(len(ps)):
+        _foam_step(ps[i], gs[i], ms[i], vs[i], step_sizes[i], eps[i], beta1, beta2, res_scale, scale, block)
 
 
-def gwt_step_(p, g, m, v, prev, step_size: float, eps: float, beta1, beta2, scale, limiter, level) -> None:
-    """Compiled in-place GWT step (``p``, ``m``, ``v``, ``prev`` updated); needs ``p.shape[-1] % 2^level == 0``."""
-    t = torch.tensor((step_size, eps), dtype=p.dtype, device=p.device)
-    _compile("gwt", _gwt_step)(p, g, m, v, prev, t[0], t[1], beta1, beta2, scale, limiter, level)
+def _gwt_steps(ps, gs, ms, vs, prevs, step_sizes, eps, beta1, beta2, scale, limiter, level) -> None:
+    for i in range(len(ps)):
+        _gwt_step(ps[i], gs[i], ms[i], vs[i], prevs[i], step_sizes[i], eps[i], beta1, beta2, scale, limiter, level)
+
+
+def _scalars(values: list[float], like: Tensor) -> Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
+def foam_steps_(ps, gs, ms, vs, step_sizes: list[float], eps: list[float], beta1, beta2, res_scale, scale, level):
+    """Compiled in-place FOAM steps for a list of parameters (one compiled call: the per-call overhead is paid
+    once per group); every ``p.shape[-1] % 2^level == 0``."""
+    steps, eps_t = _scalars(step_sizes, ps[0]), _scalars(eps, ps[0])
+    _compile("foam", _foam_steps)(ps, gs, ms, vs, steps, eps_t, beta1, beta2, res_scale, scale, 1 << level)
+
+
+def gwt_steps_(ps, gs, ms, vs, prevs, step_sizes: list[float], eps: list[float], beta1, beta2, scale, limiter, level):
+    """Compiled in-place GWT steps for a list of parameters (``prevs``: the limiter norms, updated)."""
+    steps, eps_t = _scalars(step_sizes, ps[0]), _scalars(eps, ps[0])
+    _compile("gwt", _gwt_steps)(ps, gs, ms, vs, prevs, steps, eps_t, beta1, beta2, scale, limiter, level)

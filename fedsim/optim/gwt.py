@@ -20,7 +20,7 @@ from torch import Tensor
 from fedsim.engine.pytree import Tree
 
 from .compressed import CompressedAdam, FunctionalCompressedAdam
-from .fused import gwt_step_
+from .fused import gwt_steps_
 from .kernels import Direction, GwtRule
 
 WAVELETS = ("haar",)
@@ -75,14 +75,16 @@ class GWT(CompressedAdam):
 
     def _compressed_step(self, p: Tensor, state: dict, group: dict, step_size: float, eps: float) -> None:
         rule, grad = self.rule(group), p.grad
-        if group["fused"] and p.shape[-1] % (1 << rule.level) == 0:
-            gwt_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], state["prev_norm"], step_size, eps,
-                      rule.beta1, rule.beta2, rule.scale, rule.limiter, rule.level)  # fmt: skip
-            return
         direction, state["exp_avg"], state["exp_avg_sq"], state["prev_norm"] = rule.direction(
             grad, state["exp_avg"], state["exp_avg_sq"], state["prev_norm"], eps, batch_dims=0
         )
         direction.apply_(p, step_size)
+
+    def _fused_steps(self, params: list[Tensor], step_sizes: list[float], eps: list[float], group: dict) -> None:
+        rule, states = self.rule(group), [self.state[p] for p in params]
+        gwt_steps_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                   [s["exp_avg_sq"] for s in states], [s["prev_norm"] for s in states], step_sizes, eps,
+                   rule.beta1, rule.beta2, rule.scale, rule.limiter, rule.level)  # fmt: skip
 
 
 @dataclass(frozen=True)

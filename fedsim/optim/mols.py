@@ -21,6 +21,7 @@ Estimators (``estimator``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -167,12 +168,11 @@ class MoLS(torch.optim.Optimizer):
             lr, states = group["lr"], [self.state[p] for p in params]
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            denom = torch._foreach_div([s["exp_avg_sq"] for s in states], [1 - b2 ** s["step"] for s in states])
-            torch._foreach_sqrt_(denom)
+            denom = torch._foreach_sqrt([s["exp_avg_sq"] for s in states])
+            torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s["step"]) for s in states])
             torch._foreach_add_(denom, group["eps"])
             factors = [scale_of[id(p)] * (-lr / (1 - b1 ** s["step"])) for p, s in zip(params, states, strict=True)]
-            numerators = torch._foreach_mul([s["exp_avg"] for s in states], factors)
-            torch._foreach_addcdiv_(params, numerators, denom)
+            torch._foreach_addcdiv_(params, [s["exp_avg"] for s in states], denom, factors)
         return loss
 
 

@@ -534,3 +534,26 @@ def test_fused_step_matches_eager(opt_cls):
         finals.append([p.detach() for p in ps])
     for eager, fused in zip(*finals, strict=True):
         torch.testing.assert_close(fused, eager, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda ps: FOAM(ps), lambda ps: GWT(ps), lambda ps: MoLS(ps), lambda ps: SGDSaI(ps)],
+    ids=["foam", "gwt", "mols", "sgd-sai"],
+)
+def test_step_closure_returns_the_loss_and_computes_gradients(make):
+    model = _model()
+    opt = make(model.parameters())
+    x, y = torch.randn(8, 13), torch.randint(0, 3, (8,))
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():  # the closure re-enables gradients, as torch.optim's do
+        loss = opt.step(closure)
+    assert loss is not None and torch.isfinite(loss)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))

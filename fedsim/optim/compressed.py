@@ -26,7 +26,7 @@ from torch import Tensor
 from fedsim.engine.pytree import Tree
 
 from .kernels import Direction, adam_moments
-from .stacked import AppliesUpdate, step_counter
+from .stacked import AppliesUpdate, evaluate_closure, step_counter
 
 EPS_MODES = ("torch", "authors")
 
@@ -87,10 +87,7 @@ class CompressedAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 (torch.optim.Optimizer.step)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             b1, b2 = group["betas"]
             plain: tuple[list[Tensor], ...] = ([], [], [], [])

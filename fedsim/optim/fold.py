@@ -11,7 +11,6 @@ dimension only, so leading dimensions (a stacked client axis included) pass thro
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -35,12 +34,6 @@ def blocks(x: Tensor, level: int) -> Tensor:
 def fold(x: Tensor, level: int) -> Tensor:
     """Block means along the last dimension: ``[..., n] -> [..., ceil(n / 2^level)]``."""
     return blocks(x, level).mean(dim=-1)
-
-
-def fold_squares(x: Tensor, level: int) -> Tensor:
-    """``fold(x * x)`` in one pass (block sums of squares by a vector norm), without the ``x * x`` temporary."""
-    xb = blocks(x, level)
-    return torch.linalg.vector_norm(xb, dim=-1).square_().div_(xb.shape[-1])
 
 
 def unfold(z: Tensor, level: int, n: int) -> Tensor:

@@ -31,7 +31,7 @@ from torch import Tensor
 from fedsim.engine.pytree import Tree
 
 from .kernels import gradient_snr, reduce_dims
-from .stacked import AppliesUpdate, step_counter
+from .stacked import AppliesUpdate, evaluate_closure, step_counter
 
 ESTIMATORS = ("sai", "ema", "microbatch")
 FUNCTIONAL_ESTIMATORS = ("sai", "ema")
@@ -128,10 +128,7 @@ class MoLS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 (torch.optim.Optimizer.step)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         live = self._params()
         for p, _ in live:
             state = self.state[p]

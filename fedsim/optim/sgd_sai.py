@@ -16,7 +16,7 @@ import torch
 from fedsim.engine.pytree import Tree
 
 from .kernels import gradient_snr
-from .stacked import AppliesUpdate, step_counter
+from .stacked import AppliesUpdate, evaluate_closure, step_counter
 
 
 class SGDSaI(torch.optim.Optimizer):
@@ -32,10 +32,7 @@ class SGDSaI(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 (torch.optim.Optimizer.step)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:

@@ -1,5 +1,5 @@
-"""Shared pieces of the functional, client-stacked optimizers: the per-client step counter and the in-place
-``step_`` of an optimizer defined by its pure ``update``."""
+"""Shared pieces of the optimizers: the per-client step counter and the in-place ``step_`` of a functional
+optimizer defined by its pure ``update``, and the closure handling of the ``torch.optim`` classes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,14 @@ import torch
 from torch import Tensor
 
 from fedsim.engine.pytree import Tree
+
+
+def evaluate_closure(closure) -> Tensor | None:
+    """``torch.optim`` convention: re-evaluate the loss with gradients enabled when a closure is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def step_counter(params: Tree) -> Tensor:

@@ -287,16 +287,14 @@ class RunConfig(BaseModel):
             raise FedsimError("mols_estimator: ema needs mols_refresh > 0 (steps between SNR estimates)")
 
     def optimizer_options(self) -> dict[str, Any]:
-        """Keyword options of :func:`fedsim.optim.make_optimizer` for this run's optimizer."""
-        if self.optimizer == "sgd-sai":
-            return {"sai_momentum": self.sai_momentum}
-        prefix = {"foam": "foam_", "gwt": "gwt_", "mols": "mols_"}.get(self.optimizer, "")
-        opts = {
-            name[len(prefix) :]: getattr(self, name) for name in OPTIMIZER_FIELDS if prefix and name.startswith(prefix)
+        """Keyword options of :func:`fedsim.optim.make_optimizer` for this run's optimizer: its config keys
+        without the optimizer's prefix (``foam_level`` -> ``level``; ``compress_params`` is resolved against the
+        model by the simulation)."""
+        return {
+            name.removeprefix(f"{self.optimizer}_"): getattr(self, name)
+            for name, users in OPTIMIZER_FIELDS.items()
+            if self.optimizer in users and name != "compress_params"
         }
-        if self.optimizer in ("foam", "gwt"):
-            opts["eps_mode"] = self.eps_mode
-        return opts
 
     def _check_client_side_options(self) -> None:
         """Regulator, aggregator and client-filter options need the component that uses them; all of them

@@ -557,3 +557,15 @@ def test_step_closure_returns_the_loss_and_computes_gradients(make):
         loss = opt.step(closure)
     assert loss is not None and torch.isfinite(loss)
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_cli_levels_reach_the_optimizer(tmp_path, cli):
+    """--foam-level / --gwt-level set the folded width: the hidden 100x64 matrix's state is 64 / 2^level wide."""
+    sizes = {}
+    for flag, level in (("--foam-level", 1), ("--foam-level", 3), ("--gwt-level", 1)):
+        name = "foam" if "foam" in flag else "gwt"
+        out = tmp_path / f"{name}{level}"
+        assert cli(["simulate", *FAST, "--optimizer", name, flag, str(level), "--out", str(out)])[0] == 0
+        sizes[name, level] = _summary(out)["optimizer_state_bytes_per_client"]
+    assert sizes["foam", 1] - sizes["foam", 3] == 100 * (32 - 8) * 4 * 2
+    assert sizes["gwt", 1] - sizes["foam", 1] == 4

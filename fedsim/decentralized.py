@@ -24,7 +24,7 @@ import topologies
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate
 from fedsim.engine.protocol import Plan, ServerState
 from fedsim.engine.pytree import Tree, flatten, stack
-from fedsim.simulation import Simulation, client_drift
+from fedsim.simulation import Simulation
 from strategies import DECENTRALIZED, gossip_matrix
 from topologies.schedules import Schedule
 
@@ -123,7 +123,7 @@ class DecentralizedSimulation(Simulation):
             "lr": self.lr(round_),
             "clients": len(nodes),
             "train_loss": float((updates.train_loss.double() * updates.weights.to(torch.float64)).sum()),
-            "drift": client_drift(updates.deltas),
+            "drift": updates.drift(),
             "update_norm": float(flatten(mean_step, stacked=False).norm()),
             "consensus_distance": consensus_distance(new_params),
             "spectral_gap": gap,

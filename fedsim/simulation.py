@@ -80,16 +80,6 @@ def oscillation(history: list[dict[str, Any]], latest: float | None, window: int
     return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def client_drift(deltas: Tree) -> float | None:
-    """Client drift: ``mean_k ||Delta_k - mean Delta|| / ||mean Delta||`` (plain mean over the clients)."""
-    flat = flatten(deltas).double()
-    mean = flat.mean(dim=0)
-    norm = float(mean.norm())
-    if norm == 0.0 or not math.isfinite(norm):
-        return None
-    return float((flat - mean).norm(dim=1).mean() / norm)
-
-
 class Simulation:
     """A fully set-up federated experiment (data on device, model, strategy, executor)."""
 
@@ -193,7 +183,7 @@ class Simulation:
         self, round_: int, state: ServerState, new: ServerState, updates: ClientUpdates, broadcast_bytes: int
     ) -> dict[str, Any]:
         selected = len(updates.client_ids)
-        extras_up = nbytes(updates.extras, stacked=True) if updates.extras else 0
+        extras_up = updates.extras_bytes()
         step = {k: new.params[k] - state.params[k] for k in new.params}
         stats = {name: float(v.double().mean()) for name, v in updates.stats.items()}
         return {
@@ -202,7 +192,7 @@ class Simulation:
             "lr": self.lr(round_),
             "clients": selected,
             "train_loss": float((updates.train_loss.double() * updates.weights.to(torch.float64)).sum()),
-            "drift": client_drift(updates.deltas),
+            "drift": updates.drift(),
             "update_norm": float(flatten(step, stacked=False).norm()),
             "bytes_up": selected * (self.model_bytes + extras_up),
             "bytes_down": selected * (self.model_bytes + broadcast_bytes),

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fedsim import rng
 from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, Plan, ServerState
-from fedsim.engine.pytree import Tree, tree_map, weighted_sum
+from fedsim.engine.pytree import Tree, tree_map
 from fedsim.errors import FedsimError
 
 from .robust import Aggregator
@@ -67,11 +67,15 @@ class Strategy:
         self.aggregator = aggregator
         self.client_algorithm = ClientAlgorithm()
 
-    def reduce(self, tree: Tree, weights: Tensor) -> Tree:
-        """``sum_k weights[k] tree[k]`` over the client axis, or the robust aggregator's combination."""
-        if self.aggregator is None:
-            return weighted_sum(tree, weights)
-        return self.aggregator(tree, weights)
+    def reduce(
+        self, updates: ClientUpdates, weights: Tensor, source: str = "deltas", *, scale: Tensor | None = None,
+        rows: Tensor | None = None,
+    ) -> Tree:  # fmt: skip
+        """``sum_k weights[k] scale[k] upload[k]`` over the client axis (the clients in ``rows``), or the robust
+        aggregator's combination of ``scale * upload``; ``source``: ``"deltas"`` or an extras prefix. The
+        updates carry out the reduction (:meth:`ClientUpdates.reduce`), so an executor that keeps the uploads
+        on its workers answers with partial sums."""
+        return updates.reduce(source, weights, scale=scale, rows=rows, aggregator=self.aggregator)
 
     def init(self, params: Tree) -> ServerState:
         """Initial server state from the initial global parameters (plus zero :attr:`server_state`)."""
@@ -89,7 +93,7 @@ class Strategy:
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         """New server state from the clients' updates: ``server_update`` of the weighted mean delta."""
-        mean_delta = self.reduce(updates.deltas, updates.weights)
+        mean_delta = self.reduce(updates, updates.weights)
         return self.server_update(round_, state, mean_delta)
 
     def server_update(self, round_: int, state: ServerState, mean_delta: Tree) -> ServerState:

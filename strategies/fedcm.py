@@ -25,7 +25,7 @@ from fedsim.engine.pytree import Tree
 from fedsim.errors import FedsimError
 
 from .base import Strategy, apply_step, check_positive
-from .scaffold import SCAFFOLD, ScaffoldClient, direction_scale, per_client
+from .scaffold import SCAFFOLD, ScaffoldClient, direction_scale
 
 
 def mix_momentum(direction: Tree, ctx: LocalContext, beta: float) -> Tree:
@@ -73,11 +73,9 @@ def momentum_of(strategy: Strategy, updates: ClientUpdates) -> Tree:
     stepped = updates.num_steps > 0
     if not bool(stepped.any()):
         return {}
-    rows = stepped.nonzero().squeeze(1)
-    weights = updates.weights[rows] / updates.weights[rows].sum()
-    scale = direction_scale(updates.num_steps[rows], updates.lr or 1.0)
-    directions = {k: d[rows] * per_client(scale, d[rows]) for k, d in updates.deltas.items()}
-    return {f"m.{k}": v for k, v in strategy.reduce(directions, weights).items()}
+    weights = updates.weights / updates.weights[stepped].sum()
+    scale = direction_scale(updates.num_steps, updates.lr or 1.0)
+    return {f"m.{k}": v for k, v in strategy.reduce(updates, weights, scale=scale, rows=stepped).items()}
 
 
 class FedCM(Strategy):
@@ -93,7 +91,7 @@ class FedCM(Strategy):
         self.client_algorithm = MomentumClient(self.beta)
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
-        mean_delta = self.reduce(updates.deltas, updates.weights)
+        mean_delta = self.reduce(updates, updates.weights)
         extras = {**state.extras, **momentum_of(self, updates)}
         return ServerState(apply_step(state.params, mean_delta, self.server_lr), extras)
 

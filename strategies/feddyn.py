@@ -60,7 +60,7 @@ class FedDyn(Strategy):
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         count = len(updates.client_ids)
         uniform = torch.full((count,), 1.0 / count, dtype=torch.float64, device=updates.num_samples.device)
-        mean_delta = self.reduce(updates.deltas, uniform)  # w - theta_bar
+        mean_delta = self.reduce(updates, uniform)  # w - theta_bar
         share = count / (updates.num_clients or count)
         h = {k: state.extras[f"h.{k}"] + self.alpha * share * d for k, d in mean_delta.items()}
         params = {k: state.params[k] - d - h[k] / self.alpha for k, d in mean_delta.items()}

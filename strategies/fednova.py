@@ -68,7 +68,6 @@ class FedNova(Strategy):
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         a = self.norms(updates).clamp_min(1e-12)
-        normalized = {k: d / a.reshape(-1, *([1] * (d.dim() - 1))).to(d.dtype) for k, d in updates.deltas.items()}
-        direction = self.reduce(normalized, updates.weights)
+        direction = self.reduce(updates, updates.weights, scale=1.0 / a)  # sum_k p_k Delta_k / ||a_k||_1
         tau_eff = float((updates.weights.double() * a).sum())
         return ServerState(apply_step(state.params, direction, tau_eff), state.extras)

@@ -33,14 +33,9 @@ import torch
 from torch import Tensor
 
 from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
-from fedsim.engine.pytree import Tree
+from fedsim.engine.pytree import Tree, per_client
 
 from .base import Strategy, apply_step, check_positive
-
-
-def per_client(values: Tensor, like: Tensor) -> Tensor:
-    """``[C]`` values shaped to broadcast against ``[C, ...]``."""
-    return values.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
 def direction_scale(num_steps: Tensor, lr: float) -> Tensor:
@@ -151,11 +146,10 @@ class SCAFFOLD(Strategy):
     def update_control(self, state: ServerState, updates: ClientUpdates) -> Tree:
         """``c + (|S| / N) sum_k q_k (c_k+ - c_k)``."""
         share = len(updates.client_ids) / (updates.num_clients or len(updates.client_ids))
-        uploads = {k[1:]: v for k, v in updates.extras.items() if k.startswith("dc.")}
-        mean = self.reduce(uploads, self.client_weights(updates))
-        return {k: v + share * mean[k] for k, v in state.extras.items() if k.startswith("c.")}
+        mean = self.reduce(updates, self.client_weights(updates), "dc.")
+        return {k: v + share * mean[k[2:]] for k, v in state.extras.items() if k.startswith("c.")}
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
-        mean_delta = self.reduce(updates.deltas, self.client_weights(updates))
+        mean_delta = self.reduce(updates, self.client_weights(updates))
         extras = {**state.extras, **self.update_control(state, updates)}
         return ServerState(apply_step(state.params, mean_delta, self.server_lr), extras)

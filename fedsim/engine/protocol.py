@@ -6,13 +6,15 @@ checkpoint with ``torch.save`` and load with ``weights_only=True``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .pytree import Tree
+from .pytree import Tree, flatten, per_client, weighted_sum
 
 
 @dataclass
@@ -60,6 +62,63 @@ class ClientUpdates:
     def weights(self) -> Tensor:
         """Sample weights ``p_k = n_k / sum_j n_j`` over the selected clients."""
         return self.num_samples / self.num_samples.sum()
+
+    def upload(self, source: str = "deltas") -> Tree:
+        """The stacked upload ``source``: ``"deltas"``, or the extras under a key prefix (prefix removed)."""
+        return upload_of(self.deltas, self.extras, source)
+
+    def reduce(
+        self, source: str, weights: Tensor, *, scale: Tensor | None = None, rows: Tensor | None = None,
+        aggregator: Callable[[Tree, Tensor], Tree] | None = None,
+    ) -> Tree:  # fmt: skip
+        """``sum_k weights[k] scale[k] upload[k]`` over the clients in ``rows`` (see :func:`reduce_rows`).
+        Executors that keep the uploads where they were trained override this with partial sums."""
+        return reduce_rows(self.upload(source), weights, scale=scale, rows=rows, aggregator=aggregator)
+
+    def drift(self) -> float | None:
+        """Client drift of the deltas (:func:`client_drift`)."""
+        return client_drift(self.deltas)
+
+    def extras_bytes(self) -> int:
+        """Bytes of the extra uploads (beyond the delta) of one client."""
+        return sum(v[0].numel() * v.element_size() for v in self.extras.values()) if self.extras else 0
+
+
+def upload_of(deltas: Tree, extras: Tree, source: str) -> Tree:
+    """``deltas`` for ``source="deltas"``, else the ``extras`` whose keys start with ``source`` (prefix removed)."""
+    if source == "deltas":
+        return deltas
+    return {k[len(source) :]: v for k, v in extras.items() if k.startswith(source)}
+
+
+def reduce_rows(
+    tree: Tree, weights: Tensor, *, scale: Tensor | None = None, rows: Tensor | None = None,
+    aggregator: Callable[[Tree, Tensor], Tree] | None = None,
+) -> Tree:  # fmt: skip
+    """The one reduction over the client axis: ``sum_k weights[k] (scale[k] tree[k])`` over the clients where
+    the boolean ``rows[C]`` is True (all when None), or ``aggregator(scale * tree, weights)`` (a robust
+    aggregator) on those rows. ``weights``, ``scale`` and ``rows`` are full-length ``[C]``.
+
+    A weighted sum splits over any partition of the clients: the sum of the parts' reductions is the whole's
+    (what the Ray executor's actors return as partial sums)."""
+    if rows is not None:
+        index = rows.nonzero().squeeze(1)
+        tree = {k: v[index] for k, v in tree.items()}
+        weights = weights[index]
+        scale = scale[index] if scale is not None else None
+    if scale is not None:
+        tree = {k: v * per_client(scale, v) for k, v in tree.items()}
+    return aggregator(tree, weights) if aggregator is not None else weighted_sum(tree, weights)
+
+
+def client_drift(deltas: Tree) -> float | None:
+    """Client drift: ``mean_k ||Delta_k - mean Delta|| / ||mean Delta||`` (plain mean over the clients)."""
+    flat = flatten(deltas).double()
+    mean = flat.mean(dim=0)
+    norm = float(mean.norm())
+    if norm == 0.0 or not math.isfinite(norm):
+        return None
+    return float((flat - mean).norm(dim=1).mean() / norm)
 
 
 @dataclass

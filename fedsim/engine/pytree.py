@@ -51,6 +51,11 @@ def weighted_sum(tree: Tree, weights: Tensor) -> Tree:
     return {k: torch.tensordot(weights.to(v.dtype), v, dims=1) for k, v in tree.items()}
 
 
+def per_client(values: Tensor, like: Tensor) -> Tensor:
+    """``[C]`` values shaped to broadcast against ``[C, ...]`` (in ``like``'s dtype)."""
+    return values.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
 def nbytes(tree: Tree, stacked: bool = False) -> int:
     """Bytes per client."""
     return sum((v[0] if stacked else v).numel() * v.element_size() for v in tree.values())

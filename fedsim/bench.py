@@ -260,3 +260,64 @@ def bench_regulator(
         "regulated": {"seconds_per_round": t_reg, "all": times["regulated"]},
         "overhead": t_reg / t_plain - 1.0,
     }  # fmt: skip
+
+
+def bench_executors(
+    *,
+    clients: int = 100,
+    rounds: int = 20,
+    local_steps: int = 10,
+    batch_size: int = 16,
+    lr: float = 0.05,
+    num_actors: int | None = None,
+    cpus_per_actor: float = 1.0,
+    repeats: int = 3,
+    flower: bool = True,
+) -> dict[str, Any]:
+    """Wall time of one whole run (startup, data, ``rounds`` rounds with evaluation every round) of the same
+    workload (digits, MLP, ``clients`` clients all trained every round) on our local executor, our Ray
+    executor (Ray started and shut down by the run) and Flower's simulation engine (one ClientApp call per
+    client, ``cpus_per_actor`` CPUs each; :mod:`fedsim.flower_baseline`). Ours are the median of ``repeats``
+    runs, alternated; Flower runs once. Ratios are Flower's time over ours and the Ray executor's over the
+    local one's (``ray_overhead``); ``*_round_s`` is the median per-round time after the first round."""
+    from fedsim.simulation import simulate
+
+    config = dict(
+        dataset="digits", model="mlp", clients=clients, rounds=rounds, local_steps=local_steps,
+        batch_size=batch_size, lr=lr, fraction=1.0, device="cpu", checkpoint_every=0, seed=0,
+    )  # fmt: skip
+    variants = {
+        "local": config,
+        "ray": {**config, "executor": "ray", "cpus_per_actor": cpus_per_actor, "num_actors": num_actors},
+    }
+
+    def once(name: str) -> tuple[float, float, float]:
+        records: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        summary = simulate(variants[name], None, plots=False, on_round=records.append)
+        wall = time.perf_counter() - t0
+        return wall, statistics.median(r["time_s"] for r in records[1:] or records), summary["final_test_accuracy"]
+
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name in variants:
+            runs[name].append(once(name))
+    result: dict[str, Any] = {
+        "workload": {k: v for k, v in config.items() if k not in ("device", "checkpoint_every")},
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats,
+        "num_actors": num_actors, "cpus_per_actor": cpus_per_actor,
+    }  # fmt: skip
+    for name, values in runs.items():
+        result[name] = {
+            "wall_s": statistics.median(v[0] for v in values), "round_s": statistics.median(v[1] for v in values),
+            "all_wall_s": [v[0] for v in values], "final_test_accuracy": values[0][2],
+        }  # fmt: skip
+    result["ray_overhead"] = result["ray"]["wall_s"] / result["local"]["wall_s"] - 1.0
+    result["ray_round_overhead"] = result["ray"]["round_s"] / result["local"]["round_s"] - 1.0
+    if flower:
+        from fedsim.flower_baseline import run_flower
+
+        result["flower"] = run_flower(config, cpus_per_client=cpus_per_actor)
+        for name in variants:
+            result[f"flower_over_{name}"] = result["flower"]["wall_s"] / result[name]["wall_s"]
+    return result

@@ -111,6 +111,13 @@ def simulate(
     device: Annotated[str | None, Opt(help="auto | cpu | cuda")] = None,
     chunk_size: Annotated[int | None, Opt(help="Clients trained per vectorized call (default: from memory).")] = None,
     eval_every: Annotated[int | None, Opt(help="Evaluate every N rounds.")] = None,
+    executor: Annotated[str | None, Opt(help="local (in-process) | ray (actors owning client shards).")] = None,
+    num_actors: Annotated[int | None, Opt(help="Ray actors (default: as many as CPUs/GPUs allow).")] = None,
+    cpus_per_actor: Annotated[float | None, Opt(help="CPUs reserved per Ray actor, fractional allowed (1).")] = None,
+    gpus_per_actor: Annotated[float | None, Opt(help="GPUs per Ray actor, fractional allowed (0).")] = None,
+    ray_address: Annotated[
+        str | None, Opt(help="Ray cluster to join: auto or host:port (default: start Ray on this machine).")
+    ] = None,
     set_: Annotated[list[str] | None, Opt("--set", help="Any config key: --set key=value (repeatable).")] = None,
     out: Annotated[Path | None, Opt(help="Results folder (default: runs/STRATEGY-DATASET-MODEL-sSEED).")] = None,
     overwrite: Annotated[bool, Opt(help="Replace an existing results folder.")] = False,
@@ -153,7 +160,8 @@ def simulate(
         laziness=laziness, regulator=regulator, ecgr_beta=ecgr_beta, ecgr_rho=ecgr_rho, ecgr_center=ecgr_center,
         bherd_unit=bherd_unit, bherd_ratio=bherd_ratio, bherd_scale=bherd_scale, aggregator=aggregator,
         foam_level=foam_level, foam_scale=foam_scale, gwt_level=gwt_level, gwt_scale=gwt_scale,
-        mols_estimator=mols_estimator, mols_refresh=mols_refresh,
+        mols_estimator=mols_estimator, mols_refresh=mols_refresh, executor=executor, num_actors=num_actors,
+        cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, ray_address=ray_address,
     )  # fmt: skip
     overrides.update(_parse_pairs(set_))
     repeat = _repeat_options(seeds, seed, probe, probe_node, probe_sample)
@@ -373,6 +381,28 @@ def bench_regulator_cmd(
     result = bench_regulator(
         regulator=regulator, strategy=strategy, dataset=dataset, model=model, clients=clients,
         local_steps=local_steps, batch_size=batch_size, repeats=repeats, device=device, options=_parse_pairs(set_),
+    )  # fmt: skip
+    _emit_json(result, out)
+
+
+@bench_app.command("executors")
+def bench_executors_cmd(
+    clients: Annotated[int, Opt(min=2, help="Clients (all trained every round).")] = 100,
+    rounds: Annotated[int, Opt(min=1, help="Rounds per run.")] = 20,
+    local_steps: Annotated[int, Opt(min=1, help="Local steps per round.")] = 10,
+    batch_size: Annotated[int, Opt(min=1, help="Minibatch size.")] = 16,
+    num_actors: Annotated[int | None, Opt(min=1, help="Ray actors (default: as many as CPUs allow).")] = None,
+    cpus_per_actor: Annotated[float, Opt(help="CPUs per Ray actor and per Flower client.")] = 1.0,
+    repeats: Annotated[int, Opt(min=1, help="Runs of ours per executor (median reported).")] = 3,
+    flower: Annotated[bool, Opt(help="Also run Flower's simulation engine (needs the flower extra).")] = True,
+    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
+) -> None:
+    """Whole-run wall time on the digits MLP: local executor vs Ray executor vs Flower's simulation engine."""
+    from fedsim.bench import bench_executors
+
+    result = bench_executors(
+        clients=clients, rounds=rounds, local_steps=local_steps, batch_size=batch_size, num_actors=num_actors,
+        cpus_per_actor=cpus_per_actor, repeats=repeats, flower=flower,
     )  # fmt: skip
     _emit_json(result, out)
 

@@ -128,6 +128,11 @@ class RunConfig(BaseModel):
     chunk_size: int | None = Field(None, ge=1)
     grad_mode: Literal["sum", "vmap"] = "sum"
     sequential: bool = False
+    executor: Literal["local", "ray"] = "local"
+    num_actors: int | None = Field(None, ge=1)  # ray: default as many as the cluster's CPUs (GPUs) allow
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    ray_address: str | None = None  # ray: None starts Ray here; "auto" or an address joins a cluster
     # evaluation and results
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(10, ge=0)
@@ -189,6 +194,7 @@ class RunConfig(BaseModel):
         self._check_minimax_options()
         self._check_availability()
         self._check_dataset_options()
+        self._check_executor_options()
         if self.dataset == "npz" and not self.data_path:
             raise FedsimError("dataset 'npz' needs data_path (--data-path FILE.npz)")
         return self
@@ -211,6 +217,19 @@ class RunConfig(BaseModel):
                 f"model '{self.model}' reads windows of character indices; use it with --dataset "
                 f"{' or '.join(TOKEN_DATASETS)} (or an npz of token indices), not '{self.dataset}'"
             )
+
+    def _check_executor_options(self) -> None:
+        """Ray options need ``executor: ray``."""
+        if self.executor != "ray":
+            for name in RAY_FIELDS:
+                if self._changed(name):
+                    raise FedsimError(f"option '{name}' applies with --executor ray")
+
+    def ray_options(self):
+        """The :class:`~fedsim.engine.ray_executor.RayOptions` of this run."""
+        from fedsim.engine.ray_executor import RayOptions
+
+        return RayOptions(self.num_actors, self.cpus_per_actor, self.gpus_per_actor, self.ray_address)
 
     def _check_availability(self) -> None:
         """p_on/p_off only with ``availability: markov``; Markov availability only in federated mode."""
@@ -374,6 +393,7 @@ OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {
     "mols_estimator": ("mols",), "mols_refresh": ("mols",), "sai_momentum": ("sgd-sai",),
 }  # fmt: skip
 MINIMAX_FIELDS = ("problem", "dual_lr", "positive_classes", "dro_lambda")
+RAY_FIELDS = ("num_actors", "cpus_per_actor", "gpus_per_actor", "ray_address")
 SHAKESPEARE_FIELDS = ("shakespeare_min_samples", "shakespeare_max_samples")
 SAMPLER_FIELDS = ("laziness", "markov_degree")
 STRATEGY_FIELDS = (

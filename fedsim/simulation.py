@@ -85,6 +85,10 @@ class Simulation:
 
     def __init__(self, config: RunConfig):
         self.config = c = config
+        if c.executor == "ray":  # fail before loading data
+            from fedsim.engine.ray_executor import import_ray
+
+            import_ray()
         self.device = resolve_device(c.device)
         make_deterministic(self.device)
         ds = load_dataset(
@@ -131,6 +135,20 @@ class Simulation:
         self.executor.chunk_size = self.executor.resolve_chunk_size(self.init_params, self.clients_per_round())
         self.model_bytes = nbytes(self.init_params)
         self.num_params = sum(v.numel() for v in self.init_params.values())
+        if c.executor == "ray":  # actors copy the local executor's settings, data shards and client state
+            from fedsim.engine.ray_executor import RayExecutor
+
+            self.executor = RayExecutor(self.executor, c.ray_options())
+
+    def close(self) -> None:
+        """Release the executor (a Ray executor kills its actors and shuts down the Ray it started)."""
+        self.executor.close()
+
+    def __enter__(self) -> Simulation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     loss_fn = staticmethod(cross_entropy)
     """Per-sample training loss ``(outputs, targets) -> [B]`` (a min-max problem's objective overrides it)."""
@@ -364,13 +382,13 @@ def simulate(
         cfg = load_config(config, overrides)
     if out is not None:
         ResultsDir.check_new(out, overwrite)  # before loading data: fail fast, touch nothing
-    sim = make_simulation(cfg)
-    results = None
-    if out is not None:
-        results = ResultsDir.create(out, overwrite=overwrite)
-        results.write_text(CONFIG_FILE, dump_config(sim.config))
-        results.write_histogram(sim.histogram)
-    summary = sim.run(results, on_round=on_round)
+    with make_simulation(cfg) as sim:
+        results = None
+        if out is not None:
+            results = ResultsDir.create(out, overwrite=overwrite)
+            results.write_text(CONFIG_FILE, dump_config(sim.config))
+            results.write_histogram(sim.histogram)
+        summary = sim.run(results, on_round=on_round)
     if results and plots:
         from fedsim.plots import plot_run
 
@@ -382,19 +400,19 @@ def resume(out: str | Path, *, on_round: RoundCallback | None = None, plots: boo
     """Continue a killed run from its last checkpoint; ends with the same metrics as an uninterrupted run."""
     results = ResultsDir.open_existing(out)
     cfg = load_config(results.file(CONFIG_FILE))
-    sim = make_simulation(cfg)
-    payload = results.load_checkpoint()
-    if payload is None:
-        start, state = 1, None
-    else:
-        last, state = sim.restore(payload)
-        start = last + 1
-    results.truncate_metrics(start - 1)
-    if start > cfg.rounds:
-        summary = sim.summary(results.read_metrics())
-        results.write_json(SUMMARY_FILE, summary)
-    else:
-        summary = sim.run(results, start_round=start, state=state, on_round=on_round)
+    with make_simulation(cfg) as sim:
+        payload = results.load_checkpoint()
+        if payload is None:
+            start, state = 1, None
+        else:
+            last, state = sim.restore(payload)
+            start = last + 1
+        results.truncate_metrics(start - 1)
+        if start > cfg.rounds:
+            summary = sim.summary(results.read_metrics())
+            results.write_json(SUMMARY_FILE, summary)
+        else:
+            summary = sim.run(results, start_round=start, state=state, on_round=on_round)
     if plots:
         from fedsim.plots import plot_run
 

@@ -208,6 +208,25 @@ class _MarkovSampler:
         raise NotImplementedError
 
 
+def merge_states(states: list[SamplerState | None], shards: list[np.ndarray]) -> SamplerState | None:
+    """One sampler state from the states of executors that each own a shard of the clients (sorted global
+    ids): every array takes its shard's clients' entries from that shard's state; entries a state never grew
+    to are -1 (not started, the convention of every stateful sampler here)."""
+    keys = sorted({k for state in states if state for k in state})
+    if not keys:
+        return None
+    merged = {}
+    for key in keys:
+        size = max(int(owned.max(initial=-1)) + 1 for owned in shards)
+        out = np.full(size, -1, dtype=np.int64)
+        for state, owned in zip(states, shards, strict=True):
+            if state and key in state:
+                own = _grown(state[key], size)
+                out[owned] = own[owned]
+        merged[key] = out
+    return merged
+
+
 def _grown(positions: np.ndarray | None, size: int) -> np.ndarray:
     """A copy of the per-client positions, grown with -1 (not started) to at least ``size`` entries."""
     old = np.asarray(positions if positions is not None else [], dtype=np.int64)

@@ -102,6 +102,7 @@ class LocalExecutor:
         grad_mode: str = "sum",
         sequential: bool = False,
         loss_fn: LossFn = cross_entropy,
+        clients: np.ndarray | None = None,
     ):
         self.model, self.store, self.sampler = model, store, sampler
         self.optimizer, self.algorithm = optimizer, algorithm
@@ -110,6 +111,8 @@ class LocalExecutor:
         self.sequential, self.loss_fn = sequential, loss_fn
         self.trainer = VectorizedTrainer(model, loss_fn=loss_fn, grad_mode=grad_mode)
         self.sampler_state = None
+        self.clients = np.arange(store.num_clients) if clients is None else np.asarray(clients, dtype=np.int64)
+        """Sorted global ids of the clients this executor trains and keeps state for (a Ray actor's shard)."""
         self.client_state: Tree = {}
 
     @property
@@ -117,9 +120,17 @@ class LocalExecutor:
         return self.store.x.device
 
     def init_client_state(self, params: Tree) -> None:
-        """Allocate the persistent per-client state of the client algorithm (host memory, all clients)."""
+        """Allocate the persistent per-client state of the client algorithm (host memory, one row per client
+        of :attr:`clients`)."""
         template = self.algorithm.init_client_state(params)
-        self.client_state = {k: v.cpu() for k, v in stack(template, self.store.num_clients).items()}
+        self.client_state = {k: v.cpu() for k, v in stack(template, len(self.clients)).items()}
+
+    def state_rows(self, client_ids: np.ndarray) -> np.ndarray:
+        """Rows of :attr:`client_state` that hold ``client_ids``."""
+        return np.searchsorted(self.clients, client_ids)
+
+    def close(self) -> None:
+        """Release the executor's workers (nothing to release in-process)."""
 
     def resolve_chunk_size(self, params: Tree, num_selected: int) -> int:
         if self.chunk_size:
@@ -189,14 +200,15 @@ class LocalExecutor:
         )  # fmt: skip
         index = self.store.global_index(chunk_ids, batches.positions)
         mask = torch.as_tensor(batches.mask, device=self.device)
-        state = {k: v[chunk_ids].to(self.device) for k, v in self.client_state.items()}
+        rows = self.state_rows(chunk_ids)
+        state = {k: v[rows].to(self.device) for k, v in self.client_state.items()}
         args = (params, self.store.x, self.store.y, index, mask, self.optimizer, lr, self.algorithm)
         if self.sequential:
             result = train_sequential(self.model, *args, plan.broadcast, state, start, opt_state, self.loss_fn)
         else:
             result = self.trainer.train(*args, plan.broadcast, state, start, opt_state)
         for k, v in result.client_state.items():
-            self.client_state[k][chunk_ids] = v.detach().cpu()
+            self.client_state[k][rows] = v.detach().cpu()
         return result
 
 

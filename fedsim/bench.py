@@ -278,8 +278,10 @@ def bench_executors(
     workload (digits, MLP, ``clients`` clients all trained every round) on our local executor, our Ray
     executor (Ray started and shut down by the run) and Flower's simulation engine (one ClientApp call per
     client, ``cpus_per_actor`` CPUs each; :mod:`fedsim.flower_baseline`). Ours are the median of ``repeats``
-    runs, alternated; Flower runs once. Ratios are Flower's time over ours and the Ray executor's over the
-    local one's (``ray_overhead``); ``*_round_s`` is the median per-round time after the first round."""
+    runs, alternated; Flower runs once. ``ray_running``: the Ray executor joining a Ray started before the
+    timed run (as on a cluster: the run starts its actors, not Ray). Ratios are Flower's time over ours and
+    the Ray executor's over the local one's (``ray_overhead``); ``*_round_s`` is the median per-round time
+    after the first round."""
     from fedsim.simulation import simulate
 
     config = dict(
@@ -291,11 +293,21 @@ def bench_executors(
         "ray": {**config, "executor": "ray", "cpus_per_actor": cpus_per_actor, "num_actors": num_actors},
     }
 
+    variants["ray_running"] = variants["ray"]  # joins a Ray already running (a cluster): no Ray start/stop
+
     def once(name: str) -> tuple[float, float, float]:
         records: list[dict[str, Any]] = []
-        t0 = time.perf_counter()
-        summary = simulate(variants[name], None, plots=False, on_round=records.append)
-        wall = time.perf_counter() - t0
+        if name == "ray_running":
+            import ray
+
+            ray.init(include_dashboard=False, logging_level="error")
+        try:
+            t0 = time.perf_counter()
+            summary = simulate(variants[name], None, plots=False, on_round=records.append)
+            wall = time.perf_counter() - t0
+        finally:
+            if name == "ray_running":
+                ray.shutdown()
         return wall, statistics.median(r["time_s"] for r in records[1:] or records), summary["final_test_accuracy"]
 
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
@@ -314,6 +326,7 @@ def bench_executors(
         }  # fmt: skip
     result["ray_overhead"] = result["ray"]["wall_s"] / result["local"]["wall_s"] - 1.0
     result["ray_round_overhead"] = result["ray"]["round_s"] / result["local"]["round_s"] - 1.0
+    result["ray_running_overhead"] = result["ray_running"]["wall_s"] / result["local"]["wall_s"] - 1.0
     if flower:
         from fedsim.flower_baseline import run_flower
 

@@ -148,8 +148,13 @@ def test_same_metrics_as_the_local_executor(ray_session, options):
     assert summary["final_test_accuracy"] is not None
 
 
-def test_dsgd_over_a_ring_matches_the_local_executor(ray_session):
-    config = {**BASE, "topology": RING, "clients": 16, "momentum": 0.9}  # momentum: node optimizer state rows
+@pytest.mark.parametrize(
+    "options",
+    [{"momentum": 0.9}, {"schedule": "random_matchings"}, {"strategy": "dsgda", "problem": "auc"}],
+    ids=["dsgd-momentum", "dsgd-random-matchings", "dsgda-auc"],
+)
+def test_decentralized_runs_match_the_local_executor(ray_session, options):
+    config = {**BASE, "topology": RING, "clients": 16, **options}  # momentum: node optimizer state rows
     local, _ = run(config)
     sharded, _ = run({**config, **RAY, "num_actors": 3})  # ring edges cross the shard boundaries
     assert_same_metrics(local, sharded)

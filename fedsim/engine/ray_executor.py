@@ -195,10 +195,9 @@ class ShardedUpdates:
         order = sorted(spans)
         cat = lambda key: torch.cat([metas[i][key] for i in order]).to(device)  # noqa: E731
         self.num_samples, self.num_steps, self.train_loss = cat("num_samples"), cat("num_steps"), cat("train_loss")
-        first = metas[order[0]]
-        self.stats = {k: v.to(device) for k, v in concat([metas[i]["stats"] for i in order]).items()} if first[
-            "stats"] else {}  # fmt: skip
-        self._extras_bytes = first["extras_bytes"]
+        stats = [metas[i]["stats"] for i in order]
+        self.stats = {k: v.to(device) for k, v in concat(stats).items()} if stats[0] else {}
+        self._extras_bytes = metas[order[0]]["extras_bytes"]
         self._gathered: dict[str, Tree] = {}
         self._train_weights = train_weights
         self._weighted_sum = add_parts({i: metas[i]["weighted_sum"] for i in order})

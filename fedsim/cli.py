@@ -115,6 +115,9 @@ def simulate(
     num_actors: Annotated[int | None, Opt(help="Ray actors (default: as many as CPUs/GPUs allow).")] = None,
     cpus_per_actor: Annotated[float | None, Opt(help="CPUs reserved per Ray actor, fractional allowed (1).")] = None,
     gpus_per_actor: Annotated[float | None, Opt(help="GPUs per Ray actor, fractional allowed (0).")] = None,
+    backend: Annotated[
+        str | None, Opt(help="fedsim (our engine) | flower (clients as Flower ClientApps, Flower's simulation).")
+    ] = None,
     ray_address: Annotated[
         str | None, Opt(help="Ray cluster to join: auto or host:port (default: start Ray on this machine).")
     ] = None,
@@ -161,7 +164,7 @@ def simulate(
         bherd_unit=bherd_unit, bherd_ratio=bherd_ratio, bherd_scale=bherd_scale, aggregator=aggregator,
         foam_level=foam_level, foam_scale=foam_scale, gwt_level=gwt_level, gwt_scale=gwt_scale,
         mols_estimator=mols_estimator, mols_refresh=mols_refresh, executor=executor, num_actors=num_actors,
-        cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, ray_address=ray_address,
+        cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, ray_address=ray_address, backend=backend,
     )  # fmt: skip
     overrides.update(_parse_pairs(set_))
     repeat = _repeat_options(seeds, seed, probe, probe_node, probe_sample)

@@ -133,6 +133,9 @@ class RunConfig(BaseModel):
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     ray_address: str | None = None  # ray: None starts Ray here; "auto" or an address joins a cluster
+    backend: Literal["fedsim", "flower"] = "fedsim"  # flower: clients run as Flower ClientApps (simulation engine)
+    flower_cpus_per_client: float = Field(1.0, gt=0)  # backend flower: CPUs per Flower client
+    flwr_options: dict[str, Any] = Field(default_factory=dict)  # strategy flwr:NAME: its constructor keywords
     # evaluation and results
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(10, ge=0)
@@ -161,7 +164,7 @@ class RunConfig(BaseModel):
             )
         if not self.topology and self.strategy in DECENTRALIZED:
             raise FedsimError(f"strategy '{self.strategy}' is decentralized and needs a topology (--topology FILE)")
-        strategies = {**STRATEGIES, **DECENTRALIZED}
+        strategies = {**STRATEGIES, **DECENTRALIZED, **({self.strategy: None} if self.flower_hosted else {})}
         for kind, value, choices in (
             ("dataset", self.dataset, DATASETS),
             ("partition", self.partition, PARTITIONERS),
@@ -263,11 +266,34 @@ class RunConfig(BaseModel):
         fields = sampler_options(self.sampler)
         return {arg: getattr(self, name) for name, arg in fields.items() if getattr(self, name) is not None}
 
+    @property
+    def flower_hosted(self) -> bool:
+        """True for ``strategy: flwr:NAME`` (one of Flower's strategies inside our engine)."""
+        return self.strategy.startswith("flwr:") and not self.topology
+
+    def _check_flower_options(self) -> None:
+        """``flwr:`` strategies aggregate themselves (no fedsim aggregator, regulator or filter); the Flower
+        backend runs federated fedsim strategies with the local executor."""
+        if self.flwr_options and not self.flower_hosted:
+            raise FedsimError("option 'flwr_options' applies to Flower strategies (--strategy flwr:NAME)")
+        if self.flower_hosted:
+            for name, default in (("aggregator", "mean"), ("regulator", "none"), ("client_filter", "none")):
+                if getattr(self, name) != default:
+                    raise FedsimError(f"option '{name}' applies to fedsim strategies, not '{self.strategy}'")
+        if self.backend == "flower":
+            for bad, why in ((self.executor != "local", "--executor ray"), (bool(self.topology), "--topology"),
+                             (self.flower_hosted, f"strategy '{self.strategy}'")):  # fmt: skip
+                if bad:
+                    raise FedsimError(f"--backend flower runs federated fedsim strategies; drop {why}")
+        elif self._changed("flower_cpus_per_client"):
+            raise FedsimError("option 'flower_cpus_per_client' applies with --backend flower")
+
     def _check_strategy_options(self) -> None:
         """A strategy option changed from its default must be one the chosen strategy uses."""
         from strategies import strategy_options
 
-        accepted = strategy_options(self.strategy)
+        self._check_flower_options()
+        accepted = set() if self.flower_hosted else strategy_options(self.strategy)
         for name in STRATEGY_FIELDS:
             if name not in accepted and self._changed(name):
                 users = sorted(s for s in _strategies_accepting(name))

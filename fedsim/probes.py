@@ -189,8 +189,10 @@ def run_stability_probe(
     cfg = config if isinstance(config, RunConfig) else make_config(dict(config))
     cfg = make_config({**cfg.model_dump(exclude_unset=True), "checkpoint_every": 0})
     check_probe_options(node, sample, replace_with)
-    if cfg.executor != "local":
-        raise FedsimError("the stability probe perturbs the twin's data in-process; run it with --executor local")
+    if cfg.executor != "local" or cfg.backend != "fedsim":
+        raise FedsimError(
+            "the stability probe perturbs the twin's data in-process; run it with --executor local --backend fedsim"
+        )
     if out is not None:
         ResultsDir.check_new(out, overwrite)  # before loading data: fail fast, touch nothing
     sim, twin = make_simulation(cfg), make_simulation(cfg)

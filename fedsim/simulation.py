@@ -160,6 +160,10 @@ class Simulation:
 
     def make_strategy(self):
         c = self.config
+        if c.flower_hosted:  # one of Flower's strategies driving this engine
+            from strategies.flower import hosted_strategy
+
+            return hosted_strategy(c.strategy.removeprefix("flwr:"), self, fraction=c.fraction, **c.flwr_options)
         return build_strategy(c.strategy, **c.client_side(), **c.strategy_options())
 
     def clients_per_round(self) -> int:
@@ -298,7 +302,8 @@ class Simulation:
                 raise DivergenceError(
                     f"training diverged at round {r} (train_loss={record['train_loss']}){where}; try a smaller --lr"
                 )
-            if results and c.checkpoint_every and (r % c.checkpoint_every == 0 or r == c.rounds):
+            checkpoints = c.checkpoint_every and getattr(self.executor, "checkpoints", True)
+            if results and checkpoints and (r % c.checkpoint_every == 0 or r == c.rounds):
                 results.save_checkpoint(self.checkpoint_payload(r, state))
         summary = self.summary(history)
         if results:
@@ -388,7 +393,12 @@ def simulate(
             results = ResultsDir.create(out, overwrite=overwrite)
             results.write_text(CONFIG_FILE, dump_config(sim.config))
             results.write_histogram(sim.histogram)
-        summary = sim.run(results, on_round=on_round)
+        if cfg.backend == "flower":
+            from fedsim.flower_backend import run_with_flower
+
+            summary = run_with_flower(sim, results, on_round)
+        else:
+            summary = sim.run(results, on_round=on_round)
     if results and plots:
         from fedsim.plots import plot_run
 
@@ -400,6 +410,8 @@ def resume(out: str | Path, *, on_round: RoundCallback | None = None, plots: boo
     """Continue a killed run from its last checkpoint; ends with the same metrics as an uninterrupted run."""
     results = ResultsDir.open_existing(out)
     cfg = load_config(results.file(CONFIG_FILE))
+    if cfg.backend == "flower":
+        raise FedsimError("a --backend flower run cannot resume: its client state lived in the Flower nodes")
     with make_simulation(cfg) as sim:
         payload = results.load_checkpoint()
         if payload is None:

@@ -10,7 +10,8 @@ import torch
 
 from fedsim.config import make_config
 from fedsim.data.samplers import merge_states
-from fedsim.engine.ray_executor import ShardWorker, shard_clients, shard_data, shard_store
+from fedsim.engine.ray_executor import ShardWorker, shard_clients
+from fedsim.engine.store import ClientStore, shard_arrays
 from fedsim.errors import FedsimError
 from fedsim.simulation import Simulation, make_simulation, simulate
 
@@ -51,7 +52,7 @@ def test_shards_are_contiguous_and_cover_every_client():
 def test_shard_store_serves_the_same_samples_by_global_id():
     sim = Simulation(make_config({**BASE, "partition": "dirichlet", "alpha": 0.5}))
     owned = np.array([4, 5, 6, 7])
-    store = shard_store(shard_data(sim.store, owned), torch.device("cpu"))
+    store = ClientStore.from_shard(shard_arrays(sim.store, owned), torch.device("cpu"))
     assert store.num_clients == sim.store.num_clients
     assert (store.sizes[owned] == sim.store.sizes[owned]).all() and store.sizes.sum() == sim.store.sizes[owned].sum()
     positions = np.stack([np.arange(3)] * len(owned))
@@ -67,7 +68,7 @@ def test_shard_worker_trains_like_the_local_executor():
         model=sim.model, sampler=local.sampler, optimizer=local.optimizer, algorithm=local.algorithm, seed=local.seed,
         local_steps=local.local_steps, local_epochs=None, batch_size=local.batch_size, chunk_size=2,
     )  # fmt: skip
-    worker = ShardWorker(shard_data(sim.store, owned), setup, None, threads=1, use_gpu=False)
+    worker = ShardWorker(shard_arrays(sim.store, owned), setup, None, threads=1, use_gpu=False)
     worker.executor.init_client_state(sim.init_params)
     state = sim.initial_state()
     plan = sim.strategy.configure(1, state, sim.store.num_clients, 0)

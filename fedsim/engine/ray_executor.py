@@ -28,7 +28,6 @@ import contextlib
 import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +40,7 @@ from fedsim.errors import FedsimError
 from .executor import LocalExecutor
 from .protocol import Plan, reduce_rows, upload_of
 from .pytree import Tree, concat, flatten
-from .store import ClientStore
+from .store import ClientStore, shard_arrays
 
 RAY_EXTRA = "pip install 'fedsim[ray]'"
 
@@ -74,33 +73,6 @@ def shard_clients(num_clients: int, num_shards: int) -> list[np.ndarray]:
     return [s for s in np.array_split(np.arange(num_clients, dtype=np.int64), num_shards) if len(s)]
 
 
-def shard_data(store: ClientStore, clients: np.ndarray) -> dict[str, np.ndarray]:
-    """The training samples of ``clients`` (numpy, for the object store) with per-client offsets over all
-    ``N`` ids (zero samples for clients of other shards), so global ids index the shard's store directly."""
-    sizes = np.zeros(store.num_clients, dtype=np.int64)
-    sizes[clients] = store.sizes[clients]
-    order = store.order.cpu().numpy()
-    rows = np.concatenate([order[store.offsets[c] : store.offsets[c + 1]] for c in clients]).astype(np.int64)
-    return {
-        "x": store.x[torch.as_tensor(rows, device=store.x.device)].cpu().numpy(),
-        "y": store.y[torch.as_tensor(rows, device=store.y.device)].cpu().numpy(),
-        "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-        "clients": np.asarray(clients, dtype=np.int64),
-    }
-
-
-def shard_store(data: dict[str, np.ndarray], device: torch.device) -> ClientStore:
-    """A :class:`ClientStore` over a shard's samples (no local test data: evaluation stays on the driver)."""
-    with warnings.catch_warnings():  # object-store arrays are read-only; training only indexes them
-        warnings.simplefilter("ignore", UserWarning)
-        x, y = torch.as_tensor(data["x"], device=device), torch.as_tensor(data["y"], device=device)
-    offsets = data["offsets"]
-    return ClientStore(
-        x=x, y=y, order=torch.arange(len(x), device=device), offsets=offsets,
-        test_order=torch.zeros(0, dtype=torch.int64, device=device), test_offsets=np.zeros_like(offsets),
-    )  # fmt: skip
-
-
 def _cpu(tree: Tree | None) -> Tree | None:
     return {k: v.detach().cpu() for k, v in tree.items()} if tree is not None else None
 
@@ -130,7 +102,8 @@ class ShardWorker:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         setup = dict(setup)
         model = setup.pop("model").to(self.device)
-        self.executor = LocalExecutor(model, shard_store(data, self.device), clients=data["clients"], **setup)
+        store = ClientStore.from_shard(data, self.device)
+        self.executor = LocalExecutor(model, store, clients=data["clients"], **setup)
         self.updates = None
         if snapshot is not None:
             self.load(snapshot)
@@ -297,7 +270,7 @@ class RayExecutor:
             "grad_mode": local.trainer.grad_mode, "sequential": local.sequential, "loss_fn": local.loss_fn,
         })  # fmt: skip
         local.model.to(self.device)
-        self.data_refs = [ray.put(shard_data(local.store, owned)) for owned in self.shards]
+        self.data_refs = [ray.put(shard_arrays(local.store, owned)) for owned in self.shards]
         self._snapshots = [ray.put(self._initial_snapshot(local, owned)) for owned in self.shards]
         self._round_start = list(self._snapshots)
         self._round_calls: dict[int, tuple] = {}

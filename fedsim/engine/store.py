@@ -6,6 +6,7 @@ its local test samples (for per-client evaluation) likewise in ``test_order``/``
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,19 @@ class ClientStore:
             test_offsets=test_offsets,
         )
 
+    @classmethod
+    def from_shard(cls, data: dict[str, np.ndarray], device: torch.device) -> ClientStore:
+        """A store over the samples of a shard of clients (:func:`shard_arrays`), indexed by global client id;
+        no local test data (evaluation happens where the whole store lives)."""
+        with warnings.catch_warnings():  # object-store arrays are read-only; training only indexes them
+            warnings.simplefilter("ignore", UserWarning)
+            x, y = torch.as_tensor(data["x"], device=device), torch.as_tensor(data["y"], device=device)
+        offsets = np.asarray(data["offsets"], dtype=np.int64)
+        return cls(
+            x=x, y=y.long(), order=torch.arange(len(x), device=device), offsets=offsets,
+            test_order=torch.zeros(0, dtype=torch.int64, device=device), test_offsets=np.zeros_like(offsets),
+        )  # fmt: skip
+
     @property
     def num_clients(self) -> int:
         return len(self.offsets) - 1
@@ -65,3 +79,20 @@ class ClientStore:
         start = self.offsets[np.asarray(client_ids)].reshape(-1, *([1] * (positions.ndim - 1)))
         flat = torch.as_tensor(start + positions, device=self.order.device)
         return self.order[flat]
+
+
+def shard_arrays(store: ClientStore, clients: np.ndarray) -> dict[str, np.ndarray]:
+    """The training samples of ``clients`` as numpy arrays (for Ray's object store or a Flower node), with
+    per-client ``offsets`` over all ``N`` ids (zero samples for the other clients), so that global ids index
+    :meth:`ClientStore.from_shard` directly; ``clients``: the ids, sorted."""
+    sizes = np.zeros(store.num_clients, dtype=np.int64)
+    sizes[clients] = store.sizes[clients]
+    order = store.order.cpu().numpy()
+    rows = np.concatenate([order[store.offsets[c] : store.offsets[c + 1]] for c in clients]).astype(np.int64)
+    index = torch.as_tensor(rows, device=store.x.device)
+    return {
+        "x": store.x[index].cpu().numpy(),
+        "y": store.y[index].cpu().numpy(),
+        "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        "clients": np.asarray(clients, dtype=np.int64),
+    }

@@ -1,0 +1,112 @@
+"""How fedsim data travel in Flower records (flwr 1.41 Message API), and the checks on what comes back.
+
+A train message carries ``"arrays"`` (ArrayRecord: the global model), ``"config"`` (ConfigRecord:
+``server-round`` and the local learning rate ``lr``) and, when the strategy broadcasts extras (SCAFFOLD's
+``c``, FedCM's momentum), ``"fedsim.broadcast"`` (ArrayRecord). A reply carries ``"arrays"`` (the client's
+local model after training, as every Flower client does), one MetricRecord with ``num-examples``,
+``num-steps`` and ``train-loss`` (plus a regulator's diagnostics), and, when the client algorithm uploads
+extras (SCAFFOLD's ``dc.*``), ``"fedsim.extras"`` (ArrayRecord). A node keeps its persistent client state
+in ``context.state["fedsim.client_state"]`` and its sampler state in ``context.state["fedsim.sampler_state"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.engine.protocol import ClientUpdates
+from fedsim.engine.pytree import Tree, concat
+from fedsim.errors import FedsimError
+
+FLOWER_EXTRA = "pip install 'fedsim[flower]'"
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+BROADCAST, EXTRAS = "fedsim.broadcast", "fedsim.extras"
+CLIENT_STATE, SAMPLER_STATE = "fedsim.client_state", "fedsim.sampler_state"
+NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS = "num-examples", "num-steps", "train-loss"
+
+
+class FlowerReplyError(FedsimError):
+    """A Flower reply that cannot be used (an error reply, or one without the expected records)."""
+
+
+def require_flower() -> None:
+    """Raise a one-line error naming the ``flower`` extra when Flower is not installed."""
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise FedsimError(f"this needs Flower, which is not installed: {FLOWER_EXTRA}") from None
+
+
+def to_record(tree: Tree):
+    """A tree as an ArrayRecord (host copies)."""
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord({k: v.detach().cpu() for k, v in tree.items()})
+
+
+def from_record(record, device: torch.device | str = "cpu") -> Tree:
+    """An ArrayRecord as a tree of torch tensors on ``device``."""
+    return {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
+
+
+def reply_metrics(content) -> Any:
+    """The one MetricRecord of a reply (None when there is none)."""
+    records = list(content.metric_records.values())
+    return records[0] if len(records) == 1 else None
+
+
+def updates_from_replies(
+    replies: Iterable, client_of: dict[int, int], params: Tree, *, lr: float | None, num_clients: int,
+    required_extras: tuple[str, ...] = (),
+) -> ClientUpdates:  # fmt: skip
+    """Our :class:`ClientUpdates` from Flower train replies: ``deltas = params - local model``, sample counts,
+    step counts, losses, extras and diagnostics, in client-id order. ``client_of`` maps node id -> client id.
+    A reply with an error, or without the local model, ``num-examples``/``num-steps``/``train-loss``, or an
+    extras record the strategy needs (``required_extras`` prefixes), raises :class:`FlowerReplyError` naming
+    the client."""
+    rows = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        client = client_of.get(node)
+        who = f"client {client} (node {node})" if client is not None else f"node {node}"
+        if client is None:
+            raise FlowerReplyError(f"reply from {who}, which was not sent a train message this round")
+        if msg.has_error():
+            raise FlowerReplyError(f"{who} failed to train: {msg.error.reason}")
+        content = msg.content
+        if ARRAYS not in content.array_records:
+            raise FlowerReplyError(f"reply of {who} has no ArrayRecord '{ARRAYS}' (the local model)")
+        metrics = reply_metrics(content)
+        missing = [k for k in (NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS) if metrics is None or k not in metrics]
+        if missing:
+            raise FlowerReplyError(f"reply of {who} has no MetricRecord with {', '.join(repr(k) for k in missing)}")
+        extras = from_record(content[EXTRAS]) if EXTRAS in content.array_records else {}
+        for prefix in required_extras:
+            if not any(k.startswith(prefix) for k in extras):
+                raise FlowerReplyError(f"reply of {who} has no '{prefix}*' arrays in ArrayRecord '{EXTRAS}'")
+        local = from_record(content[ARRAYS])
+        if local.keys() != params.keys():
+            raise FlowerReplyError(f"reply of {who}: its model's arrays do not match the global model's names")
+        device = next(iter(params.values())).device
+        stats = {k: float(v) for k, v in metrics.items() if k not in (NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS)}
+        rows.append((client, {k: params[k] - local[k].to(device) for k in params}, metrics, extras, stats))
+    if not rows:
+        raise FlowerReplyError("no client replied to this round's train messages")
+    rows.sort(key=lambda r: r[0])
+    device = next(iter(params.values())).device
+    column = lambda key, dtype: torch.tensor([float(r[2][key]) for r in rows], dtype=dtype, device=device)  # noqa: E731
+    stats_keys = rows[0][4].keys()
+    return ClientUpdates(
+        client_ids=np.array([r[0] for r in rows], dtype=np.int64),
+        deltas=concat([{k: v.unsqueeze(0) for k, v in r[1].items()} for r in rows]),
+        num_samples=column(NUM_EXAMPLES, torch.float64),
+        num_steps=column(NUM_STEPS, torch.float64).long(),
+        train_loss=column(TRAIN_LOSS, torch.float32),
+        extras=concat([{k: v.unsqueeze(0).to(device) for k, v in r[3].items()} for r in rows]) if rows[0][3] else {},
+        stats={k: torch.tensor([r[4][k] for r in rows], device=device) for k in stats_keys},
+        lr=lr,
+        num_clients=num_clients,
+    )

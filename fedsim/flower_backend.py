@@ -31,7 +31,8 @@ def _node_simulation(config_json: str):
     from fedsim.config import make_config
     from fedsim.simulation import Simulation
 
-    return Simulation(make_config({**json.loads(config_json), "backend": "fedsim"}))
+    config = {k: v for k, v in json.loads(config_json).items() if k not in ("backend", "flower_cpus_per_client")}
+    return Simulation(make_config(config))
 
 
 @cache
@@ -53,7 +54,6 @@ def _node_client(config_json: str, client: int):
 def make_client_app(config_json: str):
     """The ClientApp of a ``--backend flower`` run: ``train`` with :class:`FedsimClient`, ``query`` answers
     the node's partition id."""
-    from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
@@ -63,18 +63,21 @@ def make_client_app(config_json: str):
         client = int(context.node_config["partition-id"])
         return _node_client(config_json, client).train(msg, context)
 
-    @app.query()
-    def query(msg, context):
-        pid = int(context.node_config["partition-id"])
-        return Message(content=RecordDict({"node": ConfigRecord({"partition-id": pid})}), reply_to=msg)
-
+    app.query()(answer_partition_query)
     return app
+
+
+def answer_partition_query(msg, context):
+    """A node's answer to :func:`client_nodes`: its ``partition-id``."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    pid = int(context.node_config["partition-id"])
+    return Message(content=RecordDict({"node": ConfigRecord({"partition-id": pid})}), reply_to=msg)
 
 
 def client_nodes(grid, num_clients: int) -> list[int]:
     """Node id of every client id, from one query message to every node (replies carry ``partition-id``)."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-
     from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
     _, connected = sample_nodes(grid, num_clients, 0)  # waits until every node is connected, as Flower does

@@ -4,8 +4,8 @@ MoLS-style, SGD-SaI, ...) with the engine's own code.
 
 :class:`FedsimClient` trains one node's data with :class:`~fedsim.engine.executor.LocalExecutor` (a chunk
 of one client), so its numbers are the engine's: batches depend only on (seed, round, client id), and the
-persistent client state (SCAFFOLD's ``c_k``, FedDyn's ``h_k``) and a Markov sampler's state live in the
-node's ``context.state`` between rounds. Records as in :mod:`strategies.flower.records`::
+persistent client state (SCAFFOLD's ``c_k``, FedDyn's ``h_k``; under ``fedsim.client_state.<algorithm>``)
+and a Markov sampler's state live in the node's ``context.state`` between rounds. Records as in :mod:`strategies.flower.records`::
 
     client = FedsimClient(model, x, y, strategy="scaffold", regulator=make_regulator("ecgr"), local_steps=10)
     app = ClientApp()
@@ -71,7 +71,7 @@ class FedsimClient:
         client_filter=None,
         optimizer: str | Any = "sgd",
         optimizer_options: dict[str, Any] | None = None,
-        sampler: str | Sampler = "iid",
+        sampler: str | Sampler = "shuffle",
         local_steps: int | None = 10,
         local_epochs: int | None = None,
         batch_size: int = 32,
@@ -104,6 +104,12 @@ class FedsimClient:
                              batch_size=batch_size, grad_mode=grad_mode, loss_fn=loss_fn)  # fmt: skip
         self.client_id = client_id
         self._stores: dict[int, ClientStore] = {}
+
+    @property
+    def state_key(self) -> str:
+        """Where the node keeps this client algorithm's state: ``fedsim.client_state.<algorithm name>`` (a node
+        that serves several algorithms keeps each one's state apart)."""
+        return f"{CLIENT_STATE}.{self.algorithm.name}"
 
     def _store(self, client: int) -> ClientStore:
         """This node's samples as client ``client`` of a store (other ids empty), on the device."""
@@ -140,9 +146,9 @@ class FedsimClient:
 
     def _load_state(self, executor: LocalExecutor, context: Context, params) -> None:
         """Client state and sampler state from the node's ``context.state`` (fresh on the first round)."""
-        state = context.state
-        if CLIENT_STATE in state.array_records:
-            executor.client_state = {k: v.unsqueeze(0) for k, v in from_record(state[CLIENT_STATE]).items()}
+        state, key = context.state, self.state_key
+        if key in state.array_records:
+            executor.client_state = {k: v.unsqueeze(0) for k, v in from_record(state[key]).items()}
         else:
             executor.init_client_state(params)
         if SAMPLER_STATE in state.array_records:
@@ -150,7 +156,7 @@ class FedsimClient:
 
     def _save_state(self, executor: LocalExecutor, context: Context) -> None:
         if executor.client_state:
-            context.state[CLIENT_STATE] = to_record({k: v[0] for k, v in executor.client_state.items()})
+            context.state[self.state_key] = to_record({k: v[0] for k, v in executor.client_state.items()})
         if executor.sampler_state:
             sampler = {k: torch.as_tensor(v) for k, v in executor.sampler_state.items()}
             context.state[SAMPLER_STATE] = ArrayRecord(sampler)

@@ -31,7 +31,7 @@ from fedsim.engine.pytree import Tree
 from fedsim.errors import FedsimError
 from strategies.base import Strategy
 
-from .records import ARRAYS, BROADCAST, CONFIG, NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS, from_record, to_record
+from .records import ARRAYS, BROADCAST, CONFIG, EXTRAS, NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS, from_record, to_record
 
 
 def flower_strategies() -> dict[str, type]:
@@ -60,16 +60,19 @@ def _adopt_server_identity() -> None:
 
 
 def train_replies(messages: dict[int, Message], params: Tree, updates: ClientUpdates) -> list[Message]:
-    """Flower train replies from our updates: client ``k``'s local model ``params - Delta_k`` and its metrics."""
+    """Flower train replies from our updates: client ``k``'s local model ``params - Delta_k``, its metrics
+    and, when the client algorithm uploads extras, the ArrayRecord ``fedsim.extras``."""
     replies = []
     for row, client in enumerate(updates.client_ids):
         local = {k: params[k] - v[row] for k, v in updates.deltas.items()}
-        metrics = MetricRecord({
+        metrics = {
             NUM_EXAMPLES: int(updates.num_samples[row]), NUM_STEPS: int(updates.num_steps[row]),
-            TRAIN_LOSS: float(updates.train_loss[row]),
-        })  # fmt: skip
-        replies.append(Message(content=RecordDict({ARRAYS: to_record(local), "metrics": metrics}),
-                               reply_to=messages[int(client)]))  # fmt: skip
+            TRAIN_LOSS: float(updates.train_loss[row]), **{k: float(v[row]) for k, v in updates.stats.items()},
+        }  # fmt: skip
+        content = {ARRAYS: to_record(local), "metrics": MetricRecord(metrics)}
+        if updates.extras:  # uploads beyond the model (SCAFFOLD's dc.*), for fedsim's Flower strategies
+            content[EXTRAS] = to_record({k: v[row] for k, v in updates.extras.items()})
+        replies.append(Message(content=RecordDict(content), reply_to=messages[int(client)]))
     return replies
 
 

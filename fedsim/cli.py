@@ -308,6 +308,12 @@ def list_components() -> None:
         ("lr schedules", SCHEDULES), ("topologies", GENERATORS), ("mixing", MIXING_METHODS),
     ):  # fmt: skip
         typer.echo(f"{title + ':':14} {', '.join(names)}")
+    try:
+        from strategies.flower import flower_strategies
+    except FedsimError:
+        typer.echo(f"{'flower:':14} (not installed: pip install 'fedsim[flower]')")
+    else:
+        typer.echo(f"{'flower:':14} {', '.join('flwr:' + n for n in sorted(flower_strategies()))}")
 
 
 def _emit_json(result: dict[str, Any], out: Path | None) -> None:

@@ -89,6 +89,10 @@ class Simulation:
             from fedsim.engine.ray_executor import import_ray
 
             import_ray()
+        if c.backend == "flower" or c.flower_hosted:
+            from strategies.flower.records import require_flower
+
+            require_flower()
         self.device = resolve_device(c.device)
         make_deterministic(self.device)
         ds = load_dataset(

@@ -287,3 +287,53 @@ def test_our_strategies_in_a_flower_simulation_equal_our_engine():
         expected = final_params({**config, "strategy": name})
         for k, v in expected.items():
             torch.testing.assert_close(results[name][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_the_example_flower_app_learns():
+    """experiments/flower_app (what `flwr run .` runs there): our SCAFFOLD server and SCAFFOLD+ECGR clients."""
+    import importlib
+    from pathlib import Path
+
+    import cloudpickle
+    from flwr.simulation import run_simulation
+
+    root = Path(__file__).resolve().parents[1] / "experiments" / "flower_app"
+    sys.path.insert(0, str(root))
+    try:
+        modules = [importlib.import_module(f"flower_app.{m}") for m in ("task", "client_app", "server_app")]
+        for module in modules:  # the Ray workers cannot import the example from its folder
+            cloudpickle.register_pickle_by_value(module)
+        task, client_app, server_app = modules
+        run_simulation(server_app.app, client_app.app, num_supernodes=4,
+                       backend_config={"client_resources": {"num_cpus": 0.5, "num_gpus": 0.0},
+                                       "init_args": {"include_dashboard": False, "log_to_driver": False}})  # fmt: skip
+    finally:
+        sys.path.remove(str(root))
+    result = server_app.LAST_RESULT["result"]
+    accuracy = result.evaluate_metrics_serverapp
+    rounds = task.DEFAULTS["num-server-rounds"]
+    assert accuracy[rounds]["accuracy"] > max(0.5, accuracy[0]["accuracy"] + 0.3)
+
+
+def test_cli_flower_strategy_and_flags(tmp_path, cli):
+    flags = ["--clients", "6", "--rounds", "2", "--local-steps", "2", "--quiet"]
+    code, out, err = cli(["simulate", *flags, "--strategy", "flwr:FedYogi", "--set", "flwr_options={eta: 0.01}",
+                          "--out", str(tmp_path / "yogi")])  # fmt: skip
+    assert code == 0, err
+    assert "strategy: flwr:FedYogi" in (tmp_path / "yogi" / "config.yaml").read_text()
+    for bad, message in (
+        (["--strategy", "flwr:Nope"], "unknown Flower strategy"),
+        (["--backend", "flower", "--executor", "ray"], "drop --executor ray"),
+        (["--backend", "flow"], "backend"),
+        (["--strategy", "flwr:FedAvg", "--regulator", "ecgr"], "applies to fedsim strategies"),
+    ):
+        code, _, err = cli(["simulate", *flags, *bad, "--out", str(tmp_path / "bad")])
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (bad, err)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_cli_without_flower_names_the_extra(tmp_path, cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flwr", None)
+    for flags in (["--backend", "flower"], ["--strategy", "flwr:FedAdam"]):
+        code, _, err = cli(["simulate", "--rounds", "1", "--quiet", *flags, "--out", str(tmp_path / "r")])
+        assert code == 2 and "fedsim[flower]" in err and len(err.strip().splitlines()) == 1

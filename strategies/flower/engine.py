@@ -35,13 +35,19 @@ from .records import ARRAYS, BROADCAST, CONFIG, EXTRAS, NUM_EXAMPLES, NUM_STEPS,
 
 
 def flower_strategies() -> dict[str, type]:
-    """Flower's server strategies by class name (``flwr.serverapp.strategy``)."""
+    """Flower's server strategies for model arrays by class name (``flwr.serverapp.strategy``), without the
+    wrappers that need another strategy (differential privacy) and the XGBoost ones."""
     import flwr.serverapp.strategy as module
     from flwr.serverapp.strategy import Strategy as FlowerBase
+
+    def standalone(cls) -> bool:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        return all(p.default is not p.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params)
 
     return {
         name: cls for name, cls in vars(module).items()
         if inspect.isclass(cls) and issubclass(cls, FlowerBase) and not inspect.isabstract(cls)
+        and standalone(cls) and not name.startswith("FedXgb")
     }  # fmt: skip
 
 

@@ -6,7 +6,8 @@ A train message carries ``"arrays"`` (ArrayRecord: the global model), ``"config"
 local model after training, as every Flower client does), one MetricRecord with ``num-examples``,
 ``num-steps`` and ``train-loss`` (plus a regulator's diagnostics), and, when the client algorithm uploads
 extras (SCAFFOLD's ``dc.*``), ``"fedsim.extras"`` (ArrayRecord). A node keeps its persistent client state
-in ``context.state["fedsim.client_state.<algorithm name>"]`` and its sampler state in ``context.state["fedsim.sampler_state"]``.
+in ``context.state["fedsim.client_state.<algorithm name>"]`` and its sampler state in
+``context.state["fedsim.sampler_state"]``.
 """
 
 from __future__ import annotations

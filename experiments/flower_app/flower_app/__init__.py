@@ -1,0 +1,1 @@
+"""fedsim's SCAFFOLD + ECGR inside a Flower app (see ../pyproject.toml)."""

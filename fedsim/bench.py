@@ -281,7 +281,8 @@ def bench_executors(
     runs, alternated; Flower runs once. ``ray_running``: the Ray executor joining a Ray started before the
     timed run (as on a cluster: the run starts its actors, not Ray). Ratios are Flower's time over ours and
     the Ray executor's over the local one's (``ray_overhead``); ``*_round_s`` is the median per-round time
-    after the first round."""
+    after the first round. ``fedsim_backend_flower``: the same run with ``--backend flower`` (our clients as
+    Flower ClientApps on Flower's simulation engine, once)."""
     from fedsim.simulation import simulate
 
     config = dict(
@@ -331,6 +332,15 @@ def bench_executors(
         from fedsim.flower_baseline import run_flower
 
         result["flower"] = run_flower(config, cpus_per_client=cpus_per_actor)
+        records: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        summary = simulate({**config, "backend": "flower", "flower_cpus_per_client": cpus_per_actor}, None,
+                           plots=False, on_round=records.append)  # fmt: skip
+        result["fedsim_backend_flower"] = {
+            "wall_s": time.perf_counter() - t0, "round_s": statistics.median(r["time_s"] for r in records[1:]),
+            "final_test_accuracy": summary["final_test_accuracy"],
+        }  # fmt: skip
         for name in variants:
             result[f"flower_over_{name}"] = result["flower"]["wall_s"] / result[name]["wall_s"]
+            result[f"backend_flower_over_{name}"] = result["fedsim_backend_flower"]["wall_s"] / result[name]["wall_s"]
     return result

@@ -146,30 +146,54 @@ def _train_message(sim, round_, broadcast=None):
     return Message(RecordDict(content), 7, MessageType.TRAIN)
 
 
-def test_fedsim_client_trains_like_the_engine_and_keeps_state_in_the_context():
-    sim = Simulation(make_config({**BASE, "strategy": "scaffold"}))
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"strategy": "scaffold"},
+        {"strategy": "fedavg", "regulator": "ecgr"},
+        {"strategy": "fedprox", "regulator": "bherd", "optimizer": "foam", "lr": 0.01},
+        {"strategy": "feddyn", "optimizer": "sgd-sai", "lr": 0.01, "sampler": "markov-ring"},
+    ],
+    ids=["scaffold", "ecgr", "bherd-foam", "feddyn-sgdsai-markov"],
+)
+def test_fedsim_client_trains_like_the_engine_and_keeps_state_in_the_context(options):
+    config = make_config({**BASE, **options})
+    sim = Simulation(config)
+    from fedsim.engine.protocol import Plan
     from fedsim.engine.store import shard_arrays
 
     data = shard_arrays(sim.store, np.array([2]))
-    client = flower.FedsimClient(sim.model, data["x"], data["y"], strategy="scaffold", local_steps=3, batch_size=16,
-                                 seed=5)  # fmt: skip
+    local = sim.executor
+    client = flower.FedsimClient(sim.model, data["x"], data["y"], strategy=local.algorithm, optimizer=local.optimizer,
+                                 sampler=local.sampler, local_steps=3, batch_size=16, seed=5)  # fmt: skip
     context = _context()
     state = sim.initial_state()
-    plan = sim.strategy.configure(1, state, 8, 5)
-    reply = client.train(_train_message(sim, 1, plan.broadcast), context)
-    from fedsim.engine.protocol import Plan
-
-    expected = sim.executor.train(Plan(np.array([2]), plan.broadcast), state.params, 1, 0.1)
-    metrics = reply.content["metrics"]
-    assert metrics["num-examples"] == int(sim.store.sizes[2]) and metrics["num-steps"] == 3
-    assert metrics["train-loss"] == pytest.approx(float(expected.train_loss[0]), rel=1e-6)
-    local = reply.content["arrays"].to_torch_state_dict()
-    for k, v in state.params.items():
-        torch.testing.assert_close(v - local[k], expected.deltas[k][0], rtol=1e-5, atol=1e-6)
-    stored = context.state["fedsim.client_state.scaffold"].to_torch_state_dict()
-    for k, v in stored.items():
-        torch.testing.assert_close(v, sim.executor.client_state[k][2])
-    assert "fedsim.extras" in reply.content.array_records
+    for round_ in (1, 2):  # round 2 starts from the state the node kept in its context
+        plan = sim.strategy.configure(round_, state, 8, 5)
+        lr = sim.lr(round_)
+        message = _train_message(sim, round_, plan.broadcast)
+        message.content["config"]["lr"] = lr
+        reply = client.train(message, context)
+        expected = local.train(Plan(np.array([2]), plan.broadcast), state.params, round_, lr)
+        metrics = reply.content["metrics"]
+        assert metrics["num-examples"] == int(sim.store.sizes[2]) and metrics["num-steps"] == 3
+        assert metrics["train-loss"] == pytest.approx(float(expected.train_loss[0]), rel=1e-5)
+        got = reply.content["arrays"].to_torch_state_dict()
+        for k, v in state.params.items():
+            torch.testing.assert_close(v - got[k], expected.deltas[k][0], rtol=1e-5, atol=1e-6)
+        for k, v in expected.stats.items():
+            assert metrics[k] == pytest.approx(float(v[0]), rel=1e-5)
+    key = f"fedsim.client_state.{local.algorithm.name}"
+    if local.client_state:
+        stored = context.state[key].to_torch_state_dict()
+        for k, v in stored.items():
+            torch.testing.assert_close(v, local.client_state[k][2])
+    else:
+        assert key not in context.state
+    if options.get("sampler") == "markov-ring":
+        assert "fedsim.sampler_state" in context.state
+    if options["strategy"] == "scaffold":
+        assert "fedsim.extras" in reply.content.array_records
 
 
 def _reply(content, node=7):

@@ -220,6 +220,15 @@ def test_replies_without_the_expected_records_name_the_client():
     with pytest.raises(flower.FlowerReplyError, match="client 4.*'dc.\\*'"):
         updates_from_replies([_reply({"arrays": ArrayRecord({"w": torch.ones(2)}), "metrics": good_metrics})],
                              {7: 4}, params, lr=0.1, num_clients=8, required_extras=("dc.",))  # fmt: skip
+    from flwr.app import Error
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    sent = Message(RecordDict({"config": ConfigRecord({})}), 7, MessageType.TRAIN)
+    failed = Message(Error(code=1, reason="Traceback ...\n  File x\nValueError: bad batch'>"), reply_to=sent)
+    with pytest.raises(flower.FlowerReplyError) as raised:
+        updates_from_replies([failed], {7: 4}, params, lr=0.1, num_clients=8)
+    assert str(raised.value) == "client 4 (node 7) failed to train: ValueError: bad batch"
     updates = updates_from_replies([_reply({"arrays": ArrayRecord({"w": torch.ones(2)}), "metrics": good_metrics})],
                                    {7: 4}, params, lr=0.1, num_clients=8)  # fmt: skip
     torch.testing.assert_close(updates.deltas["w"], -torch.ones(1, 2))

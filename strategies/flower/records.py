@@ -53,6 +53,15 @@ def from_record(record, device: torch.device | str = "cpu") -> Tree:
     return {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
 
 
+def last_line(text: str) -> str:
+    """The last non-empty line of a (multi-line, possibly colored) error text: what went wrong, in one line."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(text).splitlines()]
+    lines = [line for line in lines if line and line != "'>"]
+    return lines[-1].rstrip("'>") if lines else "no reason given"
+
+
 def reply_metrics(content) -> Any:
     """The one MetricRecord of a reply (None when there is none)."""
     records = list(content.metric_records.values())
@@ -76,7 +85,7 @@ def updates_from_replies(
         if client is None:
             raise FlowerReplyError(f"reply from {who}, which was not sent a train message this round")
         if msg.has_error():
-            raise FlowerReplyError(f"{who} failed to train: {msg.error.reason}")
+            raise FlowerReplyError(f"{who} failed to train: {last_line(msg.error.reason)}")
         content = msg.content
         if ARRAYS not in content.array_records:
             raise FlowerReplyError(f"reply of {who} has no ArrayRecord '{ARRAYS}' (the local model)")

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 import strategies as ours
 from fedsim.engine.protocol import ClientUpdates, ServerState
+from fedsim.errors import FedsimError
 
 from .records import ARRAYS, BROADCAST, CONFIG, from_record, to_record, updates_from_replies
 
@@ -51,6 +52,8 @@ class FlowerStrategy(FedAvg):
     ) -> None:
         if isinstance(strategy, str):
             strategy = ours.build_strategy(strategy, **options)
+        elif options:
+            raise FedsimError(f"options {sorted(options)} apply to a strategy given by name, not to an instance")
         super().__init__(
             fraction_train=strategy.fraction, fraction_evaluate=fraction_evaluate, min_train_nodes=1,
             min_evaluate_nodes=1, min_available_nodes=min_available_nodes, weighted_by_key="num-examples",

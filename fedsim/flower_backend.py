@@ -107,14 +107,12 @@ class GridExecutor:
         self.sampler_state = None
 
     def train(self, plan: Plan, params: Tree, round_: int, lr: float, start=None, opt_state=None) -> ClientUpdates:
-        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+        from flwr.app import ConfigRecord, Message, MessageType
 
-        from strategies.flower.records import ARRAYS, BROADCAST, CONFIG, to_record, updates_from_replies
+        from strategies.flower.records import to_record, train_content, updates_from_replies
 
-        content = {ARRAYS: to_record(params), CONFIG: ConfigRecord({"server-round": round_, "lr": lr})}
-        if plan.broadcast:
-            content[BROADCAST] = to_record(plan.broadcast)
-        record = RecordDict(content)
+        config = ConfigRecord({"server-round": round_, "lr": lr})
+        record = train_content(to_record(params), config, plan.broadcast)
         ids = [int(c) for c in plan.client_ids]
         messages = [Message(record, self.nodes[c], MessageType.TRAIN, group_id=str(round_)) for c in ids]
         replies = self.grid.send_and_receive(messages)
@@ -134,8 +132,6 @@ def run_with_flower(sim, results, on_round) -> dict[str, Any]:
     require_flower()
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
-
-    from fedsim.config import dump_config
 
     config_json = json.dumps(_plain(sim.config), sort_keys=True)
     outcome: dict[str, Any] = {}
@@ -166,7 +162,7 @@ def run_with_flower(sim, results, on_round) -> dict[str, Any]:
     if "error" in outcome:
         raise outcome["error"]
     if "summary" not in outcome:
-        raise FedsimError(f"the Flower simulation ended without running the experiment ({dump_config(sim.config)!r})")
+        raise FedsimError("the Flower simulation ended without running the experiment's ServerApp")
     return outcome["summary"]
 
 

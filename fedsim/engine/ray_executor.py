@@ -7,11 +7,12 @@ state (SCAFFOLD's ``c_k``, FedDyn's ``h_k``) and its sampler state, and trains i
 same vectorized :class:`~fedsim.engine.executor.LocalExecutor` code, chunk by chunk. A round:
 
 1. the driver puts the global model and the broadcast once in the object store; every actor with selected
-   clients trains them and answers with per-client scalars (steps, loss, diagnostics) only;
-2. the strategy's reductions (:meth:`ClientUpdates.reduce`) become one call per actor that returns the
+   clients trains them and answers with per-client scalars (steps, loss, diagnostics), its part of the
+   sample-weighted delta sum (what FedAvg-like strategies reduce) and of the plain delta sum (for drift);
+2. any other reduction of the strategy (:meth:`ClientUpdates.reduce`) is one call per actor that returns the
    partial sum ``sum_{k in shard} w_k s_k u_k``; the driver adds the partials. A robust aggregator, or code
    that reads ``updates.deltas`` itself (decentralized gossip), gathers the per-client stack instead;
-3. drift needs two small calls (the mean delta, then the distances to it).
+3. drift's second pass (distances to the mean delta) is sent as soon as the mean is known.
 
 Results equal the local executor's: each client's batches and state depend only on (seed, round, id), the
 chunk size is the driver's, and reductions differ only in float summation order.
@@ -73,8 +74,17 @@ def shard_clients(num_clients: int, num_shards: int) -> list[np.ndarray]:
     return [s for s in np.array_split(np.arange(num_clients, dtype=np.int64), num_shards) if len(s)]
 
 
+def _on(value, device: torch.device | str):
+    """A tensor or a tree moved to ``device`` (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device)
+    return {k: v.detach().to(device) for k, v in value.items()}
+
+
 def _cpu(tree: Tree | None) -> Tree | None:
-    return {k: v.detach().cpu() for k, v in tree.items()} if tree is not None else None
+    return _on(tree, "cpu")
 
 
 @dataclass
@@ -120,9 +130,9 @@ class ShardWorker:
         """Train the shard's selected clients; keep the updates; return per-client scalars, the flattened
         ``sum_k Delta_k`` (float64, for the drift metric), the partial sum ``sum_k weights[k] Delta_k`` (the
         sample-weighted mean most strategies ask for, computed before they ask) and a snapshot."""
-        dev = lambda tree: {k: v.to(self.device) for k, v in tree.items()} if tree is not None else None  # noqa: E731
+        on = lambda value: _on(value, self.device)  # noqa: E731
         self.updates = u = self.executor.train(
-            Plan(ids, dev(broadcast)), dev(params), round_, lr, dev(start), dev(opt_state)
+            Plan(ids, on(broadcast)), on(params), round_, lr, on(start), on(opt_state)
         )
         meta = {
             "num_samples": u.num_samples.cpu(), "num_steps": u.num_steps.cpu(), "train_loss": u.train_loss.cpu(),
@@ -134,8 +144,8 @@ class ShardWorker:
 
     def reduce(self, source: str, weights, scale=None, rows=None) -> Tree:
         """This shard's part of ``sum_k w_k s_k u_k`` (see :func:`reduce_rows`)."""
-        dev = lambda t: t.to(self.device) if t is not None else None  # noqa: E731
-        return _cpu(reduce_rows(self.updates.upload(source), dev(weights), scale=dev(scale), rows=dev(rows)))
+        on = lambda value: _on(value, self.device)  # noqa: E731
+        return _cpu(reduce_rows(self.updates.upload(source), on(weights), scale=on(scale), rows=on(rows)))
 
     def gather(self, what: str) -> Tree:
         """The per-client stack of an upload (``"deltas"``, an extras prefix), or ``"extras"``/``"opt_state"``."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 
 import strategies as ours
@@ -34,19 +34,7 @@ from fedsim.engine.trainer import LossFn, cross_entropy
 from fedsim.errors import FedsimError
 from fedsim.optim import make_optimizer
 
-from .records import (
-    ARRAYS,
-    BROADCAST,
-    CLIENT_STATE,
-    CONFIG,
-    EXTRAS,
-    NUM_EXAMPLES,
-    NUM_STEPS,
-    SAMPLER_STATE,
-    TRAIN_LOSS,
-    from_record,
-    to_record,
-)  # fmt: skip
+from .records import CLIENT_STATE, SAMPLER_STATE, from_record, read_train, to_record, train_replies
 
 
 class FedsimClient:
@@ -124,26 +112,15 @@ class FedsimClient:
     def train(self, msg: Message, context: Context) -> Message:
         """Train on the message's global model; reply with the local model, metrics and upload extras."""
         client = self.client_id if self.client_id is not None else int(context.node_config["partition-id"])
-        content = msg.content
-        config = content[CONFIG]
-        params = from_record(content[ARRAYS], self.device)
-        names = [n for n, _ in self.model.named_parameters()]
-        params = {n: params[n] for n in names}
-        broadcast = from_record(content[BROADCAST], self.device) if BROADCAST in content.array_records else {}
+        params, broadcast, config = read_train(msg.content, self.device)
+        params = {n: params[n] for n, _ in self.model.named_parameters()}
         executor = LocalExecutor(self.model, self._store(client), self.sampler, self.optimizer, self.algorithm,
                                  clients=np.array([client]), **self.settings)  # fmt: skip
         self._load_state(executor, context, params)
         updates = executor.train(Plan(np.array([client]), broadcast), params, int(config["server-round"]),
                                  float(config["lr"]))  # fmt: skip
         self._save_state(executor, context)
-        local = {k: params[k] - updates.deltas[k][0] for k in params}
-        metrics = {NUM_EXAMPLES: len(self.x), NUM_STEPS: int(updates.num_steps[0]),
-                   TRAIN_LOSS: float(updates.train_loss[0])}  # fmt: skip
-        metrics.update({k: float(v[0]) for k, v in updates.stats.items()})
-        reply = {ARRAYS: to_record(local), "metrics": MetricRecord(metrics)}
-        if updates.extras:
-            reply[EXTRAS] = to_record({k: v[0] for k, v in updates.extras.items()})
-        return Message(content=RecordDict(reply), reply_to=msg)
+        return train_replies({client: msg}, params, updates)[0]
 
     def _load_state(self, executor: LocalExecutor, context: Context, params) -> None:
         """Client state and sampler state from the node's ``context.state`` (fresh on the first round)."""

@@ -27,11 +27,10 @@ from flwr.serverapp import Grid
 from fedsim import rng
 from fedsim.engine.evaluate import evaluate
 from fedsim.engine.protocol import ClientUpdates, Plan, ServerState
-from fedsim.engine.pytree import Tree
 from fedsim.errors import FedsimError
 from strategies.base import Strategy
 
-from .records import ARRAYS, BROADCAST, CONFIG, EXTRAS, NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS, from_record, to_record
+from .records import ARRAYS, NUM_EXAMPLES, from_record, read_train, to_record, train_replies
 
 
 def flower_strategies() -> dict[str, type]:
@@ -63,23 +62,6 @@ def _adopt_server_identity() -> None:
 
     if TaskIdentity._run_id is None:  # noqa: SLF001 - the public getter raises when unset
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, SUPERLINK_NODE_ID
-
-
-def train_replies(messages: dict[int, Message], params: Tree, updates: ClientUpdates) -> list[Message]:
-    """Flower train replies from our updates: client ``k``'s local model ``params - Delta_k``, its metrics
-    and, when the client algorithm uploads extras, the ArrayRecord ``fedsim.extras``."""
-    replies = []
-    for row, client in enumerate(updates.client_ids):
-        local = {k: params[k] - v[row] for k, v in updates.deltas.items()}
-        metrics = {
-            NUM_EXAMPLES: int(updates.num_samples[row]), NUM_STEPS: int(updates.num_steps[row]),
-            TRAIN_LOSS: float(updates.train_loss[row]), **{k: float(v[row]) for k, v in updates.stats.items()},
-        }  # fmt: skip
-        content = {ARRAYS: to_record(local), "metrics": MetricRecord(metrics)}
-        if updates.extras:  # uploads beyond the model (SCAFFOLD's dc.*), for fedsim's Flower strategies
-            content[EXTRAS] = to_record({k: v[row] for k, v in updates.extras.items()})
-        replies.append(Message(content=RecordDict(content), reply_to=messages[int(client)]))
-    return replies
 
 
 class EngineGrid(Grid):
@@ -140,12 +122,9 @@ class EngineGrid(Grid):
 
     def _train(self, messages: list[Message]) -> list[Message]:
         sim = self.simulation
-        content = messages[0].content
-        config = content[CONFIG] if CONFIG in content.config_records else ConfigRecord()
+        params, broadcast, config = read_train(messages[0].content, sim.device)
         round_ = int(config.get("server-round", 1))
         lr = float(config["lr"]) if "lr" in config else sim.lr(round_)
-        params = from_record(content[ARRAYS], sim.device)
-        broadcast = from_record(content[BROADCAST], sim.device) if BROADCAST in content.array_records else {}
         by_client = {m.metadata.dst_node_id - NODE_ID_OFFSET: m for m in messages}
         ids = np.array(sorted(by_client), dtype=np.int64)
         updates = sim.executor.train(Plan(ids, broadcast), params, round_, lr)

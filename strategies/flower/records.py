@@ -77,7 +77,7 @@ def updates_from_replies(
     A reply with an error, or without the local model, ``num-examples``/``num-steps``/``train-loss``, or an
     extras record the strategy needs (``required_extras`` prefixes), raises :class:`FlowerReplyError` naming
     the client."""
-    rows = []
+    rows, device = [], next(iter(params.values())).device
     for msg in replies:
         node = msg.metadata.src_node_id
         client = client_of.get(node)
@@ -93,20 +93,18 @@ def updates_from_replies(
         missing = [k for k in (NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS) if metrics is None or k not in metrics]
         if missing:
             raise FlowerReplyError(f"reply of {who} has no MetricRecord with {', '.join(repr(k) for k in missing)}")
-        extras = from_record(content[EXTRAS]) if EXTRAS in content.array_records else {}
+        extras = from_record(content[EXTRAS], device) if EXTRAS in content.array_records else {}
         for prefix in required_extras:
             if not any(k.startswith(prefix) for k in extras):
                 raise FlowerReplyError(f"reply of {who} has no '{prefix}*' arrays in ArrayRecord '{EXTRAS}'")
-        local = from_record(content[ARRAYS])
+        local = from_record(content[ARRAYS], device)
         if local.keys() != params.keys():
             raise FlowerReplyError(f"reply of {who}: its model's arrays do not match the global model's names")
-        device = next(iter(params.values())).device
         stats = {k: float(v) for k, v in metrics.items() if k not in (NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS)}
-        rows.append((client, {k: params[k] - local[k].to(device) for k in params}, metrics, extras, stats))
+        rows.append((client, {k: params[k] - local[k] for k in params}, metrics, extras, stats))
     if not rows:
         raise FlowerReplyError("no client replied to this round's train messages")
     rows.sort(key=lambda r: r[0])
-    device = next(iter(params.values())).device
     column = lambda key, dtype: torch.tensor([float(r[2][key]) for r in rows], dtype=dtype, device=device)  # noqa: E731
     stats_keys = rows[0][4].keys()
     return ClientUpdates(
@@ -115,8 +113,49 @@ def updates_from_replies(
         num_samples=column(NUM_EXAMPLES, torch.float64),
         num_steps=column(NUM_STEPS, torch.float64).long(),
         train_loss=column(TRAIN_LOSS, torch.float32),
-        extras=concat([{k: v.unsqueeze(0).to(device) for k, v in r[3].items()} for r in rows]) if rows[0][3] else {},
+        extras=concat([{k: v.unsqueeze(0) for k, v in r[3].items()} for r in rows]) if rows[0][3] else {},
         stats={k: torch.tensor([r[4][k] for r in rows], device=device) for k in stats_keys},
         lr=lr,
         num_clients=num_clients,
     )
+
+
+def train_content(arrays, config, broadcast: Tree):
+    """A train message's records: the global model ``arrays`` (an ArrayRecord), ``config`` (a ConfigRecord with
+    ``server-round`` and ``lr``) and the strategy's broadcast extras when there are any."""
+    from flwr.app import RecordDict
+
+    content = {ARRAYS: arrays, CONFIG: config}
+    if broadcast:
+        content[BROADCAST] = to_record(broadcast)
+    return RecordDict(content)
+
+
+def read_train(content, device: torch.device | str) -> tuple[Tree, Tree, Any]:
+    """The global model, the broadcast extras (possibly empty) and the config of a train message."""
+    from flwr.app import ConfigRecord
+
+    params = from_record(content[ARRAYS], device)
+    broadcast = from_record(content[BROADCAST], device) if BROADCAST in content.array_records else {}
+    config = content[CONFIG] if CONFIG in content.config_records else ConfigRecord()
+    return params, broadcast, config
+
+
+def train_replies(messages: dict, params: Tree, updates: ClientUpdates) -> list:
+    """Flower train replies from our updates (``messages``: client id -> its train message): client ``k``'s
+    local model ``params - Delta_k``, its metrics and, when the client algorithm uploads extras, the
+    ArrayRecord ``fedsim.extras``."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    replies = []
+    for row, client in enumerate(updates.client_ids):
+        local = {k: params[k] - v[row] for k, v in updates.deltas.items()}
+        metrics = {
+            NUM_EXAMPLES: int(updates.num_samples[row]), NUM_STEPS: int(updates.num_steps[row]),
+            TRAIN_LOSS: float(updates.train_loss[row]), **{k: float(v[row]) for k, v in updates.stats.items()},
+        }  # fmt: skip
+        content = {ARRAYS: to_record(local), "metrics": MetricRecord(metrics)}
+        if updates.extras:  # uploads beyond the model (SCAFFOLD's dc.*), for fedsim's Flower strategies
+            content[EXTRAS] = to_record({k: v[row] for k, v in updates.extras.items()})
+        replies.append(Message(content=RecordDict(content), reply_to=messages[int(client)]))
+    return replies

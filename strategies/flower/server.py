@@ -28,7 +28,7 @@ import strategies as ours
 from fedsim.engine.protocol import ClientUpdates, ServerState
 from fedsim.errors import FedsimError
 
-from .records import ARRAYS, BROADCAST, CONFIG, from_record, to_record, updates_from_replies
+from .records import ARRAYS, from_record, to_record, train_content, updates_from_replies
 
 
 class FlowerStrategy(FedAvg):
@@ -83,12 +83,9 @@ class FlowerStrategy(FedAvg):
         plan = self.strategy.configure(server_round, self.state, len(nodes), self.seed)
         lr = self.local_lr(server_round)
         config["server-round"], config["lr"] = server_round, lr
-        content = {ARRAYS: arrays, CONFIG: config}
-        if plan.broadcast:
-            content[BROADCAST] = to_record(plan.broadcast)
         selected = [nodes[int(i)] for i in plan.client_ids]
         self._sent = ({nodes[int(i)]: int(i) for i in plan.client_ids}, params, lr, len(nodes))
-        return self._construct_messages(RecordDict(content), selected, MessageType.TRAIN)
+        return self._construct_messages(train_content(arrays, config, plan.broadcast), selected, MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -19,7 +19,7 @@ Facts of the chain (standard two-state Markov chain algebra):
 Round 1's states are drawn from the stationary law (inferred: so that availability is stationary from the
 start and the fraction of available clients has the same distribution every round).
 
-Randomness is counter-based (:mod:`fedsim.rng`, stream ``STREAM_AVAILABILITY``): client ``i``'s uniform at
+Randomness is counter-based (:mod:`fedsim.core.rng`, stream ``STREAM_AVAILABILITY``): client ``i``'s uniform at
 round ``r`` is ``u(seed, STREAM_AVAILABILITY, r, i)``. Round 1: on iff ``u < P(on)``. Round ``r > 1``: an on
 client turns off iff ``u < p_off``, an off client turns on iff ``u < p_on``. Client ``i``'s chain depends on
 (seed, i) only, so :meth:`~MarkovAvailability.available` is a pure function of (seed, round, number of
@@ -32,8 +32,8 @@ import math
 
 import numpy as np
 
-from fedsim import rng
-from fedsim.errors import FedsimError
+from fedsim.core import rng
+from fedsim.core.errors import FedsimError
 
 
 class MarkovAvailability:
@@ -104,6 +104,6 @@ def make_availability(kind: str, *, p_on: float, p_off: float, seed: int) -> Mar
         return None
     if kind == "markov":
         return MarkovAvailability(p_on, p_off, seed)
-    from fedsim.errors import unknown
+    from fedsim.core.errors import unknown
 
     raise unknown("availability", kind, AVAILABILITY_MODELS)

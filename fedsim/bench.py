@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from fedsim.core.protocol import ClientAlgorithm, Plan
 from fedsim.data import load_dataset, partition
 from fedsim.data.samplers import IIDSampler
 from fedsim.engine.executor import LocalExecutor, auto_chunk_size
-from fedsim.engine.protocol import ClientAlgorithm, Plan
 from fedsim.engine.store import ClientStore
 from fedsim.models import build_model
 from fedsim.optim import SGD

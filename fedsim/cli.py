@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedsim.errors import DivergenceError, FedsimError
+from fedsim.core.errors import DivergenceError, FedsimError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedsim.errors import FedsimError, did_you_mean
+from fedsim.core.errors import FedsimError, did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -150,9 +150,9 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_names(self) -> RunConfig:
+        from fedsim.core.errors import unknown
         from fedsim.data import DATASETS, PARTITIONERS
         from fedsim.data.samplers import SAMPLERS
-        from fedsim.errors import unknown
         from fedsim.models import MODELS
         from fedsim.optim import OPTIMIZERS
         from strategies import DECENTRALIZED, STRATEGIES

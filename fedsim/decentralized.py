@@ -21,9 +21,9 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 import topologies
+from fedsim.core.protocol import Plan, ServerState
+from fedsim.core.pytree import Tree, flatten, stack
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate
-from fedsim.engine.protocol import Plan, ServerState
-from fedsim.engine.pytree import Tree, flatten, stack
 from fedsim.simulation import Simulation
 from strategies import DECENTRALIZED, gossip_matrix
 from topologies.schedules import Schedule

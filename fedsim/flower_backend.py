@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.engine.protocol import ClientUpdates, Plan
-from fedsim.engine.pytree import Tree
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import ClientUpdates, Plan
+from fedsim.core.pytree import Tree
 
 
 @cache

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 
 FLOWER_EXTRA = "pip install 'fedsim[flower]'"
 

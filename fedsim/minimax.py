@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fedsim.engine.protocol import ClientAlgorithm, LocalContext
-from fedsim.engine.pytree import Tree
-from fedsim.errors import FedsimError, unknown
+from fedsim.core.errors import FedsimError, unknown
+from fedsim.core.protocol import ClientAlgorithm, LocalContext
+from fedsim.core.pytree import Tree
 
 
 def project_simplex(v: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedsim.errors import FedsimError, did_you_mean
+from fedsim.core.errors import FedsimError, did_you_mean
 from fedsim.results import CONFIG_FILE, _run_dir, read_metrics
 
 if TYPE_CHECKING:

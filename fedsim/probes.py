@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from fedsim.config import RunConfig, dump_config, make_config
+from fedsim.core.errors import DivergenceError, FedsimError, unknown
+from fedsim.core.protocol import ServerState
+from fedsim.core.pytree import Tree, all_finite
 from fedsim.engine.evaluate import per_sample
-from fedsim.engine.protocol import ServerState
-from fedsim.engine.pytree import Tree, all_finite
-from fedsim.errors import DivergenceError, FedsimError, unknown
 from fedsim.results import CONFIG_FILE, STABILITY_FILE, SUMMARY_FILE, ResultsDir
 from fedsim.simulation import RoundCallback, Simulation, make_simulation
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"

@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 
 from fedsim.config import RunConfig, make_config
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 from fedsim.results import SEEDS_FILE, SUMMARY_FILE, ResultsDir, read_metrics
 from fedsim.simulation import RoundCallback, simulate
 

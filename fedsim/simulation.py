@@ -12,19 +12,19 @@ from typing import Any
 
 import torch
 
-from fedsim import rng
 from fedsim.availability import make_availability
 from fedsim.config import RunConfig, dump_config, load_config, make_config
+from fedsim.core import rng
+from fedsim.core.errors import DivergenceError, FedsimError
+from fedsim.core.protocol import ClientUpdates, ServerState
+from fedsim.core.pytree import Tree, all_finite, flatten, nbytes, stack
 from fedsim.data import label_histogram, load_dataset, partition, split_clients, subsample_train
 from fedsim.data.markov import chain_report
 from fedsim.data.samplers import make_sampler
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate, per_client_accuracy
 from fedsim.engine.executor import LocalExecutor
-from fedsim.engine.protocol import ClientUpdates, ServerState
-from fedsim.engine.pytree import Tree, all_finite, flatten, nbytes, stack
 from fedsim.engine.store import ClientStore
 from fedsim.engine.trainer import cross_entropy
-from fedsim.errors import DivergenceError, FedsimError
 from fedsim.models import build_model
 from fedsim.optim import compressible_names, lr_at, make_optimizer, state_bytes
 from fedsim.results import CONFIG_FILE, SUMMARY_FILE, ResultsDir
@@ -37,7 +37,7 @@ RoundHook = Callable[[int, ServerState, dict[str, Any]], bool]
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
     if name not in ("auto", "cpu", "cuda"):
-        from fedsim.errors import unknown
+        from fedsim.core.errors import unknown
 
         raise unknown("device", name, ("auto", "cpu", "cuda"))
     if name == "auto":

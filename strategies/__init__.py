@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import inspect
 
-from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, Plan, ServerState
-from fedsim.errors import unknown
+from fedsim.core.errors import unknown
+from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, Plan, ServerState
 
 from .base import Strategy, select_clients
 from .bherd import BHerd

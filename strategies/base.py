@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedsim import rng
-from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, Plan, ServerState
-from fedsim.engine.pytree import Tree, tree_map
-from fedsim.errors import FedsimError
+from fedsim.core import rng
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, Plan, ServerState
+from fedsim.core.pytree import Tree, tree_map
 
 from .robust import Aggregator
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedsim.engine.protocol import TrajectorySpec
-from fedsim.engine.pytree import Tree, flatten
-from fedsim.errors import FedsimError, unknown
+from fedsim.core.errors import FedsimError, unknown
+from fedsim.core.protocol import TrajectorySpec
+from fedsim.core.pytree import Tree, flatten
 
 from .ecgr import ROUNDING_GUARD, check_fraction
 from .herding import greedy_herding, safe_ratio

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fedsim.engine.protocol import ClientAlgorithm, LocalContext
-from fedsim.engine.pytree import Tree
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import ClientAlgorithm, LocalContext
+from fedsim.core.pytree import Tree
 
 
 class ComposedClient(ClientAlgorithm):
@@ -73,7 +73,7 @@ def make_regulator(name: str, **options):
     ``trajectory_dtype`` (``float32``, ``float16``, ``bfloat16``) and ``trajectory_device`` (``same``, ``cpu``)."""
     import torch
 
-    from fedsim.errors import unknown
+    from fedsim.core.errors import unknown
 
     from .bherd import BHerd
     from .ecgr import ECGR
@@ -102,7 +102,7 @@ def make_regulator(name: str, **options):
 def make_client_filter(name: str, **options):
     """A microbatch gradient filter by name (``none`` gives None; ``gaf`` with ``gaf_tau``,
     ``gaf_microbatches``)."""
-    from fedsim.errors import unknown
+    from fedsim.core.errors import unknown
 
     from .gaf import GAFClientFilter
 

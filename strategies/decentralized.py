@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedsim.engine.protocol import ClientAlgorithm
-from fedsim.engine.pytree import Tree
+from fedsim.core.protocol import ClientAlgorithm
+from fedsim.core.pytree import Tree
 
 
 def gossip_matrix(w: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -25,9 +25,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fedsim.engine.protocol import TrajectorySpec
-from fedsim.engine.pytree import Tree, flatten
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import TrajectorySpec
+from fedsim.core.pytree import Tree, flatten
 
 from .herding import CENTERS, gram, greedy_herding, safe_ratio
 
@@ -44,7 +44,7 @@ def check_fraction(name: str, value: float, low_open: bool = True) -> float:
 
 def check_center(center: str) -> str:
     if center not in CENTERS:
-        from fedsim.errors import unknown
+        from fedsim.core.errors import unknown
 
         raise unknown("ECGR center", center, CENTERS)
     return center

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fedsim.engine.protocol import ServerState
-from fedsim.engine.pytree import Tree
+from fedsim.core.protocol import ServerState
+from fedsim.core.pytree import Tree
 
 from .base import Strategy, apply_step
 

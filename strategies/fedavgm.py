@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fedsim.engine.protocol import ServerState
-from fedsim.engine.pytree import Tree, tree_map
+from fedsim.core.protocol import ServerState
+from fedsim.core.pytree import Tree, tree_map
 
 from .base import Strategy, apply_step, check_positive
 

@@ -20,9 +20,9 @@ model difference would fold the momentum into them); ``scaffold_control`` switch
 
 from __future__ import annotations
 
-from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
-from fedsim.engine.pytree import Tree
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
+from fedsim.core.pytree import Tree
 
 from .base import Strategy, apply_step, check_positive
 from .scaffold import SCAFFOLD, ScaffoldClient, direction_scale

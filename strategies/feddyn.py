@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
-from fedsim.engine.pytree import Tree
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
+from fedsim.core.pytree import Tree
 
 from .base import Strategy
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedsim.engine.protocol import ClientUpdates, ServerState
-from fedsim.errors import FedsimError, unknown
+from fedsim.core.errors import FedsimError, unknown
+from fedsim.core.protocol import ClientUpdates, ServerState
 
 from .base import Strategy, apply_step
 from .fedprox import ProximalClient

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from fedsim.engine.protocol import ServerState
-from fedsim.engine.pytree import Tree
+from fedsim.core.protocol import ServerState
+from fedsim.core.pytree import Tree
 
 from .base import Strategy, check_positive
 

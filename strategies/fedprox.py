@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fedsim.engine.protocol import ClientAlgorithm, LocalContext
-from fedsim.engine.pytree import Tree
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import ClientAlgorithm, LocalContext
+from fedsim.core.pytree import Tree
 
 from .fedavg import FedAvg
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedsim.engine.pytree import Tree, flatten, unflatten
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
+from fedsim.core.pytree import Tree, flatten, unflatten
 
 
 def check_tau(tau: float) -> float:

@@ -37,7 +37,7 @@ def centered_gram(g: Tensor, mask: Tensor, center: str) -> Tensor:
     if center == "zero":
         return g
     if center != "local_mean":
-        from fedsim.errors import unknown
+        from fedsim.core.errors import unknown
 
         raise unknown("herding center", center, CENTERS)
     m = mask.to(g.dtype)

@@ -13,8 +13,8 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from fedsim.engine.pytree import Tree, flatten, unflatten
-from fedsim.errors import FedsimError, unknown
+from fedsim.core.errors import FedsimError, unknown
+from fedsim.core.pytree import Tree, flatten, unflatten
 
 
 class Aggregator(Protocol):

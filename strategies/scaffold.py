@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedsim.engine.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
-from fedsim.engine.pytree import Tree, per_client
+from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
+from fedsim.core.pytree import Tree, per_client
 
 from .base import Strategy, apply_step, check_positive
 
@@ -55,7 +55,7 @@ class ScaffoldClient(ClientAlgorithm):
     name = "scaffold"
 
     def __init__(self, control: str = "model_difference", correction: str = "after_step", scale: float = 1.0):
-        from fedsim.errors import unknown
+        from fedsim.core.errors import unknown
 
         if control not in CONTROLS:
             raise unknown("scaffold_control", control, CONTROLS)
@@ -130,7 +130,7 @@ class SCAFFOLD(Strategy):
         super().__init__(**kwargs)
         check_positive(server_lr=server_lr)
         if scaffold_weighting not in WEIGHTINGS:
-            from fedsim.errors import unknown
+            from fedsim.core.errors import unknown
 
             raise unknown("scaffold_weighting", scaffold_weighting, WEIGHTINGS)
         self.server_lr, self.weighting = server_lr, scaffold_weighting

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim import rng
 from fedsim.availability import MarkovAvailability, make_availability
 from fedsim.config import make_config
-from fedsim.errors import FedsimError
+from fedsim.core import rng
+from fedsim.core.errors import FedsimError
 from fedsim.simulation import Simulation, resume, simulate
 from strategies import build_strategy, select_clients
 

@@ -116,7 +116,7 @@ def test_ecgr_upload_has_the_plain_delta_norm_and_changes_the_model():
     plan = sim_p.strategy.configure(1, state, 6, 3)
     plain = sim_p.executor.train(plan, state.params, 1, 0.05)
     regulated = sim_e.executor.train(plan, state.params, 1, 0.05)
-    from fedsim.engine.pytree import flatten
+    from fedsim.core.pytree import flatten
 
     torch.testing.assert_close(flatten(regulated.deltas).norm(dim=1), flatten(plain.deltas).norm(dim=1))
     assert not torch.allclose(flatten(regulated.deltas), flatten(plain.deltas))
@@ -160,7 +160,7 @@ def test_scaffold_correction_forms_agree_for_plain_sgd_and_differ_with_momentum(
 
 def test_scaffold_after_step_correction_by_hand():
     """One local SGD-momentum step of one client against the rule: w1 = w0 - eta buf - eta (c - c_k)."""
-    from fedsim.engine.protocol import LocalContext
+    from fedsim.core.protocol import LocalContext
     from strategies.scaffold import ScaffoldClient
 
     gen = torch.Generator().manual_seed(0)
@@ -290,7 +290,7 @@ def test_scaffold_weighting_and_zero_step_clients():
     its control variate."""
     import numpy as np
 
-    from fedsim.engine.protocol import ClientUpdates, LocalContext
+    from fedsim.core.protocol import ClientUpdates, LocalContext
     from strategies import build_strategy
     from strategies.scaffold import ScaffoldClient
 
@@ -315,7 +315,7 @@ def _quadratic_federation(strategy_name, rounds=300, local_steps=10, lr=0.05, **
     returns the final global model and the minimizer of the average loss."""
     import numpy as np
 
-    from fedsim.engine.protocol import ClientUpdates
+    from fedsim.core.protocol import ClientUpdates
     from fedsim.engine.trainer import VectorizedTrainer
     from fedsim.optim import make_optimizer
     from strategies import build_strategy

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fedsim.config import make_config
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 
 FAST = ["--clients", "6", "--rounds", "3", "--local-steps", "3", "--quiet"]
 

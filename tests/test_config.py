@@ -3,7 +3,7 @@
 import pytest
 
 from fedsim.config import RunConfig, dump_config, load_config, make_config, read_config_file
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 
 
 def _error(fn, *args, **kwargs) -> str:

@@ -10,9 +10,9 @@ import posix
 import numpy as np
 import pytest
 
+from fedsim.core.errors import DataSourceMissing, FedsimError
 from fedsim.data import DATASETS, Dataset, load_dataset, partition
 from fedsim.data import datasets as ds
-from fedsim.errors import DataSourceMissing, FedsimError
 
 
 @pytest.fixture(autouse=True)

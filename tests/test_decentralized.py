@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import topologies
+from fedsim.core.errors import FedsimError
 from fedsim.decentralized import consensus_distance
-from fedsim.errors import FedsimError
 from fedsim.simulation import resume, simulate
 from strategies import gossip, gossip_matrix
 

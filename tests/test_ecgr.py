@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from fedsim.engine.protocol import TrajectorySpec
-from fedsim.engine.pytree import flatten
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import TrajectorySpec
+from fedsim.core.pytree import flatten
 from fedsim.engine.trajectory import Trajectory
-from fedsim.errors import FedsimError
 from strategies import reaggregate
 from strategies.bherd import BHerd, keep_count
 from strategies.ecgr import ECGR, selection_count
@@ -180,7 +180,7 @@ def test_regulators_reduce_to_the_plain_delta_bit_for_bit():
 def test_narrow_storage_survives_a_decayed_learning_rate(dtype):
     """Step deltas of a late round (lr 2e-6) would underflow float16; stored divided by the learning rate they
     give the same ECGR upload as float32 storage, to storage precision."""
-    from fedsim.engine.protocol import ClientAlgorithm
+    from fedsim.core.protocol import ClientAlgorithm
     from fedsim.engine.trainer import VectorizedTrainer
     from fedsim.models import build_model
     from fedsim.optim import make_optimizer

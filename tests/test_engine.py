@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from fedsim.core.protocol import ClientAlgorithm, Plan
+from fedsim.core.pytree import flatten
 from fedsim.data.samplers import IIDSampler, ShuffleSampler
 from fedsim.engine.executor import LocalExecutor, auto_chunk_size
-from fedsim.engine.protocol import ClientAlgorithm, Plan
-from fedsim.engine.pytree import flatten
 from fedsim.engine.store import ClientStore
 from fedsim.models import MODELS, SEQUENCE_MODELS, build_model
 from fedsim.optim import make_optimizer
@@ -254,7 +254,7 @@ def test_auto_chunk_size_respects_memory(monkeypatch):
 
 
 def test_build_model_refuses_batchnorm(tmp_path, monkeypatch):
-    from fedsim.errors import FedsimError
+    from fedsim.core.errors import FedsimError
 
     (tmp_path / "bn_model.py").write_text(
         "from torch import nn\n"

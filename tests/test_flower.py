@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedsim.config import make_config
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 from fedsim.simulation import Simulation, make_simulation, simulate
 
 flwr = pytest.importorskip("flwr")
@@ -159,7 +159,7 @@ def _train_message(sim, round_, broadcast=None):
 def test_fedsim_client_trains_like_the_engine_and_keeps_state_in_the_context(options):
     config = make_config({**BASE, **options})
     sim = Simulation(config)
-    from fedsim.engine.protocol import Plan
+    from fedsim.core.protocol import Plan
     from fedsim.engine.store import shard_arrays
 
     data = shard_arrays(sim.store, np.array([2]))

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsim.config import make_config
+from fedsim.core.errors import FedsimError
 from fedsim.data import markov
 from fedsim.data.samplers import (
     IIDSampler,
@@ -17,7 +18,6 @@ from fedsim.data.samplers import (
     ShuffleSampler,
     make_sampler,
 )
-from fedsim.errors import FedsimError
 from fedsim.simulation import make_simulation, resume, simulate
 
 KEY = "markov_position"

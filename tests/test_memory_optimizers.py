@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 from fedsim.optim import (
     FOAM,
     GWT,

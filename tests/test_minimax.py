@@ -11,7 +11,7 @@ import torch
 from torch.func import functional_call
 
 from fedsim.config import make_config
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 from fedsim.minimax import (
     AUCMaximization,
     DescentAscentClient,
@@ -110,7 +110,7 @@ def test_one_local_step_is_the_hand_written_sgda_step():
     cfg = make_config(dict(topology=RING, strategy="dsgda", model="logreg", local_steps=1, lr=0.05, dual_lr=0.2))
     sim = make_simulation(cfg)
     state = sim.initial_state()
-    from fedsim.engine.protocol import Plan
+    from fedsim.core.protocol import Plan
 
     updates = sim.executor.train(Plan(np.arange(16)), sim.init_params, 1, 0.05, start=state.params)
     batch, _ = sim.executor.sampler.sample(0, 1, np.array([5]), sim.store.sizes[[5]], steps=1, epochs=None,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 from fedsim.optim import OPTIMIZERS, SCHEDULES, lr_at, make_optimizer
 
 C = 3

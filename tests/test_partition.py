@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedsim.core.errors import FedsimError
 from fedsim.data import PARTITIONERS, label_histogram, partition, split_clients
 from fedsim.data.partition import repair_min_size, sample_dirichlet
-from fedsim.errors import FedsimError
 
 
 def labels(n: int = 2000, num_classes: int = 10, seed: int = 0) -> np.ndarray:

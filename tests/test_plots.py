@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 from fedsim.plots import (
     available_metrics,
     plot_label_histogram,

@@ -12,7 +12,7 @@ import torch
 
 import topologies
 from fedsim.config import make_config
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 from fedsim.probes import STABILITY_METRICS, perturb, run_stability_probe
 from fedsim.simulation import make_simulation, resume, simulate
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from fedsim.config import make_config
+from fedsim.core.errors import FedsimError
 from fedsim.data.samplers import merge_states
 from fedsim.engine.ray_executor import ShardWorker, shard_clients
 from fedsim.engine.store import ClientStore, shard_arrays
-from fedsim.errors import FedsimError
 from fedsim.simulation import Simulation, make_simulation, simulate
 
 RING = str(Path(__file__).resolve().parents[1] / "experiments" / "topologies" / "ring16.graphml")
@@ -74,7 +74,7 @@ def test_shard_worker_trains_like_the_local_executor():
     plan = sim.strategy.configure(1, state, sim.store.num_clients, 0)
     ids = np.array([3, 5])
     meta, snapshot = worker.train(ids, state.params, 1, 0.1, plan.broadcast)
-    from fedsim.engine.protocol import Plan
+    from fedsim.core.protocol import Plan
 
     expected = local.train(Plan(ids, plan.broadcast), state.params, 1, 0.1)
     torch.testing.assert_close(meta["train_loss"], expected.train_loss)
@@ -295,7 +295,7 @@ def assert_nothing_left_running():
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
 def test_the_run_starts_and_shuts_down_ray_even_when_it_fails():
-    from fedsim.errors import DivergenceError
+    from fedsim.core.errors import DivergenceError
 
     if ray.is_initialized():
         ray.shutdown()

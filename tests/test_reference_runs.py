@@ -20,8 +20,7 @@ TIMING_FIELDS = {"time_s"}
 
 def _records(path: Path) -> list[dict]:
     return [
-        {k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
-        for line in path.read_text().splitlines()
+        {k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in path.read_text().splitlines()
     ]
 
 
@@ -42,7 +41,7 @@ def test_reference_run_unchanged(name, tmp_path):
         got = _records(out / path.relative_to(REFERENCE / name))
         want = _records(path)
         assert len(got) == len(want)
-        for round_got, round_want in zip(got, want):
+        for round_got, round_want in zip(got, want, strict=True):
             assert round_got.keys() == round_want.keys()
             diff = {k: (round_got[k], round_want[k]) for k in round_want if not _same(round_got[k], round_want[k])}
             assert not diff, f"{name} round {round_want['round']}: {diff}"

@@ -3,7 +3,7 @@
 import numpy as np
 from scipy import stats
 
-from fedsim import rng
+from fedsim.core import rng
 
 
 def test_pure_function_of_keys():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.engine.protocol import ClientUpdates
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import ClientUpdates
 from strategies import GAF, Krum, Median, TrimmedMean, build_strategy, make_aggregator
 from strategies.fednova import general_norm
 from strategies.gaf import GAFClientFilter, gaf_fold

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedsim.core.errors import FedsimError
 from fedsim.data.samplers import IIDSampler, ShuffleSampler, make_sampler, steps_per_client
-from fedsim.errors import FedsimError
 
 
 @settings(max_examples=30, deadline=None)

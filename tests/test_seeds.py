@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 from fedsim.seeds import parse_seeds, run_seeds, statistics
 from fedsim.simulation import simulate
 

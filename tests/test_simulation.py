@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fedsim.errors import DivergenceError, FedsimError
+from fedsim.core.errors import DivergenceError, FedsimError
 from fedsim.simulation import resume, simulate
 from strategies import STRATEGIES
 
@@ -190,7 +190,7 @@ def test_npz_dataset_with_natural_partition(tmp_path):
 def test_client_drift_formula():
     import torch
 
-    from fedsim.engine.protocol import client_drift
+    from fedsim.core.protocol import client_drift
 
     deltas = {"w": torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 3.0]])}
     mean = torch.tensor([2.0, 1.0])

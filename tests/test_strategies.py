@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.engine.protocol import ClientUpdates, LocalContext, ServerState
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import ClientUpdates, LocalContext, ServerState
 from strategies import (
     STRATEGIES,
     FedAdagrad,

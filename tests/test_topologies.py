@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import topologies as T
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 
 # --------------------------------------------------------------------------- helpers
 

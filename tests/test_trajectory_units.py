@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from fedsim.engine.protocol import ClientAlgorithm
-from fedsim.engine.pytree import flatten
+from fedsim.core.protocol import ClientAlgorithm
+from fedsim.core.pytree import flatten
 from fedsim.engine.trainer import VectorizedTrainer, _Recorder, cross_entropy
 from fedsim.models import build_model
 from fedsim.optim import make_optimizer

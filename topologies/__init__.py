@@ -1,6 +1,6 @@
 """Graph topologies for decentralized learning: files, generators, mixing matrices, time-varying schedules.
 
-Depends on networkx and numpy only (plus :mod:`fedsim.errors` for the error base class).
+Depends on networkx and numpy only (plus :mod:`fedsim.core.errors` for the error base class).
 """
 
 from .analysis import analyze, mixing_time_estimate, spectral_gap

@@ -6,7 +6,7 @@ import re
 
 import networkx as nx
 
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
 
 __all__ = ["TopologyError", "check_nodes", "validate_connected"]
 
@@ -14,7 +14,7 @@ __all__ = ["TopologyError", "check_nodes", "validate_connected"]
 class TopologyError(FedsimError):
     """A bad topology: disconnected graph, invalid weights, wrong node count, unreadable file.
 
-    A :class:`fedsim.errors.FedsimError`, hence a :class:`ValueError`. The message is always one line:
+    A :class:`fedsim.core.errors.FedsimError`, hence a :class:`ValueError`. The message is always one line:
     any newline in it is folded into a single space.
     """
 

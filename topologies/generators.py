@@ -197,7 +197,7 @@ def build(name: str, n: int, **kw: object) -> nx.Graph:
 
     Names are case-insensitive and ``-`` is read as ``_``. An unknown name or argument raises TopologyError.
     """
-    from fedsim.errors import did_you_mean
+    from fedsim.core.errors import did_you_mean
 
     key = str(name).strip().lower().replace("-", "_")
     if key not in GENERATORS:

@@ -189,7 +189,7 @@ def mixing_matrix(G: nx.Graph, method: str = "metropolis_hastings", *, require_c
     False (used for the per-step graphs of a time-varying schedule). Directed graphs are treated as undirected.
     """
     if method not in _METHODS:
-        from fedsim.errors import did_you_mean
+        from fedsim.core.errors import did_you_mean
 
         raise TopologyError(
             f"unknown mixing method {method!r}{did_you_mean(str(method), MIXING_METHODS)}; "

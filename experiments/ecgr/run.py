@@ -120,7 +120,7 @@ def execute(run: dict[str, Any]) -> str:
     """One run in a worker process (single-threaded torch: the sweep parallelizes over runs)."""
     import torch
 
-    from fedsim.errors import DivergenceError
+    from fedsim.core.errors import DivergenceError
     from fedsim.simulation import simulate
 
     torch.set_num_threads(1)

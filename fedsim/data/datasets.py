@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.errors import DataSourceMissing, FedsimError, unknown
+from fedsim.core.errors import DataSourceMissing, FedsimError, unknown
 
 DATASETS: tuple[str, ...] = ("digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz")
 TOKEN_DATASETS: tuple[str, ...] = ("shakespeare",)
@@ -619,7 +619,7 @@ def subsample_train(ds: Dataset, samples: int, seed: int) -> Dataset:
     """The dataset with a random subset of ``samples`` training samples (the test set unchanged): the first
     ``samples`` of a permutation drawn from ``(STREAM_SUBSET, seed)``, kept in their original order. A natural
     client id per sample is kept with its sample."""
-    from fedsim.rng import STREAM_SUBSET
+    from fedsim.core.rng import STREAM_SUBSET
 
     n = len(ds.y_train)
     if not 1 <= samples <= n:

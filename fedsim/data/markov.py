@@ -19,7 +19,7 @@ Spectral gap: ``1 - max_{k >= 2} |lambda_k(P)|`` (the absolute spectral gap). Mi
 ``t_mix(eps) <= log(1 / (eps pi_min)) / gap``; with the uniform stationary law (``pi_min = 1/n``) and
 ``eps = 1/4`` this is ``log(4 n) / gap``.
 
-All randomness comes from :mod:`fedsim.rng` (counter-based, keyed by seed, client, round and transition).
+All randomness comes from :mod:`fedsim.core.rng` (counter-based, keyed by seed, client, round and transition).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim import rng
+from fedsim.core import rng
 
 # Extra keys after rng.STREAM_SAMPLER that keep the Markov draws apart from each other and from iid/shuffle.
 KEY_START = 0x4D4B5354  # first position of a chain

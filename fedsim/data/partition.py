@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsim.errors import FedsimError, unknown
-from fedsim.rng import STREAM_PARTITION
+from fedsim.core.errors import FedsimError, unknown
+from fedsim.core.rng import STREAM_PARTITION
 
 PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "shards", "natural")
 

@@ -3,7 +3,7 @@
 A sampler returns :class:`Batches`: ``positions[C, K, B]`` (indices into each client's own sample list)
 and ``mask[C, K, B]`` (False on padding: a client with fewer samples than a batch, or a client that has
 finished its local epochs while others go on). Randomness is a pure function of
-(seed, round, client id, step, slot) (see :mod:`fedsim.rng`), so the batches of a client do not depend
+(seed, round, client id, step, slot) (see :mod:`fedsim.core.rng`), so the batches of a client do not depend
 on which other clients share its chunk.
 
 Local work is either ``steps`` (K steps for every client) or ``epochs`` (E passes over each client's data,
@@ -22,9 +22,9 @@ from typing import Protocol
 
 import numpy as np
 
-from fedsim import rng
+from fedsim.core import rng
+from fedsim.core.errors import FedsimError, unknown
 from fedsim.data import markov
-from fedsim.errors import FedsimError, unknown
 
 
 @dataclass

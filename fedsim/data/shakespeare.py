@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedsim.errors import DataSourceMissing, FedsimError
+from fedsim.core.errors import DataSourceMissing, FedsimError
 
 if TYPE_CHECKING:
     from fedsim.data.datasets import Dataset

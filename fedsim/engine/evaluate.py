@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .pytree import Tree
+from fedsim.core.pytree import Tree
+
 from .trainer import LossFn, cross_entropy
 
 

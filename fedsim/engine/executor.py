@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, Plan
+from fedsim.core.pytree import Tree, concat, stack
 from fedsim.data.samplers import Sampler
 
-from .protocol import ClientAlgorithm, ClientUpdates, Plan
-from .pytree import Tree, concat, stack
 from .store import ClientStore
 from .trainer import LossFn, VectorizedTrainer, cross_entropy, train_sequential
 from .trajectory import num_units, planned_bytes

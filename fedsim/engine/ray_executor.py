@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import Plan, reduce_rows, upload_of
+from fedsim.core.pytree import Tree, concat, flatten
 from fedsim.data.samplers import merge_states
-from fedsim.errors import FedsimError
 
 from .executor import LocalExecutor
-from .protocol import Plan, reduce_rows, upload_of
-from .pytree import Tree, concat, flatten
 from .store import ClientStore, shard_arrays
 
 RAY_EXTRA = "pip install 'fedsim[ray]'"
@@ -164,7 +164,7 @@ class ShardWorker:
 
 
 class ShardedUpdates:
-    """The round's :class:`~fedsim.engine.protocol.ClientUpdates` while the uploads stay on the actors:
+    """The round's :class:`~fedsim.core.protocol.ClientUpdates` while the uploads stay on the actors:
     per-client scalars are here; :meth:`reduce` asks the actors for partial sums (the sample-weighted sum of
     the deltas came with the training reply); ``deltas``, ``extras`` and ``opt_state`` gather the per-client
     stacks on first use. The drift metric's second pass is started as soon as the round's mean delta is known.
@@ -229,7 +229,7 @@ class ShardedUpdates:
         return self._gather("opt_state")
 
     def drift(self) -> float | None:
-        """:func:`~fedsim.engine.protocol.client_drift` from the actors' sums: ``sum_k Delta_k`` (with the
+        """:func:`~fedsim.core.protocol.client_drift` from the actors' sums: ``sum_k Delta_k`` (with the
         training reply), then ``sum_k ||Delta_k - mean||``."""
         if self._distances is None:
             return None

@@ -3,7 +3,7 @@
 A regulator (ECGR, BHerd) needs every local step's delta ``D_i = w_before - w_after`` of every client, not
 only their sum. Local training writes them into one buffer with the client axis first, all clients at
 once (no Python loop over clients), each unit flattened over all trainable tensors (keys in parameter
-order, as :func:`fedsim.engine.pytree.flatten`).
+order, as :func:`fedsim.core.pytree.flatten`).
 
 Memory plan. The buffer holds ``C * U * D`` numbers, so for many steps ``U`` and large models it dominates.
 Three levers, all exact in what the greedy sees up to the storage rounding:
@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .protocol import TrajectorySpec
-from .pytree import Tree
+from fedsim.core.protocol import TrajectorySpec
+from fedsim.core.pytree import Tree
 
 BLOCK_BYTES = 64 << 20
 """Largest float32 column block (all clients and units) materialized on the compute device at once."""
@@ -41,7 +41,7 @@ def num_units(spec: TrajectorySpec, num_steps: int, batch_size: int) -> int:
         return num_steps * spec.microbatches
     if spec.unit == "sample":
         return num_steps * batch_size
-    from fedsim.errors import unknown
+    from fedsim.core.errors import unknown
 
     raise unknown("trajectory unit", spec.unit, UNITS)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedsim.errors import FedsimError, unknown
+from fedsim.core.errors import FedsimError, unknown
 
 from .transformer import char_transformer
 from .zoo import cnn, lenet5, logreg, mlp

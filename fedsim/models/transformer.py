@@ -123,7 +123,7 @@ def char_transformer(
     characters). Defaults: 2 layers, width 128, 4 heads, MLP 4x (about 0.43 M parameters with 81 characters).
     ``model_args``: ``width``, ``layers``, ``heads``, ``mlp_ratio``, ``vocab_size``.
     """
-    from fedsim.errors import FedsimError
+    from fedsim.core.errors import FedsimError
 
     if len(input_shape) != 1:
         raise FedsimError(

@@ -14,7 +14,7 @@ def _flat_dim(input_shape: tuple[int, ...]) -> int:
 
 
 def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:
-    from fedsim.errors import FedsimError
+    from fedsim.core.errors import FedsimError
 
     if len(input_shape) == 2:
         return (1, *input_shape)

@@ -57,7 +57,7 @@ class LlamaBlock(nn.Module):
 
 def workload(name: str) -> nn.Module:
     """The parameters to step: the registry's ``char_transformer`` (Shakespeare vocabulary) or a LLaMA block."""
-    from fedsim.errors import unknown
+    from fedsim.core.errors import unknown
 
     if name == "char_transformer":
         from fedsim.models import build_model

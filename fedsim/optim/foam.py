@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from fedsim.engine.pytree import Tree
+from fedsim.core.pytree import Tree
 
 from .compressed import CompressedAdam, FunctionalCompressedAdam
 from .fused import foam_steps_

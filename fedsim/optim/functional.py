@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedsim.engine.pytree import Tree
+from fedsim.core.pytree import Tree
 
 from .stacked import step_counter
 
@@ -151,7 +151,7 @@ def make_optimizer(
     ``foam``, ``gwt``, ``mols`` (MoLS-style, our reconstruction) and ``sgd-sai``. ``eps`` defaults per
     optimizer (1e-6 for GWT, else 1e-8); ``compress`` names the parameters FOAM/GWT transform (None: every
     one with at least two dimensions); ``options`` are the optimizer's own (``OPTIMIZER_OPTIONS``)."""
-    from fedsim.errors import FedsimError, unknown
+    from fedsim.core.errors import FedsimError, unknown
 
     from .foam import FunctionalFOAM
     from .gwt import FunctionalGWT

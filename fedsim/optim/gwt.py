@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedsim.engine.pytree import Tree
+from fedsim.core.pytree import Tree
 
 from .compressed import CompressedAdam, FunctionalCompressedAdam
 from .fused import gwt_steps_

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedsim.engine.pytree import Tree
+from fedsim.core.pytree import Tree
 
 from .kernels import gradient_snr, reduce_dims
 from .stacked import AppliesUpdate, evaluate_closure, step_counter

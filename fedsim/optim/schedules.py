@@ -23,7 +23,7 @@ def lr_at(
     - ``step``: ``lr * decay ** floor((r - 1) / step)`` (e.g. halved every 10 rounds: decay 0.5, step 10).
     - ``cosine``: ``min_lr + (lr - min_lr) * (1 + cos(pi * (r - 1) / total_rounds)) / 2``.
     """
-    from fedsim.errors import unknown
+    from fedsim.core.errors import unknown
 
     r = round_ - 1
     if schedule == "constant":

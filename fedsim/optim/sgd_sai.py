@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedsim.engine.pytree import Tree
+from fedsim.core.pytree import Tree
 
 from .kernels import gradient_snr
 from .stacked import AppliesUpdate, evaluate_closure, step_counter

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedsim.engine.pytree import Tree
+from fedsim.core.pytree import Tree
 
 
 def evaluate_closure(closure) -> Tensor | None:

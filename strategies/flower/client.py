@@ -26,12 +26,12 @@ from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 
 import strategies as ours
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import ClientAlgorithm, Plan
 from fedsim.data.samplers import Sampler, make_sampler
 from fedsim.engine.executor import LocalExecutor
-from fedsim.engine.protocol import ClientAlgorithm, Plan
 from fedsim.engine.store import ClientStore
 from fedsim.engine.trainer import LossFn, cross_entropy
-from fedsim.errors import FedsimError
 from fedsim.optim import make_optimizer
 
 from .records import CLIENT_STATE, SAMPLER_STATE, from_record, read_train, to_record, train_replies

@@ -24,10 +24,10 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedsim import rng
+from fedsim.core import rng
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import ClientUpdates, Plan, ServerState
 from fedsim.engine.evaluate import evaluate
-from fedsim.engine.protocol import ClientUpdates, Plan, ServerState
-from fedsim.errors import FedsimError
 from strategies.base import Strategy
 
 from .records import ARRAYS, NUM_EXAMPLES, from_record, read_train, to_record, train_replies
@@ -148,7 +148,7 @@ def make_flower_strategy(name: str, fraction: float = 1.0, **options: Any):
     constructor (they win over those defaults)."""
     available = flower_strategies()
     if name not in available:
-        from fedsim.errors import unknown
+        from fedsim.core.errors import unknown
 
         raise unknown("Flower strategy", name, sorted(available))
     cls = available[name]

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.engine.protocol import ClientUpdates
-from fedsim.engine.pytree import Tree, concat
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import ClientUpdates
+from fedsim.core.pytree import Tree, concat
 
 FLOWER_EXTRA = "pip install 'fedsim[flower]'"
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"

@@ -25,8 +25,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 import strategies as ours
-from fedsim.engine.protocol import ClientUpdates, ServerState
-from fedsim.errors import FedsimError
+from fedsim.core.errors import FedsimError
+from fedsim.core.protocol import ClientUpdates, ServerState
 
 from .records import ARRAYS, from_record, to_record, train_content, updates_from_replies
 

@@ -29,10 +29,12 @@ clients) and a resumed run sees the same availability as an uninterrupted one.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 
-from fedsim.core import rng
+from fedsim.core import components, rng
+from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
 
 
@@ -95,15 +97,14 @@ class MarkovAvailability:
         return np.flatnonzero(self.states(round_, num_clients))
 
 
-AVAILABILITY_MODELS = ("always", "markov")
+def markov(
+    p_on: Annotated[float, option("P(off -> on) between rounds", gt=0, le=1)] = 0.5,
+    p_off: Annotated[float, option("P(on -> off) between rounds", gt=0, le=1)] = 0.5,
+    *,
+    seed: int = 0,
+) -> MarkovAvailability:
+    """Each client switched on/off by its own two-state Markov chain over rounds (federated mode)."""
+    return MarkovAvailability(p_on, p_off, seed)
 
 
-def make_availability(kind: str, *, p_on: float, p_off: float, seed: int) -> MarkovAvailability | None:
-    """The run's availability model: ``None`` for ``always`` (every client available every round)."""
-    if kind == "always":
-        return None
-    if kind == "markov":
-        return MarkovAvailability(p_on, p_off, seed)
-    from fedsim.core.errors import unknown
-
-    raise unknown("availability", kind, AVAILABILITY_MODELS)
+components.register("availability", "markov", markov)

@@ -21,11 +21,12 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 import topologies
+from fedsim.core import components
 from fedsim.core.protocol import Plan, ServerState
 from fedsim.core.pytree import Tree, flatten, stack
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate
 from fedsim.simulation import Simulation
-from strategies import DECENTRALIZED, gossip_matrix
+from strategies import gossip_matrix
 from topologies.schedules import Schedule
 
 
@@ -90,7 +91,7 @@ class DecentralizedSimulation(Simulation):
         return gossip_matrix(w, self.device), topologies.spectral_gap(w), messages
 
     def make_strategy(self):
-        return DECENTRALIZED[self.config.strategy]()
+        return components.build("decentralized", self.config.strategy)
 
     @staticmethod
     def correct(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -198,11 +199,7 @@ class MinimaxSimulation(DecentralizedSimulation):
     """
 
     def __init__(self, config):
-        from fedsim.minimax import make_problem
-
-        self.problem = make_problem(
-            config.problem or "auc", positive_classes=config.positive_classes, dro_lambda=config.dro_lambda
-        )
+        self.problem = components.build("problem", config.problem)
         self.loss_fn = self.problem.loss
         self.correct = self.problem.correct
         super().__init__(config)
@@ -214,14 +211,16 @@ class MinimaxSimulation(DecentralizedSimulation):
         c = self.config
         self.problem.fit(self.store.y[self.store.order], ds.num_classes)
         outputs = self.problem.output_classes(ds.num_classes)
-        base = build_model(c.model, ds.feature_shape, outputs, seed=init_seed(c.seed), **c.model_args)
+        base = build_model(c.model, ds.feature_shape, outputs, seed=init_seed(c.seed))
         return self.problem.wrap(base)  # the problem's own variables start at fixed values
 
     def make_strategy(self):
         from fedsim.minimax import DescentAscentClient
 
-        ratio = (self.config.dual_lr or self.config.lr) / self.config.lr
-        return DECENTRALIZED[self.config.strategy](DescentAscentClient(self.problem, ratio))
+        ratio = (self.config.strategy.get("dual_lr") or self.config.lr) / self.config.lr
+        return components.build(
+            "decentralized", self.config.strategy, client_algorithm=DescentAscentClient(self.problem, ratio)
+        )
 
     def evaluate_state(self, state: ServerState) -> dict[str, Any]:
         nodes = state.params

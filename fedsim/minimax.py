@@ -33,7 +33,7 @@ tolerance for the convex cases, the linear scorer / logreg model; a local estima
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fedsim.core.errors import FedsimError, unknown
+from fedsim.core import components
+from fedsim.core.components import option
+from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import ClientAlgorithm, LocalContext
 from fedsim.core.pytree import Tree
 
@@ -163,7 +165,12 @@ class AUCMaximization(MinimaxProblem):
     name: ClassVar[str] = "auc"
     dual_keys: ClassVar[tuple[str, ...]] = ("alpha",)
 
-    def __init__(self, positive_classes: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        positive_classes: Annotated[
+            list[int] | None, option("classes counted as positive (default: the upper half of the labels)")
+        ] = None,
+    ) -> None:
         self.positive_classes = positive_classes
         self.p = 0.5
         self.is_positive: Tensor | None = None
@@ -247,9 +254,9 @@ class RobustLogisticRegression(MinimaxProblem):
     name: ClassVar[str] = "dro"
     dual_keys: ClassVar[tuple[str, ...]] = ("q",)
 
-    def __init__(self, lam: float = 1.0) -> None:
+    def __init__(self, lam: Annotated[float, option("chi-square penalty weight", gt=0)] = 1.0) -> None:
         if not lam > 0:
-            raise FedsimError(f"dro_lambda must be > 0, got {lam}")
+            raise FedsimError(f"lam must be > 0, got {lam}")
         self.lam = lam
         self.num_classes = 0
         self.prior: Tensor | None = None
@@ -308,13 +315,8 @@ class RobustLogisticRegression(MinimaxProblem):
 PROBLEMS: dict[str, type[MinimaxProblem]] = {cls.name: cls for cls in (AUCMaximization, RobustLogisticRegression)}
 
 
-def make_problem(name: str, *, positive_classes: list[int] | None = None, dro_lambda: float = 1.0) -> MinimaxProblem:
-    """Build a min-max problem by name (``auc`` or ``dro``)."""
-    if name == "auc":
-        return AUCMaximization(positive_classes)
-    if name == "dro":
-        return RobustLogisticRegression(dro_lambda)
-    raise unknown("min-max problem", name, PROBLEMS)
+for _cls in (AUCMaximization, RobustLogisticRegression):
+    components.register("problem", _cls.name, _cls)
 
 
 class DescentAscentClient(ClientAlgorithm):

@@ -12,21 +12,19 @@ from typing import Any
 
 import torch
 
-from fedsim.availability import make_availability
-from fedsim.config import RunConfig, dump_config, load_config, make_config
-from fedsim.core import rng
+from fedsim.config import RunConfig, dump_config, load_config, make_config, merge
+from fedsim.core import components, rng
 from fedsim.core.errors import DivergenceError, FedsimError
-from fedsim.core.protocol import ClientUpdates, ServerState
+from fedsim.core.protocol import ClientUpdates, Executor, ServerState
 from fedsim.core.pytree import Tree, all_finite, flatten, nbytes, stack
-from fedsim.data import label_histogram, load_dataset, partition, split_clients, subsample_train
+from fedsim.data import label_histogram, split_clients, subsample_train
 from fedsim.data.markov import chain_report
-from fedsim.data.samplers import make_sampler
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate, per_client_accuracy
 from fedsim.engine.executor import LocalExecutor
 from fedsim.engine.store import ClientStore
 from fedsim.engine.trainer import cross_entropy
 from fedsim.models import build_model
-from fedsim.optim import compressible_names, lr_at, make_optimizer, state_bytes
+from fedsim.optim import state_bytes
 from fedsim.results import CONFIG_FILE, SUMMARY_FILE, ResultsDir
 from strategies import build_strategy
 
@@ -85,27 +83,22 @@ class Simulation:
 
     def __init__(self, config: RunConfig):
         self.config = c = config
-        if c.executor == "ray":  # fail before loading data
-            from fedsim.engine.ray_executor import import_ray
-
-            import_ray()
+        preflight = getattr(components.get("executor", c.executor.name).obj, "preflight", None)
+        if preflight is not None:  # an executor's optional dependency: fail before loading data
+            preflight()
         if c.backend == "flower" or c.flower_hosted:
             from strategies.flower.records import require_flower
 
             require_flower()
         self.device = resolve_device(c.device)
         make_deterministic(self.device)
-        ds = load_dataset(
-            c.dataset, path=c.data_path, seed=c.seed, num_clients=c.clients,
-            synthetic_alpha=c.synthetic_alpha, synthetic_beta=c.synthetic_beta,
-            shakespeare_min_samples=c.shakespeare_min_samples, shakespeare_max_samples=c.shakespeare_max_samples,
-        )  # fmt: skip
+        ds = components.build("dataset", c.dataset, seed=c.seed, num_clients=c.clients)
         if c.train_samples is not None:
             ds = subsample_train(ds, c.train_samples, c.seed)
         self.dataset = ds
-        parts = partition(
-            c.partition, ds.y_train, c.clients, seed=c.seed, alpha=c.alpha, min_size=c.min_client_size,
-            classes_per_client=c.classes_per_client, natural=ds.client_train,
+        parts = components.build(
+            "partitioner", c.partition, y=ds.y_train, num_clients=c.clients, seed=c.seed, min_size=c.min_client_size,
+            natural=ds.client_train,
         )  # fmt: skip
         self.histogram = label_histogram(ds.y_train, parts, ds.num_classes)
         train_parts, test_parts = split_clients(parts, c.client_test_fraction, c.seed)
@@ -117,32 +110,25 @@ class Simulation:
         self.model = self.make_model(ds).to(self.device)
         self.init_params = parameters_of(self.model)
         self.strategy = self.make_strategy()
-        self.availability = make_availability(
-            c.availability, p_on=c.availability_p_on, p_off=c.availability_p_off, seed=c.seed
-        )
-        compress = compressible_names(self.model, include_head_and_embeddings=c.compress_params == "all")
-        optimizer = make_optimizer(
-            c.optimizer, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
-            betas=c.adam_betas, eps=c.adam_eps, compress=compress, **c.optimizer_options(),
-        )  # fmt: skip
+        self.availability = components.build("availability", c.availability, seed=c.seed)
+        self.lr_schedule = components.build("lr_schedule", c.lr_schedule)
+        optimizer = components.build("optimizer", c.optimizer, model=self.model)
         self.optimizer_state_bytes = state_bytes(optimizer.init(stack(self.init_params, 1)))
-        sampler = make_sampler(c.sampler, **c.sampler_options())
-        self.executor = LocalExecutor(
+        sampler = components.build("sampler", c.sampler)
+        local = LocalExecutor(
             self.model, self.store, sampler, optimizer, self.strategy.client_algorithm,
             seed=c.seed, local_steps=None if c.local_epochs else c.local_steps, local_epochs=c.local_epochs,
             batch_size=c.batch_size, chunk_size=c.chunk_size, grad_mode=c.grad_mode, sequential=c.sequential,
             loss_fn=self.loss_fn,
         )  # fmt: skip
-        self.executor.init_client_state(self.init_params)
+        local.init_client_state(self.init_params)
         # Resolved once per run (not per round from free memory): float32 results of convolutional models
         # depend slightly on the chunk size, so a run keeps one.
-        self.executor.chunk_size = self.executor.resolve_chunk_size(self.init_params, self.clients_per_round())
+        local.chunk_size = local.resolve_chunk_size(self.init_params, self.clients_per_round())
         self.model_bytes = nbytes(self.init_params)
         self.num_params = sum(v.numel() for v in self.init_params.values())
-        if c.executor == "ray":  # actors copy the local executor's settings, data shards and client state
-            from fedsim.engine.ray_executor import RayExecutor
-
-            self.executor = RayExecutor(self.executor, c.ray_options())
+        # A remote executor copies the local one's settings, data shards and client state.
+        self.executor: Executor = components.build("executor", c.executor, local=local)
 
     def close(self) -> None:
         """Release the executor (a Ray executor kills its actors and shuts down the Ray it started)."""
@@ -160,25 +146,22 @@ class Simulation:
     def make_model(self, ds) -> torch.nn.Module:
         """The model trained by every client (built on the CPU from the run's init seed)."""
         c = self.config
-        return build_model(c.model, ds.feature_shape, ds.num_classes, seed=init_seed(c.seed), **c.model_args)
+        return build_model(c.model, ds.feature_shape, ds.num_classes, seed=init_seed(c.seed))
 
     def make_strategy(self):
         c = self.config
-        if c.flower_hosted:  # one of Flower's strategies driving this engine
-            from strategies.flower import hosted_strategy
-
-            return hosted_strategy(c.strategy.removeprefix("flwr:"), self, fraction=c.fraction, **c.flwr_options)
-        return build_strategy(c.strategy, **c.client_side(), **c.strategy_options())
+        momentum = c.optimizer.get("momentum", 0.0) if c.optimizer.name == "sgd" else 0.0
+        return build_strategy(
+            c.strategy, aggregator=c.aggregator, regulator=c.regulator, client_filter=c.client_filter,
+            fraction=c.fraction, min_clients=c.min_clients, local_momentum=momentum, simulation=self,
+        )  # fmt: skip
 
     def clients_per_round(self) -> int:
         state = self.strategy.init(self.init_params)
         return len(self.strategy.configure(1, state, self.config.clients, self.config.seed).client_ids)
 
     def lr(self, round_: int) -> float:
-        c = self.config
-        return lr_at(
-            round_, c.lr, c.lr_schedule, total_rounds=c.rounds, decay=c.lr_decay, step=c.lr_step, min_lr=c.min_lr
-        )
+        return self.lr_schedule.lr(round_, self.config.lr, self.config.rounds)
 
     def initial_state(self) -> ServerState:
         return self.strategy.init(self.init_params)
@@ -306,7 +289,7 @@ class Simulation:
                 raise DivergenceError(
                     f"training diverged at round {r} (train_loss={record['train_loss']}){where}; try a smaller --lr"
                 )
-            checkpoints = c.checkpoint_every and getattr(self.executor, "checkpoints", True)
+            checkpoints = c.checkpoint_every and self.executor.checkpoints
             if results and checkpoints and (r % c.checkpoint_every == 0 or r == c.rounds):
                 results.save_checkpoint(self.checkpoint_payload(r, state))
         summary = self.summary(history)
@@ -335,12 +318,12 @@ class Simulation:
             "device": str(self.device),
             "chunk_size": self.executor.chunk_size,
             "client_state_bytes": sum(v.numel() * v.element_size() for v in self.executor.client_state.values()),
-            "optimizer": self.config.optimizer,
+            "optimizer": self.config.optimizer.name,
             "optimizer_state_bytes_per_client": self.optimizer_state_bytes,
             "optimizer_state_bytes_all_clients": self.optimizer_state_bytes * self.store.num_clients,
-            "dataset": self.config.dataset,
-            "model": self.config.model,
-            "strategy": self.config.strategy,
+            "dataset": self.config.dataset.name,
+            "model": self.config.model.name,
+            "strategy": self.config.strategy.name,
             **self.sampler_report(),
         }
 
@@ -363,10 +346,8 @@ def make_simulation(config: RunConfig) -> Simulation:
     from fedsim.decentralized import DecentralizedSimulation, MinimaxSimulation, mixing_schedule
 
     if "clients" not in config.model_fields_set:
-        nodes = mixing_schedule(config).n
-        config = make_config({**config.model_dump(exclude_unset=True), "clients": nodes})
-    minimax = config.strategy.startswith("dsgda")
-    return MinimaxSimulation(config) if minimax else DecentralizedSimulation(config)
+        config = config.replace(clients=mixing_schedule(config).n)
+    return MinimaxSimulation(config) if config.minimax else DecentralizedSimulation(config)
 
 
 def simulate(
@@ -384,9 +365,9 @@ def simulate(
     ``out`` the results folder is written (config.yaml, metrics.jsonl, summary.json, checkpoints, plots).
     """
     if isinstance(config, RunConfig):
-        cfg = make_config({**config.model_dump(exclude_unset=True), **overrides})
+        cfg = make_config(merge(config.to_dict(), overrides)) if overrides else config
     elif isinstance(config, dict):
-        cfg = make_config({**config, **overrides})
+        cfg = make_config(merge(config, overrides))
     else:
         cfg = load_config(config, overrides)
     if out is not None:

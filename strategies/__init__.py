@@ -1,7 +1,8 @@
 """Server strategies and client algorithms. One class per strategy; the update rule is in its docstring.
 
-``build_strategy(name, **options)`` builds one by name and ignores options the strategy does not take; the
-config layer refuses a changed option that the chosen strategy does not use (e.g. ``mu`` with ``fedavg``).
+Every strategy, decentralized strategy, client regulator, client filter and aggregator is a component
+(:mod:`fedsim.core.components`): registered here under its name, its options read from its constructor's
+typed signature. ``build_strategy(name, **options)`` builds one and refuses an option it would not use.
 Any federated strategy also takes a robust ``aggregator`` (:mod:`strategies.robust`, :mod:`strategies.gaf`),
 a client ``regulator`` (:mod:`strategies.ecgr`, :mod:`strategies.bherd`) and a microbatch ``client_filter``
 (GAF), composed around its own client algorithm (:mod:`strategies.client`).
@@ -9,14 +10,12 @@ a client ``regulator`` (:mod:`strategies.ecgr`, :mod:`strategies.bherd`) and a m
 
 from __future__ import annotations
 
-import inspect
-
-from fedsim.core.errors import unknown
+from fedsim.core import components
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, Plan, ServerState
 
 from .base import Strategy, select_clients
 from .bherd import BHerd
-from .client import CLIENT_FILTERS, REGULATORS, ComposedClient, compose, make_client_filter, make_regulator
+from .client import ComposedClient, compose, make_client_filter, make_regulator
 from .decentralized import DECENTRALIZED, DSGD, DSGDA, DSGDAATC, DSGDATC, DSGT, gossip, gossip_matrix
 from .ecgr import ECGR, reaggregate
 from .fedavg import FedAvg
@@ -27,43 +26,47 @@ from .fednova import FedNova
 from .fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
 from .fedprox import FedProx, ProximalClient
 from .gaf import GAF, GAFClientFilter
-from .robust import AGGREGATORS, Krum, Median, TrimmedMean, make_aggregator
+from .robust import Krum, Median, TrimmedMean, make_aggregator
 from .scaffold import SCAFFOLD
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, SCAFFOLD, ScaffoldM, FedNova, FedDyn, FedCM)
 }
+for _name, _cls in STRATEGIES.items():
+    components.register("strategy", _name, _cls)
+for _name, _cls in DECENTRALIZED.items():
+    components.register("decentralized", _name, _cls)
+for _cls in (ECGR, BHerd):
+    components.register("regulator", _cls.name, _cls)
+components.register("client_filter", "gaf", GAFClientFilter)
+for _cls in (Median, TrimmedMean, Krum, GAF):
+    components.register("aggregator", _cls.name, _cls)
 
 
-def strategy_options(name: str) -> set[str]:
-    """Keyword options a strategy's constructor accepts (including the base ones)."""
-    if name in DECENTRALIZED:
-        return set()
-    cls = STRATEGIES[name]
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            names |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kwargs")}
-    return names - {"aggregator", "args"}
-
-
-def build_strategy(name: str, *, aggregator=None, regulator=None, client_filter=None, **options) -> Strategy:
-    """Build a strategy by registry name with the options it accepts, a robust ``aggregator`` in place of
-    its weighted mean, and a ``regulator``/``client_filter`` composed around its client algorithm (objects
-    from :func:`make_aggregator`, :func:`make_regulator`, :func:`make_client_filter`, or None)."""
-    if name not in STRATEGIES:
-        raise unknown("strategy", name, STRATEGIES)
-    accepted = strategy_options(name)
-    strategy = STRATEGIES[name](aggregator=aggregator, **{k: v for k, v in options.items() if k in accepted})
+def build_strategy(
+    spec, *, aggregator=None, regulator=None, client_filter=None, fraction: float = 1.0, min_clients: int = 1,
+    local_momentum: float = 0.0, simulation=None, **options,
+) -> Strategy:  # fmt: skip
+    """Build a federated strategy by name (registered, entry point or ``package.module:Name``) with its own
+    ``options`` (an option it does not take is a :class:`~fedsim.core.errors.FedsimError`), a robust
+    ``aggregator`` in place of its weighted mean, and a ``regulator``/``client_filter`` composed around its
+    client algorithm. The last three are objects, names or ``{name: ..., option: ...}`` specs.
+    ``simulation``: the engine, for strategies that drive it themselves (``flwr:NAME``)."""
+    aggregator, regulator, client_filter = (
+        make_aggregator(aggregator), make_regulator(regulator), make_client_filter(client_filter)
+    )  # fmt: skip
+    name, given = components.split_spec("strategy", spec)
+    strategy = components.get("strategy", name).build(
+        {**given, **options}, aggregator=aggregator, fraction=fraction, min_clients=min_clients,
+        local_momentum=local_momentum, simulation=simulation,
+    )  # fmt: skip
     strategy.client_algorithm = compose(strategy.client_algorithm, regulator, client_filter)
     return strategy
 
 
 __all__ = [
-    "AGGREGATORS",
     "BHerd",
-    "CLIENT_FILTERS",
     "ComposedClient",
     "ECGR",
     "FedCM",
@@ -73,7 +76,6 @@ __all__ = [
     "GAFClientFilter",
     "Krum",
     "Median",
-    "REGULATORS",
     "SCAFFOLD",
     "ScaffoldM",
     "TrimmedMean",
@@ -106,5 +108,4 @@ __all__ = [
     "gossip",
     "gossip_matrix",
     "select_clients",
-    "strategy_options",
 ]

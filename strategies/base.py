@@ -58,7 +58,7 @@ class Strategy:
     broadcast: ClassVar[tuple[str, ...]] = ()
     """Prefixes of the ``extras`` sent to the selected clients with the model (SCAFFOLD's ``c``)."""
 
-    def __init__(self, fraction: float = 1.0, min_clients: int = 1, aggregator: Aggregator | None = None):
+    def __init__(self, *, fraction: float = 1.0, min_clients: int = 1, aggregator: Aggregator | None = None):
         if not 0.0 < fraction <= 1.0:
             raise FedsimError(f"fraction must be in (0, 1], got {fraction}")
         if min_clients < 1:

@@ -21,14 +21,17 @@ host's correction (SCAFFOLD, FedProx), which only the step unit includes.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 from torch import Tensor
 
+from fedsim.core.components import option
 from fedsim.core.errors import FedsimError, unknown
 from fedsim.core.protocol import TrajectorySpec
 from fedsim.core.pytree import Tree, flatten
 
-from .ecgr import ROUNDING_GUARD, check_fraction
+from .ecgr import ROUNDING_GUARD, TrajectoryDevice, TrajectoryDtype, check_fraction
 from .herding import greedy_herding, safe_ratio
 
 SCALES = ("sum", "rescale")
@@ -48,22 +51,23 @@ class BHerd:
 
     def __init__(
         self,
-        ratio: float = 0.5,
-        unit: str = "step",
-        scale: str = "sum",
-        microbatches: int = 4,
-        dtype: torch.dtype | None = None,
-        device: str | None = None,
+        ratio: Annotated[float, option("fraction of the herding order kept", gt=0, le=1)] = 0.5,
+        unit: Annotated[Literal["step", "microbatch", "sample"], option("what is herded (inferred)")] = "step",
+        scale: Annotated[Literal["sum", "rescale"], option("upload the kept sum, or rescale it by K / |kept|")] = "sum",
+        microbatches: Annotated[int, option("micro-batches per step with unit microbatch", ge=2)] = 4,
+        trajectory_dtype: Annotated[TrajectoryDtype, option("storage dtype of the recorded units")] = "float32",
+        trajectory_device: Annotated[TrajectoryDevice, option("where the recorded units live")] = "same",
     ):
-        self.ratio = check_fraction("bherd_ratio", ratio)
+        self.ratio = check_fraction("ratio", ratio)
         if unit not in BHERD_UNITS:
             raise unknown("BHerd unit", unit, BHERD_UNITS)
         if scale not in SCALES:
             raise unknown("BHerd scale", scale, SCALES)
         if unit == "microbatch" and microbatches < 2:
-            raise FedsimError(f"bherd_microbatches must be >= 2, got {microbatches}")
+            raise FedsimError(f"microbatches must be >= 2, got {microbatches}")
         self.unit, self.scale = unit, scale
-        self.trajectory = TrajectorySpec(unit, microbatches if unit == "microbatch" else 1, dtype, device)
+        count = microbatches if unit == "microbatch" else 1
+        self.trajectory = TrajectorySpec.stored(unit, count, trajectory_dtype, trajectory_device)
         self.microbatches = microbatches if unit == "microbatch" else 1
 
     def regulate(self, deltas: Tree, trajectory, num_steps: Tensor) -> tuple[Tree, Tree]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from fedsim.core import components
 from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import ClientAlgorithm, LocalContext
 from fedsim.core.pytree import Tree
@@ -62,52 +63,12 @@ def compose(host: ClientAlgorithm, regulator=None, gradient_filter=None) -> Clie
     return ComposedClient(host, regulator, gradient_filter)
 
 
-REGULATORS = ("none", "ecgr", "bherd")
-CLIENT_FILTERS = ("none", "gaf")
-TRAJECTORY_DTYPES = {"float32": None, "float16": "float16", "bfloat16": "bfloat16"}
+def make_regulator(spec=None, **options):
+    """A regulator from a name or ``{name: ..., option: ...}`` spec plus ``options`` (``none``/None gives
+    None; an object is returned as it is): ``make_regulator("ecgr", rho=0.5)``."""
+    return components.make("regulator", spec, **options)
 
 
-def make_regulator(name: str, **options):
-    """A regulator by name (``none`` gives None) from config-style options: ``ecgr_rho``, ``ecgr_beta``,
-    ``ecgr_center``; ``bherd_ratio``, ``bherd_unit``, ``bherd_scale``, ``bherd_microbatches``;
-    ``trajectory_dtype`` (``float32``, ``float16``, ``bfloat16``) and ``trajectory_device`` (``same``, ``cpu``)."""
-    import torch
-
-    from fedsim.core.errors import unknown
-
-    from .bherd import BHerd
-    from .ecgr import ECGR
-
-    if name == "none":
-        return None
-    dtype_name = options.get("trajectory_dtype", "float32")
-    if dtype_name not in TRAJECTORY_DTYPES:
-        raise unknown("trajectory_dtype", dtype_name, TRAJECTORY_DTYPES)
-    dtype = getattr(torch, TRAJECTORY_DTYPES[dtype_name]) if TRAJECTORY_DTYPES[dtype_name] else None
-    device = options.get("trajectory_device", "same")
-    if device not in ("same", "cpu"):
-        raise unknown("trajectory_device", device, ("same", "cpu"))
-    memory = {"dtype": dtype, "device": None if device == "same" else device}
-    if name == "ecgr":
-        return ECGR(options.get("ecgr_rho", 0.5), options.get("ecgr_beta", 0.2), options.get("ecgr_center", "zero"),
-                    **memory)  # fmt: skip
-    if name == "bherd":
-        return BHerd(
-            options.get("bherd_ratio", 0.5), options.get("bherd_unit", "step"), options.get("bherd_scale", "sum"),
-            options.get("bherd_microbatches", 4), **memory,
-        )  # fmt: skip
-    raise unknown("regulator", name, REGULATORS)
-
-
-def make_client_filter(name: str, **options):
-    """A microbatch gradient filter by name (``none`` gives None; ``gaf`` with ``gaf_tau``,
-    ``gaf_microbatches``)."""
-    from fedsim.core.errors import unknown
-
-    from .gaf import GAFClientFilter
-
-    if name == "none":
-        return None
-    if name == "gaf":
-        return GAFClientFilter(options.get("gaf_tau", 0.97), options.get("gaf_microbatches", 4))
-    raise unknown("client filter", name, CLIENT_FILTERS)
+def make_client_filter(spec=None, **options):
+    """A microbatch gradient filter (``gaf`` with ``tau``, ``microbatches``); ``none``/None gives None."""
+    return components.make("client_filter", spec, **options)

@@ -19,12 +19,13 @@ descent-ascent lives there, see :mod:`fedsim.minimax`).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fedsim.core.components import option
 from fedsim.core.protocol import ClientAlgorithm
 from fedsim.core.pytree import Tree
 
@@ -119,6 +120,15 @@ class DSGDA(DSGD):
     """
 
     name: ClassVar[str] = "dsgda"
+    minimax: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        client_algorithm: ClientAlgorithm | None = None,
+        dual_lr: Annotated[float | None, option("dual (ascent) step size eta_y (default: the run's lr)", gt=0)] = None,
+    ) -> None:
+        super().__init__(client_algorithm)
+        self.dual_lr = dual_lr
 
     def step(self, w: Tensor, x: Tree, deltas: Tree) -> Tree:
         mixed = super().step(w, x, deltas)

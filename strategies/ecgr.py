@@ -21,15 +21,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
-from fedsim.core.errors import FedsimError
+from fedsim.core.components import option
+from fedsim.core.errors import FedsimError, unknown
 from fedsim.core.protocol import TrajectorySpec
 from fedsim.core.pytree import Tree, flatten
 
 from .herding import CENTERS, gram, greedy_herding, safe_ratio
+
+TrajectoryDtype = Literal["float32", "float16", "bfloat16"]
+TrajectoryDevice = Literal["same", "cpu"]
 
 ROUNDING_GUARD = 1e-9
 
@@ -44,8 +49,6 @@ def check_fraction(name: str, value: float, low_open: bool = True) -> float:
 
 def check_center(center: str) -> str:
     if center not in CENTERS:
-        from fedsim.core.errors import unknown
-
         raise unknown("ECGR center", center, CENTERS)
     return center
 
@@ -105,16 +108,16 @@ class ECGR:
 
     def __init__(
         self,
-        rho: float = 0.5,
-        beta: float = 0.2,
-        center: str = "zero",
-        dtype: torch.dtype | None = None,
-        device: str | None = None,
+        rho: Annotated[float, option("fraction of the K local steps selected by herding", gt=0, le=1)] = 0.5,
+        beta: Annotated[float, option("weight of the unselected steps (1: the host unchanged)", ge=0, le=1)] = 0.2,
+        center: Annotated[Literal["zero", "local_mean"], option("herding centre c (zero: the authors' code)")] = "zero",
+        trajectory_dtype: Annotated[TrajectoryDtype, option("storage dtype of the recorded steps")] = "float32",
+        trajectory_device: Annotated[TrajectoryDevice, option("where the recorded steps live")] = "same",
     ):
-        self.rho = check_fraction("ecgr_rho", rho)
-        self.beta = check_fraction("ecgr_beta", beta, low_open=False)
+        self.rho = check_fraction("rho", rho)
+        self.beta = check_fraction("beta", beta, low_open=False)
         self.center = check_center(center)
-        self.trajectory = TrajectorySpec("step", 1, dtype, device)
+        self.trajectory = TrajectorySpec.stored("step", 1, trajectory_dtype, trajectory_device)
 
     def regulate(self, deltas: Tree, trajectory, num_steps: Tensor) -> tuple[Tree, Tree]:
         total = flatten(deltas)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from fedsim.core.components import option
 from fedsim.core.protocol import ServerState
 from fedsim.core.pytree import Tree, tree_map
 
@@ -19,7 +22,12 @@ class FedAvgM(Strategy):
     name = "fedavgm"
     server_state = ("momentum.",)
 
-    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.9, **kwargs):
+    def __init__(
+        self,
+        server_lr: Annotated[float, option("server learning rate (1: plain momentum step)", gt=0)] = 1.0,
+        server_momentum: Annotated[float, option("server momentum coefficient", ge=0, lt=1)] = 0.9,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         check_positive(server_lr=server_lr)
         self.server_lr, self.server_momentum = server_lr, server_momentum

@@ -20,12 +20,15 @@ model difference would fold the momentum into them); ``scaffold_control`` switch
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
 from fedsim.core.pytree import Tree
 
 from .base import Strategy, apply_step, check_positive
-from .scaffold import SCAFFOLD, ScaffoldClient, direction_scale
+from .scaffold import SCAFFOLD, Control, Correction, ScaffoldClient, direction_scale
 
 
 def mix_momentum(direction: Tree, ctx: LocalContext, beta: float) -> Tree:
@@ -37,7 +40,7 @@ def mix_momentum(direction: Tree, ctx: LocalContext, beta: float) -> Tree:
 
 def check_beta(beta: float) -> float:
     if not 0.0 < beta <= 1.0:
-        raise FedsimError(f"fedcm_beta must be in (0, 1], got {beta}")
+        raise FedsimError(f"beta must be in (0, 1], got {beta}")
     return float(beta)
 
 
@@ -84,10 +87,15 @@ class FedCM(Strategy):
     name = "fedcm"
     server_state = broadcast = ("m.",)
 
-    def __init__(self, fedcm_beta: float = 0.1, server_lr: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        beta: Annotated[float, option("weight of the fresh gradient (1: FedAvg)", gt=0, le=1)] = 0.1,
+        server_lr: Annotated[float, option("server learning rate", gt=0)] = 1.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         check_positive(server_lr=server_lr)
-        self.beta, self.server_lr = check_beta(fedcm_beta), server_lr
+        self.beta, self.server_lr = check_beta(beta), server_lr
         self.client_algorithm = MomentumClient(self.beta)
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
@@ -103,12 +111,15 @@ class ScaffoldM(SCAFFOLD):
     server_state = broadcast = ("c.", "m.")
 
     def __init__(
-        self, fedcm_beta: float = 0.1, scaffold_control: str = "gradient_mean", scaffold_correction: str = "after_step",
+        self,
+        beta: Annotated[float, option("weight of the fresh corrected gradient (1: SCAFFOLD)", gt=0, le=1)] = 0.1,
+        control: Annotated[Control, option("how c_k is refreshed")] = "gradient_mean",
+        correction: Annotated[Correction, option("where the correction enters local training")] = "after_step",
         **kwargs,
-    ):  # fmt: skip
-        super().__init__(scaffold_control=scaffold_control, scaffold_correction=scaffold_correction, **kwargs)
-        self.beta = check_beta(fedcm_beta)
-        self.client_algorithm = ScaffoldMomentumClient(self.beta, scaffold_control, scaffold_correction)
+    ):
+        super().__init__(control=control, correction=correction, **kwargs)
+        self.beta = check_beta(beta)
+        self.client_algorithm = ScaffoldMomentumClient(self.beta, control, correction)
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         new = super().aggregate(round_, state, updates)

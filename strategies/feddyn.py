@@ -13,8 +13,11 @@ with ``m`` all clients and ``P`` this round's. Default ``alpha = 0.01`` (the see
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
+from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
 from fedsim.core.pytree import Tree
@@ -50,12 +53,12 @@ class FedDyn(Strategy):
     name = "feddyn"
     server_state = ("h.",)
 
-    def __init__(self, feddyn_alpha: float = 0.01, **kwargs):
+    def __init__(self, alpha: Annotated[float, option("dynamic regularization coefficient", gt=0)] = 0.01, **kwargs):
         super().__init__(**kwargs)
-        if not feddyn_alpha > 0:
-            raise FedsimError(f"feddyn_alpha must be > 0, got {feddyn_alpha}")
-        self.alpha = feddyn_alpha
-        self.client_algorithm = FedDynClient(feddyn_alpha)
+        if not alpha > 0:
+            raise FedsimError(f"alpha must be > 0, got {alpha}")
+        self.alpha = alpha
+        self.client_algorithm = FedDynClient(alpha)
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         count = len(updates.client_ids)

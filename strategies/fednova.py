@@ -19,9 +19,12 @@ Equal step counts and plain SGD give FedAvg.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 from torch import Tensor
 
+from fedsim.core.components import option
 from fedsim.core.errors import FedsimError, unknown
 from fedsim.core.protocol import ClientUpdates, ServerState
 
@@ -50,13 +53,21 @@ class FedNova(Strategy):
 
     name = "fednova"
 
-    def __init__(self, fednova_form: str = "simplified", mu: float = 0.0, local_momentum: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        form: Annotated[Literal["simplified", "general"], option("tau_k = K (simplified) or ||a_k||_1 (general)")] = (
+            "simplified"
+        ),
+        mu: Annotated[float, option("proximal coefficient of the local objective", ge=0)] = 0.0,
+        local_momentum: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        if fednova_form not in FORMS:
-            raise unknown("fednova_form", fednova_form, FORMS)
+        if form not in FORMS:
+            raise unknown("FedNova form", form, FORMS)
         if mu < 0:
             raise FedsimError(f"mu must be >= 0, got {mu}")
-        self.form, self.mu, self.local_momentum = fednova_form, mu, local_momentum
+        self.form, self.mu, self.local_momentum = form, mu, local_momentum
         if mu > 0:
             self.client_algorithm = ProximalClient(mu)
 

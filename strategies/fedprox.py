@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import ClientAlgorithm, LocalContext
 from fedsim.core.pytree import Tree
@@ -28,7 +31,7 @@ class FedProx(FedAvg):
 
     name = "fedprox"
 
-    def __init__(self, mu: float = 0.01, **kwargs):
+    def __init__(self, mu: Annotated[float, option("proximal coefficient (0: FedAvg)", ge=0)] = 0.01, **kwargs):
         super().__init__(**kwargs)
         if mu < 0:
             raise FedsimError(f"mu must be >= 0, got {mu}")

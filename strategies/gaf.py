@@ -21,12 +21,13 @@ Two uses here:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
 from fedsim.core.pytree import Tree, flatten, unflatten
 
@@ -59,8 +60,8 @@ class GAF:
 
     name: ClassVar[str] = "gaf"
 
-    def __init__(self, gaf_tau: float = 0.97):
-        self.tau = check_tau(gaf_tau)
+    def __init__(self, tau: Annotated[float, option("fold when 1 - cos <= tau", ge=0, le=2)] = 0.97):
+        self.tau = check_tau(tau)
 
     def __call__(self, tree: Tree, weights: Tensor) -> Tree:
         flat = flatten(tree)
@@ -75,10 +76,14 @@ class GAFClientFilter:
 
     name: ClassVar[str] = "gaf"
 
-    def __init__(self, gaf_tau: float = 0.97, gaf_microbatches: int = 4):
-        if gaf_microbatches < 2:
-            raise FedsimError(f"gaf_microbatches must be >= 2, got {gaf_microbatches}")
-        self.tau, self.microbatches = check_tau(gaf_tau), gaf_microbatches
+    def __init__(
+        self,
+        tau: Annotated[float, option("fold when 1 - cos <= tau", ge=0, le=2)] = 0.97,
+        microbatches: Annotated[int, option("micro-batches each minibatch is split into", ge=2)] = 4,
+    ):
+        if microbatches < 2:
+            raise FedsimError(f"microbatches must be >= 2, got {microbatches}")
+        self.tau, self.microbatches = check_tau(tau), microbatches
 
     def combine_microbatches(self, grads: Tree, counts: Tensor) -> tuple[Tree, Tensor]:
         like = {k: v[:, 0] for k, v in grads.items()}

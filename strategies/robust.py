@@ -8,12 +8,14 @@ against). GAF's agreement filter lives in :mod:`strategies.gaf`.
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+from typing import Annotated, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
-from fedsim.core.errors import FedsimError, unknown
+from fedsim.core import components
+from fedsim.core.components import option
+from fedsim.core.errors import FedsimError
 from fedsim.core.pytree import Tree, flatten, unflatten
 
 
@@ -80,10 +82,10 @@ class TrimmedMean:
 
     name: ClassVar[str] = "trimmed_mean"
 
-    def __init__(self, trim_fraction: float = 0.1):
-        if not 0.0 <= trim_fraction < 0.5:
-            raise FedsimError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
-        self.trim_fraction = trim_fraction
+    def __init__(self, fraction: Annotated[float, option("fraction trimmed at each end", ge=0, lt=0.5)] = 0.1):
+        if not 0.0 <= fraction < 0.5:
+            raise FedsimError(f"fraction must be in [0, 0.5), got {fraction}")
+        self.trim_fraction = fraction
 
     def __call__(self, tree: Tree, weights: Tensor) -> Tree:
         return unflatten(trimmed_mean(flatten(tree), self.trim_fraction), _first(tree))
@@ -94,10 +96,14 @@ class Krum:
 
     name: ClassVar[str] = "krum"
 
-    def __init__(self, krum_byzantine: int = 0, krum_select: int = 1):
-        if krum_byzantine < 0 or krum_select < 1:
-            raise FedsimError(f"krum needs krum_byzantine >= 0, krum_select >= 1; got {krum_byzantine}, {krum_select}")
-        self.byzantine, self.select = krum_byzantine, krum_select
+    def __init__(
+        self,
+        byzantine: Annotated[int, option("assumed number of attackers f", ge=0)] = 0,
+        select: Annotated[int, option("updates averaged (1: Krum, more: Multi-Krum)", ge=1)] = 1,
+    ):
+        if byzantine < 0 or select < 1:
+            raise FedsimError(f"krum needs byzantine >= 0, select >= 1; got {byzantine}, {select}")
+        self.byzantine, self.select = byzantine, select
 
     def __call__(self, tree: Tree, weights: Tensor) -> Tree:
         return unflatten(krum(flatten(tree), self.byzantine, self.select), _first(tree))
@@ -108,21 +114,7 @@ def _first(tree: Tree) -> Tree:
     return {k: v[0] for k, v in tree.items()}
 
 
-def make_aggregator(name: str, **options) -> Aggregator | None:
-    """An aggregator by name (``mean`` gives None: the strategy's own weighted mean) with the options its
-    constructor takes."""
-    import inspect
-
-    from .gaf import GAF
-
-    if name == "mean":
-        return None
-    registry = {cls.name: cls for cls in (Median, TrimmedMean, Krum, GAF)}
-    if name not in registry:
-        raise unknown("aggregator", name, ("mean", *registry))
-    cls = registry[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    return cls(**{k: v for k, v in options.items() if k in accepted})
-
-
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "gaf")
+def make_aggregator(spec=None, **options) -> Aggregator | None:
+    """An aggregator from a name or spec plus ``options`` (``mean``/None gives None: the strategy's own
+    weighted mean; an object is returned as it is)."""
+    return components.make("aggregator", spec, **options)

@@ -29,9 +29,13 @@ FedAvg's.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 from torch import Tensor
 
+from fedsim.core.components import option
+from fedsim.core.errors import unknown
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
 from fedsim.core.pytree import Tree, per_client
 
@@ -43,6 +47,8 @@ def direction_scale(num_steps: Tensor, lr: float) -> Tensor:
     return 1.0 / (num_steps.clamp_min(1).double() * lr)
 
 
+Control = Literal["model_difference", "gradient_mean"]
+Correction = Literal["after_step", "gradient"]
 CONTROLS = ("model_difference", "gradient_mean")
 CORRECTIONS = ("after_step", "gradient")
 WEIGHTINGS = ("samples", "uniform")
@@ -55,12 +61,10 @@ class ScaffoldClient(ClientAlgorithm):
     name = "scaffold"
 
     def __init__(self, control: str = "model_difference", correction: str = "after_step", scale: float = 1.0):
-        from fedsim.core.errors import unknown
-
         if control not in CONTROLS:
-            raise unknown("scaffold_control", control, CONTROLS)
+            raise unknown("SCAFFOLD control", control, CONTROLS)
         if correction not in CORRECTIONS:
-            raise unknown("scaffold_correction", correction, CORRECTIONS)
+            raise unknown("SCAFFOLD correction", correction, CORRECTIONS)
         self.control, self.correction, self.scale = control, correction, scale
 
     def correction_term(self, ctx: LocalContext) -> Tree:
@@ -124,17 +128,25 @@ class SCAFFOLD(Strategy):
     server_state = broadcast = ("c.",)
 
     def __init__(
-        self, server_lr: float = 1.0, scaffold_control: str = "model_difference",
-        scaffold_correction: str = "after_step", scaffold_weighting: str = "samples", **kwargs,
-    ):  # fmt: skip
+        self,
+        server_lr: Annotated[float, option("global step size eta_g", gt=0)] = 1.0,
+        control: Annotated[Control, option("c_k+ from the model difference (option II) or the gradient mean")] = (
+            "model_difference"
+        ),
+        correction: Annotated[Correction, option("correction applied after the optimizer step or to the gradient")] = (
+            "after_step"
+        ),
+        weighting: Annotated[Literal["samples", "uniform"], option("client weights q_k of the server averages")] = (
+            "samples"
+        ),
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         check_positive(server_lr=server_lr)
-        if scaffold_weighting not in WEIGHTINGS:
-            from fedsim.core.errors import unknown
-
-            raise unknown("scaffold_weighting", scaffold_weighting, WEIGHTINGS)
-        self.server_lr, self.weighting = server_lr, scaffold_weighting
-        self.client_algorithm = ScaffoldClient(scaffold_control, scaffold_correction)
+        if weighting not in WEIGHTINGS:
+            raise unknown("SCAFFOLD weighting", weighting, WEIGHTINGS)
+        self.server_lr, self.weighting = server_lr, weighting
+        self.client_algorithm = ScaffoldClient(control, correction)
 
     def client_weights(self, updates: ClientUpdates) -> Tensor:
         """``q_k``: sample weights or ``1 / |S|``."""

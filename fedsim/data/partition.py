@@ -10,8 +10,11 @@ shares a stream with other uses of the same experiment seed.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 
+from fedsim.core.components import option
 from fedsim.core.errors import FedsimError, unknown
 from fedsim.core.rng import STREAM_PARTITION
 
@@ -279,3 +282,44 @@ def split_clients(
         test_parts.append(np.sort(shuffled[:n_test]))
         train_parts.append(np.sort(shuffled[n_test:]))
     return train_parts, test_parts
+
+
+# Partitioner components (kind ``partitioner``): the engine supplies the labels and the run's settings.
+
+
+def iid(*, y: np.ndarray, num_clients: int, seed: int = 0, min_size: int = 1, natural=None) -> list[np.ndarray]:
+    """Uniformly random, equal-sized shards."""
+    return partition("iid", y, num_clients, seed=seed, min_size=min_size)
+
+
+def dirichlet(
+    alpha: Annotated[float, option("Dirichlet concentration: smaller is more label skew", gt=0)] = 0.5,
+    *,
+    y: np.ndarray,
+    num_clients: int,
+    seed: int = 0,
+    min_size: int = 1,
+    natural=None,
+) -> list[np.ndarray]:
+    """Label skew: each class split over clients by proportions drawn from Dirichlet(alpha)."""
+    return partition("dirichlet", y, num_clients, seed=seed, alpha=alpha, min_size=min_size)
+
+
+def shards(
+    classes_per_client: Annotated[int, option("label shards (classes) per client", ge=1)] = 2,
+    *,
+    y: np.ndarray,
+    num_clients: int,
+    seed: int = 0,
+    min_size: int = 1,
+    natural=None,
+) -> list[np.ndarray]:
+    """Sorted-label shards, ``classes_per_client`` per client (McMahan et al.)."""
+    return partition("shards", y, num_clients, seed=seed, classes_per_client=classes_per_client, min_size=min_size)
+
+
+def natural(
+    *, y: np.ndarray, num_clients: int, seed: int = 0, min_size: int = 1, natural: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """The data set's own clients (synthetic users, Shakespeare speakers, an npz ``client`` array)."""
+    return partition("natural", y, num_clients, seed=seed, min_size=min_size, natural=natural)

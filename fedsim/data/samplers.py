@@ -18,12 +18,13 @@ Samplers that are Markov chains (``iid`` as the trivial one, ``markov-ring``, ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import numpy as np
 
-from fedsim.core import rng
-from fedsim.core.errors import FedsimError, unknown
+from fedsim.core import components, rng
+from fedsim.core.components import option
+from fedsim.core.errors import FedsimError
 from fedsim.data import markov
 
 
@@ -169,7 +170,6 @@ class _MarkovSampler:
     """
 
     name: str
-    config_options: dict[str, str] = {}  # RunConfig field -> constructor argument
     _key: int
     STATE_KEY = "markov_position"
 
@@ -240,10 +240,9 @@ class MarkovRingSampler(_MarkovSampler):
     with probability ``laziness``, else step +1 or -1 (mod n_c) with probability ``(1 - laziness)/2`` each."""
 
     name = "markov-ring"
-    config_options = {"laziness": "laziness"}
     _key = markov.KEY_RING
 
-    def __init__(self, laziness: float = 0.5):
+    def __init__(self, laziness: Annotated[float, option("probability the chain stays put", ge=0, lt=1)] = 0.5):
         super().__init__(laziness)
 
     def _walk(self, seed, client_ids, sizes, start, u, moves):
@@ -265,11 +264,14 @@ class MarkovRegularSampler(_MarkovSampler):
     neighbour slots, chosen uniformly. The neighbour tables of recent chunks are cached."""
 
     name = "markov-regular"
-    config_options = {"laziness": "laziness", "markov_degree": "degree"}
     _key = markov.KEY_REGULAR
     _CACHE_SIZE = 64
 
-    def __init__(self, degree: int = 4, laziness: float = 0.0):
+    def __init__(
+        self,
+        degree: Annotated[int, option("degree of the random regular graph (even)", ge=2)] = 4,
+        laziness: Annotated[float, option("probability the chain stays put", ge=0, lt=1)] = 0.0,
+    ):
         super().__init__(laziness)
         if isinstance(degree, bool) or not isinstance(degree, int | np.integer) or degree < 2 or degree % 2:
             raise FedsimError(f"markov-regular sampler: degree must be an even integer >= 2, got {degree!r}")
@@ -311,15 +313,10 @@ SAMPLERS: dict[str, type] = {
     "markov-ring": MarkovRingSampler,
     "markov-regular": MarkovRegularSampler,
 }
+for _name, _cls in SAMPLERS.items():
+    components.register("sampler", _name, _cls)
 
 
-def sampler_options(name: str) -> dict[str, str]:
-    """RunConfig fields the sampler ``name`` uses, mapped to its constructor arguments."""
-    return dict(getattr(SAMPLERS.get(name), "config_options", {}))
-
-
-def make_sampler(name: str, **options) -> Sampler:
-    """Build a sampler by name."""
-    if name not in SAMPLERS:
-        raise unknown("sampler", name, SAMPLERS)
-    return SAMPLERS[name](**options)
+def make_sampler(spec: object, **options) -> Sampler:
+    """Build a sampler from a name or ``{name: ..., option: ...}`` spec and its options."""
+    return components.make("sampler", spec, **options)

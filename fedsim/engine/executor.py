@@ -86,6 +86,9 @@ CPU_CHUNK_BYTES = 32 << 20
 class LocalExecutor:
     """Trains a plan's clients chunk by chunk on one device (vectorized, or sequential as a reference)."""
 
+    checkpoints = True
+    """Its client and sampler state can be checkpointed (see :class:`fedsim.core.protocol.Executor`)."""
+
     def __init__(
         self,
         model: nn.Module,

@@ -248,6 +248,8 @@ class RayExecutor:
     copies. :meth:`close` kills the actors and shuts Ray down when this executor started it.
     """
 
+    checkpoints = True
+
     def __init__(self, local: LocalExecutor, options: RayOptions | None = None):
         self.options = options = options or RayOptions()
         ray = self.ray = import_ray()

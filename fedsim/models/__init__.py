@@ -1,25 +1,28 @@
-"""Model registry: built-in vmappable models by name, user models by ``package.module:factory``.
+"""Model registry: built-in vmappable models by name, user models by ``package.module:factory``, a
+registered name or a ``fedsim.model`` entry point (component kind ``model``).
 
-A factory is called as ``factory(input_shape, num_classes)`` and returns an ``nn.Module`` whose forward
-maps ``[B, *input_shape]`` to logits ``[B, num_classes]``. Sequence models (:data:`SEQUENCE_MODELS`) take
+A factory is called as ``factory(input_shape, num_classes, **options)`` and returns an ``nn.Module`` whose
+forward maps ``[B, *input_shape]`` to logits ``[B, num_classes]``; its keyword parameters after the first two
+are its options (``model: {name: mlp, hidden: [200, 200]}``). Sequence models (:data:`SEQUENCE_MODELS`) take
 windows of token indices ``[B, L]`` (float32 indices from a token dataset such as ``shakespeare``) and return
 the logits of the next token.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from fedsim.core.errors import FedsimError, unknown
+from fedsim.core import components
+from fedsim.core.errors import FedsimError
 
 from .transformer import char_transformer
 from .zoo import cnn, lenet5, logreg, mlp
 
-ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
+ModelFactory = Callable[..., nn.Module]
 
 MODELS: dict[str, ModelFactory] = {
     "logreg": logreg,
@@ -28,51 +31,40 @@ MODELS: dict[str, ModelFactory] = {
     "cnn": cnn,
     "char_transformer": char_transformer,
 }
+for _name, _factory in MODELS.items():
+    components.register("model", _name, _factory)
 SEQUENCE_MODELS: tuple[str, ...] = ("char_transformer",)
 """Built-in models whose input is a window of token indices (they need a token dataset)."""
 
 
 def register_model(name: str, factory: ModelFactory) -> None:
-    """Add a model factory to the registry under ``name``."""
+    """Add a model factory under ``name`` (same as ``fedsim.core.components.register("model", ...)``)."""
     MODELS[name] = factory
-
-
-def _import_factory(spec: str) -> ModelFactory:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise FedsimError(f"cannot import model module '{module_name}' from '{spec}': {e}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise FedsimError(f"'{spec}': module '{module_name}' has no callable '{attr}'")
-    return factory
+    components.register("model", name, factory)
 
 
 def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int | None = None, **model_args
+    spec: Any, input_shape: tuple[int, ...], num_classes: int, *, seed: int | None = None, **options: Any
 ) -> nn.Module:
-    """Build a registered model by name, or a user model from ``package.module:factory``; ``model_args``
-    are passed to the factory as keywords (e.g. ``hidden=(200, 200)`` for ``mlp``).
+    """Build a model from a name (built-in, registered, entry point or ``package.module:factory``) or a
+    ``{name: ..., option: ...}`` spec; ``options`` are the factory's keyword options (e.g.
+    ``hidden=(200, 200)`` for ``mlp``), validated against its signature.
 
     With ``seed`` the model is constructed (and so initialized) on the CPU under a private generator seeded
     with it, leaving the global RNG untouched: the same seed gives the same initial weights on any device,
     also for user models that draw their parameters in ``__init__``.
     """
-    if ":" in name:
-        factory = _import_factory(name)
-    elif name in MODELS:
-        factory = MODELS[name]
-    else:
-        raise unknown("model", name, MODELS)
+    name, given = components.split_spec("model", spec)
+    component = components.get("model", name)
+    values = component.validate({**given, **options})
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         try:
-            model = factory(tuple(input_shape), num_classes, **model_args)
-        except Exception as e:  # a user factory or bad model_args: report, do not crash
+            model = component.obj(tuple(input_shape), num_classes, **values)
+        except Exception as e:  # a user factory or bad options: report, do not crash
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise FedsimError(f"model '{name}' could not be built with model_args {model_args}: {detail}") from None
+            raise FedsimError(f"model '{name}' could not be built with options {values}: {detail}") from None
     if not isinstance(model, nn.Module):
         raise FedsimError(f"model factory '{name}' returned {type(model).__name__}, not a torch.nn.Module")
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):

@@ -18,9 +18,12 @@ treat the embeddings and the head apart from the hidden matrices.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
+
+from fedsim.core.components import option
 
 
 class CausalSelfAttention(nn.Module):
@@ -110,18 +113,18 @@ class CharTransformer(nn.Module):
 def char_transformer(
     input_shape: tuple[int, ...],
     num_classes: int,
-    width: int = 128,
-    layers: int = 2,
-    heads: int = 4,
-    mlp_ratio: int = 4,
-    vocab_size: int | None = None,
+    width: Annotated[int, option("embedding width (a multiple of heads)", ge=1)] = 128,
+    layers: Annotated[int, option("transformer blocks", ge=1)] = 2,
+    heads: Annotated[int, option("attention heads", ge=1)] = 4,
+    mlp_ratio: Annotated[int, option("MLP width / embedding width", ge=1)] = 4,
+    vocab_size: Annotated[int | None, option("token vocabulary (default: num_classes)", ge=1)] = None,
 ) -> nn.Module:
     """Character-level causal transformer for next-character prediction (dataset ``shakespeare``).
 
     ``input_shape`` is ``(L,)``: windows of ``L`` character indices; the learned positional embedding has
     ``L`` rows. The vocabulary defaults to ``num_classes`` (the next character is one of the input
     characters). Defaults: 2 layers, width 128, 4 heads, MLP 4x (about 0.43 M parameters with 81 characters).
-    ``model_args``: ``width``, ``layers``, ``heads``, ``mlp_ratio``, ``vocab_size``.
+    Options: ``width``, ``layers``, ``heads``, ``mlp_ratio``, ``vocab_size``.
     """
     from fedsim.core.errors import FedsimError
 

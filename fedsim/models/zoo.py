@@ -5,8 +5,12 @@ copies at once."""
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 from torch import nn
+
+from fedsim.core.components import option
+from fedsim.core.errors import FedsimError
 
 
 def _flat_dim(input_shape: tuple[int, ...]) -> int:
@@ -14,8 +18,6 @@ def _flat_dim(input_shape: tuple[int, ...]) -> int:
 
 
 def _image_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:
-    from fedsim.core.errors import FedsimError
-
     if len(input_shape) == 2:
         return (1, *input_shape)
     if len(input_shape) != 3:
@@ -28,11 +30,15 @@ def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(_flat_dim(input_shape), num_classes))
 
 
-def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (100,)) -> nn.Module:
+def mlp(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    hidden: Annotated[tuple[Annotated[int, option("width", ge=1)], ...], option("hidden layer widths")] = (100,),
+) -> nn.Module:
     """Multilayer perceptron with ReLU: ``flat(x) -> hidden... -> num_classes``.
 
     Default: one hidden layer of 100 units (scikit-learn's ``MLPClassifier`` default); FedAvg's MNIST
-    "2NN" is ``hidden=(200, 200)`` (``model_args: {hidden: [200, 200]}``)."""
+    "2NN" is ``hidden=(200, 200)`` (``model: {name: mlp, hidden: [200, 200]}``)."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = _flat_dim(input_shape)
     for h in tuple(hidden):
@@ -59,7 +65,11 @@ def lenet5(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )  # fmt: skip
 
 
-def cnn(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> nn.Module:
+def cnn(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    width: Annotated[int, option("channels of the first convolution (a multiple of 8)", ge=8, multiple_of=8)] = 32,
+) -> nn.Module:
     """Small CNN with GroupNorm: [conv3x3(w) -> GN(8) -> ReLU -> pool2] -> [conv3x3(2w) -> GN(8) -> ReLU
     -> pool2] -> fc(4w) -> ReLU -> fc(num_classes). GroupNorm keeps it vmappable across clients."""
     c, h, w = _image_shape(input_shape, "cnn")

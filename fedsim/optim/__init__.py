@@ -1,19 +1,35 @@
 """Local optimizers: functional (vmappable, stacked over clients) forms, the memory-efficient optimizers of
-the seed family as ``torch.optim`` drop-ins (FOAM, GWT, MoLS-style, SGD-SaI), and learning-rate schedules."""
+the seed family as ``torch.optim`` drop-ins (FOAM, GWT, MoLS-style, SGD-SaI), and learning-rate schedules.
 
-from .foam import FOAM, FunctionalFOAM
-from .functional import OPTIMIZER_OPTIONS, OPTIMIZERS, SGD, Adam, make_optimizer
+Each local optimizer is a component of kind ``optimizer`` (:mod:`fedsim.core.components`): a factory whose
+typed signature declares its options, registered below with one line."""
+
+from fedsim.core.components import register
+
+from .foam import FOAM, FunctionalFOAM, foam
+from .functional import SGD, Adam, adam, adamw, make_optimizer, sgd
 from .groups import compressible_names, transformer_param_groups
-from .gwt import GWT, FunctionalGWT
+from .gwt import GWT, FunctionalGWT, gwt
 from .memory import state_bytes
-from .mols import FunctionalMoLS, MoLS
-from .schedules import SCHEDULES, lr_at
-from .sgd_sai import FunctionalSGDSaI, SGDSaI
+from .mols import FunctionalMoLS, MoLS, mols
+from .schedules import Constant, Cosine, Step, lr_at
+from .sgd_sai import FunctionalSGDSaI, SGDSaI, sgd_sai
+
+register("optimizer", "sgd", sgd)
+register("optimizer", "adam", adam)
+register("optimizer", "adamw", adamw)
+register("optimizer", "foam", foam)
+register("optimizer", "gwt", gwt)
+register("optimizer", "mols", mols, summary="MoLS-style (reconstruction): Adam with module-wise SNR scaling.")
+register("optimizer", "sgd-sai", sgd_sai)
+register("lr_schedule", "constant", Constant)
+register("lr_schedule", "step", Step)
+register("lr_schedule", "cosine", Cosine)
 
 FunctionalOptimizer = SGD | Adam | FunctionalFOAM | FunctionalGWT | FunctionalMoLS | FunctionalSGDSaI
 
 __all__ = [
-    "FOAM", "GWT", "OPTIMIZERS", "OPTIMIZER_OPTIONS", "SCHEDULES", "SGD", "Adam", "FunctionalFOAM",
-    "FunctionalGWT", "FunctionalMoLS", "FunctionalOptimizer", "FunctionalSGDSaI", "MoLS", "SGDSaI",
-    "compressible_names", "lr_at", "make_optimizer", "state_bytes", "transformer_param_groups",
+    "FOAM", "GWT", "SGD", "Adam", "FunctionalFOAM", "FunctionalGWT", "FunctionalMoLS", "FunctionalOptimizer",
+    "FunctionalSGDSaI", "MoLS", "SGDSaI", "compressible_names", "lr_at", "make_optimizer", "state_bytes",
+    "transformer_param_groups",
 ]  # fmt: skip

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Annotated
 
-from torch import Tensor
+from torch import Tensor, nn
 
+from fedsim.core.components import option
 from fedsim.core.pytree import Tree
 
 from .compressed import CompressedAdam, FunctionalCompressedAdam
 from .fused import foam_steps_
 from .kernels import Direction, FoamRule
+from .options import Betas, CompressParams, Eps, EpsMode, WeightDecay, compressed_names
 
 
 class FOAM(CompressedAdam):
@@ -95,4 +98,24 @@ class FunctionalFOAM(FunctionalCompressedAdam):
         return u, {f"m.{name}": m, f"v.{name}": v}
 
 
-__all__ = ["FOAM", "FunctionalFOAM"]
+def foam(
+    level: Annotated[int, option("folding level l: moments at 1/2^l of the columns", ge=0, le=16)] = 2,
+    scale: Annotated[float, option("update scale alpha", gt=0)] = 0.25,
+    res_scale: Annotated[float, option("residual scale s", ge=0)] = 1.0,
+    betas: Betas = (0.9, 0.999),
+    eps: Eps = 1e-8,
+    weight_decay: WeightDecay = 0.0,
+    eps_mode: EpsMode = "torch",
+    compress_params: CompressParams = "body",
+    *,
+    model: nn.Module | None = None,
+    compress: frozenset[str] | None = None,
+) -> FunctionalFOAM:
+    """FOAM (blocked state folding; zqOuO/FOAM): Adam moments of folded gradients, residual re-added."""
+    return FunctionalFOAM(
+        betas=tuple(betas), eps=eps, weight_decay=weight_decay, eps_mode=eps_mode,
+        compress=compressed_names(model, compress_params, compress), level=level, scale=scale, res_scale=res_scale,
+    )  # fmt: skip
+
+
+__all__ = ["FOAM", "FunctionalFOAM", "foam"]

@@ -10,12 +10,17 @@ The rules follow ``torch.optim.SGD`` / ``torch.optim.Adam`` / ``torch.optim.Adam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
+from fedsim.core import components
+from fedsim.core.components import option
+from fedsim.core.errors import FedsimError
 from fedsim.core.pytree import Tree
 
+from .options import Betas, Eps, WeightDecay
 from .stacked import step_counter
 
 
@@ -124,60 +129,31 @@ class Adam:
         return state
 
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "foam", "gwt", "mols", "sgd-sai")
+def sgd(
+    momentum: Annotated[float, option("momentum coefficient", ge=0, lt=1)] = 0.0,
+    nesterov: Annotated[bool, option("Nesterov momentum (needs momentum > 0)")] = False,
+    weight_decay: Annotated[float, option("L2 weight decay added to the gradient", ge=0)] = 0.0,
+) -> SGD:
+    """SGD with optional (Nesterov) momentum and weight decay, as ``torch.optim.SGD``."""
+    if nesterov and momentum == 0:
+        raise FedsimError("nesterov needs momentum > 0")
+    return SGD(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
-# Options of the memory-efficient optimizers, by optimizer: (option, default). ``eps`` defaults per optimizer.
-OPTIMIZER_OPTIONS: dict[str, dict[str, object]] = {
-    "foam": {"level": 2, "scale": 0.25, "res_scale": 1.0, "eps_mode": "torch"},
-    "gwt": {"level": 2, "scale": 0.25, "limiter": 1.01, "wavelet": "haar", "eps_mode": "torch"},
-    "mols": {"estimator": "sai", "refresh": 0},
-    "sgd-sai": {"sai_momentum": 0.9},
-}
-DEFAULT_EPS = {"adam": 1e-8, "adamw": 1e-8, "foam": 1e-8, "gwt": 1e-6, "mols": 1e-8, "sgd-sai": 1e-8}
+
+def adam(betas: Betas = (0.9, 0.999), eps: Eps = 1e-8, weight_decay: WeightDecay = 0.0) -> Adam:
+    """Adam, as ``torch.optim.Adam`` (weight decay added to the gradient)."""
+    return Adam(betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
-def make_optimizer(
-    name: str,
-    *,
-    momentum: float = 0.0,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float | None = None,
-    compress: frozenset[str] | None = None,
-    **options: object,
-):
-    """Build a functional local optimizer by name: ``sgd``, ``adam``, ``adamw``, or the memory-efficient
-    ``foam``, ``gwt``, ``mols`` (MoLS-style, our reconstruction) and ``sgd-sai``. ``eps`` defaults per
-    optimizer (1e-6 for GWT, else 1e-8); ``compress`` names the parameters FOAM/GWT transform (None: every
-    one with at least two dimensions); ``options`` are the optimizer's own (``OPTIMIZER_OPTIONS``)."""
-    from fedsim.core.errors import FedsimError, unknown
+def adamw(betas: Betas = (0.9, 0.999), eps: Eps = 1e-8, weight_decay: WeightDecay = 0.0) -> Adam:
+    """AdamW, as ``torch.optim.AdamW`` (decoupled weight decay)."""
+    return Adam(betas=tuple(betas), eps=eps, weight_decay=weight_decay, decoupled=True)
 
-    from .foam import FunctionalFOAM
-    from .gwt import FunctionalGWT
-    from .mols import FunctionalMoLS
-    from .sgd_sai import FunctionalSGDSaI
 
-    if name not in OPTIMIZERS:
-        raise unknown("optimizer", name, OPTIMIZERS)
-    accepted = OPTIMIZER_OPTIONS.get(name, {})
-    extra = sorted(set(options) - set(accepted))
-    if extra:
-        raise FedsimError(f"optimizer '{name}' takes no option {extra[0]!r}")
-    opts = {**accepted, **options}
-    eps = DEFAULT_EPS.get(name, 1e-8) if eps is None else eps
-    betas = tuple(betas)
-    try:
-        if name == "sgd":
-            return SGD(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        if name in ("adam", "adamw"):
-            return Adam(betas=betas, eps=eps, weight_decay=weight_decay, decoupled=name == "adamw")
-        if name == "foam":
-            return FunctionalFOAM(betas=betas, eps=eps, weight_decay=weight_decay, compress=compress, **opts)
-        if name == "gwt":
-            return FunctionalGWT(betas=betas, eps=eps, weight_decay=weight_decay, compress=compress, **opts)
-        if name == "mols":
-            return FunctionalMoLS(betas=betas, eps=eps, weight_decay=weight_decay, **opts)
-        return FunctionalSGDSaI(momentum=opts["sai_momentum"], eps=eps, weight_decay=weight_decay)
-    except ValueError as err:
-        raise FedsimError(f"optimizer '{name}': {err}") from None
+def make_optimizer(spec: object, **options: object):
+    """Build a functional local optimizer from a name or ``{name: ..., option: ...}`` spec (``sgd``,
+    ``adam``, ``adamw``, ``foam``, ``gwt``, ``mols`` (MoLS-style, our reconstruction), ``sgd-sai``, a
+    registered or plugin optimizer, or ``package.module:Name``) and its options. ``compress`` (FOAM/GWT: the
+    parameter names to transform) and ``model`` (to choose them by ``compress_params``) are also accepted.
+    An option the optimizer does not take is a :class:`FedsimError`."""
+    return components.make("optimizer", spec, **options)

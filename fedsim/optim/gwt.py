@@ -13,15 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from fedsim.core.components import option
 from fedsim.core.pytree import Tree
 
 from .compressed import CompressedAdam, FunctionalCompressedAdam
 from .fused import gwt_steps_
 from .kernels import Direction, GwtRule
+from .options import Betas, CompressParams, Eps, EpsMode, WeightDecay, compressed_names
 
 WAVELETS = ("haar",)
 
@@ -115,3 +118,25 @@ class FunctionalGWT(FunctionalCompressedAdam):
         prev = state[f"prev.{name}"]
         u, m, v, prev = self.rule.direction(g, state[f"m.{name}"], state[f"v.{name}"], prev, eps, batch_dims=1)
         return u, {f"m.{name}": m, f"v.{name}": v, f"prev.{name}": prev}
+
+
+def gwt(
+    level: Annotated[int, option("Haar levels L: moments at 1/2^L of the columns", ge=0, le=16)] = 2,
+    scale: Annotated[float, option("update scale alpha", gt=0)] = 0.25,
+    limiter: Annotated[float, option("norm-growth limiter gamma", gt=0)] = 1.01,
+    wavelet: Annotated[Literal["haar"], option("wavelet family")] = "haar",
+    betas: Betas = (0.9, 0.999),
+    eps: Eps = 1e-6,
+    weight_decay: WeightDecay = 0.0,
+    eps_mode: EpsMode = "torch",
+    compress_params: CompressParams = "body",
+    *,
+    model: nn.Module | None = None,
+    compress: frozenset[str] | None = None,
+) -> FunctionalGWT:
+    """GWT (gradient wavelet transform + Adam; zqOuO/GWT): Adam moments on the coarsest Haar coefficients."""
+    return FunctionalGWT(
+        betas=tuple(betas), eps=eps, weight_decay=weight_decay, eps_mode=eps_mode,
+        compress=compressed_names(model, compress_params, compress), level=level, scale=scale, limiter=limiter,
+        wavelet=wavelet,
+    )  # fmt: skip

@@ -24,13 +24,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
+from fedsim.core.components import option
 from fedsim.core.pytree import Tree
 
 from .kernels import gradient_snr, reduce_dims
+from .options import Betas, Eps, WeightDecay
 from .stacked import AppliesUpdate, evaluate_closure, step_counter
 
 ESTIMATORS = ("sai", "ema", "microbatch")
@@ -226,3 +229,14 @@ class FunctionalMoLS(AppliesUpdate):
             u = m * (scale * (-lr / bc1)).reshape(shape).to(w.dtype) / denom
             updates[name] = u - lr * self.weight_decay * w if self.weight_decay else u
         return updates, new_state
+
+
+def mols(
+    estimator: Annotated[Literal["sai", "ema"], option("module SNR estimator: once at the first step, or EMA")] = "sai",
+    refresh: Annotated[int, option("steps between SNR estimates (0: once; ema needs > 0)", ge=0)] = 0,
+    betas: Betas = (0.9, 0.999),
+    eps: Eps = 1e-8,
+    weight_decay: WeightDecay = 0.0,
+) -> FunctionalMoLS:
+    """MoLS-style (reconstruction): Adam with module-wise learning-rate scaling from gradient SNR."""
+    return FunctionalMoLS(betas=tuple(betas), eps=eps, weight_decay=weight_decay, estimator=estimator, refresh=refresh)

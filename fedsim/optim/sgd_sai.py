@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
+from fedsim.core.components import option
 from fedsim.core.pytree import Tree
 
 from .kernels import gradient_snr
+from .options import Eps
 from .stacked import AppliesUpdate, evaluate_closure, step_counter
 
 
@@ -80,3 +83,12 @@ class FunctionalSGDSaI(AppliesUpdate):
             new_state[f"gsnr.{name}"], new_state[f"buf.{name}"] = gsnr, buf
             updates[name] = -lr * (self.weight_decay * w + gsnr.reshape(shape) * buf)
         return updates, new_state
+
+
+def sgd_sai(
+    momentum: Annotated[float, option("momentum mu of the buffer b <- mu b + (1 - mu) g", ge=0, lt=1)] = 0.9,
+    eps: Eps = 1e-8,
+    weight_decay: Annotated[float, option("decoupled weight decay (0 here; the authors use 1e-2)", ge=0)] = 0.0,
+) -> FunctionalSGDSaI:
+    """SGD-SaI (AnonymousAlethiometer/SGD_SaI): momentum SGD scaled per tensor by its first-step gradient SNR."""
+    return FunctionalSGDSaI(momentum=momentum, eps=eps, weight_decay=weight_decay)

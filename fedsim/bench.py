@@ -228,7 +228,7 @@ def bench_regulator(
         strategy=strategy, rounds=1, checkpoint_every=0, sampler="iid", partition="iid", client_test_fraction=0.0,
     )  # fmt: skip
     plain = Simulation(make_config(base))
-    regulated = Simulation(make_config({**base, "regulator": regulator, **(options or {})}))
+    regulated = Simulation(make_config({**base, "regulator": {"name": regulator, **(options or {})}}))
     dev = plain.device
     states = {"plain": plain.initial_state(), "regulated": regulated.initial_state()}
     sims = {"plain": plain, "regulated": regulated}
@@ -291,7 +291,7 @@ def bench_executors(
     )  # fmt: skip
     variants = {
         "local": config,
-        "ray": {**config, "executor": "ray", "cpus_per_actor": cpus_per_actor, "num_actors": num_actors},
+        "ray": {**config, "executor": {"name": "ray", "cpus_per_actor": cpus_per_actor, "num_actors": num_actors}},
     }
 
     variants["ray_running"] = variants["ray"]  # joins a Ray already running (a cluster): no Ray start/stop

@@ -6,6 +6,7 @@ exit code 2; a diverging run ends with exit code 3 after keeping everything it w
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,136 +48,132 @@ def _default_out(strategy: str, dataset: str, model: str, seed: int, tag: str | 
     return path
 
 
-@app.command()
-def simulate(
-    config: Annotated[Path | None, typer.Argument(help="YAML or TOML config file; flags override it.")] = None,
-    dataset: Annotated[
-        str | None, Opt(help="digits | mnist5k | mnist | fashion-mnist | synthetic | shakespeare | npz")
-    ] = None,
-    data_path: Annotated[str | None, Opt(help="File for --dataset npz (arrays x, y, optional client).")] = None,
-    model: Annotated[
-        str | None, Opt(help="logreg | mlp | lenet5 | cnn | char_transformer | package.module:factory")
-    ] = None,
-    clients: Annotated[int | None, Opt(help="Number of simulated clients.")] = None,
-    partition: Annotated[str | None, Opt(help="iid | dirichlet | shards | natural")] = None,
-    alpha: Annotated[float | None, Opt(help="Dirichlet concentration (label skew).")] = None,
-    topology: Annotated[
-        str | None, Opt(help="Graph file (GraphML, GML, edge list, .adj, JSON): decentralized training over it.")
-    ] = None,
-    mixing: Annotated[str | None, Opt(help="Mixing matrix: metropolis_hastings | max_degree | uniform | ...")] = None,
-    strategy: Annotated[
-        str | None,
-        Opt(
-            help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | scaffold | scaffold-m | fednova | "
-            "feddyn | fedcm; over a topology: dsgd | dsgd-atc | dsgt | dsgda | dsgda-atc"
-        ),
-    ] = None,
-    regulator: Annotated[str | None, Opt(help="Client regulator wrapping the strategy: none | ecgr | bherd.")] = None,
-    ecgr_beta: Annotated[float | None, Opt(help="ECGR damping of the unselected steps (0.2).")] = None,
-    ecgr_rho: Annotated[float | None, Opt(help="ECGR fraction of steps selected by herding (0.5).")] = None,
-    ecgr_center: Annotated[str | None, Opt(help="ECGR herding centre: zero | local_mean.")] = None,
-    bherd_unit: Annotated[str | None, Opt(help="BHerd units: step | microbatch | sample.")] = None,
-    bherd_ratio: Annotated[float | None, Opt(help="BHerd fraction of units kept (0.5).")] = None,
-    bherd_scale: Annotated[str | None, Opt(help="BHerd upload: sum | rescale.")] = None,
-    aggregator: Annotated[
-        str | None, Opt(help="Server aggregation: mean | median | trimmed_mean | krum | gaf.")
-    ] = None,
-    problem: Annotated[str | None, Opt(help="Min-max problem of dsgda: auc | dro.")] = None,
-    dual_lr: Annotated[float | None, Opt(help="Dual (ascent) step size of dsgda (default: --lr).")] = None,
-    fraction: Annotated[float | None, Opt(help="Fraction of clients selected per round.")] = None,
-    availability: Annotated[
-        str | None, Opt(help="always | markov (clients on/off by a two-state chain; --set availability_p_on=...)")
-    ] = None,
-    rounds: Annotated[int | None, Opt(help="Communication rounds.")] = None,
-    local_steps: Annotated[int | None, Opt(help="Local optimizer steps per round.")] = None,
-    local_epochs: Annotated[int | None, Opt(help="Local epochs per round (overrides --local-steps).")] = None,
-    batch_size: Annotated[int | None, Opt(help="Local minibatch size.")] = None,
-    laziness: Annotated[
-        float | None, Opt(help="Markov samplers (--set sampler=markov-ring|markov-regular): P(chain stays put).")
-    ] = None,
-    lr: Annotated[float | None, Opt(help="Local learning rate.")] = None,
-    lr_schedule: Annotated[str | None, Opt(help="constant | step | cosine (per round).")] = None,
-    optimizer: Annotated[
-        str | None, Opt(help="Local optimizer: sgd | adam | adamw | foam | gwt | mols | sgd-sai.")
-    ] = None,
-    foam_level: Annotated[int | None, Opt(help="FOAM folding level l: state at 1/2^l columns (2).")] = None,
-    foam_scale: Annotated[float | None, Opt(help="FOAM update scale alpha (0.25).")] = None,
-    gwt_level: Annotated[int | None, Opt(help="GWT Haar levels L: state at 1/2^L columns (2).")] = None,
-    gwt_scale: Annotated[float | None, Opt(help="GWT update scale alpha (0.25).")] = None,
-    mols_estimator: Annotated[str | None, Opt(help="MoLS-style SNR estimator: sai | ema.")] = None,
-    mols_refresh: Annotated[int | None, Opt(help="MoLS-style steps between SNR estimates (0: once).")] = None,
-    momentum: Annotated[float | None, Opt(help="SGD momentum.")] = None,
-    mu: Annotated[float | None, Opt(help="FedProx proximal coefficient.")] = None,
-    seed: Annotated[int | None, Opt(help="Run seed.")] = None,
-    device: Annotated[str | None, Opt(help="auto | cpu | cuda")] = None,
-    chunk_size: Annotated[int | None, Opt(help="Clients trained per vectorized call (default: from memory).")] = None,
-    eval_every: Annotated[int | None, Opt(help="Evaluate every N rounds.")] = None,
-    executor: Annotated[str | None, Opt(help="local (in-process) | ray (actors owning client shards).")] = None,
-    num_actors: Annotated[int | None, Opt(help="Ray actors (default: as many as CPUs/GPUs allow).")] = None,
-    cpus_per_actor: Annotated[float | None, Opt(help="CPUs reserved per Ray actor, fractional allowed (1).")] = None,
-    gpus_per_actor: Annotated[float | None, Opt(help="GPUs per Ray actor, fractional allowed (0).")] = None,
-    backend: Annotated[
-        str | None, Opt(help="fedsim (our engine) | flower (clients as Flower ClientApps, Flower's simulation).")
-    ] = None,
-    ray_address: Annotated[
-        str | None, Opt(help="Ray cluster to join: auto or host:port (default: start Ray on this machine).")
-    ] = None,
-    set_: Annotated[list[str] | None, Opt("--set", help="Any config key: --set key=value (repeatable).")] = None,
-    out: Annotated[Path | None, Opt(help="Results folder (default: runs/STRATEGY-DATASET-MODEL-sSEED).")] = None,
-    overwrite: Annotated[bool, Opt(help="Replace an existing results folder.")] = False,
-    resume: Annotated[Path | None, Opt(help="Continue the run in this results folder from its checkpoint.")] = None,
-    seeds: Annotated[
-        str | None, Opt(help="Repeat over seeds (0-9, 0,3,7, 1-3,8): OUT/seed-S/ each, quantiles in seeds_summary.json")
-    ] = None,
-    probe: Annotated[str | None, Opt(help="stability: twin run on data differing in one sample of one node.")] = None,
-    probe_node: Annotated[int | None, Opt(help="Stability probe: node/client whose sample is replaced (0).")] = None,
-    probe_sample: Annotated[int | None, Opt(help="Stability probe: position of that sample in its list (0).")] = None,
-    quiet: Annotated[bool, Opt(help="No progress bar.")] = False,
-) -> None:
-    """Run a federated experiment and write its results folder."""
+OPTION_FLAGS: dict[str, tuple[str, type, str]] = {
+    "data_path": ("dataset.path", str, "File for --dataset npz (arrays x, y, optional client)."),
+    "alpha": ("partition.alpha", float, "Dirichlet concentration (label skew)."),
+    "mu": ("strategy.mu", float, "FedProx/FedNova proximal coefficient."),
+    "dual_lr": ("strategy.dual_lr", float, "Dual (ascent) step size of dsgda (default: --lr)."),
+    "momentum": ("optimizer.momentum", float, "SGD (or SGD-SaI) momentum."),
+    "laziness": ("sampler.laziness", float, "Markov samplers: probability the chain stays put."),
+    "num_actors": ("executor.num_actors", int, "Ray actors (default: as many as CPUs/GPUs allow)."),
+    "cpus_per_actor": ("executor.cpus_per_actor", float, "CPUs reserved per Ray actor (fractional allowed)."),
+    "gpus_per_actor": ("executor.gpus_per_actor", float, "GPUs per Ray actor (fractional allowed)."),
+    "ray_address": ("executor.address", str, "Ray cluster to join: auto or host:port."),
+}
+"""Shortcut flags for common component options: ``--momentum 0.9`` is ``--set optimizer.momentum=0.9``."""
+
+_KIND_HELP = {
+    "dataset": "digits | mnist5k | mnist | fashion-mnist | synthetic | shakespeare | npz",
+    "partition": "iid | dirichlet | shards | natural",
+    "model": "logreg | mlp | lenet5 | cnn | char_transformer",
+    "strategy": "fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | scaffold | scaffold-m | fednova | "
+    "feddyn | fedcm | flwr:NAME; over a topology: dsgd | dsgd-atc | dsgt | dsgda | dsgda-atc",
+    "aggregator": "mean | median | trimmed_mean | krum | gaf",
+    "regulator": "none | ecgr | bherd (wraps the strategy's client algorithm)",
+    "client_filter": "none | gaf (micro-batch gradient filter)",
+    "availability": "always | markov",
+    "sampler": "shuffle | iid | markov-ring | markov-regular",
+    "optimizer": "sgd | adam | adamw | foam | gwt | mols | sgd-sai",
+    "lr_schedule": "constant | step | cosine",
+    "problem": "auc | dro (min-max problem of dsgda)",
+    "executor": "local | ray",
+}
+
+
+def _simulate_parameters() -> list[inspect.Parameter]:
+    """The ``simulate`` command's flags, derived from the run config: one flag per run-level key (help from
+    its field), one per component (``--strategy NAME_OR_REF``), the shortcut flags, then the CLI's own."""
+    from fedsim.config import COMPONENT_KEYS, RunConfig
+
+    def flag(name: str, annotation: Any, default: Any = None, *decls: str, **option: Any) -> inspect.Parameter:
+        return inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=default,
+            annotation=Annotated[annotation, Opt(*decls, **option)],
+        )
+
+    params = [
+        inspect.Parameter(
+            "config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+            annotation=Annotated[Path | None, typer.Argument(help="YAML or TOML config file; flags override it.")],
+        )
+    ]  # fmt: skip
+    for name, field in RunConfig.model_fields.items():
+        if name in COMPONENT_KEYS:
+            help_ = f"{_KIND_HELP[name]}, or package.module:Name (fedsim list {COMPONENT_KEYS[name]})"
+            params.append(flag(name, str | None, help=help_))
+        else:
+            params.append(flag(name, _cli_type(field.annotation), help=field.description))
+    for name, (target, kind, help_) in OPTION_FLAGS.items():
+        params.append(flag(name, kind | None, help=f"{help_} (--set {target}=VALUE)"))
+    params += [
+        flag("set_", list[str] | None, None, "--set",
+             help="Any config key or component option: --set strategy.server_lr=0.01 (repeatable)."),
+        flag("out", Path | None, help="Results folder (default: runs/STRATEGY-DATASET-MODEL-sSEED)."),
+        flag("overwrite", bool, False, help="Replace an existing results folder."),
+        flag("resume", Path | None, help="Continue the run in this results folder from its checkpoint."),
+        flag("seeds", str | None,
+             help="Repeat over seeds (0-9, 0,3,7, 1-3,8): OUT/seed-S/ each, quantiles in seeds_summary.json"),
+        flag("probe", str | None, help="stability: twin run on data differing in one sample of one node."),
+        flag("probe_node", int | None, help="Stability probe: node/client whose sample is replaced (0)."),
+        flag("probe_sample", int | None, help="Stability probe: position of that sample in its list (0)."),
+        flag("quiet", bool, False, help="No progress bar."),
+    ]  # fmt: skip
+    return params
+
+
+def _cli_type(annotation: Any) -> Any:
+    """A run-level field's type as a CLI flag: Literal and bool choices stay strings/flags, all optional."""
+    import typing
+
+    if typing.get_origin(annotation) is typing.Literal:
+        return str | None
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    return base | None
+
+
+_CLI_ONLY = ("config", "set_", "out", "overwrite", "resume", "seeds", "probe", "probe_node", "probe_sample", "quiet")
+
+
+def simulate(**flags: Any) -> None:
+    """Run a federated or decentralized experiment and write its results folder."""
     from fedsim import simulation
     from fedsim.config import load_config
 
+    config, set_, out, overwrite, resume, seeds, probe, probe_node, probe_sample, quiet = (
+        flags.pop(k) for k in _CLI_ONLY
+    )  # fmt: skip
     progress = _Progress(quiet)
     if resume is not None and seeds is not None:
         raise FedsimError("--seeds cannot be combined with --resume; resume one seed's folder: --resume OUT/seed-S")
     if resume is not None:
-        given = [
-            n
-            for n, v in locals().items()
-            if n not in ("resume", "quiet", "progress", "simulation", "load_config", "overwrite")
-            and v not in (None, False, [])
-        ]
+        given = [n for n, v in {**flags, "config": config, "set": set_, "out": out, "seeds": seeds, "probe": probe,
+                                "probe_node": probe_node, "probe_sample": probe_sample}.items()
+                 if v not in (None, False, [])]  # fmt: skip
         if given:
             raise FedsimError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
         with progress:
             summary = simulation.resume(resume, on_round=progress.update)
         _print_summary(summary, resume)
         return
-    overrides = dict(
-        dataset=dataset, data_path=data_path, model=model, topology=topology, mixing=mixing,
-        clients=clients, partition=partition, alpha=alpha,
-        availability=availability, problem=problem, dual_lr=dual_lr,
-        strategy=strategy, fraction=fraction, rounds=rounds, local_steps=local_steps, local_epochs=local_epochs,
-        batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, optimizer=optimizer, momentum=momentum, mu=mu,
-        seed=seed, device=device, chunk_size=chunk_size, eval_every=eval_every,
-        laziness=laziness, regulator=regulator, ecgr_beta=ecgr_beta, ecgr_rho=ecgr_rho, ecgr_center=ecgr_center,
-        bherd_unit=bherd_unit, bherd_ratio=bherd_ratio, bherd_scale=bherd_scale, aggregator=aggregator,
-        foam_level=foam_level, foam_scale=foam_scale, gwt_level=gwt_level, gwt_scale=gwt_scale,
-        mols_estimator=mols_estimator, mols_refresh=mols_refresh, executor=executor, num_actors=num_actors,
-        cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, ray_address=ray_address, backend=backend,
-    )  # fmt: skip
+    overrides = {OPTION_FLAGS[k][0] if k in OPTION_FLAGS else k: v for k, v in flags.items() if v is not None}
     overrides.update(_parse_pairs(set_))
-    repeat = _repeat_options(seeds, seed, probe, probe_node, probe_sample)
+    repeat = _repeat_options(seeds, flags.get("seed"), probe, probe_node, probe_sample)
     cfg = load_config(config, overrides)
     if repeat is not None:
         _simulate_repeats(cfg, *repeat, out=out, overwrite=overwrite, progress=progress)
         return
-    out = out or _default_out(cfg.strategy, cfg.dataset, cfg.model, cfg.seed)
+    out = out or _default_out(cfg.strategy.name, cfg.dataset.name, cfg.model.name, cfg.seed)
     progress.total = cfg.rounds
     with progress:
         summary = simulation.simulate(cfg, out, overwrite=overwrite, on_round=progress.update)
     _print_summary(summary, out)
+
+
+simulate.__signature__ = inspect.Signature(_simulate_parameters())  # type: ignore[attr-defined]
+app.command()(simulate)
 
 
 def _repeat_options(
@@ -208,7 +205,7 @@ def _simulate_repeats(
     from fedsim.seeds import run_seeds
 
     tag = "seeds" if seeds is not None else None
-    out = out or _default_out(cfg.strategy, cfg.dataset, cfg.model, cfg.seed, tag)
+    out = out or _default_out(cfg.strategy.name, cfg.dataset.name, cfg.model.name, cfg.seed, tag)
     progress.total = cfg.rounds * (len(seeds) if seeds else 1)
     done = iter(range(1, progress.total + 1))
     tick = lambda record: progress.update({**record, "round": next(done)})  # noqa: E731
@@ -292,28 +289,59 @@ def plot(
 
 
 @app.command("list")
-def list_components() -> None:
-    """Show datasets, partitioners, samplers, models, strategies, optimizers and schedules."""
-    from fedsim.data import DATASETS, PARTITIONERS
-    from fedsim.data.samplers import SAMPLERS
-    from fedsim.models import MODELS
-    from fedsim.optim import OPTIMIZERS, SCHEDULES
-    from strategies import AGGREGATORS, CLIENT_FILTERS, DECENTRALIZED, REGULATORS, STRATEGIES
-    from topologies import GENERATORS, MIXING_METHODS
+def list_components(
+    kind: Annotated[str | None, typer.Argument(help="A component kind (strategy, optimizer, ...).")] = None,
+    name: Annotated[str | None, typer.Argument(help="A component: its options with type, default and help.")] = None,
+) -> None:
+    """The component kinds and their names; one kind with a line per component; one component's options."""
+    from fedsim.core import components
 
-    for title, names in (
-        ("datasets", DATASETS), ("partitioners", PARTITIONERS), ("samplers", SAMPLERS), ("models", MODELS),
-        ("strategies", STRATEGIES), ("decentralized", DECENTRALIZED), ("regulators", REGULATORS),
-        ("aggregators", AGGREGATORS), ("client filters", CLIENT_FILTERS), ("optimizers", OPTIMIZERS),
-        ("lr schedules", SCHEDULES), ("topologies", GENERATORS), ("mixing", MIXING_METHODS),
-    ):  # fmt: skip
-        typer.echo(f"{title + ':':14} {', '.join(names)}")
+    if kind is None:
+        from topologies import GENERATORS, MIXING_METHODS
+
+        for k in components.KINDS.values():
+            shown = components.names(k.name)
+            if k.none:
+                shown = [k.none, *shown]
+            typer.echo(f"{k.name + ':':15} {', '.join(shown)}")
+        typer.echo(f"{'topologies:':15} {', '.join(GENERATORS)}")
+        typer.echo(f"{'mixing:':15} {', '.join(MIXING_METHODS)}")
+        typer.echo(f"{'flower:':15} {_flower_names()}")
+        typer.echo("fedsim list KIND for one line each; fedsim list KIND NAME for a component's options")
+        return
+    k = components.kind_of(kind)
+    if name is None:
+        typer.echo(f"{k.name} ({k.help}); config key '{k.key}'")
+        if k.none:
+            typer.echo(f"  {k.none:18} no {k.name}")
+        for component in components.components(k.name):
+            origin = "" if component.origin == "built-in" else f" [{component.origin}]"
+            typer.echo(f"  {component.name:18} {component.summary}{origin}")
+        if k.name == "strategy":
+            typer.echo(f"  {'flwr:NAME':18} Flower's strategies on our engine: {_flower_names()}")
+        return
+    component = components.get(k.name, name)
+    typer.echo(f"{k.name} {component.name}: {component.summary}")
+    rows = components.describe(component)
+    if not rows:
+        typer.echo("  (no options)")
+    for row in rows:
+        default = "required" if row["required"] else f"default {row['default']!r}"
+        bounds = f", {row['bounds']}" if row["bounds"] else ""
+        typer.echo(f"  {row['name']:20} {row['type']} ({default}{bounds})")
+        if row["help"]:
+            typer.echo(f"  {'':20} {row['help']}")
+    if component.open:
+        typer.echo("  (also accepts any other keyword option)")
+    typer.echo(f"set with: --set {k.key}.OPTION=VALUE, or {k.key}: {{name: {component.name}, OPTION: VALUE}}")
+
+
+def _flower_names() -> str:
     try:
         from strategies.flower import flower_strategies
     except FedsimError:
-        typer.echo(f"{'flower:':14} (not installed: pip install 'fedsim[flower]')")
-    else:
-        typer.echo(f"{'flower:':14} {', '.join('flwr:' + n for n in sorted(flower_strategies()))}")
+        return "(not installed: pip install 'fedsim[flower]')"
+    return ", ".join("flwr:" + n for n in sorted(flower_strategies()))
 
 
 def _emit_json(result: dict[str, Any], out: Path | None) -> None:

@@ -84,47 +84,51 @@ class RunConfig(BaseModel):
 
     # data and partition
     dataset: Spec
-    train_samples: int | None = Field(None, ge=1)  # a seeded random subset of the training set
-    clients: int = Field(20, ge=1)
+    train_samples: int | None = Field(None, ge=1, description="Train on a seeded random subset of this many samples.")
+    clients: int = Field(20, ge=1, description="Number of simulated clients (over a topology: its node count).")
     partition: Spec
-    min_client_size: int = Field(2, ge=1)
-    client_test_fraction: float = Field(0.2, ge=0, lt=1)
+    min_client_size: int = Field(2, ge=1, description="Samples every client holds at least.")
+    client_test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each client's samples held out.")
     # model
     model: Spec
     # decentralized mode (a topology file turns it on)
-    topology: str | None = None
-    mixing: str = "metropolis_hastings"
-    schedule: Literal["static", "one_peer_exponential", "random_matchings"] = "static"
+    topology: str | None = Field(None, description="Graph file: decentralized training over it.")
+    mixing: str = Field("metropolis_hastings", description="Mixing matrix: metropolis_hastings | max_degree | ...")
+    schedule: Literal["static", "one_peer_exponential", "random_matchings"] = Field(
+        "static", description="Gossip over time: static | one_peer_exponential | random_matchings."
+    )
     problem: Spec | None = None
     # strategy and what composes with it
     strategy: Spec
-    fraction: float = Field(1.0, gt=0, le=1)
-    min_clients: int = Field(1, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1, description="Fraction of clients selected per round.")
+    min_clients: int = Field(1, ge=1, description="Clients selected per round at least.")
     aggregator: Spec
     regulator: Spec
     client_filter: Spec
     availability: Spec
     # local training
-    rounds: int = Field(20, ge=1)
-    local_steps: int = Field(10, ge=1)
-    local_epochs: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1)
+    rounds: int = Field(20, ge=1, description="Communication rounds.")
+    local_steps: int = Field(10, ge=1, description="Local optimizer steps per round.")
+    local_epochs: int | None = Field(None, ge=1, description="Local epochs per round instead (ragged).")
+    batch_size: int = Field(32, ge=1, description="Local minibatch size.")
     sampler: Spec
     optimizer: Spec
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.05, gt=0, description="Local learning rate.")
     lr_schedule: Spec
     # engine
-    seed: int = Field(0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    chunk_size: int | None = Field(None, ge=1)
-    grad_mode: Literal["sum", "vmap"] = "sum"
-    sequential: bool = False
+    seed: int = Field(0, ge=0, description="Run seed.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
+    chunk_size: int | None = Field(None, ge=1, description="Clients per vectorized call (default: from memory).")
+    grad_mode: Literal["sum", "vmap"] = Field("sum", description="Per-client gradients: sum | vmap.")
+    sequential: bool = Field(False, description="Train clients one by one (the reference path).")
     executor: Spec
-    backend: Literal["fedsim", "flower"] = "fedsim"  # flower: clients run as Flower ClientApps (simulation engine)
-    flower_cpus_per_client: float = Field(1.0, gt=0)  # backend flower: CPUs per Flower client
+    backend: Literal["fedsim", "flower"] = Field(
+        "fedsim", description="fedsim (our engine) | flower (clients as Flower ClientApps)."
+    )
+    flower_cpus_per_client: float = Field(1.0, gt=0, description="--backend flower: CPUs per Flower client.")
     # evaluation and results
-    eval_every: int = Field(1, ge=1)
-    checkpoint_every: int = Field(10, ge=0)
+    eval_every: int = Field(1, ge=1, description="Evaluate every N rounds.")
+    checkpoint_every: int = Field(10, ge=0, description="Checkpoint every N rounds (0: never).")
 
     @model_validator(mode="before")
     @classmethod

@@ -80,16 +80,18 @@ class Component:
     obj: Callable[..., Any]
     summary: str = ""
     origin: str = "built-in"
+    declared: Callable[..., Any] | None = None
+    """Where the options are declared when it is not ``obj`` itself (an adapter around a foreign class)."""
 
     @cached_property
     def parameters(self) -> list[inspect.Parameter]:
-        """The keyword parameters of the object's signature (through ``**kwargs`` to base classes)."""
-        return _keyword_parameters(self.obj, self.kind.positional)
+        """The keyword parameters of the declaring signature (through ``**kwargs`` to base classes)."""
+        return _keyword_parameters(self.declared or self.obj, self.kind.positional)
 
     @property
     def open(self) -> bool:
         """True when the signature ends in a ``**kwargs`` that no base class closes: any option is passed."""
-        return _accepts_any(self.obj)
+        return _accepts_any(self.declared or self.obj)
 
     @cached_property
     def schema(self) -> type[BaseModel]:
@@ -123,8 +125,8 @@ class Component:
     def build(self, options: Mapping[str, Any] | None = None, **context: Any) -> Any:
         """Call the component with validated ``options`` and the context values its signature accepts."""
         values = self.validate(options or {})
-        names = {p.name for p in self.parameters}
-        wanted = {k: v for k, v in context.items() if k in names or (self.open and k in self.kind.context)}
+        names = {p.name for p in _keyword_parameters(self.obj, self.kind.positional)}
+        wanted = {k: v for k, v in context.items() if k in names or (_accepts_any(self.obj) and k in self.kind.context)}
         try:
             built = self.obj(**values, **wanted)
         except FedsimError as err:
@@ -474,8 +476,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def _summary(obj: Any) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().split("\n\n")[0].replace("\n", " ")
+    """The first sentence of the docstring's first paragraph."""
+    doc = (inspect.getdoc(obj) or "").strip().split("\n\n")[0].replace("\n", " ")
+    first, sep, _ = doc.partition(". ")
+    return first + "." if sep else doc
 
 
 def _origin(obj: Any) -> str:

@@ -46,7 +46,9 @@ class FedsimClient:
     composed around it. ``optimizer``: a name of :func:`fedsim.optim.make_optimizer` (with
     ``optimizer_options``) or a functional optimizer. ``client_id``: the id that seeds the batches (default:
     the node's ``partition-id``). The learning rate and round come from the message's config (``lr``,
-    ``server-round``).
+    ``server-round``). ``strategy_options`` are the named strategy's own options; any option that would not
+    be used (an unknown one, one of another component, or options with an already built strategy) raises
+    :class:`FedsimError`.
     """
 
     def __init__(
@@ -71,24 +73,34 @@ class FedsimClient:
         device: torch.device | str = "cpu",
         **strategy_options: Any,
     ) -> None:
-        if isinstance(strategy, str):
+        if not isinstance(strategy, str | dict) and strategy_options:
+            raise FedsimError(
+                f"FedsimClient: options {', '.join(sorted(strategy_options))} apply to a strategy given by name, "
+                f"not to an already built {type(strategy).__name__}"
+            )
+        if isinstance(optimizer, str | dict):
+            optimizer = make_optimizer(optimizer, **(optimizer_options or {}))
+        elif optimizer_options:
+            raise FedsimError("FedsimClient: optimizer_options apply to an optimizer given by name")
+        if isinstance(sampler, str | dict):
+            sampler = make_sampler(sampler)
+        if isinstance(strategy, str | dict):
             strategy = ours.build_strategy(strategy, regulator=regulator, client_filter=client_filter,
                                            **strategy_options)  # fmt: skip
             algorithm = strategy.client_algorithm
         elif isinstance(strategy, ours.Strategy):
-            algorithm = ours.compose(strategy.client_algorithm, regulator, client_filter)
+            algorithm = ours.compose(
+                strategy.client_algorithm, ours.make_regulator(regulator), ours.make_client_filter(client_filter)
+            )
         else:
-            algorithm = ours.compose(strategy, regulator, client_filter)
+            algorithm = ours.compose(strategy, ours.make_regulator(regulator), ours.make_client_filter(client_filter))
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.x, self.y = torch.as_tensor(x), torch.as_tensor(y).long()
         if len(self.x) == 0:
             raise FedsimError("FedsimClient: the node has no training samples")
         self.algorithm = algorithm
-        if isinstance(optimizer, str):
-            optimizer = make_optimizer(optimizer, **(optimizer_options or {}))
-        self.optimizer = optimizer
-        self.sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
+        self.optimizer, self.sampler = optimizer, sampler
         self.settings = dict(seed=seed, local_steps=None if local_epochs else local_steps, local_epochs=local_epochs,
                              batch_size=batch_size, grad_mode=grad_mode, loss_fn=loss_fn)  # fmt: skip
         self.client_id = client_id

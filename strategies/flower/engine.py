@@ -24,8 +24,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedsim.core import rng
-from fedsim.core.errors import FedsimError
+from fedsim.core import components, rng
+from fedsim.core.errors import FedsimError, unknown
 from fedsim.core.protocol import ClientUpdates, Plan, ServerState
 from fedsim.engine.evaluate import evaluate
 from strategies.base import Strategy
@@ -142,19 +142,20 @@ class EngineGrid(Grid):
         return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+ENGINE_DEFAULTS = {"fraction_evaluate": 0.0, "min_train_nodes": 1, "min_evaluate_nodes": 0, "min_available_nodes": 1}
+"""Our defaults for Flower's strategies on our engine (evaluation is ours; any node count is enough)."""
+
+
 def make_flower_strategy(name: str, fraction: float = 1.0, **options: Any):
     """Flower's strategy ``name`` (``FedAdam``, ``FedTrimmedAvg``, ``Krum``, ...) set up for our engine:
     ``fraction_train=fraction``, no federated evaluation, at least one node; ``options`` go to its
     constructor (they win over those defaults)."""
     available = flower_strategies()
     if name not in available:
-        from fedsim.core.errors import unknown
-
         raise unknown("Flower strategy", name, sorted(available))
     cls = available[name]
     accepted = set(inspect.signature(cls.__init__).parameters)
-    defaults = {"fraction_train": fraction, "fraction_evaluate": 0.0, "min_train_nodes": 1,
-                "min_evaluate_nodes": 0, "min_available_nodes": 1}  # fmt: skip
+    defaults = {"fraction_train": fraction, **ENGINE_DEFAULTS}
     unknown_options = sorted(set(options) - accepted)
     if unknown_options:
         raise FedsimError(f"Flower strategy {name} takes no option {', '.join(unknown_options)}")
@@ -194,6 +195,49 @@ class FlowerHosted(Strategy):
         device = next(iter(state.params.values())).device
         new = from_record(arrays, device)
         return ServerState({k: new[k].to(state.params[k].dtype) for k in state.params}, state.extras)
+
+
+def flower_component(name: str) -> components.Component:
+    """The component ``flwr:NAME`` of kind ``strategy``: options are the Flower class's constructor keywords
+    (validated against its signature); building it needs the simulation it drives."""
+    available = flower_strategies()
+    if name not in available:
+        raise unknown("Flower strategy", name, sorted(available))
+
+    def build(*, simulation=None, fraction: float = 1.0, **options: Any) -> FlowerHosted:
+        if simulation is None:
+            raise FedsimError(f"strategy 'flwr:{name}' drives a fedsim simulation; use it from fedsim simulate")
+        return hosted_strategy(name, simulation, fraction, **options)
+
+    cls = available[name]
+    summary = f"Flower's {name} ({cls.__module__}) on our engine."
+    return components.Component(
+        components.kind_of("strategy"), f"flwr:{name}", build, summary, origin="flwr", declared=_declared(cls)
+    )
+
+
+_SET_BY_ENGINE = ("fraction_train", "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn")
+"""Flower constructor keywords that are not options here: the run's ``fraction``, and callables."""
+
+
+def _declared(cls: type) -> Any:
+    """The options of Flower strategy ``cls``: its constructor keywords with our engine's defaults (no
+    federated evaluation, one node enough), without those the engine sets."""
+    import typing
+
+    hints = typing.get_type_hints(cls.__init__)
+    params = [
+        p.replace(default=ENGINE_DEFAULTS.get(p.name, p.default))
+        for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+        if p.name not in _SET_BY_ENGINE and p.kind is not p.VAR_KEYWORD
+    ]
+
+    def options(**values: Any) -> None:
+        """Flower strategy options."""
+
+    options.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    options.__annotations__ = {p.name: hints[p.name] for p in params if p.name in hints}
+    return options
 
 
 def hosted_strategy(name: str, simulation, fraction: float = 1.0, **options: Any) -> FlowerHosted:

@@ -30,11 +30,17 @@ from fedsim.core.protocol import ClientUpdates, ServerState
 
 from .records import ARRAYS, from_record, to_record, train_content, updates_from_replies
 
+DEFAULT_LR = 0.05
+"""The clients' learning rate when neither ``FlowerStrategy(lr=...)`` nor the train config gives one."""
+
 
 class FlowerStrategy(FedAvg):
     """A fedsim strategy (an instance, or a name for :func:`strategies.build_strategy` with ``options``)
     behind Flower's strategy interface; ``lr``: the clients' local learning rate (a number or a function of
-    the round) sent in every train config; ``seed``: the run seed of client selection."""
+    the round) sent in every train config; ``seed``: the run seed of client selection. An option the named
+    strategy does not take is refused. A learning rate in the ``train_config`` that Flower's ``start`` passes
+    wins when ``lr`` is not given, and is refused when it disagrees with ``lr`` (never replaced silently);
+    with neither, the clients get :data:`DEFAULT_LR`."""
 
     required_extras: tuple[str, ...] = ()
     """Upload prefixes every reply must carry in ``fedsim.extras`` (SCAFFOLD: ``dc.``)."""
@@ -43,7 +49,7 @@ class FlowerStrategy(FedAvg):
         self,
         strategy: ours.Strategy | str = "fedavg",
         *,
-        lr: float | Callable[[int], float] = 0.05,
+        lr: float | Callable[[int], float] | None = None,
         seed: int = 0,
         client_nodes: Sequence[int] | None = None,
         fraction_evaluate: float = 0.0,
@@ -64,8 +70,17 @@ class FlowerStrategy(FedAvg):
         self.last_updates: ClientUpdates | None = None
         self._sent: tuple[dict[int, int], dict, float, int] | None = None
 
-    def local_lr(self, server_round: int) -> float:
-        return float(self.lr(server_round) if callable(self.lr) else self.lr)
+    def local_lr(self, server_round: int, config: ConfigRecord | None = None) -> float:
+        """This round's local learning rate: ``lr`` or the train config's ``lr`` (they must agree when both
+        are given), else :data:`DEFAULT_LR`."""
+        ours = None if self.lr is None else float(self.lr(server_round) if callable(self.lr) else self.lr)
+        theirs = None if config is None or "lr" not in config else float(config["lr"])
+        if ours is not None and theirs is not None and ours != theirs:
+            raise FedsimError(
+                f"the train config's lr {theirs} disagrees with FlowerStrategy(lr={ours}) in round {server_round}; "
+                "give the learning rate in one place"
+            )
+        return next((v for v in (ours, theirs) if v is not None), DEFAULT_LR)
 
     def nodes(self, grid: Grid) -> list[int]:
         """Node id of every client id (waits for ``min_available_nodes`` as Flower's strategies do)."""
@@ -81,7 +96,7 @@ class FlowerStrategy(FedAvg):
         self.state = self.strategy.init(params) if self.state is None else ServerState(params, self.state.extras)
         nodes = self.nodes(grid)
         plan = self.strategy.configure(server_round, self.state, len(nodes), self.seed)
-        lr = self.local_lr(server_round)
+        lr = self.local_lr(server_round, config)
         config["server-round"], config["lr"] = server_round, lr
         selected = [nodes[int(i)] for i in plan.client_ids]
         self._sent = ({nodes[int(i)]: int(i) for i in plan.client_ids}, params, lr, len(nodes))
@@ -123,32 +138,31 @@ class SCAFFOLD(FlowerStrategy):
 
     required_extras = ("dc.",)
 
-    def __init__(self, *, server_lr: float = 1.0, scaffold_weighting: str = "samples", fraction_train: float = 1.0,
+    def __init__(self, *, server_lr: float = 1.0, weighting: str = "samples", fraction_train: float = 1.0,
                  **kwargs) -> None:  # fmt: skip
-        strategy = ours.SCAFFOLD(server_lr=server_lr, scaffold_weighting=scaffold_weighting, fraction=fraction_train)
+        strategy = ours.SCAFFOLD(server_lr=server_lr, weighting=weighting, fraction=fraction_train)
         super().__init__(strategy, **kwargs)
 
 
 class FedNova(FlowerStrategy):
     """FedNova (:class:`strategies.FedNova`) for Flower: normalizes by each reply's ``num-steps``."""
 
-    def __init__(self, *, fednova_form: str = "simplified", mu: float = 0.0, local_momentum: float = 0.0,
+    def __init__(self, *, form: str = "simplified", mu: float = 0.0, local_momentum: float = 0.0,
                  fraction_train: float = 1.0, **kwargs) -> None:  # fmt: skip
-        strategy = ours.FedNova(fednova_form=fednova_form, mu=mu, local_momentum=local_momentum,
-                                fraction=fraction_train)  # fmt: skip
+        strategy = ours.FedNova(form=form, mu=mu, local_momentum=local_momentum, fraction=fraction_train)
         super().__init__(strategy, **kwargs)
 
 
 class FedDyn(FlowerStrategy):
     """FedDyn (:class:`strategies.FedDyn`) for Flower (clients keep ``h_k`` in their ``context.state``)."""
 
-    def __init__(self, *, feddyn_alpha: float = 0.01, fraction_train: float = 1.0, **kwargs) -> None:
-        super().__init__(ours.FedDyn(feddyn_alpha=feddyn_alpha, fraction=fraction_train), **kwargs)
+    def __init__(self, *, alpha: float = 0.01, fraction_train: float = 1.0, **kwargs) -> None:
+        super().__init__(ours.FedDyn(alpha=alpha, fraction=fraction_train), **kwargs)
 
 
 class FedCM(FlowerStrategy):
     """FedCM / FedAvg-M (:class:`strategies.FedCM`) for Flower: broadcasts the momentum ``m``."""
 
-    def __init__(self, *, fedcm_beta: float = 0.1, server_lr: float = 1.0, fraction_train: float = 1.0,
+    def __init__(self, *, beta: float = 0.1, server_lr: float = 1.0, fraction_train: float = 1.0,
                  **kwargs) -> None:  # fmt: skip
-        super().__init__(ours.FedCM(fedcm_beta=fedcm_beta, server_lr=server_lr, fraction=fraction_train), **kwargs)
+        super().__init__(ours.FedCM(beta=beta, server_lr=server_lr, fraction=fraction_train), **kwargs)

@@ -21,7 +21,7 @@ def train(msg: Message, context: Context) -> Message:
     if node not in _clients:
         cfg = settings(context.run_config)
         x, y = load_partition(node, int(context.node_config["num-partitions"]), cfg["seed"], cfg["dirichlet-alpha"])
-        ecgr = make_regulator("ecgr", ecgr_rho=cfg["ecgr-rho"], ecgr_beta=cfg["ecgr-beta"])
+        ecgr = make_regulator("ecgr", rho=cfg["ecgr-rho"], beta=cfg["ecgr-beta"])
         _clients[node] = FedsimClient(
             make_model(cfg["seed"]), x, y, strategy="scaffold", regulator=ecgr, local_steps=cfg["local-steps"],
             batch_size=cfg["batch-size"], seed=cfg["seed"],

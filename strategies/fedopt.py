@@ -59,6 +59,9 @@ from fedsim.core.pytree import Tree
 from .base import Strategy, check_positive
 
 VARIANTS = ("reddi", "flower")
+ServerLR = Annotated[float, option("server learning rate eta", gt=0)]
+Tau = Annotated[float, option("adaptivity tau (also v_0 = tau^2 in the reddi variant)", gt=0)]
+Beta2 = Annotated[float, option("second-moment coefficient", ge=0, lt=1)]
 Variant = Literal["reddi", "flower"]
 
 
@@ -76,10 +79,9 @@ class FedOpt(Strategy):
 
     def __init__(
         self,
-        server_lr: float = 0.1,
-        beta1: float = 0.9,
-        beta2: float = 0.99,
-        tau: float = 1e-9,
+        server_lr: ServerLR = 0.1,
+        beta1: Annotated[float, option("first-moment (server momentum) coefficient", ge=0, lt=1)] = 0.9,
+        tau: Tau = 1e-9,
         variant: Annotated[
             Variant, option("update rule: reddi (the paper's Algorithm 2) or flower (flwr 1.41's strategies)")
         ] = "reddi",
@@ -89,7 +91,11 @@ class FedOpt(Strategy):
         check_positive(server_lr=server_lr, tau=tau)
         if variant not in VARIANTS:
             raise FedsimError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
-        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+        if variant == "flower" and self.flower_beta1 is not None and beta1 != 0.9:
+            raise FedsimError(
+                f"{self.name}'s flower variant fixes beta_1 = {self.flower_beta1} (as Flower does); beta1 is unused"
+            )
+        self.server_lr, self.beta1, self.tau = server_lr, beta1, tau
         self.variant = variant
 
     def init(self, params: Tree) -> ServerState:
@@ -143,8 +149,9 @@ class FedYogi(FedOpt):
 
     name = "fedyogi"
 
-    def __init__(self, server_lr: float = 0.01, tau: float = 1e-3, **kwargs):
+    def __init__(self, server_lr: ServerLR = 0.01, tau: Tau = 1e-3, beta2: Beta2 = 0.99, **kwargs):
         super().__init__(server_lr=server_lr, tau=tau, **kwargs)
+        self.beta2 = beta2
 
     def second_moment(self, v, d2):
         return v - (1 - self.beta2) * d2 * torch.sign(v - d2)
@@ -156,6 +163,10 @@ class FedAdam(FedOpt):
     ``v_0 = 0``. See the module docstring."""
 
     name = "fedadam"
+
+    def __init__(self, beta2: Beta2 = 0.99, **kwargs):
+        super().__init__(**kwargs)
+        self.beta2 = beta2
 
     def second_moment(self, v, d2):
         return self.beta2 * v + (1 - self.beta2) * d2

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.availability import MarkovAvailability, make_availability
+from fedsim.availability import MarkovAvailability
+from fedsim.core import components
 from fedsim.config import make_config
 from fedsim.core import rng
 from fedsim.core.errors import FedsimError
@@ -124,10 +125,10 @@ def test_invalid_probabilities(p_on, p_off):
 
 
 def test_make_availability():
-    assert make_availability("always", p_on=0.5, p_off=0.5, seed=0) is None
-    assert isinstance(make_availability("markov", p_on=0.5, p_off=0.5, seed=0), MarkovAvailability)
+    assert components.build("availability", "always", seed=0) is None
+    assert isinstance(components.build("availability", {"name": "markov", "p_on": 0.5}, seed=0), MarkovAvailability)
     with pytest.raises(FedsimError, match="unknown availability 'markv'.*did you mean 'markov'"):
-        make_availability("markv", p_on=0.5, p_off=0.5, seed=0)
+        components.build("availability", "markv", seed=0)
     with pytest.raises(FedsimError, match="rounds start at 1"):
         MarkovAvailability(0.5, 0.5, 0).available(0, 4)
 

@@ -88,6 +88,8 @@ def _flower_strategy(kind, hyper, num_nodes):
 def _our_strategy(kind, hyper):
     if hyper is None:  # our defaults with Flower's Message-API tau: the same numbers as Flower's defaults
         return OURS[kind](variant="flower", tau=1e-3)
+    if kind == "fedadagrad":  # no betas: FedAdagrad has no beta2, and its flower variant fixes beta_1 = 0
+        hyper = {k: v for k, v in hyper.items() if k not in ("beta1", "beta2")}
     return OURS[kind](variant="flower", **hyper)
 
 
@@ -243,10 +245,17 @@ def test_flower_variant_differs_from_reddi(cls):
 
 
 def test_fedadagrad_flower_has_no_server_momentum():
-    """Flower's FedAdagrad fixes beta_1 = 0, so the flower variant's m is the pseudo-gradient, whatever beta1."""
-    a, b = _run(FedAdagrad(variant="flower", beta1=0.9)), _run(FedAdagrad(variant="flower", beta1=0.3))
-    for sa, sb in zip(a, b, strict=True):
-        assert all(torch.equal(sa.params[k], sb.params[k]) for k in SHAPES)
+    """Flower's FedAdagrad fixes beta_1 = 0: the flower variant's m is the pseudo-gradient, and a beta1 the user
+    sets would be unused, so it is refused (FedAdagrad has no beta2 at all)."""
+    assert FedAdagrad(variant="flower").momentum() == 0.0
+    assert FedAdagrad(variant="reddi").momentum() == 0.9
+    with pytest.raises(FedsimError, match="beta1 is unused"):
+        FedAdagrad(variant="flower", beta1=0.3)
+    with pytest.raises(TypeError):
+        FedAdagrad(beta2=0.5)
+    from fedsim.core import components
+
+    assert "beta2" not in components.get("strategy", "fedadagrad").options()
     # with reddi, beta1 matters
     c, d = _run(FedAdagrad(beta1=0.9)), _run(FedAdagrad(beta1=0.3))
     assert not torch.equal(c[2].params["fc.weight"], d[2].params["fc.weight"])
@@ -255,7 +264,8 @@ def test_fedadagrad_flower_has_no_server_momentum():
 def test_variant_keeps_the_defaults():
     for kind, cls in OURS.items():
         r, f = cls(), cls(variant="flower")
-        assert (r.server_lr, r.beta1, r.beta2, r.tau) == (f.server_lr, f.beta1, f.beta2, f.tau), kind
+        assert (r.server_lr, r.beta1, r.tau) == (f.server_lr, f.beta1, f.tau), kind
+        assert getattr(r, "beta2", None) == getattr(f, "beta2", None), kind
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -224,7 +224,7 @@ def get(kind: str, name: str) -> Component:
         return _NAMESPACES[(kind, prefix)](rest)
     if sep:
         return _from_reference(k, name)
-    choices = names(kind)
+    choices = names(kind) + ([k.none] if k.none else [])
     raise FedsimError(
         f"unknown {kind} {name!r}{did_you_mean(name, choices)}; choose from: {', '.join(sorted(choices))} "
         "(or package.module:Name)"
@@ -283,8 +283,9 @@ class Spec(BaseModel):
     def get(self, option: str, default: Any = None) -> Any:
         return self.options.get(option, default)
 
-    def nested(self) -> dict[str, Any]:
-        return {"name": self.name, **self.options}
+    def nested(self) -> str | dict[str, Any]:
+        """``{name: ..., option: value, ...}``, or just the name for a component without options."""
+        return {"name": self.name, **self.options} if self.options else self.name
 
 
 def resolve_spec(kind: str, spec: Any) -> Spec:

@@ -23,7 +23,7 @@ class ComposedClient(ClientAlgorithm):
 
     def __init__(self, host: ClientAlgorithm, regulator=None, gradient_filter=None):
         self.host, self.regulator, self.gradient_filter = host, regulator, gradient_filter
-        self.name = "+".join(a.name for a in (host, gradient_filter, regulator) if a is not None)
+        self.name = "+".join(_label(a) for a in (host, gradient_filter, regulator) if a is not None)
         self.trajectory = regulator.trajectory if regulator is not None else host.trajectory
         counts = {getattr(a, "microbatches", 1) for a in (host, regulator, gradient_filter) if a is not None} - {1}
         if len(counts) > 1:
@@ -54,6 +54,11 @@ class ComposedClient(ClientAlgorithm):
         if self.regulator is None:
             return self.host.regulate(deltas, trajectory, num_steps)
         return self.regulator.regulate(deltas, trajectory, num_steps)
+
+
+def _label(part) -> str:
+    """A part's ``name`` (built-ins set one), else its class name in lower case (a plugin need not)."""
+    return getattr(part, "name", None) or type(part).__name__.lower()
 
 
 def compose(host: ClientAlgorithm, regulator=None, gradient_filter=None) -> ClientAlgorithm:

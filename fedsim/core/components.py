@@ -513,7 +513,7 @@ for _kind in (
     Kind("aggregator", "aggregator", "robust server aggregation in place of the weighted mean", "strategies",
          none="mean"),
     Kind("optimizer", "optimizer", "local optimizer of every client (functional, vmapped)", "fedsim.optim",
-         frozenset({"model", "compress"}), ("init", "update")),
+         frozenset({"model", "compress"}), ("init", "update", "step_")),
     Kind("lr_schedule", "lr_schedule", "per-round local learning rate", "fedsim.optim", required=("lr",)),
     Kind("availability", "availability", "which clients can take part in a round", "fedsim.availability",
          frozenset({"seed"}), none="always"),

@@ -217,9 +217,9 @@ class ClientAlgorithm:
         return deltas, {}, ctx.client_state
 
     def regulate(self, deltas: Tree, trajectory, num_steps: Tensor) -> tuple[Tree, Tree]:
-        """With :attr:`trajectory` set: turn the uploaded deltas and the recorded trajectory into the upload
-        (ECGR, BHerd); also return per-client diagnostics ``{name: [C]}``. Runs after :meth:`finish`, so host
-        state (SCAFFOLD's control variates) follows the actual local model."""
+        """Turn the uploaded deltas (and the recorded trajectory, when :attr:`trajectory` asks for one; else
+        None) into the upload (ECGR, BHerd); also return per-client diagnostics ``{name: [C]}``. Runs after
+        :meth:`finish`, so host state (SCAFFOLD's control variates) follows the actual local model."""
         return deltas, {}
 
 

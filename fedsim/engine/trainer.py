@@ -321,9 +321,8 @@ class VectorizedTrainer:
         batches = step_active.sum(dim=1)
         deltas = {name: origin[name] - p for name, p in params.items()}
         deltas, extras, new_client_state = algorithm.finish(deltas, taken, ctx)
-        stats: Tree = {}
-        if recorder is not None:
-            deltas, stats = algorithm.regulate(deltas, recorder.finish(origin), taken)
+        trajectory = recorder.finish(origin) if recorder is not None else None
+        deltas, stats = algorithm.regulate(deltas, trajectory, taken)
         train_loss = (loss_sum / batches.clamp_min(1)).float()
         return ChunkResult(deltas, taken, train_loss, extras, new_client_state, opt_state, stats)
 
@@ -414,9 +413,8 @@ def train_sequential(
         deltas = {n: origin[n] - p for n, p in params.items()}
         steps_t = torch.tensor([taken], device=sample_index.device)
         deltas, extras, new_state = algorithm.finish(deltas, steps_t, ctx)
-        stats: Tree = {}
-        if recorder is not None:
-            deltas, stats = algorithm.regulate(deltas, recorder.finish(origin), steps_t)
+        trajectory = recorder.finish(origin) if recorder is not None else None
+        deltas, stats = algorithm.regulate(deltas, trajectory, steps_t)
         results.append((deltas, taken, loss_sum / max(steps, 1), extras, new_state, opt_state_c, stats))
     cat = lambda i: {k: torch.cat([r[i][k] for r in results]) for k in results[0][i]}  # noqa: E731
     return ChunkResult(

@@ -14,6 +14,7 @@ from .memory import state_bytes
 from .mols import FunctionalMoLS, MoLS, mols
 from .schedules import Constant, Cosine, Step, lr_at
 from .sgd_sai import FunctionalSGDSaI, SGDSaI, sgd_sai
+from .stacked import AppliesUpdate, step_counter
 
 register("optimizer", "sgd", sgd)
 register("optimizer", "adam", adam)
@@ -29,7 +30,7 @@ register("lr_schedule", "cosine", Cosine)
 FunctionalOptimizer = SGD | Adam | FunctionalFOAM | FunctionalGWT | FunctionalMoLS | FunctionalSGDSaI
 
 __all__ = [
-    "FOAM", "GWT", "SGD", "Adam", "FunctionalFOAM", "FunctionalGWT", "FunctionalMoLS", "FunctionalOptimizer",
+    "FOAM", "GWT", "SGD", "Adam", "AppliesUpdate", "step_counter", "FunctionalFOAM", "FunctionalGWT", "FunctionalMoLS", "FunctionalOptimizer",
     "FunctionalSGDSaI", "MoLS", "SGDSaI", "compressible_names", "lr_at", "make_optimizer", "state_bytes",
     "transformer_param_groups",
 ]  # fmt: skip

@@ -118,7 +118,7 @@ def test_plugin_options_reach_the_components(plugin):
         (["--aggregator", "mean-of-medians", "--set", "aggregator.groups=0"], "aggregator 'mean-of-medians'"),
         (["--dataset", "blobs", "--set", "dataset.centers=1"], "dataset 'blobs', option 'centers'"),
         (["--strategy", f"{MODULE}:Nope"], f"module '{MODULE}' has no attribute 'Nope'"),
-        (["--optimizer", f"{MODULE}:DampedFedAvg"], "is not a optimizer"),
+        (["--optimizer", f"{MODULE}:DampedFedAvg"], "is not an optimizer"),
     ],
 )
 def test_plugin_options_are_validated(plugin, cli, tmp_path, flags, message):

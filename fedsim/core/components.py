@@ -412,9 +412,10 @@ def check_kind(kind: Kind, name: str, obj: Any) -> None:
     missing = [a for a in kind.required if not hasattr(obj, a)]
     if missing:
         what = obj.__name__ if inspect.isclass(obj) else type(obj).__name__
+        article = "an" if kind.name[0] in "aeiou" else "a"
         raise FedsimError(
-            f"'{name}' is not a {kind.name}: {what} has no {', '.join(missing)} "
-            f"(a {kind.name} needs {', '.join(kind.required)})"
+            f"'{name}' is not {article} {kind.name}: {what} has no {', '.join(missing)} "
+            f"({article} {kind.name} needs {', '.join(kind.required)})"
         )
 
 

@@ -292,10 +292,16 @@ def plot(
 def list_components(
     kind: Annotated[str | None, typer.Argument(help="A component kind (strategy, optimizer, ...).")] = None,
     name: Annotated[str | None, typer.Argument(help="A component: its options with type, default and help.")] = None,
+    markdown: Annotated[bool, Opt(help="Print the README's generated component tables.")] = False,
 ) -> None:
     """The component kinds and their names; one kind with a line per component; one component's options."""
     from fedsim.core import components
 
+    if markdown:
+        from fedsim.docs import readme_block
+
+        typer.echo(readme_block())
+        return
     if kind is None:
         from topologies import GENERATORS, MIXING_METHODS
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -480,8 +481,7 @@ def _first_line(e: BaseException) -> str:
 def _summary(obj: Any) -> str:
     """The first sentence of the docstring's first paragraph."""
     doc = (inspect.getdoc(obj) or "").strip().split("\n\n")[0].replace("\n", " ")
-    first, sep, _ = doc.partition(". ")
-    return first + "." if sep else doc
+    return re.split(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z`(])", doc, maxsplit=1)[0].rstrip(".") + "."
 
 
 def _origin(obj: Any) -> str:

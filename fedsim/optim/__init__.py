@@ -10,6 +10,7 @@ from .foam import FOAM, FunctionalFOAM, foam
 from .functional import SGD, Adam, adam, adamw, make_optimizer, sgd
 from .groups import compressible_names, transformer_param_groups
 from .gwt import GWT, FunctionalGWT, gwt
+from .lion import Lion
 from .memory import state_bytes
 from .mols import FunctionalMoLS, MoLS, mols
 from .schedules import Constant, Cosine, Step, lr_at
@@ -23,6 +24,7 @@ register("optimizer", "foam", foam)
 register("optimizer", "gwt", gwt)
 register("optimizer", "mols", mols, summary="MoLS-style (reconstruction): Adam with module-wise SNR scaling.")
 register("optimizer", "sgd-sai", sgd_sai)
+register("optimizer", "lion", Lion)
 register("lr_schedule", "constant", Constant)
 register("lr_schedule", "step", Step)
 register("lr_schedule", "cosine", Cosine)
@@ -30,7 +32,7 @@ register("lr_schedule", "cosine", Cosine)
 FunctionalOptimizer = SGD | Adam | FunctionalFOAM | FunctionalGWT | FunctionalMoLS | FunctionalSGDSaI
 
 __all__ = [
-    "FOAM", "GWT", "SGD", "Adam", "AppliesUpdate", "step_counter", "FunctionalFOAM", "FunctionalGWT", "FunctionalMoLS", "FunctionalOptimizer",
-    "FunctionalSGDSaI", "MoLS", "SGDSaI", "compressible_names", "lr_at", "make_optimizer", "state_bytes",
-    "transformer_param_groups",
+    "FOAM", "GWT", "SGD", "Adam", "AppliesUpdate", "FunctionalFOAM", "FunctionalGWT", "FunctionalMoLS",
+    "FunctionalOptimizer", "FunctionalSGDSaI", "Lion", "MoLS", "SGDSaI", "compressible_names", "lr_at",
+    "make_optimizer", "state_bytes", "step_counter", "transformer_param_groups",
 ]  # fmt: skip

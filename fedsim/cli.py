@@ -375,7 +375,7 @@ def bench_engine_cmd(
     out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
 ) -> None:
     """Vectorized vs sequential per-client loop vs one centralized batch of the same samples."""
-    from fedsim.bench import bench_engine
+    from fedsim.benchmarks.engine import bench_engine
 
     result = bench_engine(
         dataset=dataset, model=model, clients=clients, local_steps=local_steps, batch_size=batch_size,
@@ -397,7 +397,7 @@ def bench_dsgd_cmd(
     out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
 ) -> None:
     """D-SGD step: vectorized + sparse gossip vs a per-node loop with per-node optimizers; gossip share."""
-    from fedsim.bench import bench_dsgd
+    from fedsim.benchmarks.engine import bench_dsgd
 
     result = bench_dsgd(nodes=nodes, topology=topology, model=model, steps=steps, repeats=repeats, device=device,
                         loop=not skip_loop)  # fmt: skip
@@ -419,7 +419,7 @@ def bench_regulator_cmd(
     out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
 ) -> None:
     """Per-round time of a strategy with and without a client regulator (ECGR's overhead)."""
-    from fedsim.bench import bench_regulator
+    from fedsim.benchmarks.engine import bench_regulator
 
     result = bench_regulator(
         regulator=regulator, strategy=strategy, dataset=dataset, model=model, clients=clients,
@@ -441,7 +441,7 @@ def bench_executors_cmd(
     out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
 ) -> None:
     """Whole-run wall time on the digits MLP: local executor vs Ray executor vs Flower's simulation engine."""
-    from fedsim.bench import bench_executors
+    from fedsim.benchmarks.engine import bench_executors
 
     result = bench_executors(
         clients=clients, rounds=rounds, local_steps=local_steps, batch_size=batch_size, num_actors=num_actors,
@@ -464,7 +464,7 @@ def bench_optimizer_cmd(
     """Optimizer step time and state bytes against torch.optim.Adam(foreach=True) on the same parameters."""
     import torch
 
-    from fedsim.optim.benchmark import BENCH_OPTIMIZERS, WORKLOADS, bench_optimizers
+    from fedsim.benchmarks.optimizers import BENCH_OPTIMIZERS, WORKLOADS, bench_optimizers
 
     names = tuple(n.strip() for n in optimizers.split(",") if n.strip())
     for name in names:

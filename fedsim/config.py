@@ -269,9 +269,11 @@ def _check_mode(name: str, decentralized: bool) -> None:
         raise FedsimError(f"strategy '{name}' is decentralized and needs a topology (--topology FILE)")
 
 
-def nest(values: Mapping[str, Any]) -> dict[str, Any]:
+def nest(values: Mapping[str, Any], *, default_names: bool = True) -> dict[str, Any]:
     """Fold dotted keys into their component: ``{"strategy": "fedadam", "strategy.tau": 0.1}`` ->
-    ``{"strategy": {"name": "fedadam", "tau": 0.1}}``. Keys may use ``-`` for ``_``."""
+    ``{"strategy": {"name": "fedadam", "tau": 0.1}}``. Keys may use ``-`` for ``_``. A component given only
+    options gets the default component's name (unless ``default_names`` is False: :func:`merge` keeps the
+    base's name then)."""
     out: dict[str, Any] = {}
     dotted: list[tuple[str, str, Any]] = []
     for raw, value in values.items():
@@ -295,13 +297,20 @@ def nest(values: Mapping[str, Any]) -> dict[str, Any]:
         spec = dict(current) if isinstance(current, Mapping) else ({"name": current} if current else {})
         spec[rest] = value
         out[head] = spec
-    for key, value in out.items():  # a mapping without a name keeps the default component
-        if key in COMPONENT_KEYS and isinstance(value, Mapping) and "name" not in value:
-            default = DEFAULTS[key] or ("dsgd" if out.get("topology") else "fedavg" if key == "strategy" else None)
-            if default is None:
-                raise FedsimError(f"{key}: give a name ({key}: {{name: ..., ...}})")
-            out[key] = {"name": default, **value}
+    if default_names:
+        for key, value in out.items():
+            if key in COMPONENT_KEYS and isinstance(value, Mapping) and "name" not in value:
+                out[key] = {"name": _default_name(key, out), **value}
     return out
+
+
+def _default_name(key: str, values: Mapping[str, Any]) -> str:
+    """The component a key names when the config gives only its options."""
+    if key == "strategy":
+        return "dsgd" if values.get("topology") else "fedavg"
+    if DEFAULTS[key] is None:
+        raise FedsimError(f"{key}: give a name ({key}: {{name: ..., ...}})")
+    return DEFAULTS[key]
 
 
 def _format_validation_error(err: ValidationError) -> str:
@@ -352,14 +361,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``overrides`` on top of ``base`` (``None`` values ignored). A component named again keeps the options
-    given for it (they are then validated against the new name: nothing is dropped silently)."""
-    out = nest(base)
-    for key, value in nest({k: v for k, v in overrides.items() if v is not None}).items():
-        if key in COMPONENT_KEYS and key in out:
-            old_name, old_options = components.split_spec(key, out[key]) if out[key] is not None else (None, {})
-            new_name, new_options = components.split_spec(key, value)
-            out[key] = {"name": new_name, **old_options, **new_options}
+    """``overrides`` on top of ``base`` (``None`` values ignored). Options given without a name keep the
+    base's component; a component named again keeps the options given for it (they are then validated
+    against the new name: nothing is dropped silently)."""
+    out = nest(base, default_names=False)
+    for key, value in nest({k: v for k, v in overrides.items() if v is not None}, default_names=False).items():
+        if key in COMPONENT_KEYS and out.get(key) is not None:
+            old = out[key] if isinstance(out[key], Mapping) else {"name": out[key]}
+            new = value if isinstance(value, Mapping) else {"name": value}
+            out[key] = {**old, **new}
         else:
             out[key] = value
     return out

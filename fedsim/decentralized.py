@@ -21,11 +21,10 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 import topologies
-from fedsim.core import components
-from fedsim.core.protocol import Plan, ServerState
+from fedsim.core.protocol import ClientUpdates, Plan, ServerState
 from fedsim.core.pytree import Tree, flatten, stack
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate
-from fedsim.simulation import Simulation
+from fedsim.rounds import RoundPlan, Simulation
 from strategies import gossip_matrix
 from topologies.schedules import Schedule
 
@@ -72,17 +71,16 @@ def mixing_schedule(config) -> Schedule:
     return StaticSchedule(topologies.mixing_matrix(graph, config.mixing))
 
 
-class DecentralizedSimulation(Simulation):
-    """D-SGD and relatives over the topology file of the config (static mixing matrix)."""
+class DecentralizedMode:
+    """Every node trains from its own parameters, then the nodes gossip with the strategy's combine step.
 
-    def __init__(self, config):
-        self.schedule = mixing_schedule(config)
-        if self.schedule.n != config.clients:
-            raise topologies.TopologyError(f"topology has {self.schedule.n} nodes but --clients is {config.clients}")
-        super().__init__(config)
-        self._static = None
-        if self.schedule.period == 1:  # static: one matrix for the whole run
-            self._static = self._gossip_step(0)
+    ``schedule``: the mixing matrices W_t (static: one matrix, prepared once). ``extras`` of the state hold
+    the nodes' local optimizer state (keys ``opt.*``) and the strategy's per-node state (``strategy.*``).
+    Evaluation is the task's (:meth:`evaluate_nodes`)."""
+
+    def __init__(self, strategy, schedule: Schedule, device: torch.device) -> None:
+        self.strategy, self.schedule, self.device = strategy, schedule, device
+        self._static = self._gossip_step(0) if schedule.period == 1 else None
 
     def _gossip_step(self, t: int) -> tuple[Tensor, float, int]:
         """W_t on the device, its spectral gap, and the number of directed edges (messages) it uses."""
@@ -90,159 +88,100 @@ class DecentralizedSimulation(Simulation):
         messages = int(np.count_nonzero(w) - np.count_nonzero(np.diag(w)))
         return gossip_matrix(w, self.device), topologies.spectral_gap(w), messages
 
-    def make_strategy(self):
-        return components.build("decentralized", self.config.strategy)
+    def clients_per_round(self, sim: Simulation) -> int:
+        return sim.config.clients
 
-    @staticmethod
-    def correct(outputs: Tensor, targets: Tensor) -> Tensor:
-        """Per-sample 0/1 correctness of the node models' outputs (classification: argmax)."""
-        return outputs.argmax(-1) == targets
-
-    def clients_per_round(self) -> int:
-        return self.config.clients
-
-    def initial_state(self) -> ServerState:
-        """All nodes start from the same initial model; no local optimizer state yet. ``extras`` holds the
-        nodes' local optimizer state (keys ``opt.*``) and the strategy's per-node state (``strategy.*``)."""
-        params = stack(self.init_params, self.config.clients)
+    def initial_state(self, sim: Simulation) -> ServerState:
+        """All nodes start from the same initial model; no local optimizer state yet."""
+        params = stack(sim.init_params, sim.config.clients)
         return ServerState(params, _prefixed("strategy.", self.strategy.init(params)))
 
-    def round(self, round_: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
-        nodes = np.arange(self.config.clients)
-        lr = self.lr(round_)
+    def plan(self, sim: Simulation, round_: int, state: ServerState) -> RoundPlan:
         opt_state = _unprefixed("opt.", state.extras)
-        updates = self.executor.train(
-            Plan(nodes), self.init_params, round_, lr, start=state.params, opt_state=opt_state or None
-        )
+        return RoundPlan(Plan(np.arange(sim.config.clients)), sim.init_params, start=state.params,
+                         opt_state=opt_state or None)  # fmt: skip
+
+    def combine(
+        self, sim: Simulation, round_: int, state: ServerState, plan: Plan, updates: ClientUpdates
+    ) -> tuple[ServerState, dict[str, Any]]:
         w, gap, messages = self._static or self._gossip_step(round_ - 1)
         new_params, strategy_state = self.strategy.update(
-            w, state.params, updates.deltas, lr, _unprefixed("strategy.", state.extras)
+            w, state.params, updates.deltas, sim.lr(round_), _unprefixed("strategy.", state.extras)
         )
         mean_step = {k: new_params[k].mean(0) - state.params[k].mean(0) for k in new_params}
-        record = {
-            "round": round_,
-            "lr": self.lr(round_),
-            "clients": len(nodes),
-            "train_loss": float((updates.train_loss.double() * updates.weights.to(torch.float64)).sum()),
-            "drift": updates.drift(),
+        metrics = {
             "update_norm": float(flatten(mean_step, stacked=False).norm()),
             "consensus_distance": consensus_distance(new_params),
             "spectral_gap": gap,
-            "bytes_up": messages * self.model_bytes,
-            "bytes_down": messages * self.model_bytes,
+            "bytes_up": messages * sim.model_bytes,
+            "bytes_down": messages * sim.model_bytes,
         }
         extras = {**_prefixed("opt.", updates.opt_state), **_prefixed("strategy.", strategy_state)}
-        return ServerState(new_params, extras), record
+        return ServerState(new_params, extras), metrics
 
-    def evaluate_state(self, state: ServerState) -> dict[str, Any]:
-        nodes = state.params
-        average = {k: v.mean(0) for k, v in nodes.items()}
-        test = evaluate(self.model, average, self.x_test, self.y_test)
-        train = evaluate(self.model, average, *self.train_data())
-        node_test_loss, node_test_acc = self._node_scores(nodes, self.x_test, self.y_test)
-        node_train_loss = self._own_data_loss(nodes)
-        record = {
-            "test_accuracy": test["accuracy"],
-            "test_loss": test["loss"],
-            "generalization_gap": test["loss"] - train["loss"],
-            "node_generalization_gap": float((node_test_loss - node_train_loss).mean()),
-        }
-        spread = client_accuracy_spread(node_test_acc.cpu().numpy())
-        record.update({k.replace("client_", "node_"): v for k, v in spread.items()})
-        return record
-
-    def train_data(self) -> tuple[Tensor, Tensor]:
-        """All nodes' training samples (the data set whose loss the generalization gap subtracts)."""
-        return self.store.x[self.store.order], self.store.y[self.store.order]
-
-    @torch.no_grad()
-    def _node_scores(self, nodes: Tree, x: Tensor, y: Tensor, chunk: int = 64) -> tuple[Tensor, Tensor]:
-        """Mean loss and accuracy of every node's model on the same data ``(x, y)``."""
-        forward = vmap(lambda p, xb: functional_call(self.model, p, (xb,)), in_dims=(0, None))
-        losses, accs = [], []
-        for first in range(0, self.config.clients, chunk):
-            part = {k: v[first : first + chunk] for k, v in nodes.items()}
-            outputs = forward(part, x)  # [c, N, outputs]
-            c = outputs.shape[0]
-            flat, targets = outputs.reshape(-1, outputs.shape[-1]), y.repeat(c)
-            losses.append(self.loss_fn(flat, targets).reshape(c, -1).double().mean(1))
-            accs.append(self.correct(flat, targets).reshape(c, -1).double().mean(1))
-        return torch.cat(losses), torch.cat(accs)
-
-    @torch.no_grad()
-    def _own_data_loss(self, nodes: Tree, chunk: int = 64) -> Tensor:
-        """Loss of node i's model on node i's own training samples, for a chunk of nodes at a time (padded)."""
-        sizes = self.store.sizes
-        width = np.arange(sizes.max())[None, :]
-        forward = vmap(lambda p, xb: functional_call(self.model, p, (xb,)))
-        losses = []
-        for first in range(0, self.config.clients, chunk):
-            ids = np.arange(first, min(first + chunk, self.config.clients))
-            positions = np.minimum(width, sizes[ids, None] - 1)
-            mask = torch.as_tensor(width < sizes[ids, None], device=self.device)
-            index = self.store.global_index(ids, positions)
-            logits = forward({k: v[ids] for k, v in nodes.items()}, self.store.x[index])
-            loss = self.loss_fn(logits.reshape(-1, logits.shape[-1]), self.store.y[index].reshape(-1))
-            loss = loss.reshape(mask.shape).double() * mask
-            losses.append(loss.sum(1) / mask.sum(1))
-        return torch.cat(losses)
+    def evaluate(self, sim: Simulation, state: ServerState) -> dict[str, Any]:
+        return sim.task.evaluate_nodes(sim, state.params)
 
 
-class MinimaxSimulation(DecentralizedSimulation):
-    """Decentralized SGDA (``strategy: dsgda``) on a min-max problem of :mod:`fedsim.minimax`.
+def evaluate_classification_nodes(sim: Simulation, nodes: Tree) -> dict[str, Any]:
+    """Test/training loss and accuracy of the average model x_bar, the generalization gaps and every node's
+    accuracy spread (see the module docstring)."""
+    average = {k: v.mean(0) for k, v in nodes.items()}
+    test = evaluate(sim.model, average, sim.x_test, sim.y_test)
+    train = evaluate(sim.model, average, *train_data(sim))
+    node_test_loss, node_test_acc = node_scores(sim, nodes, sim.x_test, sim.y_test)
+    node_train_loss = own_data_loss(sim, nodes)
+    record = {
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "generalization_gap": test["loss"] - train["loss"],
+        "node_generalization_gap": float((node_test_loss - node_train_loss).mean()),
+    }
+    record.update(node_spread(node_test_acc))
+    return record
 
-    Evaluation reports, for the average model ``(x_bar, y_bar)``: ``primal_dual_gap`` on all nodes' training
-    data, ``test_loss``/``train_loss`` as the objective ``f`` on the test/training set,
-    ``generalization_gap`` (their difference), ``node_generalization_gap`` (per node, on its own data),
-    ``test_accuracy``, and the problem's own metric (``test_auc`` for AUC maximization,
-    ``worst_class_accuracy`` for robust logistic regression).
-    """
 
-    def __init__(self, config):
-        self.problem = components.build("problem", config.problem)
-        self.loss_fn = self.problem.loss
-        self.correct = self.problem.correct
-        super().__init__(config)
+def node_spread(node_accuracy: Tensor) -> dict[str, Any]:
+    """``node_accuracy_mean``/``_std``/``_worst10`` of the nodes' test accuracies."""
+    spread = client_accuracy_spread(node_accuracy.cpu().numpy())
+    return {k.replace("client_", "node_"): v for k, v in spread.items()}
 
-    def make_model(self, ds) -> torch.nn.Module:
-        from fedsim.models import build_model
-        from fedsim.simulation import init_seed
 
-        c = self.config
-        self.problem.fit(self.store.y[self.store.order], ds.num_classes)
-        outputs = self.problem.output_classes(ds.num_classes)
-        base = build_model(c.model, ds.feature_shape, outputs, seed=init_seed(c.seed))
-        return self.problem.wrap(base)  # the problem's own variables start at fixed values
+def train_data(sim: Simulation) -> tuple[Tensor, Tensor]:
+    """All nodes' training samples (the data set whose loss the generalization gap subtracts)."""
+    return sim.store.x[sim.store.order], sim.store.y[sim.store.order]
 
-    def make_strategy(self):
-        from fedsim.minimax import DescentAscentClient
 
-        ratio = (self.config.strategy.get("dual_lr") or self.config.lr) / self.config.lr
-        return components.build(
-            "decentralized", self.config.strategy, client_algorithm=DescentAscentClient(self.problem, ratio)
-        )
+@torch.no_grad()
+def node_scores(sim: Simulation, nodes: Tree, x: Tensor, y: Tensor, chunk: int = 64) -> tuple[Tensor, Tensor]:
+    """Mean loss and accuracy of every node's model on the same data ``(x, y)``."""
+    forward = vmap(lambda p, xb: functional_call(sim.model, p, (xb,)), in_dims=(0, None))
+    losses, accs = [], []
+    for first in range(0, sim.config.clients, chunk):
+        part = {k: v[first : first + chunk] for k, v in nodes.items()}
+        outputs = forward(part, x)  # [c, N, outputs]
+        c = outputs.shape[0]
+        flat, targets = outputs.reshape(-1, outputs.shape[-1]), y.repeat(c)
+        losses.append(sim.loss_fn(flat, targets).reshape(c, -1).double().mean(1))
+        accs.append(sim.correct(flat, targets).reshape(c, -1).double().mean(1))
+    return torch.cat(losses), torch.cat(accs)
 
-    def evaluate_state(self, state: ServerState) -> dict[str, Any]:
-        nodes = state.params
-        average = {k: v.mean(0) for k, v in nodes.items()}
-        x_train, y_train = self.train_data()
-        problem, model = self.problem, self.model
-        test_loss = problem.objective(model, average, self.x_test, self.y_test)
-        train_loss = problem.objective(model, average, x_train, y_train)
-        node_test_loss, node_test_acc = self._node_scores(nodes, self.x_test, self.y_test)
-        record = {
-            "test_accuracy": self._accuracy(average),
-            "test_loss": test_loss,
-            "generalization_gap": test_loss - train_loss,
-            "node_generalization_gap": float((node_test_loss - self._own_data_loss(nodes)).mean()),
-            "primal_dual_gap": problem.primal_dual_gap(model, average, x_train, y_train),
-        }
-        record.update(problem.metrics(model, average, self.x_test, self.y_test))
-        spread = client_accuracy_spread(node_test_acc.cpu().numpy())
-        record.update({k.replace("client_", "node_"): v for k, v in spread.items()})
-        return record
 
-    @torch.no_grad()
-    def _accuracy(self, params) -> float:
-        outputs = functional_call(self.model, params, (self.x_test,))
-        return float(self.correct(outputs, self.y_test).double().mean())
+@torch.no_grad()
+def own_data_loss(sim: Simulation, nodes: Tree, chunk: int = 64) -> Tensor:
+    """Loss of node i's model on node i's own training samples, for a chunk of nodes at a time (padded)."""
+    store = sim.store
+    sizes = store.sizes
+    width = np.arange(sizes.max())[None, :]
+    forward = vmap(lambda p, xb: functional_call(sim.model, p, (xb,)))
+    losses = []
+    for first in range(0, sim.config.clients, chunk):
+        ids = np.arange(first, min(first + chunk, sim.config.clients))
+        positions = np.minimum(width, sizes[ids, None] - 1)
+        mask = torch.as_tensor(width < sizes[ids, None], device=sim.device)
+        index = store.global_index(ids, positions)
+        logits = forward({k: v[ids] for k, v in nodes.items()}, store.x[index])
+        loss = sim.loss_fn(logits.reshape(-1, logits.shape[-1]), store.y[index].reshape(-1))
+        loss = loss.reshape(mask.shape).double() * mask
+        losses.append(loss.sum(1) / mask.sum(1))
+    return torch.cat(losses)

@@ -29,10 +29,10 @@ from fedsim.core.pytree import Tree
 def _node_simulation(config_json: str):
     """The run's data, model and client settings, built once per Flower worker process."""
     from fedsim.config import make_config
-    from fedsim.simulation import Simulation
+    from fedsim.simulation import make_simulation
 
     config = {k: v for k, v in json.loads(config_json).items() if k not in ("backend", "flower_cpus_per_client")}
-    return Simulation(make_config(config))
+    return make_simulation(make_config(config))
 
 
 @cache

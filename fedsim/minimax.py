@@ -46,6 +46,7 @@ from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import ClientAlgorithm, LocalContext
 from fedsim.core.pytree import Tree
+from fedsim.decentralized import node_scores, node_spread, own_data_loss, train_data
 
 
 def project_simplex(v: Tensor) -> Tensor:
@@ -338,3 +339,48 @@ class DescentAscentClient(ClientAlgorithm):
 
     def project(self, params: Tree) -> Tree:
         return self.problem.project(params)
+
+
+class MinimaxTask:
+    """Decentralized SGDA (``strategy: dsgda``) on a min-max ``problem``: its loss, correctness and wrapped
+    model; the descent-ascent client algorithm with ``dual_lr / lr``; and the evaluation, for the average
+    model ``(x_bar, y_bar)``: ``primal_dual_gap`` on all nodes' training data, ``test_loss``/``train_loss`` as
+    the objective ``f`` on the test/training set, ``generalization_gap`` (their difference),
+    ``node_generalization_gap`` (per node, on its own data), ``test_accuracy``, and the problem's own metric
+    (``test_auc`` for AUC maximization, ``worst_class_accuracy`` for robust logistic regression)."""
+
+    def __init__(self, problem: MinimaxProblem) -> None:
+        self.problem = problem
+        self.loss_fn, self.correct = problem.loss, problem.correct
+
+    def output_classes(self, num_classes: int) -> int:
+        return self.problem.output_classes(num_classes)
+
+    def prepare(self, y_train: Tensor, num_classes: int) -> None:
+        self.problem.fit(y_train, num_classes)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return self.problem.wrap(model)  # the problem's own variables start at fixed values
+
+    def client_algorithm(self, lr: float, strategy_options: dict) -> DescentAscentClient:
+        return DescentAscentClient(self.problem, (strategy_options.get("dual_lr") or lr) / lr)
+
+    def evaluate_nodes(self, sim, nodes: Tree) -> dict[str, float | None]:
+        average = {k: v.mean(0) for k, v in nodes.items()}
+        x_train, y_train = train_data(sim)
+        problem, model = self.problem, sim.model
+        test_loss = problem.objective(model, average, sim.x_test, sim.y_test)
+        train_loss = problem.objective(model, average, x_train, y_train)
+        node_test_loss, node_test_acc = node_scores(sim, nodes, sim.x_test, sim.y_test)
+        with torch.no_grad():
+            outputs = functional_call(model, average, (sim.x_test,))
+        record = {
+            "test_accuracy": float(self.correct(outputs, sim.y_test).double().mean()),
+            "test_loss": test_loss,
+            "generalization_gap": test_loss - train_loss,
+            "node_generalization_gap": float((node_test_loss - own_data_loss(sim, nodes)).mean()),
+            "primal_dual_gap": problem.primal_dual_gap(model, average, x_train, y_train),
+        }
+        record.update(problem.metrics(model, average, sim.x_test, sim.y_test))
+        record.update(node_spread(node_test_acc))
+        return record

@@ -36,9 +36,11 @@ from fedsim.config import RunConfig, dump_config, make_config
 from fedsim.core.errors import DivergenceError, FedsimError, unknown
 from fedsim.core.protocol import ServerState
 from fedsim.core.pytree import Tree, all_finite
+from fedsim.decentralized import DecentralizedMode
 from fedsim.engine.evaluate import per_sample
 from fedsim.results import CONFIG_FILE, STABILITY_FILE, SUMMARY_FILE, ResultsDir
-from fedsim.simulation import RoundCallback, Simulation, make_simulation
+from fedsim.rounds import RoundCallback, Simulation
+from fedsim.simulation import make_simulation
 
 PROBES = ("stability",)
 REPLACEMENTS = ("test", "self")
@@ -64,9 +66,7 @@ def check_probe_options(node: int = 0, sample: int = 0, replace_with: str = "tes
 
 def is_decentralized(sim: Simulation) -> bool:
     """True when the state holds one model per node (stacked rows), as in :mod:`fedsim.decentralized`."""
-    from fedsim.decentralized import DecentralizedSimulation
-
-    return isinstance(sim, DecentralizedSimulation)
+    return isinstance(sim.mode, DecentralizedMode)
 
 
 def perturb(sim: Simulation, node: int, sample: int, replace_with: str = "test") -> dict[str, Any]:

@@ -63,12 +63,20 @@ class BHerd:
             raise unknown("BHerd unit", unit, BHERD_UNITS)
         if scale not in SCALES:
             raise unknown("BHerd scale", scale, SCALES)
-        if unit == "microbatch" and microbatches < 2:
-            raise FedsimError(f"microbatches must be >= 2, got {microbatches}")
+        self.check_options({"unit": unit, "microbatches": microbatches})
         self.unit, self.scale = unit, scale
         count = microbatches if unit == "microbatch" else 1
         self.trajectory = TrajectorySpec.stored(unit, count, trajectory_dtype, trajectory_device)
         self.microbatches = microbatches if unit == "microbatch" else 1
+
+    @staticmethod
+    def check_options(options: dict) -> None:
+        """``microbatches`` applies to ``unit: microbatch`` only (and is at least 2 there)."""
+        unit, count = options.get("unit", "step"), options.get("microbatches", 4)
+        if unit == "microbatch" and count < 2:
+            raise FedsimError(f"microbatches must be >= 2, got {count}")
+        if unit != "microbatch" and count != 4:
+            raise FedsimError(f"option 'microbatches' applies with unit 'microbatch', not '{unit}'")
 
     def regulate(self, deltas: Tree, trajectory, num_steps: Tensor) -> tuple[Tree, Tree]:
         mask = trajectory.mask

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 FAST = ["--clients", "6", "--rounds", "2", "--local-steps", "2", "--quiet"]
 
@@ -24,11 +25,14 @@ def test_flags_override_config_file(tmp_path, cli):
     cfg.write_text("rounds: 3\nclients: 6\nlocal-steps: 2\nstrategy: fedavgm\n")
     out = tmp_path / "run"
     code, _, err = cli(
-        ["simulate", str(cfg), "--rounds", "2", "--set", "server_momentum=0.5", "--quiet", "--out", str(out)]
+        ["simulate", str(cfg), "--rounds", "2", "--set", "strategy.server_momentum=0.5", "--quiet", "--out", str(out)]
     )
     assert code == 0, err
     resolved = (out / "config.yaml").read_text()
-    assert "rounds: 2" in resolved and "strategy: fedavgm" in resolved and "server_momentum: 0.5" in resolved
+    assert "rounds: 2" in resolved and "strategy:\n  name: fedavgm\n" in resolved and "server_momentum: 0.5" in resolved
+    written = yaml.safe_load(resolved)
+    assert (written["rounds"], written["clients"], written["local_steps"]) == (2, 6, 2)
+    assert written["strategy"]["name"] == "fedavgm" and written["strategy"]["server_momentum"] == 0.5
 
 
 def test_toml_config(tmp_path, cli):
@@ -49,8 +53,8 @@ def test_toml_config(tmp_path, cli):
         (["--set", "roundz=3"], "unknown config key 'roundz' (did you mean 'rounds'?)"),
         (["--set", "noequals"], "--set expects KEY=VALUE"),
         (["--lr", "-1"], "lr"),
-        (["--alpha", "0"], "alpha"),
-        (["--dataset", "npz"], "needs data_path"),
+        (["--alpha", "0"], "partitioner 'dirichlet', option 'alpha': Input should be greater than 0"),
+        (["--dataset", "npz"], "dataset 'npz', option 'path': Field required"),
         (["--dataset", "npz", "--data-path", "/nonexistent/x.npz"], "/nonexistent/x.npz"),
         (["--clients", "5000"], "client"),
         (["--device", "tpu"], "device"),
@@ -150,12 +154,15 @@ def test_console_script_error_has_no_traceback(tmp_path):
     ("argv", "message"),
     [
         (["--model", "os:getcwd"], "could not be built"),
-        (["--model", "cnn", "--set", "model_args={width: 3}"], "could not be built"),
-        (["--set", "model_args={hidden: [-1]}"], "could not be built"),
-        (["--optimizer", "adam", "--momentum", "0.9"], "momentum/nesterov apply to the sgd optimizer"),
-        (["--set", "adam_betas=[1.0, 0.999]", "--optimizer", "adam"], "adam_betas must each be in [0, 1)"),
-        (["--set", "adam_betas=[0.8, 0.99]"], "apply to the adam, adamw, foam, gwt and mols optimizers"),
-        (["--strategy", "fedavg", "--mu", "0.5"], "option 'mu' is not used by strategy 'fedavg'"),
+        (["--model", "cnn", "--set", "model.width=3"], "model 'cnn', option 'width': Input should be a multiple of 8"),
+        (["--set", "model.hidden=[-1]"], "model 'mlp', option 'hidden.0': Input should be greater than or equal to 1"),
+        (["--optimizer", "adam", "--momentum", "0.9"], "optimizer 'adam' has no option 'momentum'"),
+        (
+            ["--set", "optimizer.betas=[1.0, 0.999]", "--optimizer", "adam"],
+            "optimizer 'adam', option 'betas.0': Input should be less than 1",
+        ),
+        (["--set", "optimizer.betas=[0.8, 0.99]"], "optimizer 'sgd' has no option 'betas'"),
+        (["--strategy", "fedavg", "--mu", "0.5"], "strategy 'fedavg' has no option 'mu'"),
     ],
 )
 def test_more_bad_input(tmp_path, cli, argv, message):
@@ -239,7 +246,7 @@ def test_usage_error_type_matches_installed_typer():
 def test_bench_regulator_json(tmp_path, cli):
     out = tmp_path / "bench.json"
     argv = ["bench", "regulator", "--clients", "4", "--local-steps", "3", "--repeats", "1", "--device", "cpu",
-            "--set", "ecgr_beta=0.5", "--out", str(out)]  # fmt: skip
+            "--set", "beta=0.5", "--out", str(out)]  # fmt: skip
     code, stdout, err = cli(argv)
     assert code == 0, err
     result = json.loads(out.read_text())
@@ -248,8 +255,8 @@ def test_bench_regulator_json(tmp_path, cli):
         result["regulated"]["seconds_per_round"] / result["plain"]["seconds_per_round"] - 1
     )
     assert result["trajectory_bytes_per_client"] == 3 * result["num_params"] * 4 + 8 * 9
-    code, _, err = cli(["bench", "regulator", "--clients", "4", "--set", "ecgr_rho=2"])
-    assert code == 2 and "ecgr_rho" in err
+    code, _, err = cli(["bench", "regulator", "--clients", "4", "--set", "rho=2"])
+    assert code == 2 and "regulator 'ecgr', option 'rho'" in err
 
 
 def test_bench_optimizer_json(tmp_path, cli):

@@ -4,6 +4,7 @@ and exact resume with persistent client state."""
 import json
 
 import pytest
+import yaml
 
 from fedsim.config import make_config
 from fedsim.core.errors import FedsimError
@@ -17,8 +18,8 @@ def _rows(out):
 
 def test_ecgr_flags_run_and_report_damping_and_oscillation(tmp_path, cli):
     out = tmp_path / "run"
-    argv = ["simulate", *FAST, "--strategy", "scaffold", "--regulator", "ecgr", "--ecgr-beta", "0.2",
-            "--ecgr-rho", "0.5", "--ecgr-center", "local_mean", "--out", str(out)]  # fmt: skip
+    argv = ["simulate", *FAST, "--strategy", "scaffold", "--regulator", "ecgr", "--set", "regulator.beta=0.2",
+            "--set", "regulator.rho=0.5", "--set", "regulator.center=local_mean", "--out", str(out)]  # fmt: skip
     code, stdout, err = cli(argv)
     assert code == 0, err
     rows = _rows(out)
@@ -28,36 +29,39 @@ def test_ecgr_flags_run_and_report_damping_and_oscillation(tmp_path, cli):
     assert summary["final_oscillation"] == rows[-1]["oscillation"]
     assert summary["client_state_bytes"] > 0  # SCAFFOLD's control variates, all clients
     resolved = (out / "config.yaml").read_text()
-    assert "regulator: ecgr" in resolved and "ecgr_center: local_mean" in resolved
+    assert "regulator:\n  name: ecgr\n" in resolved and "  center: local_mean\n" in resolved
+    regulator = yaml.safe_load(resolved)["regulator"]
+    assert regulator == {"name": "ecgr", "rho": 0.5, "beta": 0.2, "center": "local_mean",
+                         "trajectory_dtype": "float32", "trajectory_device": "same"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--strategy", "fednova", "--set", "fednova_form=general", "--momentum", "0.9"],
-        ["--strategy", "feddyn", "--set", "feddyn_alpha=0.1"],
-        ["--strategy", "fedcm", "--set", "fedcm_beta=0.5", "--set", "server_lr=1.0"],
-        ["--strategy", "scaffold-m", "--set", "scaffold_control=model_difference"],
+        ["--strategy", "fednova", "--set", "strategy.form=general", "--momentum", "0.9"],
+        ["--strategy", "feddyn", "--set", "strategy.alpha=0.1"],
+        ["--strategy", "fedcm", "--set", "strategy.beta=0.5", "--set", "strategy.server_lr=1.0"],
+        ["--strategy", "scaffold-m", "--set", "strategy.control=model_difference"],
         [
             "--regulator",
             "bherd",
-            "--bherd-unit",
-            "microbatch",
-            "--bherd-ratio",
-            "0.5",
-            "--bherd-scale",
-            "rescale",
             "--set",
-            "bherd_microbatches=2",
+            "regulator.unit=microbatch",
             "--set",
-            "trajectory_dtype=bfloat16",
+            "regulator.ratio=0.5",
             "--set",
-            "trajectory_device=cpu",
+            "regulator.scale=rescale",
+            "--set",
+            "regulator.microbatches=2",
+            "--set",
+            "regulator.trajectory_dtype=bfloat16",
+            "--set",
+            "regulator.trajectory_device=cpu",
         ],
-        ["--regulator", "bherd", "--bherd-unit", "sample", "--batch-size", "4"],
-        ["--aggregator", "krum", "--set", "krum_byzantine=1", "--set", "krum_select=2"],
-        ["--aggregator", "gaf", "--set", "gaf_tau=1.0"],
-        ["--set", "client_filter=gaf", "--set", "gaf_microbatches=2", "--set", "gaf_tau=1.5"],
+        ["--regulator", "bherd", "--set", "regulator.unit=sample", "--batch-size", "4"],
+        ["--aggregator", "krum", "--set", "aggregator.byzantine=1", "--set", "aggregator.select=2"],
+        ["--aggregator", "gaf", "--set", "aggregator.tau=1.0"],
+        ["--set", "client_filter=gaf", "--set", "client_filter.microbatches=2", "--set", "client_filter.tau=1.5"],
     ],  # fmt: skip
     ids=[
         "fednova-general",
@@ -79,40 +83,41 @@ def test_client_side_options_from_the_cli(tmp_path, cli, flags):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--ecgr-beta", "0.3"], "option 'ecgr_beta' applies with --regulator ecgr"),
-        (["--regulator", "ecgr", "--bherd-ratio", "0.3"], "option 'bherd_ratio' applies with --regulator bherd"),
-        (["--regulator", "ecgr", "--ecgr-rho", "0"], "ecgr_rho"),
-        (["--regulator", "ecgr", "--ecgr-center", "middle"], "ecgr_center"),
-        (["--regulator", "ecgr2"], "regulator"),
-        (["--aggregator", "medain"], "aggregator"),
-        (["--set", "trim_fraction=0.2"], "option 'trim_fraction' applies with --aggregator trimmed_mean"),
-        (["--set", "gaf_tau=0.5"], "option 'gaf_tau' applies with --aggregator gaf"),
-        (["--set", "trajectory_dtype=float16"], "option 'trajectory_dtype' applies with a --regulator"),
-        (["--regulator", "bherd", "--set", "bherd_microbatches=2"], "bherd_microbatches' applies with bherd_unit"),
-        (["--set", "fedcm_beta=0.5"], "option 'fedcm_beta' is not used by strategy 'fedavg'"),
-        (["--strategy", "fedavg", "--set", "feddyn_alpha=0.5"], "feddyn_alpha"),
-        (["--strategy", "fednova", "--set", "fednova_form=general", "--optimizer", "adam"], "fednova_form 'general'"),
+        (["--set", "regulator.beta=0.3"], "regulator 'none' takes no options; got beta"),
+        (["--regulator", "ecgr", "--set", "regulator.ratio=0.3"], "regulator 'ecgr' has no option 'ratio'"),
+        (["--regulator", "ecgr", "--set", "regulator.rho=0"], "regulator 'ecgr', option 'rho'"),
+        (["--regulator", "ecgr", "--set", "regulator.center=middle"], "regulator 'ecgr', option 'center'"),
+        (["--regulator", "ecgr2"], "unknown regulator 'ecgr2' (did you mean 'ecgr'?)"),
+        (["--aggregator", "medain"], "unknown aggregator 'medain' (did you mean 'median'?)"),
+        (["--set", "aggregator.fraction=0.2"], "aggregator 'mean' takes no options; got fraction"),
+        (["--set", "aggregator.tau=0.5"], "aggregator 'mean' takes no options; got tau"),
+        (["--set", "regulator.trajectory_dtype=float16"], "regulator 'none' takes no options; got trajectory_dtype"),
+        (["--regulator", "bherd", "--set", "regulator.microbatches=2"], "microbatches"),  # unit is 'step'
+        (["--set", "strategy.beta=0.5"], "strategy 'fedavg' has no option 'beta'"),
+        (["--strategy", "fedavg", "--set", "strategy.alpha=0.5"], "strategy 'fedavg' has no option 'alpha'"),
+        (["--strategy", "fednova", "--set", "strategy.form=general", "--optimizer", "adam"], "fednova form 'general'"),
         (["--regulator", "ecgr", "--topology", "experiments/topologies/ring16.graphml"], "federated strategies"),
         (
-            ["--set", "client_filter=gaf", "--set", "gaf_microbatches=5"],
-            "does not split into gaf_microbatches = 5 microbatches",
+            ["--set", "client_filter=gaf", "--set", "client_filter.microbatches=5"],
+            "does not split into client_filter.microbatches = 5 microbatches",
         ),
         (["--set", "train_samples=100000"], "train_samples must be in [1, 1437]"),
         (
             [
                 "--regulator",
                 "bherd",
-                "--bherd-unit",
-                "microbatch",
                 "--set",
-                "bherd_microbatches=2",
+                "regulator.unit=microbatch",
+                "--set",
+                "regulator.microbatches=2",
                 "--set",
                 "client_filter=gaf",
             ],
-            "gaf_microbatches (4) and bherd_microbatches (2) must agree",
+            "client_filter.microbatches and regulator.microbatches must agree (both split the same minibatch); "
+            "got 4 and 2",
         ),
-        (["--set", "scaffold_weighting=uniform"], "option 'scaffold_weighting' is not used by strategy 'fedavg'"),
-        (["--strategy", "scaffold", "--set", "scaffold_correction=inside"], "scaffold_correction"),
+        (["--set", "strategy.weighting=uniform"], "strategy 'fedavg' has no option 'weighting'"),
+        (["--strategy", "scaffold", "--set", "strategy.correction=inside"], "strategy 'scaffold', option 'correction'"),
     ],
 )
 def test_client_side_bad_input_is_one_line_exit_2(tmp_path, cli, argv, message):
@@ -124,18 +129,18 @@ def test_client_side_bad_input_is_one_line_exit_2(tmp_path, cli, argv, message):
 
 def test_fednova_gets_mu_only_when_set():
     cfg = make_config({"strategy": "fednova"})
-    assert "mu" not in cfg.strategy_options()
-    cfg = make_config({"strategy": "fednova", "mu": 0.1})
-    assert cfg.strategy_options()["mu"] == 0.1
-    with pytest.raises(FedsimError):
-        make_config({"strategy": "fedavg", "mu": 0.1})
+    assert cfg.strategy.get("mu") == 0.0  # FedNova's own default, not FedProx's 0.01
+    cfg = make_config({"strategy": "fednova", "strategy.mu": 0.1})
+    assert cfg.strategy.get("mu") == 0.1
+    with pytest.raises(FedsimError, match="strategy 'fedavg' has no option 'mu'"):
+        make_config({"strategy": "fedavg", "strategy.mu": 0.1})
 
 
 def test_resume_with_control_variates_and_regulator_is_exact(tmp_path):
     from fedsim.simulation import resume, simulate
 
     cfg = {"clients": 6, "rounds": 6, "local_steps": 3, "strategy": "scaffold", "regulator": "ecgr",
-           "fraction": 0.5, "checkpoint_every": 2, "momentum": 0.5}  # fmt: skip
+           "fraction": 0.5, "checkpoint_every": 2, "optimizer.momentum": 0.5}  # fmt: skip
     full = tmp_path / "full"
     simulate(cfg, full, plots=False)
     part = tmp_path / "part"

@@ -7,6 +7,9 @@ help text of an option ride on the annotation::
     class FedProx(FedAvg):
         def __init__(self, mu: Annotated[float, option("proximal coefficient", ge=0)] = 0.01, **kwargs): ...
 
+A rule across a component's own options (SGD's ``nesterov`` needs ``momentum``) is its optional
+``check_options(options)``, called with the validated options; it raises :class:`FedsimError`.
+
 From that one declaration :func:`option_schema` derives a pydantic model (name, type, default, bounds, help)
 that validates config values, feeds ``fedsim list KIND NAME`` and the README tables. Parameters the engine
 supplies (a kind's ``context``: the model's input shape, the run seed, the robust aggregator, ...) are not
@@ -121,7 +124,14 @@ class Component:
             model = self.schema(**values)
         except ValidationError as err:
             raise FedsimError(self._format(err)) from None
-        return {**model.model_dump(), **(model.model_extra or {})}
+        validated = {**model.model_dump(), **(model.model_extra or {})}
+        check = getattr(self.declared or self.obj, "check_options", None)
+        if check is not None:  # the component's rule across its own options
+            try:
+                check(validated)
+            except ValueError as err:  # FedsimError is one
+                raise FedsimError(f"{self.kind.name} '{self.name}': {err}") from None
+        return validated
 
     def build(self, options: Mapping[str, Any] | None = None, **context: Any) -> Any:
         """Call the component with validated ``options`` and the context values its signature accepts."""
@@ -130,7 +140,7 @@ class Component:
         wanted = {k: v for k, v in context.items() if k in names or (_accepts_any(self.obj) and k in self.kind.context)}
         try:
             built = self.obj(**values, **wanted)
-        except FedsimError as err:
+        except ValueError as err:  # FedsimError, or a constructor's own check of its arguments
             raise FedsimError(f"{self.kind.name} '{self.name}': {err}") from None
         if not inspect.isclass(self.obj):
             check_kind(self.kind, self.name, built)

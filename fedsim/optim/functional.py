@@ -135,9 +135,16 @@ def sgd(
     weight_decay: Annotated[float, option("L2 weight decay added to the gradient", ge=0)] = 0.0,
 ) -> SGD:
     """SGD with optional (Nesterov) momentum and weight decay, as ``torch.optim.SGD``."""
-    if nesterov and momentum == 0:
-        raise FedsimError("nesterov needs momentum > 0")
+    _check_sgd({"nesterov": nesterov, "momentum": momentum})
     return SGD(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+
+def _check_sgd(options: dict) -> None:
+    if options["nesterov"] and options["momentum"] == 0:
+        raise FedsimError("nesterov needs momentum > 0")
+
+
+sgd.check_options = _check_sgd  # type: ignore[attr-defined]
 
 
 def adam(betas: Betas = (0.9, 0.999), eps: Eps = 1e-8, weight_decay: WeightDecay = 0.0) -> Adam:

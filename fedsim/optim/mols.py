@@ -240,3 +240,6 @@ def mols(
 ) -> FunctionalMoLS:
     """MoLS-style (reconstruction): Adam with module-wise learning-rate scaling from gradient SNR."""
     return FunctionalMoLS(betas=tuple(betas), eps=eps, weight_decay=weight_decay, estimator=estimator, refresh=refresh)
+
+
+mols.check_options = lambda options: _check(options["estimator"], options["refresh"], FUNCTIONAL_ESTIMATORS)  # type: ignore[attr-defined]

@@ -33,9 +33,9 @@ def _flwr():
 def _simulation(config_json: str):
     """The fedsim simulation of a config (data, partition, model), built once per Flower worker process."""
     from fedsim.config import make_config
-    from fedsim.simulation import Simulation
+    from fedsim.simulation import make_simulation
 
-    return Simulation(make_config(json.loads(config_json)))
+    return make_simulation(make_config(json.loads(config_json)))
 
 
 def _train(msg, context):

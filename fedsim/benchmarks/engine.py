@@ -221,14 +221,14 @@ def bench_regulator(
     participation, ``local_steps`` steps of ``batch_size``), timed alternately in one process after a warm-up
     round each; returns the medians and the overhead ``t_regulated / t_plain - 1``."""
     from fedsim.config import make_config
-    from fedsim.simulation import Simulation
+    from fedsim.simulation import make_simulation
 
     base = dict(
         dataset=dataset, model=model, clients=clients, local_steps=local_steps, batch_size=batch_size, device=device,
         strategy=strategy, rounds=1, checkpoint_every=0, sampler="iid", partition="iid", client_test_fraction=0.0,
     )  # fmt: skip
-    plain = Simulation(make_config(base))
-    regulated = Simulation(make_config({**base, "regulator": {"name": regulator, **(options or {})}}))
+    plain = make_simulation(make_config(base))
+    regulated = make_simulation(make_config({**base, "regulator": {"name": regulator, **(options or {})}}))
     dev = plain.device
     states = {"plain": plain.initial_state(), "regulated": regulated.initial_state()}
     sims = {"plain": plain, "regulated": regulated}
@@ -277,7 +277,7 @@ def bench_executors(
     """Wall time of one whole run (startup, data, ``rounds`` rounds with evaluation every round) of the same
     workload (digits, MLP, ``clients`` clients all trained every round) on our local executor, our Ray
     executor (Ray started and shut down by the run) and Flower's simulation engine (one ClientApp call per
-    client, ``cpus_per_actor`` CPUs each; :mod:`fedsim.flower_baseline`). Ours are the median of ``repeats``
+    client, ``cpus_per_actor`` CPUs each; :mod:`fedsim.benchmarks.flower_baseline`). Ours are the median of ``repeats``
     runs, alternated; Flower runs once. ``ray_running``: the Ray executor joining a Ray started before the
     timed run (as on a cluster: the run starts its actors, not Ray). Ratios are Flower's time over ours and
     the Ray executor's over the local one's (``ray_overhead``); ``*_round_s`` is the median per-round time
@@ -329,7 +329,7 @@ def bench_executors(
     result["ray_round_overhead"] = result["ray"]["round_s"] / result["local"]["round_s"] - 1.0
     result["ray_running_overhead"] = result["ray_running"]["wall_s"] / result["local"]["wall_s"] - 1.0
     if flower:
-        from fedsim.flower_baseline import run_flower
+        from fedsim.benchmarks.flower_baseline import run_flower
 
         result["flower"] = run_flower(config, cpus_per_client=cpus_per_actor)
         records: list[dict[str, Any]] = []

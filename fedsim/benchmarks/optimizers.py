@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .foam import FOAM
-from .groups import transformer_param_groups
-from .gwt import GWT
-from .memory import state_bytes
-from .mols import MoLS
-from .sgd_sai import SGDSaI
+from fedsim.optim.foam import FOAM
+from fedsim.optim.groups import transformer_param_groups
+from fedsim.optim.gwt import GWT
+from fedsim.optim.memory import state_bytes
+from fedsim.optim.mols import MoLS
+from fedsim.optim.sgd_sai import SGDSaI
 
 WORKLOADS = ("char_transformer", "llama_block")
 BENCH_OPTIMIZERS: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {

@@ -1,0 +1,345 @@
+"""The round loop shared by federated and decentralized training.
+
+A run is a :class:`Simulation` over built components (:class:`Parts`, made by the composition root
+:func:`fedsim.simulation.assemble`). Every round has the same skeleton:
+
+1. ``mode.plan(round, state)``: which clients train and from where (a federated strategy's selection and
+   broadcast; every node from its own parameters over a topology);
+2. ``executor.train(plan, ...)``: the clients' local training, vectorized;
+3. ``mode.combine(round, state, updates)``: the new state (a strategy's aggregation, or gossip ``X <- W X``)
+   and the mode's own metrics;
+4. metrics every round, ``mode.evaluate`` every ``eval_every`` rounds, checkpoints every
+   ``checkpoint_every`` rounds.
+
+The differences between federated and decentralized training are the mode (:class:`FederatedMode`,
+:class:`fedsim.decentralized.DecentralizedMode`); those between classification and a min-max problem are the
+task (:class:`fedsim.tasks.ClassificationTask`, :class:`fedsim.minimax.MinimaxTask`). This module never names Flower,
+Ray or a particular strategy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fedsim.core.errors import DivergenceError, FedsimError
+from fedsim.core.protocol import ClientUpdates, Executor, Plan, ServerState
+from fedsim.core.pytree import Tree, all_finite, flatten, nbytes
+from fedsim.data.datasets import Dataset
+from fedsim.data.markov import chain_report
+from fedsim.engine.evaluate import client_accuracy_spread, evaluate, per_client_accuracy
+from fedsim.engine.store import ClientStore
+from fedsim.results import SUMMARY_FILE, ResultsDir
+
+RoundCallback = Callable[[dict[str, Any]], None]
+RoundHook = Callable[[int, ServerState, dict[str, Any]], bool]
+
+OSCILLATION_WINDOW = 10
+
+
+def parameters_of(model: nn.Module) -> Tree:
+    """The model's trainable parameters as a detached tree (the initial global model)."""
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def oscillation(history: list[dict[str, Any]], latest: float | None, window: int = OSCILLATION_WINDOW) -> float | None:
+    """Standard deviation (population, ddof 0) of test accuracy over the last ``window`` evaluations,
+    ``latest`` included; None before two evaluations exist."""
+    values = [h["test_accuracy"] for h in history if h.get("test_accuracy") is not None]
+    if latest is not None:
+        values.append(latest)
+    values = values[-window:]
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+@dataclass
+class RoundPlan:
+    """What a round trains: the executor's ``plan`` from ``params`` (decentralized nodes from their own
+    ``start`` rows with their optimizer state ``opt_state``), and ``metrics`` known before training."""
+
+    plan: Plan
+    params: Tree
+    start: Tree | None = None
+    opt_state: Tree | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Mode(Protocol):
+    """How a round plans, combines and evaluates (federated or over a topology)."""
+
+    strategy: Any
+
+    def initial_state(self, sim: Simulation) -> ServerState: ...
+
+    def clients_per_round(self, sim: Simulation) -> int: ...
+
+    def plan(self, sim: Simulation, round_: int, state: ServerState) -> RoundPlan: ...
+
+    def combine(
+        self, sim: Simulation, round_: int, state: ServerState, plan: Plan, updates: ClientUpdates
+    ) -> tuple[ServerState, dict[str, Any]]: ...
+
+    def evaluate(self, sim: Simulation, state: ServerState) -> dict[str, Any]: ...
+
+
+class FederatedMode:
+    """A federated strategy selects clients among the available ones, broadcasts, and aggregates.
+
+    Metrics: ``update_norm`` = ||w_{t+1} - w_t||, ``bytes_up``/``bytes_down`` (the model plus any strategy
+    extras per selected client), ``available_clients`` with an availability model; evaluation of the global
+    model on the test set and on every client's local test split."""
+
+    def __init__(self, strategy, availability=None) -> None:
+        self.strategy, self.availability = strategy, availability
+
+    def initial_state(self, sim: Simulation) -> ServerState:
+        return self.strategy.init(sim.init_params)
+
+    def clients_per_round(self, sim: Simulation) -> int:
+        state = self.strategy.init(sim.init_params)
+        return len(self.strategy.configure(1, state, sim.store.num_clients, sim.config.seed).client_ids)
+
+    def plan(self, sim: Simulation, round_: int, state: ServerState) -> RoundPlan:
+        n, extra, before = sim.store.num_clients, {}, {}
+        if self.availability is not None:  # passed only when on, so strategies without the keyword still work
+            extra["available"] = self.availability.available(round_, n)
+            before["available_clients"] = len(extra["available"])
+        plan = self.strategy.configure(round_, state, n, sim.config.seed, **extra)
+        return RoundPlan(plan, state.params, metrics=before)
+
+    def combine(
+        self, sim: Simulation, round_: int, state: ServerState, plan: Plan, updates: ClientUpdates
+    ) -> tuple[ServerState, dict[str, Any]]:
+        new = self.strategy.aggregate(round_, state, updates)
+        selected = len(updates.client_ids)
+        step = {k: new.params[k] - state.params[k] for k in new.params}
+        return new, {
+            "update_norm": float(flatten(step, stacked=False).norm()),
+            "bytes_up": selected * (sim.model_bytes + updates.extras_bytes()),
+            "bytes_down": selected * (sim.model_bytes + nbytes(plan.broadcast)),
+        }
+
+    def evaluate(self, sim: Simulation, state: ServerState) -> dict[str, Any]:
+        params = state.params
+        test = evaluate(sim.model, params, sim.x_test, sim.y_test)
+        record = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
+        store = sim.store
+        acc = per_client_accuracy(sim.model, params, store.x, store.y, store.test_order, store.test_offsets)
+        record.update(client_accuracy_spread(acc))
+        return record
+
+
+@dataclass
+class Parts:
+    """The built components of a run (see :func:`fedsim.simulation.assemble`)."""
+
+    device: torch.device
+    dataset: Dataset
+    histogram: np.ndarray
+    store: ClientStore
+    x_test: Tensor
+    y_test: Tensor
+    task: Any
+    model: nn.Module
+    mode: Any
+    sampler: Any
+    lr_schedule: Any
+    executor: Executor
+    optimizer_state_bytes: int
+
+
+class Simulation:
+    """A fully set-up experiment: the round loop over built components (:class:`Parts`)."""
+
+    def __init__(self, config, parts: Parts) -> None:
+        self.config = config
+        self.device, self.dataset, self.histogram = parts.device, parts.dataset, parts.histogram
+        self.store, self.x_test, self.y_test = parts.store, parts.x_test, parts.y_test
+        self.task, self.model, self.mode = parts.task, parts.model, parts.mode
+        self.strategy = parts.mode.strategy
+        self.sampler, self.lr_schedule, self.executor = parts.sampler, parts.lr_schedule, parts.executor
+        self.optimizer_state_bytes = parts.optimizer_state_bytes
+        self.loss_fn, self.correct = self.task.loss_fn, self.task.correct
+        self.init_params = parameters_of(self.model)
+        self.model_bytes = nbytes(self.init_params)
+        self.num_params = sum(v.numel() for v in self.init_params.values())
+        self._sampler_report: dict[str, Any] | None = None
+
+    @property
+    def availability(self):
+        return getattr(self.mode, "availability", None)
+
+    def close(self) -> None:
+        """Release the executor (a Ray executor kills its actors and shuts down the Ray it started)."""
+        self.executor.close()
+
+    def __enter__(self) -> Simulation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def lr(self, round_: int) -> float:
+        return self.lr_schedule.lr(round_, self.config.lr, self.config.rounds)
+
+    def initial_state(self) -> ServerState:
+        return self.mode.initial_state(self)
+
+    def clients_per_round(self) -> int:
+        return self.mode.clients_per_round(self)
+
+    def round(self, round_: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
+        """One round: plan, train the planned clients, combine; returns the new state and the round's metrics
+        (without evaluation)."""
+        planned = self.mode.plan(self, round_, state)
+        plan, before, lr = planned.plan, planned.metrics, self.lr(round_)
+        if len(plan.client_ids) == 0:  # nobody available: the model and server state stay as they are
+            record = {"round": round_, "lr": lr, "clients": 0, "train_loss": None, "drift": None,
+                      "update_norm": 0.0, "bytes_up": 0, "bytes_down": 0}  # fmt: skip
+            return state, {**record, **before}
+        updates = self.executor.train(plan, planned.params, round_, lr, start=planned.start,
+                                      opt_state=planned.opt_state)  # fmt: skip
+        new_state, metrics = self.mode.combine(self, round_, state, plan, updates)
+        stats = {name: float(v.double().mean()) for name, v in updates.stats.items()}
+        record = {
+            **stats,
+            "round": round_,
+            "lr": lr,
+            "clients": len(updates.client_ids),
+            "train_loss": float((updates.train_loss.double() * updates.weights.to(torch.float64)).sum()),
+            "drift": updates.drift(),
+            **metrics,
+            **before,
+        }
+        return new_state, record
+
+    def evaluate_state(self, state: ServerState) -> dict[str, Any]:
+        return self.mode.evaluate(self, state)
+
+    def checkpoint_payload(self, round_: int, state: ServerState) -> dict[str, Any]:
+        sampler_state = self.executor.sampler_state or {}
+        return {
+            "round": round_,
+            "params": {k: v.cpu() for k, v in state.params.items()},
+            "extras": {k: v.cpu() for k, v in state.extras.items()},
+            "client_state": self.executor.client_state,
+            "sampler_state": {k: torch.as_tensor(v) for k, v in sampler_state.items()},
+        }
+
+    def restore(self, payload: dict[str, Any]) -> tuple[int, ServerState]:
+        """Server state, client state and sampler state from a checkpoint payload (validated first)."""
+        self._check_checkpoint(payload)
+        to_dev = lambda tree: {k: v.to(self.device) for k, v in tree.items()}  # noqa: E731
+        state = ServerState(to_dev(payload["params"]), to_dev(payload["extras"]))
+        self.executor.client_state = dict(payload["client_state"])
+        sampler_state = payload.get("sampler_state") or {}
+        self.executor.sampler_state = {k: v.numpy() for k, v in sampler_state.items()} or None
+        return int(payload["round"]), state
+
+    def _check_checkpoint(self, payload: Any) -> None:
+        keys = ("round", "params", "extras", "client_state")
+        if not isinstance(payload, dict) or any(k not in payload for k in keys):
+            raise FedsimError("checkpoint is not a fedsim checkpoint (missing round/params/extras/client_state)")
+        expected = {k: tuple(v.shape) for k, v in self.initial_state().params.items()}
+        found = {k: tuple(v.shape) for k, v in payload["params"].items()}
+        if found != expected:
+            raise FedsimError("checkpoint parameters do not match the run's model (names or shapes differ)")
+
+    def run(
+        self,
+        results: ResultsDir | None = None,
+        *,
+        start_round: int = 1,
+        state: ServerState | None = None,
+        on_round: RoundCallback | None = None,
+        extend: RoundHook | None = None,
+    ) -> dict[str, Any]:
+        """Run rounds ``start_round..rounds``; returns the summary (also written to ``summary.json``).
+
+        ``extend(round, state, record)`` (the stability probe's twin run) may add metrics to each round's
+        record before it is written (``test_loss`` is not None on evaluated rounds); True means it diverged."""
+        c = self.config
+        state = state if state is not None else self.initial_state()
+        history = results.read_metrics() if results else []
+        for r in range(start_round, c.rounds + 1):
+            t0 = time.perf_counter()
+            state, record = self.round(r, state)
+            loss = record["train_loss"]  # None in a round without clients
+            diverged = (loss is not None and not math.isfinite(loss)) or not all_finite(state.params)
+            if not diverged and (r % c.eval_every == 0 or r == c.rounds):
+                record.update(self.evaluate_state(state))
+                record["oscillation"] = oscillation(history, record["test_accuracy"])
+            else:
+                record.update({"test_accuracy": None, "test_loss": None})
+            if extend is not None and extend(r, state, record):
+                diverged = True
+            record["time_s"] = time.perf_counter() - t0
+            if diverged:
+                record["diverged"] = True
+            history.append(record)
+            if results:
+                results.append_metrics(record)
+            if on_round:
+                on_round(record)
+            if diverged:
+                summary = self.summary(history, diverged=True)
+                if results:
+                    results.write_json(SUMMARY_FILE, summary)
+                where = f"; metrics so far are in {results.path}" if results else ""
+                raise DivergenceError(
+                    f"training diverged at round {r} (train_loss={record['train_loss']}){where}; try a smaller --lr"
+                )
+            checkpoints = c.checkpoint_every and self.executor.checkpoints
+            if results and checkpoints and (r % c.checkpoint_every == 0 or r == c.rounds):
+                results.save_checkpoint(self.checkpoint_payload(r, state))
+        summary = self.summary(history)
+        if results:
+            results.write_json(SUMMARY_FILE, summary)
+        return summary
+
+    def summary(self, history: list[dict[str, Any]], diverged: bool = False) -> dict[str, Any]:
+        evaluated = [h for h in history if h.get("test_accuracy") is not None]
+        best = max(evaluated, key=lambda h: h["test_accuracy"], default=None)
+        last_eval = evaluated[-1] if evaluated else {}
+        return {
+            "rounds_completed": history[-1]["round"] if history else 0,
+            "diverged": diverged,
+            "final_test_accuracy": last_eval.get("test_accuracy"),
+            "final_test_loss": last_eval.get("test_loss"),
+            "best_test_accuracy": best["test_accuracy"] if best else None,
+            "best_round": best["round"] if best else None,
+            "final_oscillation": last_eval.get("oscillation"),
+            "final_train_loss": next((h["train_loss"] for h in reversed(history) if h["train_loss"] is not None), None),
+            "total_time_s": float(sum(h.get("time_s", 0.0) for h in history)),
+            "total_bytes_up": int(sum(h["bytes_up"] for h in history)),
+            "total_bytes_down": int(sum(h["bytes_down"] for h in history)),
+            "num_params": self.num_params,
+            "num_clients": self.store.num_clients,
+            "device": str(self.device),
+            "chunk_size": self.executor.chunk_size,
+            "client_state_bytes": sum(v.numel() * v.element_size() for v in self.executor.client_state.values()),
+            "optimizer": self.config.optimizer.name,
+            "optimizer_state_bytes_per_client": self.optimizer_state_bytes,
+            "optimizer_state_bytes_all_clients": self.optimizer_state_bytes * self.store.num_clients,
+            "dataset": self.config.dataset.name,
+            "model": self.config.model.name,
+            "strategy": self.config.strategy.name,
+            **self.sampler_report(),
+        }
+
+    def sampler_report(self) -> dict[str, Any]:
+        """``sampler_spectral_gap`` (slowest client chain) and ``sampler_mixing_time`` (largest bound
+        ``log(4 n_c) / gap_c``) of a Markov sampler, computed once per run; None for samplers without a chain."""
+        if self._sampler_report is None:
+            self._sampler_report = chain_report(self.sampler, self.store.sizes, self.config.seed)
+        return self._sampler_report

@@ -7,13 +7,19 @@ exit code 2; a diverging run ends with exit code 3 after keeping everything it w
 from __future__ import annotations
 
 import inspect
+import json
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 
+from fedsim.config import COMPONENT_KEYS, RunConfig, load_config
+from fedsim.core import components
 from fedsim.core.errors import DivergenceError, FedsimError
+from fedsim.docs import readme_block
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,8 +35,6 @@ Opt = typer.Option
 
 def _parse_pairs(items: list[str] | None, flag: str = "--set") -> dict[str, Any]:
     """``KEY=VALUE`` pairs (``--set``, ``--param``); values parsed as YAML scalars (numbers, booleans, lists)."""
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -83,7 +87,6 @@ _KIND_HELP = {
 def _simulate_parameters() -> list[inspect.Parameter]:
     """The ``simulate`` command's flags, derived from the run config: one flag per run-level key (help from
     its field), one per component (``--strategy NAME_OR_REF``), the shortcut flags, then the CLI's own."""
-    from fedsim.config import COMPONENT_KEYS, RunConfig
 
     def flag(name: str, annotation: Any, default: Any = None, *decls: str, **option: Any) -> inspect.Parameter:
         return inspect.Parameter(
@@ -125,8 +128,6 @@ def _simulate_parameters() -> list[inspect.Parameter]:
 
 def _cli_type(annotation: Any) -> Any:
     """A run-level field's type as a CLI flag: Literal and bool choices stay strings/flags, all optional."""
-    import typing
-
     if typing.get_origin(annotation) is typing.Literal:
         return str | None
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -140,7 +141,6 @@ _CLI_ONLY = ("config", "set_", "out", "overwrite", "resume", "seeds", "probe", "
 def simulate(**flags: Any) -> None:
     """Run a federated or decentralized experiment and write its results folder."""
     from fedsim import simulation
-    from fedsim.config import load_config
 
     config, set_, out, overwrite, resume, seeds, probe, probe_node, probe_sample, quiet = (
         flags.pop(k) for k in _CLI_ONLY
@@ -295,11 +295,7 @@ def list_components(
     markdown: Annotated[bool, Opt(help="Print the README's generated component tables.")] = False,
 ) -> None:
     """The component kinds and their names; one kind with a line per component; one component's options."""
-    from fedsim.core import components
-
     if markdown:
-        from fedsim.docs import readme_block
-
         typer.echo(readme_block())
         return
     if kind is None:
@@ -352,8 +348,6 @@ def _flower_names() -> str:
 
 def _emit_json(result: dict[str, Any], out: Path | None) -> None:
     """Print a benchmark result as JSON (and write it to ``out`` when given)."""
-    import json
-
     text = json.dumps(result, indent=2)
     if out:
         out.write_text(text + "\n")

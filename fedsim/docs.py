@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from fedsim.config import RENAMED
 from fedsim.core import components
 
 START, END = "<!-- components:start -->", "<!-- components:end -->"
@@ -38,8 +39,6 @@ def component_tables(kinds: list[str] | None = None) -> str:
 
 def renamed_table() -> str:
     """The old flat keys and where each option lives now."""
-    from fedsim.config import RENAMED
-
     lines = ["| fedsim 0.1 key | now |", "|---|---|"]
     lines += [f"| `{old}` | `{new}` |" for old, new in RENAMED.items()]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import networkx as nx
 import numpy as np
+import yaml
 
 from fedsim.core.errors import FedsimError, did_you_mean
 from fedsim.results import CONFIG_FILE, _run_dir, read_metrics
@@ -58,7 +60,6 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return {}
-    import yaml
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -424,7 +425,6 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 def plot_topology(graph: Any, out: str | Path, title: str | None = None) -> Path:
     """Draw a networkx graph (spring layout with a fixed seed; circular for rings and small regular graphs)
     with nodes labelled 0..n-1, and save it as a PNG."""
-    import networkx as nx
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -32,6 +32,7 @@ import yaml
 
 from fedsim.config import RunConfig, make_config
 from fedsim.core.errors import FedsimError
+from fedsim.probes import PROBE_OPTIONS, check_probe, check_probe_options, run_stability_probe
 from fedsim.results import SEEDS_FILE, SUMMARY_FILE, ResultsDir, read_metrics
 from fedsim.simulation import RoundCallback, simulate
 
@@ -163,8 +164,6 @@ def run_seeds(
     input (seeds, config, probe name and options) fails before anything is written; a probe sample that is out
     of range for one seed's partition fails when that seed's run is set up.
     """
-    from fedsim.probes import PROBE_OPTIONS, check_probe, check_probe_options, run_stability_probe
-
     base = config if isinstance(config, RunConfig) else make_config(dict(config))
     seeds = check_seeds(seeds)
     configs = {s: make_config({**base.model_dump(exclude_unset=True), "seed": s}) for s in seeds}

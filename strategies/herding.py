@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fedsim.core.errors import unknown
+
 CENTERS = ("zero", "local_mean")
 
 
@@ -37,8 +39,6 @@ def centered_gram(g: Tensor, mask: Tensor, center: str) -> Tensor:
     if center == "zero":
         return g
     if center != "local_mean":
-        from fedsim.core.errors import unknown
-
         raise unknown("herding center", center, CENTERS)
     m = mask.to(g.dtype)
     n = m.sum(1).clamp_min(1.0)

@@ -7,6 +7,7 @@ import math
 import networkx as nx
 import numpy as np
 
+from .errors import TopologyError
 from .mixing import mixing_matrix
 
 __all__ = ["analyze", "mixing_time_estimate", "spectral_gap"]
@@ -42,8 +43,6 @@ def mixing_time_estimate(W: np.ndarray, eps: float = 1e-3) -> float:
     Returns ``inf`` when the gap is 0.
     """
     if not 0.0 < eps < 1.0:
-        from .errors import TopologyError
-
         raise TopologyError(f"eps must be in (0, 1), got {eps}")
     gap = spectral_gap(W)
     return math.inf if gap <= 0.0 else math.log(1.0 / eps) / gap

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 
 import networkx as nx
 
+from fedsim.core.errors import did_you_mean
+
 from .errors import TopologyError
 
 __all__ = [
@@ -197,8 +199,6 @@ def build(name: str, n: int, **kw: object) -> nx.Graph:
 
     Names are case-insensitive and ``-`` is read as ``_``. An unknown name or argument raises TopologyError.
     """
-    from fedsim.core.errors import did_you_mean
-
     key = str(name).strip().lower().replace("-", "_")
     if key not in GENERATORS:
         raise TopologyError(

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import networkx as nx
 import numpy as np
 
+from fedsim.core.errors import did_you_mean
+
 from .errors import TopologyError, _name, validate_connected
 
 __all__ = ["MIXING_METHODS", "check_doubly_stochastic", "mixing_matrix"]
@@ -189,8 +191,6 @@ def mixing_matrix(G: nx.Graph, method: str = "metropolis_hastings", *, require_c
     False (used for the per-step graphs of a time-varying schedule). Directed graphs are treated as undirected.
     """
     if method not in _METHODS:
-        from fedsim.core.errors import did_you_mean
-
         raise TopologyError(
             f"unknown mixing method {method!r}{did_you_mean(str(method), MIXING_METHODS)}; "
             f"choose from: {', '.join(MIXING_METHODS)}"

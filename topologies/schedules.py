@@ -12,6 +12,7 @@ from pathlib import Path
 
 import networkx as nx
 import numpy as np
+import yaml
 
 from .errors import TopologyError, validate_connected
 from .io import PathLike, load
@@ -132,8 +133,6 @@ class FileSchedule(Schedule):
     """
 
     def __init__(self, path: PathLike, n: int | None = None) -> None:
-        import yaml
-
         self.path = Path(path)
         if not self.path.is_file():
             raise TopologyError(f"{self.path}: schedule file not found")

@@ -11,6 +11,7 @@ and the median of ``repeats`` timings is reported.
 
 from __future__ import annotations
 
+import copy
 import platform
 import statistics
 import time
@@ -20,6 +21,9 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+import topologies
+from fedsim.benchmarks.flower_baseline import run_flower
+from fedsim.config import make_config
 from fedsim.core.protocol import ClientAlgorithm, Plan
 from fedsim.data import load_dataset, partition
 from fedsim.data.samplers import IIDSampler
@@ -27,7 +31,8 @@ from fedsim.engine.executor import LocalExecutor, auto_chunk_size
 from fedsim.engine.store import ClientStore
 from fedsim.models import build_model
 from fedsim.optim import SGD
-from fedsim.simulation import init_seed, parameters_of, resolve_device
+from fedsim.simulation import init_seed, make_simulation, parameters_of, resolve_device, simulate
+from strategies import DSGD, gossip, gossip_matrix
 
 
 def _timed(fn, repeats: int, device: torch.device) -> float:
@@ -131,10 +136,6 @@ def bench_dsgd(
     the engine (vectorized step + sparse gossip), a per-node loop (one ``nn.Module`` and one
     ``torch.optim.SGD`` per node, gossip as per-node weighted sums over neighbours), and the engine's gossip
     alone (its share of a step)."""
-    import copy
-
-    import topologies
-    from strategies import DSGD, gossip, gossip_matrix
 
     dev = resolve_device(device)
     ds = load_dataset(dataset, num_clients=nodes)
@@ -220,8 +221,6 @@ def bench_regulator(
     """Per-round time of ``strategy`` with and without a client regulator (vectorized engine, full
     participation, ``local_steps`` steps of ``batch_size``), timed alternately in one process after a warm-up
     round each; returns the medians and the overhead ``t_regulated / t_plain - 1``."""
-    from fedsim.config import make_config
-    from fedsim.simulation import make_simulation
 
     base = dict(
         dataset=dataset, model=model, clients=clients, local_steps=local_steps, batch_size=batch_size, device=device,
@@ -283,8 +282,6 @@ def bench_executors(
     the Ray executor's over the local one's (``ray_overhead``); ``*_round_s`` is the median per-round time
     after the first round. ``fedsim_backend_flower``: the same run with ``--backend flower`` (our clients as
     Flower ClientApps on Flower's simulation engine, once)."""
-    from fedsim.simulation import simulate
-
     config = dict(
         dataset="digits", model="mlp", clients=clients, rounds=rounds, local_steps=local_steps,
         batch_size=batch_size, lr=lr, fraction=1.0, device="cpu", checkpoint_every=0, seed=0,
@@ -329,8 +326,6 @@ def bench_executors(
     result["ray_round_overhead"] = result["ray"]["round_s"] / result["local"]["round_s"] - 1.0
     result["ray_running_overhead"] = result["ray_running"]["wall_s"] / result["local"]["wall_s"] - 1.0
     if flower:
-        from fedsim.benchmarks.flower_baseline import run_flower
-
         result["flower"] = run_flower(config, cpus_per_client=cpus_per_actor)
         records: list[dict[str, Any]] = []
         t0 = time.perf_counter()

@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
+from fedsim.config import make_config
 from fedsim.core.errors import FedsimError
+from fedsim.engine.evaluate import evaluate
+from fedsim.simulation import make_simulation
 
 FLOWER_EXTRA = "pip install 'fedsim[flower]'"
 
@@ -32,8 +35,6 @@ def _flwr():
 @cache
 def _simulation(config_json: str):
     """The fedsim simulation of a config (data, partition, model), built once per Flower worker process."""
-    from fedsim.config import make_config
-    from fedsim.simulation import make_simulation
 
     return make_simulation(make_config(json.loads(config_json)))
 
@@ -82,8 +83,6 @@ def run_flower(config: dict[str, Any], cpus_per_client: float = 1.0) -> dict[str
     from flwr.serverapp import ServerApp
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
-
-    from fedsim.engine.evaluate import evaluate
 
     config_json = json.dumps(config, sort_keys=True)
     sim = _simulation(config_json)

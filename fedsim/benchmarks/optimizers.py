@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedsim.core.errors import unknown
+from fedsim.models import build_model
 from fedsim.optim.foam import FOAM
 from fedsim.optim.groups import transformer_param_groups
 from fedsim.optim.gwt import GWT
@@ -57,11 +59,7 @@ class LlamaBlock(nn.Module):
 
 def workload(name: str) -> nn.Module:
     """The parameters to step: the registry's ``char_transformer`` (Shakespeare vocabulary) or a LLaMA block."""
-    from fedsim.core.errors import unknown
-
     if name == "char_transformer":
-        from fedsim.models import build_model
-
         return build_model("char_transformer", (80,), 81, seed=0)
     if name == "llama_block":
         return LlamaBlock()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import FedsimError
 from .pytree import Tree, flatten, per_client, weighted_sum
 
 
@@ -157,8 +158,6 @@ class TrajectorySpec:
         ``bfloat16``; ``device`` ``same`` (the parameters') or ``cpu`` (host memory)."""
         dtypes = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
         if dtype not in dtypes or device not in ("same", "cpu"):
-            from .errors import FedsimError
-
             raise FedsimError(f"trajectory dtype/device must be in {list(dtypes)} / [same, cpu], got {dtype}/{device}")
         return cls(unit, microbatches, dtypes[dtype], None if device == "same" else device)
 

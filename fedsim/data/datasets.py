@@ -35,6 +35,7 @@ import numpy as np
 from fedsim.core import components
 from fedsim.core.components import option
 from fedsim.core.errors import DataSourceMissing, FedsimError
+from fedsim.core.rng import STREAM_SUBSET
 
 from .base import Dataset, cache_dir, package_dir, write_cache
 from .shakespeare import load_shakespeare
@@ -568,8 +569,6 @@ def subsample_train(ds: Dataset, samples: int, seed: int) -> Dataset:
     """The dataset with a random subset of ``samples`` training samples (the test set unchanged): the first
     ``samples`` of a permutation drawn from ``(STREAM_SUBSET, seed)``, kept in their original order. A natural
     client id per sample is kept with its sample."""
-    from fedsim.core.rng import STREAM_SUBSET
-
     n = len(ds.y_train)
     if not 1 <= samples <= n:
         raise FedsimError(f"train_samples must be in [1, {n}] for dataset '{ds.name}', got {samples}")

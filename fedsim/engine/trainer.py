@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from fedsim.core.errors import FedsimError, unknown
 from fedsim.core.protocol import ClientAlgorithm, LocalContext, TrajectorySpec
 from fedsim.core.pytree import Tree, flatten, stack
 
@@ -90,8 +91,6 @@ def _per_client(weights: Tensor, like: Tensor) -> Tensor:
 def check_microbatches(batch_size: int, microbatches: int) -> int:
     """Microbatch size; the batch must split into equal slices."""
     if batch_size % microbatches:
-        from fedsim.core.errors import FedsimError
-
         raise FedsimError(f"batch size {batch_size} does not split into {microbatches} equal microbatches")
     return batch_size // microbatches
 
@@ -161,8 +160,6 @@ class VectorizedTrainer:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn = cross_entropy, grad_mode: str = "sum"):
         if grad_mode not in GRAD_MODES:
-            from fedsim.core.errors import unknown
-
             raise unknown("grad_mode", grad_mode, GRAD_MODES)
         self.model = model
         self.loss_fn = loss_fn

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fedsim.core.errors import unknown
 from fedsim.core.protocol import TrajectorySpec
 from fedsim.core.pytree import Tree
 
@@ -41,7 +42,6 @@ def num_units(spec: TrajectorySpec, num_steps: int, batch_size: int) -> int:
         return num_steps * spec.microbatches
     if spec.unit == "sample":
         return num_steps * batch_size
-    from fedsim.core.errors import unknown
 
     raise unknown("trajectory unit", spec.unit, UNITS)
 

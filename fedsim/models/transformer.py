@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fedsim.core.components import option
+from fedsim.core.errors import FedsimError
 
 
 class CausalSelfAttention(nn.Module):
@@ -126,8 +127,6 @@ def char_transformer(
     characters). Defaults: 2 layers, width 128, 4 heads, MLP 4x (about 0.43 M parameters with 81 characters).
     Options: ``width``, ``layers``, ``heads``, ``mlp_ratio``, ``vocab_size``.
     """
-    from fedsim.core.errors import FedsimError
-
     if len(input_shape) != 1:
         raise FedsimError(
             "model 'char_transformer' needs sequences of character indices (shape (L,), e.g. dataset "

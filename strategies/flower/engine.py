@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import typing
 from collections.abc import Iterable
 from typing import Any
 
@@ -223,8 +224,6 @@ _SET_BY_ENGINE = ("fraction_train", "train_metrics_aggr_fn", "evaluate_metrics_a
 def _declared(cls: type) -> Any:
     """The options of Flower strategy ``cls``: its constructor keywords with our engine's defaults (no
     federated evaluation, one node enough), without those the engine sets."""
-    import typing
-
     hints = typing.get_type_hints(cls.__init__)
     params = [
         p.replace(default=ENGINE_DEFAULTS.get(p.name, p.default))

@@ -12,6 +12,7 @@ in ``context.state["fedsim.client_state.<algorithm name>"]`` and its sampler sta
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -55,8 +56,6 @@ def from_record(record, device: torch.device | str = "cpu") -> Tree:
 
 def last_line(text: str) -> str:
     """The last non-empty line of a (multi-line, possibly colored) error text: what went wrong, in one line."""
-    import re
-
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(text).splitlines()]
     lines = [line for line in lines if line and line != "'>"]
     return lines[-1].rstrip("'>") if lines else "no reason given"

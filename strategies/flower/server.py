@@ -18,6 +18,7 @@ have, with their fedsim options as keywords; their clients are :class:`strategie
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -125,8 +126,6 @@ class FlowerStrategy(FedAvg):
         return RecordDict({ARRAYS: to_record(self.state.params), "fedsim.server_state": to_record(self.state.extras)})
 
     def summary(self) -> None:
-        from logging import INFO
-
         from flwr.common.logger import log
 
         log(INFO, "\t├──> fedsim strategy: %s", type(self.strategy).__name__)

@@ -81,6 +81,7 @@ _KIND_HELP = {
     "lr_schedule": "constant | step | cosine",
     "problem": "auc | dro (min-max problem of dsgda)",
     "executor": "local | ray",
+    "backend": "fedsim (our engine) | flower (clients as Flower ClientApps on Flower's simulation engine)",
 }
 
 

@@ -37,14 +37,14 @@ COMPONENT_KEYS: dict[str, str] = {
     "dataset": "dataset", "partition": "partitioner", "model": "model", "strategy": "strategy",
     "aggregator": "aggregator", "regulator": "regulator", "client_filter": "client_filter",
     "availability": "availability", "sampler": "sampler", "optimizer": "optimizer", "lr_schedule": "lr_schedule",
-    "problem": "problem", "executor": "executor",
+    "problem": "problem", "executor": "executor", "backend": "backend",
 }  # fmt: skip
 """Config key -> component kind (``strategy`` is a ``decentralized`` strategy when a topology is given)."""
 
 DEFAULTS: dict[str, str | None] = {
     "dataset": "digits", "partition": "dirichlet", "model": "mlp", "strategy": None, "aggregator": "mean",
     "regulator": "none", "client_filter": "none", "availability": "always", "sampler": "shuffle",
-    "optimizer": "sgd", "lr_schedule": "constant", "problem": None, "executor": "local",
+    "optimizer": "sgd", "lr_schedule": "constant", "problem": None, "executor": "local", "backend": "fedsim",
 }  # fmt: skip
 
 RENAMED: dict[str, str] = {
@@ -72,7 +72,7 @@ RENAMED: dict[str, str] = {
     "gwt_wavelet": "optimizer.wavelet", "mols_estimator": "optimizer.estimator", "mols_refresh": "optimizer.refresh",
     "sai_momentum": "optimizer.momentum", "num_actors": "executor.num_actors",
     "cpus_per_actor": "executor.cpus_per_actor", "gpus_per_actor": "executor.gpus_per_actor",
-    "ray_address": "executor.address",
+    "ray_address": "executor.address", "flower_cpus_per_client": "backend.cpus_per_client",
 }  # fmt: skip
 """Flat keys of fedsim 0.1 and where each option lives now (the README's mapping table)."""
 
@@ -122,10 +122,7 @@ class RunConfig(BaseModel):
     grad_mode: Literal["sum", "vmap"] = Field("sum", description="Per-client gradients: sum | vmap.")
     sequential: bool = Field(False, description="Train clients one by one (the reference path).")
     executor: Spec
-    backend: Literal["fedsim", "flower"] = Field(
-        "fedsim", description="fedsim (our engine) | flower (clients as Flower ClientApps)."
-    )
-    flower_cpus_per_client: float = Field(1.0, gt=0, description="--backend flower: CPUs per Flower client.")
+    backend: Spec
     # evaluation and results
     eval_every: int = Field(1, ge=1, description="Evaluate every N rounds.")
     checkpoint_every: int = Field(10, ge=0, description="Checkpoint every N rounds (0: never).")
@@ -223,14 +220,12 @@ class RunConfig(BaseModel):
             for name in ("aggregator", "regulator", "client_filter"):
                 if getattr(self, name).name != DEFAULTS[name]:
                     raise FedsimError(f"option '{name}' applies to fedsim strategies, not '{self.strategy.name}'")
-        if self.backend == "flower":
+        if self.backend.name == "flower":
             for bad, why in ((self.executor.name != "local", f"--executor {self.executor.name}"),
                              (bool(self.topology), "--topology"),
                              (self.flower_hosted, f"strategy '{self.strategy.name}'")):  # fmt: skip
                 if bad:
                     raise FedsimError(f"--backend flower runs federated fedsim strategies; drop {why}")
-        elif self.flower_cpus_per_client != 1.0:
-            raise FedsimError("option 'flower_cpus_per_client' applies with --backend flower")
 
     @property
     def flower_hosted(self) -> bool:

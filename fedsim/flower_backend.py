@@ -31,7 +31,7 @@ def _node_simulation(config_json: str):
     from fedsim.config import make_config
     from fedsim.simulation import make_simulation
 
-    config = {k: v for k, v in json.loads(config_json).items() if k not in ("backend", "flower_cpus_per_client")}
+    config = {k: v for k, v in json.loads(config_json).items() if k != "backend"}
     return make_simulation(make_config(config))
 
 
@@ -124,7 +124,7 @@ class GridExecutor:
         pass
 
 
-def run_with_flower(sim, results, on_round) -> dict[str, Any]:
+def run_with_flower(sim, results, on_round, *, cpus_per_client: float = 1.0) -> dict[str, Any]:
     """Run ``sim`` (a federated :class:`~fedsim.simulation.Simulation`) with its clients on Flower's
     simulation engine; returns the summary. Errors inside the ServerApp are raised here."""
     from strategies.flower.records import require_flower
@@ -153,7 +153,7 @@ def run_with_flower(sim, results, on_round) -> dict[str, Any]:
         run_simulation(
             server_app=server, client_app=make_client_app(config_json), num_supernodes=sim.store.num_clients,
             backend_config={
-                "client_resources": {"num_cpus": sim.config.flower_cpus_per_client, "num_gpus": 0.0},
+                "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                 "init_args": {"include_dashboard": False, "logging_level": "error", "log_to_driver": False},
             },
         )  # fmt: skip

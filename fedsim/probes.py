@@ -189,7 +189,7 @@ def run_stability_probe(
     cfg = config if isinstance(config, RunConfig) else make_config(dict(config))
     cfg = make_config({**cfg.model_dump(exclude_unset=True), "checkpoint_every": 0})
     check_probe_options(node, sample, replace_with)
-    if cfg.executor.name != "local" or cfg.backend != "fedsim":
+    if cfg.executor.name != "local" or cfg.backend.name != "fedsim":
         raise FedsimError(
             "the stability probe perturbs the twin's data in-process; run it with --executor local --backend fedsim"
         )

@@ -57,10 +57,11 @@ def assemble(config: RunConfig) -> Simulation:
     the config's topology; a min-max task for ``dsgda``). Optional dependencies (Ray, Flower) fail first,
     before any data loads."""
     c = config
-    preflight = getattr(components.get("executor", c.executor.name).obj, "preflight", None)
-    if preflight is not None:
-        preflight()
-    if c.backend == "flower" or c.flower_hosted:
+    for kind in ("executor", "backend"):  # optional dependencies (Ray, Flower): fail before any data loads
+        preflight = getattr(components.get(kind, getattr(c, kind).name).obj, "preflight", None)
+        if preflight is not None:
+            preflight()
+    if c.flower_hosted:
         from strategies.flower.records import require_flower  # optional dependency: flwr
 
         require_flower()
@@ -180,12 +181,7 @@ def simulate(
             results = ResultsDir.create(out, overwrite=overwrite)
             results.write_text(CONFIG_FILE, dump_config(sim.config))
             results.write_histogram(sim.histogram)
-        if cfg.backend == "flower":
-            from fedsim.flower_backend import run_with_flower
-
-            summary = run_with_flower(sim, results, on_round)
-        else:
-            summary = sim.run(results, on_round=on_round)
+        summary = components.build("backend", cfg.backend).run(sim, results, on_round)
     if results and plots:
         from fedsim.plots import plot_run
 
@@ -197,8 +193,10 @@ def resume(out: str | Path, *, on_round: RoundCallback | None = None, plots: boo
     """Continue a killed run from its last checkpoint; ends with the same metrics as an uninterrupted run."""
     results = ResultsDir.open_existing(out)
     cfg = load_config(results.file(CONFIG_FILE))
-    if cfg.backend == "flower":
-        raise FedsimError("a --backend flower run cannot resume: its client state lived in the Flower nodes")
+    if not components.build("backend", cfg.backend).resumable:
+        raise FedsimError(
+            f"a --backend {cfg.backend.name} run cannot resume: its client state lived in the backend's nodes"
+        )
     with make_simulation(cfg) as sim:
         payload = results.load_checkpoint()
         if payload is None:

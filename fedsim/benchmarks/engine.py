@@ -329,7 +329,7 @@ def bench_executors(
         result["flower"] = run_flower(config, cpus_per_client=cpus_per_actor)
         records: list[dict[str, Any]] = []
         t0 = time.perf_counter()
-        summary = simulate({**config, "backend": "flower", "flower_cpus_per_client": cpus_per_actor}, None,
+        summary = simulate({**config, "backend": {"name": "flower", "cpus_per_client": cpus_per_actor}}, None,
                            plots=False, on_round=records.append)  # fmt: skip
         result["fedsim_backend_flower"] = {
             "wall_s": time.perf_counter() - t0, "round_s": statistics.median(r["time_s"] for r in records[1:]),

@@ -532,6 +532,8 @@ for _kind in (
          required=("loss", "wrap")),
     Kind("executor", "executor", "where client training runs", "fedsim.engine.executors",
          frozenset({"local"})),
+    Kind("backend", "backend", "who drives the rounds: fedsim's loop, or Flower's simulation engine",
+         "fedsim.backends", required=("run",)),
 ):  # fmt: skip
     define_kind(_kind)
 

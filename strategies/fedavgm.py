@@ -12,7 +12,7 @@ from .base import Strategy, apply_step, check_positive
 
 
 class FedAvgM(Strategy):
-    """Server momentum on the averaged update ``Delta = sum_k p_k Delta_k``:
+    """FedAvgM: server momentum on the averaged update ``Delta = sum_k p_k Delta_k``.
 
         v <- beta v + Delta,    w <- w - eta_s v     (v_0 = 0; beta = 0.9, eta_s = 1 by default).
 

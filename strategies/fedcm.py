@@ -15,7 +15,7 @@ After the round, with ``Delta_k = w - y_k`` over ``K_k`` local steps at learning
 two agree for equal ``K_k``, and ours keeps ``eta_g = 1`` equal to FedAvg's step. ``beta = 1`` is FedAvg
 (FedCM) or SCAFFOLD (SCAFFOLD-M) exactly. Defaults: ``beta = 0.1`` (FedCM's alpha), ``eta_g = 1``.
 SCAFFOLD-M's control variates default to the mean raw local gradient (Cheng et al.'s update; option II's
-model difference would fold the momentum into them); ``scaffold_control`` switches.
+model difference would fold the momentum into them); ``control`` switches.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ normalizes it by ``||a_k||_1`` and rescales the average by the effective step co
 
     d_k = Delta_k / ||a_k||_1,     tau_eff = sum_k p_k ||a_k||_1,     w <- w - tau_eff * sum_k p_k d_k
 
-- ``fednova_form="simplified"`` (the seed group's code, used by ECGR's FedNova host): ``||a_k||_1 = tau_k``,
+- ``form="simplified"`` (the seed group's code, used by ECGR's FedNova host): ``||a_k||_1 = tau_k``,
   the client's local step count;
 - ``"general"``: ``||a_k||_1`` of local SGD with momentum ``rho`` and a proximal term ``mu`` (FedProx
   inside FedNova), the coefficient of a constant gradient in the linear recursion

@@ -12,7 +12,7 @@ Two uses here:
   order; a round where nothing agreed leaves the model unchanged (zero update), except with a single
   client, whose update is used as it is (our choice: a fold of one has nothing to disagree with);
 - :class:`GAFClientFilter` as a client micro-batch filter (``client_filter: gaf``): every local step's
-  minibatch is split into ``gaf_microbatches`` equal slices, their gradients are folded, and a client whose
+  minibatch is split into ``microbatches`` equal slices, their gradients are folded, and a client whose
   slices never agree skips that step (parameters and optimizer state unchanged), as in the authors' code.
   A step with a single non-empty slice (a client smaller than a batch, or the last partial batch of an
   epoch) is taken with that slice's gradient: there is nothing to disagree with (our choice; the authors'
@@ -34,7 +34,7 @@ from fedsim.core.pytree import Tree, flatten, unflatten
 
 def check_tau(tau: float) -> float:
     if not 0.0 <= tau <= 2.0:
-        raise FedsimError(f"gaf_tau is a cosine distance in [0, 2], got {tau}")
+        raise FedsimError(f"tau is a cosine distance in [0, 2], got {tau}")
     return float(tau)
 
 

@@ -40,7 +40,7 @@ def trimmed_mean(flat: Tensor, trim_fraction: float) -> Tensor:
     s = flat.shape[0]
     b = int(trim_fraction * s + 1e-9)
     if s - 2 * b < 1:
-        raise FedsimError(f"trimmed mean with trim_fraction {trim_fraction} leaves no update of {s}")
+        raise FedsimError(f"trimmed mean with fraction {trim_fraction} leaves no update of {s}")
     return flat.sort(dim=0).values[b : s - b].mean(0)
 
 
@@ -60,7 +60,7 @@ def krum(flat: Tensor, byzantine: int = 0, select: int = 1) -> Tensor:
     s = flat.shape[0]
     if s < byzantine + 3 or select > s:
         raise FedsimError(
-            f"krum with krum_byzantine={byzantine}, krum_select={select} needs at least "
+            f"krum with byzantine={byzantine}, select={select} needs at least "
             f"{max(byzantine + 3, select)} clients per round, got {s}"
         )
     scores = krum_scores(flat, byzantine)
@@ -78,7 +78,7 @@ class Median:
 
 
 class TrimmedMean:
-    """Coordinate-wise trimmed-mean aggregator (``trim_fraction`` off each end)."""
+    """Coordinate-wise trimmed-mean aggregator (``fraction`` of the updates off each end)."""
 
     name: ClassVar[str] = "trimmed_mean"
 
@@ -92,7 +92,7 @@ class TrimmedMean:
 
 
 class Krum:
-    """(Multi-)Krum aggregator: ``krum_byzantine`` assumed attackers f, ``krum_select`` updates averaged."""
+    """(Multi-)Krum aggregator: ``byzantine`` assumed attackers f, ``select`` updates averaged."""
 
     name: ClassVar[str] = "krum"
 

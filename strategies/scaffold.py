@@ -5,16 +5,16 @@ the selected clients' rows travel to the device); the server keeps ``c`` and bro
 follow the corrected direction ``g - c_k + c``; after ``K_k`` steps from ``w`` to ``y_k``:
 
     c_k+ = c_k - c + (w - y_k) / (K_k eta)                                  (option II, the default)
-    c_k+ = (1 / K_k) sum_i g_k,i                  (``scaffold_control="gradient_mean"``: the mean raw
+    c_k+ = (1 / K_k) sum_i g_k,i                  (``control="gradient_mean"``: the mean raw
                                                    stochastic gradient along the local path; our option)
     w   <- w - eta_g * sum_k q_k (w - y_k)
     c   <- c + (|S| / N) * sum_k q_k (c_k+ - c_k)
 
-with ``q_k`` the sample weights ``p_k`` (``scaffold_weighting="samples"``, the default: FedAvg's weighting,
+with ``q_k`` the sample weights ``p_k`` (``weighting="samples"``, the default: FedAvg's weighting,
 and with full participation ``c = sum_k p_k c_k``, what ECGR's authors' server computes) or ``1 / |S|``
 (``"uniform"``, the paper's means). A client that took no step keeps its ``c_k`` (uploads ``0``).
 
-Where the correction enters (``scaffold_correction``) matters once the local optimizer has state:
+Where the correction enters (``correction``) matters once the local optimizer has state:
 
 - ``"after_step"`` (default; ECGR's authors' code and Flower's SCAFFOLD baseline): the optimizer steps on the
   raw gradient, then ``w <- w - eta (c - c_k)``, outside the momentum buffer;

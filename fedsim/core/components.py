@@ -137,7 +137,7 @@ class Component:
         """Call the component with validated ``options`` and the context values its signature accepts."""
         values = self.validate(options or {})
         names = {p.name for p in _keyword_parameters(self.obj, self.kind.positional)}
-        wanted = {k: v for k, v in context.items() if k in names or (_accepts_any(self.obj) and k in self.kind.context)}
+        wanted = {k: v for k, v in context.items() if k in names}  # a component takes the context it names
         try:
             built = self.obj(**values, **wanted)
         except ValueError as err:  # FedsimError, or a constructor's own check of its arguments

@@ -33,7 +33,7 @@ class FlowerBackend:
 
     @staticmethod
     def preflight() -> None:
-        from strategies.flower.records import require_flower  # optional dependency: flwr
+        from fedsim.flower.records import require_flower  # optional dependency: flwr
 
         require_flower()
 

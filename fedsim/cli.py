@@ -341,7 +341,7 @@ def list_components(
 
 def _flower_names() -> str:
     try:
-        from strategies.flower import flower_strategies
+        from fedsim.flower import flower_strategies
     except FedsimError:
         return "(not installed: pip install 'fedsim[flower]')"
     return ", ".join("flwr:" + n for n in sorted(flower_strategies()))

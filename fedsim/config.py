@@ -303,6 +303,8 @@ def _default_name(key: str, values: Mapping[str, Any]) -> str:
     """The component a key names when the config gives only its options."""
     if key == "strategy":
         return "dsgd" if values.get("topology") else "fedavg"
+    if key == "problem":
+        return "auc"  # the min-max strategies' default problem
     if DEFAULTS[key] is None:
         raise FedsimError(f"{key}: give a name ({key}: {{name: ..., ...}})")
     return DEFAULTS[key]

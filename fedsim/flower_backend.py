@@ -20,16 +20,19 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.config import make_config
 from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import ClientUpdates, Plan
 from fedsim.core.pytree import Tree
+from fedsim.engine.store import shard_arrays
+from fedsim.flower import FedsimClient
+from fedsim.flower.records import require_flower, to_record, train_content, updates_from_replies
+from fedsim.simulation import make_simulation
 
 
 @cache
 def _node_simulation(config_json: str):
     """The run's data, model and client settings, built once per Flower worker process."""
-    from fedsim.config import make_config
-    from fedsim.simulation import make_simulation
 
     config = {k: v for k, v in json.loads(config_json).items() if k != "backend"}
     return make_simulation(make_config(config))
@@ -37,8 +40,6 @@ def _node_simulation(config_json: str):
 
 @cache
 def _node_client(config_json: str, client: int):
-    from fedsim.engine.store import shard_arrays
-    from strategies.flower import FedsimClient
 
     sim = _node_simulation(config_json)
     local = sim.executor
@@ -109,8 +110,6 @@ class GridExecutor:
     def train(self, plan: Plan, params: Tree, round_: int, lr: float, start=None, opt_state=None) -> ClientUpdates:
         from flwr.app import ConfigRecord, Message, MessageType
 
-        from strategies.flower.records import to_record, train_content, updates_from_replies
-
         config = ConfigRecord({"server-round": round_, "lr": lr})
         record = train_content(to_record(params), config, plan.broadcast)
         ids = [int(c) for c in plan.client_ids]
@@ -127,8 +126,6 @@ class GridExecutor:
 def run_with_flower(sim, results, on_round, *, cpus_per_client: float = 1.0) -> dict[str, Any]:
     """Run ``sim`` (a federated :class:`~fedsim.simulation.Simulation`) with its clients on Flower's
     simulation engine; returns the summary. Errors inside the ServerApp are raised here."""
-    from strategies.flower.records import require_flower
-
     require_flower()
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation

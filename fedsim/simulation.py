@@ -62,7 +62,7 @@ def assemble(config: RunConfig) -> Simulation:
         if preflight is not None:
             preflight()
     if c.flower_hosted:
-        from strategies.flower.records import require_flower  # optional dependency: flwr
+        from fedsim.flower.records import require_flower  # optional dependency: flwr
 
         require_flower()
     itself = _SimulationRef()  # for strategies that drive the engine themselves (flwr:NAME), bound below

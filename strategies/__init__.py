@@ -41,15 +41,6 @@ for _cls in (ECGR, BHerd):
     components.register("regulator", _cls.name, _cls)
 components.register("client_filter", "gaf", GAFClientFilter)
 
-
-def _flower_strategy(name: str) -> components.Component:
-    """``flwr:NAME``: one of Flower's strategies driving our engine (Flower is an optional dependency)."""
-    from .flower.engine import flower_component
-
-    return flower_component(name)
-
-
-components.register_namespace("strategy", "flwr", _flower_strategy)
 for _cls in (Median, TrimmedMean, Krum, GAF):
     components.register("aggregator", _cls.name, _cls)
 

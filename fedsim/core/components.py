@@ -67,7 +67,7 @@ class Kind:
     name: str
     key: str
     help: str
-    provider: str
+    provider: str | tuple[str, ...]
     context: frozenset[str] = frozenset()
     required: tuple[str, ...] = ()
     none: str | None = None
@@ -201,7 +201,8 @@ def register_namespace(kind: str, prefix: str, resolver: Callable[[str], Compone
 def _load(kind: Kind) -> None:
     if kind.name not in _LOADED:
         _LOADED.add(kind.name)
-        importlib.import_module(kind.provider)
+        for module in (kind.provider,) if isinstance(kind.provider, str) else kind.provider:
+            importlib.import_module(module)
 
 
 def names(kind: str) -> list[str]:
@@ -512,7 +513,8 @@ for _kind in (
          required=("sample",)),
     Kind("model", "model", "the network every client trains (factory(input_shape, num_classes, **options))",
          "fedsim.models", frozenset({"input_shape", "num_classes"}), positional=2),
-    Kind("strategy", "strategy", "federated server strategy (selection, broadcast, aggregation)", "strategies",
+    Kind("strategy", "strategy", "federated server strategy (selection, broadcast, aggregation)",
+         ("strategies", "fedsim.flower_strategies"),
          frozenset({"aggregator", "fraction", "min_clients", "local_momentum", "simulation"}),
          ("init", "configure", "aggregate")),
     Kind("decentralized", "strategy", "decentralized strategy over a topology (local steps, then gossip)",

@@ -14,6 +14,7 @@ from fedsim.core import components
 from fedsim.core.components import option
 
 from .executor import LocalExecutor
+from .ray_executor import RayExecutor, RayOptions, import_ray
 
 
 def local(*, local: LocalExecutor) -> LocalExecutor:
@@ -30,17 +31,9 @@ def ray(
     local: LocalExecutor,
 ):
     """Long-lived Ray actors, each owning a shard of clients (their data and client state resident)."""
-    from .ray_executor import RayExecutor, RayOptions
-
     return RayExecutor(local, RayOptions(num_actors, cpus_per_actor, gpus_per_actor, address))
 
 
-def _preflight_ray() -> None:
-    from .ray_executor import import_ray
-
-    import_ray()
-
-
-ray.preflight = _preflight_ray  # checked before any data loads
+ray.preflight = import_ray  # checked before any data loads
 components.register("executor", "local", local)
 components.register("executor", "ray", ray)

@@ -1,32 +1,9 @@
-"""Flower interoperability (flwr 1.41 Message API; needs the ``flower`` extra).
+"""Flower interoperability at its published path: an alias of :mod:`fedsim.flower`.
 
-- Our strategies as Flower strategies: :class:`FlowerStrategy` (any fedsim strategy) and the ones Flower
-  lacks, :class:`SCAFFOLD`, :class:`FedNova`, :class:`FedDyn`, :class:`FedCM` (:mod:`.server`);
-- our local training in a Flower ``ClientApp``: :class:`FedsimClient` (:mod:`.client`);
-- Flower's strategies in our engine: :class:`EngineGrid`, :class:`FlowerHosted` (:mod:`.engine`);
-- the record conventions and reply checks: :mod:`.records`.
+The adapters (``FlowerStrategy``, ``SCAFFOLD``, ``FedNova``, ``FedDyn``, ``FedCM``, ``FedsimClient``,
+``EngineGrid``, ``FlowerHosted``) run fedsim's engine, so they live on the engine's side; :mod:`strategies`
+itself depends on the core contract only.
 """
 
-from .records import FLOWER_EXTRA, FlowerReplyError, require_flower
-
-require_flower()
-
-from .client import FedsimClient  # noqa: E402
-from .engine import EngineGrid, FlowerHosted, flower_strategies, hosted_strategy, make_flower_strategy  # noqa: E402
-from .server import SCAFFOLD, FedCM, FedDyn, FedNova, FlowerStrategy  # noqa: E402
-
-__all__ = [
-    "FLOWER_EXTRA",
-    "SCAFFOLD",
-    "EngineGrid",
-    "FedCM",
-    "FedDyn",
-    "FedNova",
-    "FedsimClient",
-    "FlowerHosted",
-    "FlowerReplyError",
-    "FlowerStrategy",
-    "flower_strategies",
-    "hosted_strategy",
-    "make_flower_strategy",
-]
+from fedsim.flower import *  # noqa: F403
+from fedsim.flower import __all__  # noqa: F401

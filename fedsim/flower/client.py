@@ -6,7 +6,7 @@ MoLS-style, SGD-SaI, ...) with the engine's own code.
 of one client), so its numbers are the engine's: batches depend only on (seed, round, client id), and the
 persistent client state (SCAFFOLD's ``c_k``, FedDyn's ``h_k``; under ``fedsim.client_state.<algorithm>``)
 and a Markov sampler's state live in the node's ``context.state`` between rounds. Records as in
-:mod:`strategies.flower.records`::
+:mod:`fedsim.flower.records`::
 
     client = FedsimClient(model, x, y, strategy="scaffold", regulator=make_regulator("ecgr"), local_steps=10)
     app = ClientApp()

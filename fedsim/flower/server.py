@@ -6,7 +6,7 @@ for what is the same (federated evaluation, ``summary``, ``start``) and replaces
 - ``configure_train``: our strategy picks the clients (the same (seed, round) hash as in our engine; client
   ``k`` is the ``k``-th node of ``client_nodes``, by default the sorted node ids) and sends the global model,
   ``config`` with ``server-round`` and the local ``lr``, and the strategy's broadcast extras in the ArrayRecord
-  ``fedsim.broadcast`` (see :mod:`strategies.flower.records`);
+  ``fedsim.broadcast`` (see :mod:`fedsim.flower.records`);
 - ``aggregate_train``: the replies become our ``ClientUpdates`` (checked: a reply without its records is an
   error naming the client) and our strategy's ``aggregate`` runs on them, server state included.
 
@@ -98,7 +98,7 @@ class FlowerStrategy(FedAvg):
         nodes = self.nodes(grid)
         plan = self.strategy.configure(server_round, self.state, len(nodes), self.seed)
         lr = self.local_lr(server_round, config)
-        config["server-round"], config["lr"] = server_round, lr
+        config = ConfigRecord({**config, "server-round": server_round, "lr": lr})  # the caller's record untouched
         selected = [nodes[int(i)] for i in plan.client_ids]
         self._sent = ({nodes[int(i)]: int(i) for i in plan.client_ids}, params, lr, len(nodes))
         return self._construct_messages(train_content(arrays, config, plan.broadcast), selected, MessageType.TRAIN)

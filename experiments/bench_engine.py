@@ -1,6 +1,6 @@
 """Engine benchmark suite (issue: vectorized federated engine).
 
-Runs ``fedsim.bench.bench_engine`` on the cases of the engine issue and writes one JSON file with all
+Runs ``fedsim.benchmarks.engine.bench_engine`` on the cases of the engine issue and writes one JSON file with all
 results plus a markdown table on stdout. Usage:
 
     python experiments/bench_engine.py --device cpu --out experiments/results/engine_cpu.json
@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fedsim.bench import bench_engine
+from fedsim.benchmarks.engine import bench_engine
 
 CPU_CASES = [
     dict(dataset="digits", model="mlp", clients=1000, repeats=5),

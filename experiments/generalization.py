@@ -89,8 +89,8 @@ def sweep_points(points: list[dict[str, Any]], seeds: int, folder: Path, common:
         finals = []
         for seed in range(seeds):
             m, n = point["m"], point["n"]
-            config = {**common, **point.get("config", {}), "seed": seed, "clients": m, "dataset": "npz",
-                      "data_path": subset_npz(folder, m * n, seed)}  # fmt: skip
+            config = {**common, **point.get("config", {}), "seed": seed, "clients": m,
+                      "dataset": {"name": "npz", "path": subset_npz(folder, m * n, seed)}}  # fmt: skip
             finals.append(run_once(config))
         keys = sorted(set.intersection(*(set(f) for f in finals)))
         stats = {k: quantiles([f[k] for f in finals]) for k in keys if k not in ("round",)}
@@ -146,7 +146,7 @@ def markov_sweep(seeds: int, rounds: int, folder: Path, laziness=(0.1, 0.5, 0.8,
                 "m": 16,
                 "n": 41,
                 "laziness": lz,
-                "config": {"topology": path, "sampler": "markov-ring", "laziness": lz, **extra},
+                "config": {"topology": path, "sampler": {"name": "markov-ring", "laziness": lz}, **extra},
             }
             for lz in laziness
         ]  # fmt: skip  (n = 41: an odd ring, so even laziness 0 would be aperiodic)

@@ -7,16 +7,15 @@ exit code 2; a diverging run ends with exit code 3 after keeping everything it w
 from __future__ import annotations
 
 import inspect
-import json
 import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
-from fedsim.config import COMPONENT_KEYS, RunConfig, load_config
+from fedsim.benchmarks.cli import bench_app
+from fedsim.config import COMPONENT_KEYS, RunConfig, load_config, parse_pairs
 from fedsim.core import components
 from fedsim.core.errors import DivergenceError, FedsimError
 from fedsim.docs import readme_block
@@ -25,23 +24,11 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="fedsim: vectorized federated learning simulator (all clients trained at once on a client axis).",
 )  # fmt: skip
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (JSON on stdout).")
 app.add_typer(bench_app, name="bench")
 topology_app = typer.Typer(no_args_is_help=True, help="Build, inspect and convert graph topologies.")
 app.add_typer(topology_app, name="topology")
 
 Opt = typer.Option
-
-
-def _parse_pairs(items: list[str] | None, flag: str = "--set") -> dict[str, Any]:
-    """``KEY=VALUE`` pairs (``--set``, ``--param``); values parsed as YAML scalars (numbers, booleans, lists)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FedsimError(f"{flag} expects KEY=VALUE, got '{item}'")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
 
 
 def _default_out(strategy: str, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
@@ -66,24 +53,6 @@ OPTION_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 """Shortcut flags for common component options: ``--momentum 0.9`` is ``--set optimizer.momentum=0.9``."""
 
-_KIND_HELP = {
-    "dataset": "digits | mnist5k | mnist | fashion-mnist | synthetic | shakespeare | npz",
-    "partition": "iid | dirichlet | shards | natural",
-    "model": "logreg | mlp | lenet5 | cnn | char_transformer",
-    "strategy": "fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | scaffold | scaffold-m | fednova | "
-    "feddyn | fedcm | flwr:NAME; over a topology: dsgd | dsgd-atc | dsgt | dsgda | dsgda-atc",
-    "aggregator": "mean | median | trimmed_mean | krum | gaf",
-    "regulator": "none | ecgr | bherd (wraps the strategy's client algorithm)",
-    "client_filter": "none | gaf (micro-batch gradient filter)",
-    "availability": "always | markov",
-    "sampler": "shuffle | iid | markov-ring | markov-regular",
-    "optimizer": "sgd | adam | adamw | foam | gwt | mols | sgd-sai",
-    "lr_schedule": "constant | step | cosine",
-    "problem": "auc | dro (min-max problem of dsgda)",
-    "executor": "local | ray",
-    "backend": "fedsim (our engine) | flower (clients as Flower ClientApps on Flower's simulation engine)",
-}
-
 
 def _simulate_parameters() -> list[inspect.Parameter]:
     """The ``simulate`` command's flags, derived from the run config: one flag per run-level key (help from
@@ -105,7 +74,8 @@ def _simulate_parameters() -> list[inspect.Parameter]:
     ]  # fmt: skip
     for name, field in RunConfig.model_fields.items():
         if name in COMPONENT_KEYS:
-            help_ = f"{_KIND_HELP[name]}, or package.module:Name (fedsim list {COMPONENT_KEYS[name]})"
+            kind = components.kind_of(COMPONENT_KEYS[name])
+            help_ = f"The {kind.help}: a name from `fedsim list {kind.name}`, or package.module:Name."
             params.append(flag(name, str | None, help=help_))
         else:
             params.append(flag(name, _cli_type(field.annotation), help=field.description))
@@ -160,7 +130,7 @@ def simulate(**flags: Any) -> None:
         _print_summary(summary, resume)
         return
     overrides = {OPTION_FLAGS[k][0] if k in OPTION_FLAGS else k: v for k, v in flags.items() if v is not None}
-    overrides.update(_parse_pairs(set_))
+    overrides.update(parse_pairs(set_))
     repeat = _repeat_options(seeds, flags.get("seed"), probe, probe_node, probe_sample)
     cfg = load_config(config, overrides)
     if repeat is not None:
@@ -347,135 +317,6 @@ def _flower_names() -> str:
     return ", ".join("flwr:" + n for n in sorted(flower_strategies()))
 
 
-def _emit_json(result: dict[str, Any], out: Path | None) -> None:
-    """Print a benchmark result as JSON (and write it to ``out`` when given)."""
-    text = json.dumps(result, indent=2)
-    if out:
-        out.write_text(text + "\n")
-    typer.echo(text)
-
-
-@bench_app.command("engine")
-def bench_engine_cmd(
-    dataset: Annotated[str, Opt(help="Data set whose samples are used.")] = "digits",
-    model: Annotated[str, Opt(help="Model name.")] = "mlp",
-    clients: Annotated[int, Opt(min=1, help="Simulated clients.")] = 1000,
-    local_steps: Annotated[int, Opt(min=1, help="Local steps per client.")] = 10,
-    batch_size: Annotated[int, Opt(min=1, help="Minibatch size.")] = 32,
-    repeats: Annotated[int, Opt(min=1, help="Timed repeats (median reported).")] = 5,
-    device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
-    chunk_size: Annotated[int | None, Opt(min=1, help="Clients per vectorized call (default: from memory).")] = None,
-    grad_mode: Annotated[str, Opt(help="sum | vmap")] = "sum",
-    skip_sequential: Annotated[bool, Opt(help="Skip the slow per-client loop.")] = False,
-    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
-) -> None:
-    """Vectorized vs sequential per-client loop vs one centralized batch of the same samples."""
-    from fedsim.benchmarks.engine import bench_engine
-
-    result = bench_engine(
-        dataset=dataset, model=model, clients=clients, local_steps=local_steps, batch_size=batch_size,
-        repeats=repeats, device=device, chunk_size=chunk_size, grad_mode=grad_mode,
-        sequential=not skip_sequential,
-    )  # fmt: skip
-    _emit_json(result, out)
-
-
-@bench_app.command("dsgd")
-def bench_dsgd_cmd(
-    nodes: Annotated[int, Opt(min=2, help="Graph nodes.")] = 64,
-    topology: Annotated[str, Opt(help="Graph family (topologies.build).")] = "ring",
-    model: Annotated[str, Opt(help="Model name.")] = "mlp",
-    steps: Annotated[int, Opt(min=1, help="D-SGD steps per timing.")] = 10,
-    repeats: Annotated[int, Opt(min=1, help="Timed repeats (median reported).")] = 5,
-    device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
-    skip_loop: Annotated[bool, Opt(help="Skip the slow per-node loop.")] = False,
-    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
-) -> None:
-    """D-SGD step: vectorized + sparse gossip vs a per-node loop with per-node optimizers; gossip share."""
-    from fedsim.benchmarks.engine import bench_dsgd
-
-    result = bench_dsgd(nodes=nodes, topology=topology, model=model, steps=steps, repeats=repeats, device=device,
-                        loop=not skip_loop)  # fmt: skip
-    _emit_json(result, out)
-
-
-@bench_app.command("regulator")
-def bench_regulator_cmd(
-    regulator: Annotated[str, Opt(help="ecgr | bherd")] = "ecgr",
-    strategy: Annotated[str, Opt(help="Host strategy.")] = "fedavg",
-    dataset: Annotated[str, Opt(help="Data set.")] = "digits",
-    model: Annotated[str, Opt(help="Model name.")] = "mlp",
-    clients: Annotated[int, Opt(min=1, help="Clients (all trained every round).")] = 20,
-    local_steps: Annotated[int, Opt(min=1, help="Local steps K per round.")] = 40,
-    batch_size: Annotated[int, Opt(min=1, help="Minibatch size.")] = 32,
-    repeats: Annotated[int, Opt(min=1, help="Timed rounds per variant (median reported).")] = 5,
-    device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
-    set_: Annotated[list[str] | None, Opt("--set", help="Regulator option KEY=VALUE (repeatable).")] = None,
-    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
-) -> None:
-    """Per-round time of a strategy with and without a client regulator (ECGR's overhead)."""
-    from fedsim.benchmarks.engine import bench_regulator
-
-    result = bench_regulator(
-        regulator=regulator, strategy=strategy, dataset=dataset, model=model, clients=clients,
-        local_steps=local_steps, batch_size=batch_size, repeats=repeats, device=device, options=_parse_pairs(set_),
-    )  # fmt: skip
-    _emit_json(result, out)
-
-
-@bench_app.command("executors")
-def bench_executors_cmd(
-    clients: Annotated[int, Opt(min=2, help="Clients (all trained every round).")] = 100,
-    rounds: Annotated[int, Opt(min=1, help="Rounds per run.")] = 20,
-    local_steps: Annotated[int, Opt(min=1, help="Local steps per round.")] = 10,
-    batch_size: Annotated[int, Opt(min=1, help="Minibatch size.")] = 16,
-    num_actors: Annotated[int | None, Opt(min=1, help="Ray actors (default: as many as CPUs allow).")] = None,
-    cpus_per_actor: Annotated[float, Opt(help="CPUs per Ray actor and per Flower client.")] = 1.0,
-    repeats: Annotated[int, Opt(min=1, help="Runs of ours per executor (median reported).")] = 3,
-    flower: Annotated[bool, Opt(help="Also run Flower's simulation engine (needs the flower extra).")] = True,
-    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
-) -> None:
-    """Whole-run wall time on the digits MLP: local executor vs Ray executor vs Flower's simulation engine."""
-    from fedsim.benchmarks.engine import bench_executors
-
-    result = bench_executors(
-        clients=clients, rounds=rounds, local_steps=local_steps, batch_size=batch_size, num_actors=num_actors,
-        cpus_per_actor=cpus_per_actor, repeats=repeats, flower=flower,
-    )  # fmt: skip
-    _emit_json(result, out)
-
-
-@bench_app.command("optimizer")
-def bench_optimizer_cmd(
-    workload: Annotated[str, Opt(help="char_transformer | llama_block")] = "char_transformer",
-    optimizers: Annotated[
-        str, Opt(help="Comma-separated from adam,foam,foam-fused,gwt,gwt-fused,mols,sgd-sai.")
-    ] = "adam,foam,foam-fused,gwt,gwt-fused,mols,sgd-sai",
-    steps: Annotated[int, Opt(min=1, help="Steps per timed round.")] = 10,
-    rounds: Annotated[int, Opt(min=1, help="Timed rounds per optimizer (median reported).")] = 7,
-    device: Annotated[str, Opt(help="cpu | cuda")] = "cpu",
-    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
-) -> None:
-    """Optimizer step time and state bytes against torch.optim.Adam(foreach=True) on the same parameters."""
-    import torch
-
-    from fedsim.benchmarks.optimizers import BENCH_OPTIMIZERS, WORKLOADS, bench_optimizers
-
-    names = tuple(n.strip() for n in optimizers.split(",") if n.strip())
-    for name in names:
-        if name not in BENCH_OPTIMIZERS:
-            choices = ", ".join(BENCH_OPTIMIZERS)
-            raise FedsimError(f"unknown optimizer {name!r} for the benchmark; choose from {choices}")
-    if workload not in WORKLOADS:
-        raise FedsimError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
-    if device not in ("cpu", "cuda"):
-        raise FedsimError(f"unknown device {device!r}; choose cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FedsimError("device cuda requested but CUDA is not available")
-    result = bench_optimizers(workload, names, steps=steps, rounds=rounds, device=device)
-    _emit_json(result, out)
-
-
 @topology_app.command("build")
 def topology_build(
     name: Annotated[str, typer.Argument(help="Graph family, e.g. ring, torus, exponential, erdos_renyi.")],
@@ -486,7 +327,7 @@ def topology_build(
     """Generate a graph and save it (GraphML, GML, edge list, adjacency list, .adj, JSON)."""
     import topologies
 
-    graph = topologies.build(name, n, **_parse_pairs(param, "--param"))
+    graph = topologies.build(name, n, **parse_pairs(param, "--param"))
     topologies.save(graph, output)
     typer.echo(f"wrote {output} ({graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges)")
 

@@ -372,6 +372,22 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+def parse_pairs(items: list[str] | None, flag: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (``--set``, ``--param``); values parsed as YAML (safe loader: numbers, booleans,
+    lists, mappings). A malformed pair or value is a one-line :class:`FedsimError`."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FedsimError(f"{flag} expects KEY=VALUE, got '{item}'")
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+            raise FedsimError(f"{flag} {key.strip()}: cannot read the value {value!r} as YAML ({problem})") from None
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults, then the config file, then ``overrides`` (``None`` values are ignored)."""
     values = read_config_file(path) if path else {}

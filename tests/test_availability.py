@@ -10,17 +10,16 @@ import pytest
 import torch
 
 from fedsim.availability import MarkovAvailability
-from fedsim.core import components
 from fedsim.config import make_config
-from fedsim.core import rng
+from fedsim.core import components, rng
 from fedsim.core.errors import FedsimError
-from fedsim.simulation import Simulation, resume, simulate
+from fedsim.simulation import make_simulation, resume, simulate
 from strategies import build_strategy, select_clients
 
 RING = str(Path(__file__).resolve().parents[1] / "experiments" / "topologies" / "ring16.graphml")
 # 20 clients, p_on = 0.05, p_off = 1, seed 0: available counts per round 1..8 are 1, 1, 0, 0, 1, 2, 1, 0.
-SPARSE = dict(dataset="digits", clients=20, local_steps=2, batch_size=16, lr=0.1, availability="markov",
-              availability_p_on=0.05, availability_p_off=1.0)  # fmt: skip
+SPARSE = dict(dataset="digits", clients=20, local_steps=2, batch_size=16, lr=0.1,
+              availability={"name": "markov", "p_on": 0.05, "p_off": 1.0})  # fmt: skip
 SPARSE_COUNTS = [1, 1, 0, 0, 1, 2, 1, 0]
 
 
@@ -196,7 +195,7 @@ def test_strategy_configure_passes_available():
 
 def test_simulate_with_markov_availability(tmp_path):
     config = dict(dataset="digits", clients=20, rounds=4, local_steps=2, batch_size=16, lr=0.1, fraction=0.5,
-                  availability="markov", availability_p_on=0.3, availability_p_off=0.4, seed=2)  # fmt: skip
+                  availability={"name": "markov", "p_on": 0.3, "p_off": 0.4}, seed=2)  # fmt: skip
     summary = simulate(config, tmp_path / "run", plots=False)
     rows = metrics(tmp_path / "run")
     chain = MarkovAvailability(0.3, 0.4, seed=2)
@@ -205,7 +204,7 @@ def test_simulate_with_markov_availability(tmp_path):
         assert row["available_clients"] == a
         assert 0 < row["clients"] <= a and row["clients"] == min(a, max(1, math.floor(0.5 * a + 0.5)))
     assert summary["rounds_completed"] == 4 and summary["final_test_accuracy"] is not None
-    plain = {**config, "availability": "always", "availability_p_on": 0.5, "availability_p_off": 0.5, "rounds": 1}
+    plain = {**config, "availability": "always", "rounds": 1}
     simulate(plain, tmp_path / "plain", plots=False)
     assert "available_clients" not in metrics(tmp_path / "plain")[0]
 
@@ -225,7 +224,7 @@ def test_round_without_clients_keeps_the_model(tmp_path):
 
 
 def test_round_without_clients_returns_the_same_state(monkeypatch):
-    sim = Simulation(make_config({**SPARSE, "rounds": 2, "availability_p_on": 0.5, "strategy": "fedadam"}))
+    sim = make_simulation(make_config({**SPARSE, "rounds": 2, "availability.p_on": 0.5, "strategy": "fedadam"}))
     state = sim.initial_state()
     monkeypatch.setattr(sim.availability, "available", lambda r, n: np.array([], dtype=np.int64))
     monkeypatch.setattr(sim.executor, "train", lambda *a, **k: pytest.fail("no client should train"))
@@ -235,7 +234,7 @@ def test_round_without_clients_returns_the_same_state(monkeypatch):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
-    config = {**SPARSE, "rounds": 7, "checkpoint_every": 2, "strategy": "fedadam", "availability_p_on": 0.05}
+    config = {**SPARSE, "rounds": 7, "checkpoint_every": 2, "strategy": "fedadam", "availability.p_on": 0.05}
 
     class Killed(Exception):
         pass
@@ -261,12 +260,16 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"availability_p_on": 0.2}, "option 'availability_p_on' applies to availability 'markov'"),
-        ({"availability_p_off": 0.9}, "option 'availability_p_off' applies to availability 'markov'"),
-        ({"availability": "markov", "topology": RING}, "Markov availability is a federated participation model"),
-        ({"availability": "markov", "availability_p_on": 0.0}, "availability_p_on"),
-        ({"availability": "markov", "availability_p_off": 1.5}, "availability_p_off"),
-        ({"availability": "sometimes"}, "availability"),
+        ({"availability.p_on": 0.2}, "availability 'always' takes no options; got p_on"),
+        ({"availability": {"name": "always", "p_off": 0.9}}, "availability 'always' takes no options; got p_off"),
+        (
+            {"availability": "markov", "topology": RING},
+            "option 'availability' applies to federated strategies, not to decentralized training",
+        ),
+        ({"availability": "markov", "availability.p_on": 0.0}, "availability 'markov', option 'p_on'"),
+        ({"availability": "markov", "availability.p_off": 1.5}, "availability 'markov', option 'p_off'"),
+        ({"availability": "sometimes"}, "unknown availability 'sometimes'"),
+        ({"availability_p_on": 0.2}, "config key 'availability_p_on' is now 'availability.p_on'"),
     ],
 )
 def test_config_errors(values, message):
@@ -276,16 +279,19 @@ def test_config_errors(values, message):
 
 
 def test_config_accepts_markov():
-    cfg = make_config({"availability": "markov", "availability_p_on": 1.0, "availability_p_off": 0.25})
-    assert (cfg.availability, cfg.availability_p_on, cfg.availability_p_off) == ("markov", 1.0, 0.25)
+    cfg = make_config({"availability": "markov", "availability.p_on": 1.0, "availability.p_off": 0.25})
+    assert (cfg.availability.name, cfg.availability.get("p_on"), cfg.availability.get("p_off")) == ("markov", 1.0, 0.25)
+    cfg = make_config({"availability": {"name": "markov", "p_on": 1.0, "p_off": 0.25}})
+    assert (cfg.availability.name, cfg.availability.options) == ("markov", {"p_on": 1.0, "p_off": 0.25})
 
 
 def test_cli_flag(tmp_path, cli):
     out = tmp_path / "run"
     argv = ["simulate", "--clients", "6", "--rounds", "2", "--local-steps", "2", "--quiet", "--out", str(out)]
-    code, stdout, err = cli([*argv, "--availability", "markov", "--set", "availability_p_on=0.9"])
+    code, stdout, err = cli([*argv, "--availability", "markov", "--set", "availability.p_on=0.9"])
     assert code == 0, err
-    assert "availability: markov" in (out / "config.yaml").read_text()
+    assert "availability:\n  name: markov\n  p_on: 0.9\n" in (out / "config.yaml").read_text()
     assert all("available_clients" in r for r in metrics(out))
-    code, _, err = cli([*argv[:-1], str(tmp_path / "other"), "--set", "availability_p_on=0.9"])
-    assert code == 2 and "applies to availability 'markov'" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli([*argv[:-1], str(tmp_path / "other"), "--set", "availability.p_on=0.9"])
+    assert code == 2 and "availability 'always' takes no options; got p_on" in err
+    assert len(err.strip().splitlines()) == 1

@@ -6,18 +6,18 @@ import pytest
 import torch
 
 from fedsim.config import make_config
-from fedsim.simulation import Simulation
+from fedsim.simulation import make_simulation
 
 BASE = dict(
-    dataset="digits", clients=6, alpha=0.3, rounds=3, local_steps=4, batch_size=8, lr=0.05, seed=3, device="cpu",
-    model="mlp", model_args={"hidden": [16]}, checkpoint_every=0,
+    dataset="digits", clients=6, partition={"name": "dirichlet", "alpha": 0.3}, rounds=3, local_steps=4, batch_size=8,
+    lr=0.05, seed=3, device="cpu", model={"name": "mlp", "hidden": [16]}, checkpoint_every=0,
 )  # fmt: skip
 
 
 def run(rounds=None, **overrides):
     """Final server state and per-round records of a small in-memory run."""
     cfg = make_config({**BASE, **overrides, **({"rounds": rounds} if rounds else {})})
-    sim = Simulation(cfg)
+    sim = make_simulation(cfg)
     state = sim.initial_state()
     records = []
     for r in range(1, cfg.rounds + 1):
@@ -37,34 +37,45 @@ def assert_params_equal(a, b):
 
 
 CASES = [
-    dict(strategy="fedavg"),
-    dict(strategy="fedprox", mu=0.1),
-    dict(strategy="scaffold"),
-    dict(strategy="scaffold", scaffold_control="gradient_mean"),
-    dict(strategy="scaffold", momentum=0.5, scaffold_correction="gradient"),
-    dict(strategy="scaffold", momentum=0.9, scaffold_correction="after_step"),
-    dict(strategy="scaffold-m", fedcm_beta=0.5),
-    dict(strategy="scaffold-m", fedcm_beta=0.5, scaffold_correction="gradient"),
-    dict(strategy="fednova"),
-    dict(strategy="fednova", fednova_form="general", momentum=0.9, mu=0.1),
-    dict(strategy="feddyn", feddyn_alpha=0.1),
-    dict(strategy="fedcm", fedcm_beta=0.5),
-    dict(strategy="fedavg", regulator="ecgr"),
-    dict(strategy="scaffold", regulator="ecgr", momentum=0.9),
-    dict(strategy="fednova", regulator="ecgr", ecgr_center="local_mean"),
-    dict(strategy="feddyn", regulator="ecgr", ecgr_rho=0.25, ecgr_beta=0.0),
-    dict(strategy="fedcm", regulator="ecgr"),
-    dict(strategy="fedprox", regulator="bherd"),
-    dict(strategy="fedavg", regulator="bherd", bherd_unit="microbatch", bherd_microbatches=2, bherd_scale="rescale"),
-    dict(strategy="fedavg", regulator="bherd", bherd_unit="sample", bherd_ratio=0.3),
-    dict(strategy="fedavg", client_filter="gaf", gaf_microbatches=2, gaf_tau=1.0),
-    dict(strategy="scaffold-m", client_filter="gaf", gaf_microbatches=2, gaf_tau=0.6),
-    dict(strategy="scaffold", scaffold_weighting="uniform", fraction=0.5),
-    dict(strategy="scaffold", aggregator="median"),
-    dict(strategy="fedavg", aggregator="trimmed_mean", trim_fraction=0.2),
-    dict(strategy="fedavg", aggregator="krum", krum_byzantine=1, krum_select=2),
-    dict(strategy="fedavg", aggregator="gaf", gaf_tau=1.2),
-    dict(strategy="fedavg", regulator="ecgr", trajectory_dtype="float16", trajectory_device="cpu"),
+    {"strategy": "fedavg"},
+    {"strategy": "fedprox", "strategy.mu": 0.1},
+    {"strategy": "scaffold"},
+    {"strategy": "scaffold", "strategy.control": "gradient_mean"},
+    {"strategy": "scaffold", "optimizer.momentum": 0.5, "strategy.correction": "gradient"},
+    {"strategy": "scaffold", "optimizer.momentum": 0.9, "strategy.correction": "after_step"},
+    {"strategy": "scaffold-m", "strategy.beta": 0.5},
+    {"strategy": "scaffold-m", "strategy.beta": 0.5, "strategy.correction": "gradient"},
+    {"strategy": "fednova"},
+    {"strategy": "fednova", "strategy.form": "general", "optimizer.momentum": 0.9, "strategy.mu": 0.1},
+    {"strategy": "feddyn", "strategy.alpha": 0.1},
+    {"strategy": "fedcm", "strategy.beta": 0.5},
+    {"strategy": "fedavg", "regulator": "ecgr"},
+    {"strategy": "scaffold", "regulator": "ecgr", "optimizer.momentum": 0.9},
+    {"strategy": "fednova", "regulator": "ecgr", "regulator.center": "local_mean"},
+    {"strategy": "feddyn", "regulator": "ecgr", "regulator.rho": 0.25, "regulator.beta": 0.0},
+    {"strategy": "fedcm", "regulator": "ecgr"},
+    {"strategy": "fedprox", "regulator": "bherd"},
+    {
+        "strategy": "fedavg",
+        "regulator": "bherd",
+        "regulator.unit": "microbatch",
+        "regulator.microbatches": 2,
+        "regulator.scale": "rescale",
+    },
+    {"strategy": "fedavg", "regulator": "bherd", "regulator.unit": "sample", "regulator.ratio": 0.3},
+    {"strategy": "fedavg", "client_filter": "gaf", "client_filter.microbatches": 2, "client_filter.tau": 1.0},
+    {"strategy": "scaffold-m", "client_filter": "gaf", "client_filter.microbatches": 2, "client_filter.tau": 0.6},
+    {"strategy": "scaffold", "strategy.weighting": "uniform", "fraction": 0.5},
+    {"strategy": "scaffold", "aggregator": "median"},
+    {"strategy": "fedavg", "aggregator": "trimmed_mean", "aggregator.fraction": 0.2},
+    {"strategy": "fedavg", "aggregator": "krum", "aggregator.byzantine": 1, "aggregator.select": 2},
+    {"strategy": "fedavg", "aggregator": "gaf", "aggregator.tau": 1.2},
+    {
+        "strategy": "fedavg",
+        "regulator": "ecgr",
+        "regulator.trajectory_dtype": "float16",
+        "regulator.trajectory_device": "cpu",
+    },
 ]
 
 
@@ -88,15 +99,15 @@ def test_vectorized_matches_sequential(case):
     "host",
     [
         dict(strategy="fedavg"),
-        dict(strategy="fedprox", mu=0.1),
-        dict(strategy="scaffold", momentum=0.9),
+        {"strategy": "fedprox", "strategy.mu": 0.1},
+        {"strategy": "scaffold", "optimizer.momentum": 0.9},
         dict(strategy="fednova"),
         dict(strategy="feddyn"),
         dict(strategy="fedcm"),
     ],  # fmt: skip
     ids=lambda c: c["strategy"],
 )
-@pytest.mark.parametrize("neutral", [dict(ecgr_beta=1.0), dict(ecgr_rho=1.0)], ids=["beta1", "rho1"])
+@pytest.mark.parametrize("neutral", [{"regulator.beta": 1.0}, {"regulator.rho": 1.0}], ids=["beta1", "rho1"])
 def test_ecgr_neutral_settings_equal_the_host_exactly(host, neutral):
     _, plain, plain_records = run(**host)
     _, ecgr, ecgr_records = run(regulator="ecgr", **neutral, **host)
@@ -110,8 +121,8 @@ def test_ecgr_upload_has_the_plain_delta_norm_and_changes_the_model():
     sim, _, _ = run(rounds=1, strategy="fedavg")
     state = sim.initial_state()
     plain = sim.executor.train(sim.strategy.configure(1, state, 6, 3), state.params, 1, 0.05)
-    sim_e, _, _ = run(rounds=1, strategy="fedavg", regulator="ecgr", momentum=0.9)
-    sim_p, _, _ = run(rounds=1, strategy="fedavg", momentum=0.9)
+    sim_e, _, _ = run(rounds=1, strategy="fedavg", regulator="ecgr", optimizer={"name": "sgd", "momentum": 0.9})
+    sim_p, _, _ = run(rounds=1, strategy="fedavg", optimizer={"name": "sgd", "momentum": 0.9})
     state = sim_p.initial_state()
     plan = sim_p.strategy.configure(1, state, 6, 3)
     plain = sim_p.executor.train(plan, state.params, 1, 0.05)
@@ -124,14 +135,14 @@ def test_ecgr_upload_has_the_plain_delta_norm_and_changes_the_model():
 
 
 def test_bherd_step_sum_with_ratio_one_is_the_host():
-    _, plain, _ = run(strategy="fedprox", mu=0.1)
-    _, herd, records = run(strategy="fedprox", mu=0.1, regulator="bherd", bherd_ratio=1.0)
+    _, plain, _ = run(strategy={"name": "fedprox", "mu": 0.1})
+    _, herd, records = run(strategy={"name": "fedprox", "mu": 0.1}, regulator={"name": "bherd", "ratio": 1.0})
     assert_params_equal(plain, herd)
 
 
 def test_bherd_rescale_multiplies_the_kept_sum():
-    _, plain_sum, _ = run(rounds=1, strategy="fedavg", regulator="bherd", bherd_ratio=0.5)
-    _, rescaled, _ = run(rounds=1, strategy="fedavg", regulator="bherd", bherd_ratio=0.5, bherd_scale="rescale")
+    _, plain_sum, _ = run(rounds=1, strategy="fedavg", regulator={"name": "bherd", "ratio": 0.5})
+    _, rescaled, _ = run(rounds=1, strategy="fedavg", regulator={"name": "bherd", "ratio": 0.5, "scale": "rescale"})
     _, init, _ = run(rounds=1, strategy="fedavg", lr=1e-12)  # (model unchanged: the initial params)
     # all clients take 4 steps and keep 2: the rescaled update is twice the summed one
     for k in plain_sum.params:
@@ -141,8 +152,8 @@ def test_bherd_rescale_multiplies_the_kept_sum():
 
 
 def test_scaffold_first_round_with_zero_control_variates_is_fedavg():
-    _, fedavg, _ = run(rounds=1, strategy="fedavg", momentum=0.5)
-    _, scaffold, _ = run(rounds=1, strategy="scaffold", momentum=0.5)
+    _, fedavg, _ = run(rounds=1, strategy="fedavg", optimizer={"name": "sgd", "momentum": 0.5})
+    _, scaffold, _ = run(rounds=1, strategy="scaffold", optimizer={"name": "sgd", "momentum": 0.5})
     assert_params_equal(fedavg, scaffold)
     assert any(bool(v.abs().sum() > 0) for k, v in scaffold.extras.items() if k.startswith("c."))
 
@@ -150,11 +161,15 @@ def test_scaffold_first_round_with_zero_control_variates_is_fedavg():
 def test_scaffold_correction_forms_agree_for_plain_sgd_and_differ_with_momentum():
     """After the step (authors' code, Flower's baseline) or inside the gradient: the same for plain SGD; with
     momentum the gradient form lets the momentum buffer amplify the correction."""
-    _, after, _ = run(strategy="scaffold", scaffold_correction="after_step")
-    _, inside, _ = run(strategy="scaffold", scaffold_correction="gradient")
+    _, after, _ = run(strategy={"name": "scaffold", "correction": "after_step"})
+    _, inside, _ = run(strategy={"name": "scaffold", "correction": "gradient"})
     assert_params_close(after, inside, rtol=1e-5, atol=1e-6)
-    _, after_m, _ = run(strategy="scaffold", scaffold_correction="after_step", momentum=0.9)
-    _, inside_m, _ = run(strategy="scaffold", scaffold_correction="gradient", momentum=0.9)
+    _, after_m, _ = run(
+        strategy={"name": "scaffold", "correction": "after_step"}, optimizer={"name": "sgd", "momentum": 0.9}
+    )
+    _, inside_m, _ = run(
+        strategy={"name": "scaffold", "correction": "gradient"}, optimizer={"name": "sgd", "momentum": 0.9}
+    )
     assert not torch.allclose(after_m.params["1.weight"], inside_m.params["1.weight"], atol=1e-4)
 
 
@@ -208,26 +223,28 @@ def test_scaffold_client_state_stays_with_its_client():
 
 
 def test_fednova_with_equal_step_counts_is_fedavg():
-    _, fedavg, _ = run(strategy="fedavg", momentum=0.9)
+    _, fedavg, _ = run(strategy="fedavg", optimizer={"name": "sgd", "momentum": 0.9})
     for form in ("simplified", "general"):
-        _, nova, _ = run(strategy="fednova", fednova_form=form)
+        _, nova, _ = run(strategy={"name": "fednova", "form": form})
         _, plain, _ = run(strategy="fedavg")
         assert_params_close(nova, plain, rtol=1e-6, atol=1e-7)
-    _, nova_m, _ = run(strategy="fednova", momentum=0.9)  # simplified: tau = K regardless of momentum
+    _, nova_m, _ = run(
+        strategy="fednova", optimizer={"name": "sgd", "momentum": 0.9}
+    )  # simplified: tau = K regardless of momentum
     assert_params_close(nova_m, fedavg, rtol=1e-6, atol=1e-7)
 
 
 def test_fedcm_with_beta_one_is_fedavg_and_scaffold_m_is_scaffold():
     _, fedavg, _ = run(strategy="fedavg")
-    _, fedcm, _ = run(strategy="fedcm", fedcm_beta=1.0)
+    _, fedcm, _ = run(strategy={"name": "fedcm", "beta": 1.0})
     assert_params_equal(fedavg, fedcm)
-    _, scaffold, _ = run(strategy="scaffold", scaffold_control="gradient_mean")
-    _, scaffold_m, _ = run(strategy="scaffold-m", fedcm_beta=1.0)
+    _, scaffold, _ = run(strategy={"name": "scaffold", "control": "gradient_mean"})
+    _, scaffold_m, _ = run(strategy={"name": "scaffold-m", "beta": 1.0})
     assert_params_equal(scaffold, scaffold_m)
 
 
 def test_fedcm_momentum_is_the_mean_local_direction():
-    sim, _, _ = run(rounds=1, strategy="fedcm", fedcm_beta=0.3)
+    sim, _, _ = run(rounds=1, strategy={"name": "fedcm", "beta": 0.3})
     state = sim.initial_state()
     plan = sim.strategy.configure(1, state, 6, 3)
     assert set(plan.broadcast) == {f"m.{k}" for k in state.params}
@@ -241,7 +258,7 @@ def test_fedcm_momentum_is_the_mean_local_direction():
 
 
 def test_feddyn_round_against_its_equations():
-    sim, _, _ = run(rounds=1, strategy="feddyn", feddyn_alpha=0.2, fraction=0.5)
+    sim, _, _ = run(rounds=1, strategy={"name": "feddyn", "alpha": 0.2}, fraction=0.5)
     state = sim.initial_state()
     for r in (1, 2):
         plan = sim.strategy.configure(r, state, 6, 3)
@@ -262,12 +279,12 @@ def test_feddyn_round_against_its_equations():
 def test_gaf_client_filter_that_always_agrees_is_plain_training():
     """Two microbatches of equal size always folded: (g1 + g2) / 2 is the whole batch's gradient."""
     _, plain, _ = run(strategy="fedavg")
-    _, gaf, _ = run(strategy="fedavg", client_filter="gaf", gaf_microbatches=2, gaf_tau=2.0)
+    _, gaf, _ = run(strategy="fedavg", client_filter={"name": "gaf", "microbatches": 2, "tau": 2.0})
     assert_params_close(plain, gaf, rtol=1e-5, atol=1e-6)
 
 
 def test_gaf_client_filter_that_never_agrees_skips_every_step():
-    sim, state, records = run(rounds=1, strategy="fedavg", client_filter="gaf", gaf_microbatches=4, gaf_tau=0.0)
+    sim, state, records = run(rounds=1, strategy="fedavg", client_filter={"name": "gaf", "microbatches": 4, "tau": 0.0})
     init = sim.initial_state()
     assert_params_equal(init, state)
     assert records[0]["update_norm"] == 0.0
@@ -300,7 +317,7 @@ def test_scaffold_weighting_and_zero_step_clients():
     sizes = torch.tensor([1.0, 3.0], dtype=torch.float64)
     up = ClientUpdates(np.arange(2), deltas, sizes, torch.tensor([2, 2]), torch.zeros(2), extras, lr=0.1, num_clients=4)
     for weighting, q in (("samples", [0.25, 0.75]), ("uniform", [0.5, 0.5])):
-        strategy = build_strategy("scaffold", scaffold_weighting=weighting)
+        strategy = build_strategy("scaffold", weighting=weighting)
         new = strategy.aggregate(1, strategy.init(params), up)
         torch.testing.assert_close(new.params["w"], -torch.tensor([q[0] * 1.0, q[1] * 3.0], dtype=torch.float64))
         torch.testing.assert_close(new.extras["c.w"], 0.5 * torch.tensor([q[0] * 2.0, q[1] * 4.0], dtype=torch.float64))
@@ -351,9 +368,9 @@ def _quadratic_federation(strategy_name, rounds=300, local_steps=10, lr=0.05, **
     "options",
     [
         dict(strategy_name="scaffold"),
-        dict(strategy_name="scaffold", scaffold_correction="gradient"),
-        dict(strategy_name="scaffold-m", fedcm_beta=1.0),
-        dict(strategy_name="feddyn", feddyn_alpha=0.1, rounds=2000),
+        dict(strategy_name="scaffold", correction="gradient"),
+        dict(strategy_name="scaffold-m", beta=1.0),
+        dict(strategy_name="feddyn", alpha=0.1, rounds=2000),
     ],
     ids=["scaffold", "scaffold-gradient", "scaffold-m", "feddyn"],
 )

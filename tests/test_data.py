@@ -51,12 +51,14 @@ def test_unknown_dataset_suggests():
 
 
 def test_path_only_for_npz(tmp_path):
-    with pytest.raises(FedsimError, match="only used with dataset 'npz'"):
+    with pytest.raises(
+        FedsimError, match=r"dataset 'digits' has no option 'path' \('path' is an option of dataset 'npz'\)"
+    ):
         load_dataset("digits", path=str(tmp_path / "x.npz"))
 
 
 def test_npz_needs_path():
-    with pytest.raises(FedsimError, match="needs a path"):
+    with pytest.raises(FedsimError, match="dataset 'npz', option 'path': Field required"):
         load_dataset("npz")
 
 
@@ -122,14 +124,19 @@ def test_synthetic_deterministic_in_seed():
 
 
 def test_synthetic_alpha_beta_change_data():
-    a = load_dataset("synthetic", num_clients=10, seed=0, synthetic_alpha=0.0, synthetic_beta=0.0)
-    b = load_dataset("synthetic", num_clients=10, seed=0, synthetic_alpha=1.0, synthetic_beta=1.0)
+    a = load_dataset("synthetic", num_clients=10, seed=0, alpha=0.0, beta=0.0)
+    b = load_dataset("synthetic", num_clients=10, seed=0, alpha=1.0, beta=1.0)
     assert not np.array_equal(a.y_train, b.y_train)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"num_clients": 0}, "num_clients"), ({"synthetic_alpha": -1.0}, "synthetic_alpha")],
+    [
+        ({"num_clients": 0}, "num_clients >= 1"),
+        ({"alpha": -1.0}, "dataset 'synthetic', option 'alpha'"),
+        ({"beta": -1.0}, "dataset 'synthetic', option 'beta'"),
+        ({"synthetic_alpha": 1.0}, "dataset 'synthetic' has no option 'synthetic_alpha'"),
+    ],
 )
 def test_synthetic_bad_arguments(kwargs, match):
     with pytest.raises(FedsimError, match=match):

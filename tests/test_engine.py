@@ -267,7 +267,7 @@ def test_build_model_refuses_batchnorm(tmp_path, monkeypatch):
     with pytest.raises(FedsimError, match="BatchNorm"):
         build_model("bn_model:make", (1, 8, 8), 10)
     assert isinstance(build_model("bn_model:good", (1, 8, 8), 10), torch.nn.Module)
-    with pytest.raises(FedsimError, match="no callable 'missing'"):
+    with pytest.raises(FedsimError, match="model 'bn_model:missing': module 'bn_model' has no attribute 'missing'"):
         build_model("bn_model:missing", (1, 8, 8), 10)
     with pytest.raises(FedsimError, match="cannot import"):
         build_model("no_such_module_xyz:make", (1, 8, 8), 10)

@@ -59,6 +59,17 @@ def test_ecgr_tables_plan_valid_configs(path, tmp_path):
     plan = script.plan_runs(table, tmp_path, {}, [int(s) for s in table["seeds"]])
     assert len(plan) == len(script.grid_points(table["grid"])) * len(table["methods"]) * len(table["seeds"])
     assert all(r["config"].rounds == 100 and r["config"].clients == 10 for r in plan)  # the paper's setup
+    for r in plan:  # the grid point and the method's overrides (nested component options) reach the run's config
+        config = r["config"]
+        for key, value in r["point"].items():
+            head, _, option = key.partition(".")
+            assert (getattr(config, head).get(option) if option else str(getattr(config, head))) == value, key
+        for key, value in script.overrides_of(table["methods"][r["method"]]).items():
+            spec = value if isinstance(value, dict) else {"name": value}
+            got = getattr(config, key)
+            assert got.name == spec["name"], (r["method"], key)
+            assert all(got.get(k) == v for k, v in spec.items() if k != "name"), (r["method"], key)
+    assert len({script.config_digest(r["config"]) for r in plan}) == len(plan)  # nested options tell runs apart
     for name, method in table["methods"].items():
         other = script.compared_with(name, method)
         assert other is None or other in table["methods"]
@@ -69,7 +80,7 @@ def test_ecgr_runner_tables_pairs_and_resumes(tmp_path, capsys):
     table = tmp_path / "table_tiny.yaml"
     table.write_text(
         "title: tiny\nbase: " + str(ROOT / "experiments" / "ecgr" / "base.yaml") + "\n"
-        "grid: {alpha: [0.5]}\nseeds: [0, 1]\ntarget: 0.2\n"
+        "grid: {partition.alpha: [0.5]}\nseeds: [0, 1]\ntarget: 0.2\n"
         "methods:\n  FedAvg: {strategy: fedavg}\n  FedAvg+ECGR: {strategy: fedavg, regulator: ecgr}\n"
     )
     argv = [str(table), "--set", "dataset=digits", "--set", "model=mlp", "--set", "rounds=3",
@@ -89,7 +100,7 @@ def test_ecgr_runner_tables_pairs_and_resumes(tmp_path, capsys):
     diff = methods["FedAvg+ECGR"]["vs"]
     assert diff["method"] == "FedAvg" and diff["final_test_accuracy"]["n"] == 2
     assert "FedAvg+ECGR" in (tmp_path / "out" / "table_tiny.md").read_text()
-    assert (tmp_path / "out" / "table_tiny_alpha_0.5.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "table_tiny_partition.alpha_0.5.png").stat().st_size > 1000
     capsys.readouterr()
     assert script.main(argv) == 0  # everything is done: nothing runs again
     assert "4 of 4 runs already done; running 0" in capsys.readouterr().out

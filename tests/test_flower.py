@@ -11,14 +11,14 @@ import torch
 
 from fedsim.config import make_config
 from fedsim.core.errors import FedsimError
-from fedsim.simulation import Simulation, make_simulation, simulate
+from fedsim.simulation import make_simulation, simulate
 
 flwr = pytest.importorskip("flwr")
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 
 from strategies import flower  # noqa: E402
-from strategies.flower.records import to_record, updates_from_replies  # noqa: E402
+from fedsim.flower.records import to_record, updates_from_replies  # noqa: E402
 
 BASE = dict(dataset="digits", model="mlp", clients=8, rounds=3, local_steps=3, batch_size=16, lr=0.1, seed=5)
 
@@ -58,12 +58,18 @@ def final_params(config) -> dict:
     ("strategy", "flower_strategy", "options"),
     [
         ("scaffold", lambda **kw: flower.SCAFFOLD(**kw), {}),
+        ("scaffold", lambda **kw: flower.SCAFFOLD(weighting="uniform", **kw), {"strategy.weighting": "uniform"}),
         ("fednova", lambda **kw: flower.FedNova(**kw), {"local_epochs": 1, "local_steps": None}),
-        ("feddyn", lambda **kw: flower.FedDyn(feddyn_alpha=0.1, **kw), {"feddyn_alpha": 0.1}),
-        ("fedcm", lambda **kw: flower.FedCM(fedcm_beta=0.3, **kw), {"fedcm_beta": 0.3}),
-        ("fedprox", lambda **kw: flower.FlowerStrategy("fedprox", mu=0.1, **kw), {"mu": 0.1}),
+        (
+            "fednova",
+            lambda **kw: flower.FedNova(form="general", mu=0.1, **kw),
+            {"local_epochs": 1, "local_steps": None, "strategy.form": "general", "strategy.mu": 0.1},
+        ),
+        ("feddyn", lambda **kw: flower.FedDyn(alpha=0.1, **kw), {"strategy.alpha": 0.1}),
+        ("fedcm", lambda **kw: flower.FedCM(beta=0.3, **kw), {"strategy.beta": 0.3}),
+        ("fedprox", lambda **kw: flower.FlowerStrategy("fedprox", mu=0.1, **kw), {"strategy.mu": 0.1}),
     ],
-    ids=["scaffold", "fednova", "feddyn", "fedcm", "generic-fedprox"],
+    ids=["scaffold", "scaffold-uniform", "fednova", "fednova-general", "feddyn", "fedcm", "generic-fedprox"],
 )
 def test_our_flower_strategies_aggregate_like_our_engine(strategy, flower_strategy, options):
     config = {**BASE, "strategy": strategy, **options}
@@ -92,6 +98,120 @@ def test_scaffold_broadcast_and_uploads_travel_in_records():
         assert all("fedsim.extras" in r.content.array_records for r in replies)
 
 
+# -- options and the learning rate: nothing given is dropped or replaced silently ---------------------------
+
+
+class RecordingGrid(flower.EngineGrid):
+    """An EngineGrid that records the ``lr`` of every train message it answers, by round."""
+
+    def __init__(self, simulation):
+        super().__init__(simulation)
+        self.lrs: dict[int, list[float]] = {}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for m in messages:
+            if m.metadata.message_type.startswith(MessageType.TRAIN):
+                config = m.content["config"]
+                self.lrs.setdefault(int(config["server-round"]), []).append(float(config["lr"]))
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def _start(strategy, sim, rounds, train_config=None):
+    """Flower's start loop of ``strategy`` on ``sim``'s clients: the final model and the set of lrs sent per round."""
+    grid = RecordingGrid(sim)
+    result = strategy.start(grid=grid, initial_arrays=to_record(sim.init_params), num_rounds=rounds,
+                            train_config=train_config)  # fmt: skip
+    return result.arrays.to_torch_state_dict(), {r: sorted(set(v)) for r, v in grid.lrs.items()}
+
+
+def test_the_train_config_lr_wins_when_flower_strategy_has_none():
+    config = {**BASE, "rounds": 2}  # the simulation's own lr (0.1) is neither of the lrs below
+    with make_simulation(make_config(config)) as sim:
+        got, lrs = _start(flower.FlowerStrategy("fedavg", seed=5), sim, 2, ConfigRecord({"lr": 0.2}))
+    assert lrs == {1: [0.2], 2: [0.2]}
+    expected = final_params({**config, "lr": 0.2})  # the clients trained with it
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    with make_simulation(make_config({**config, "strategy": "scaffold"})) as sim:  # the wrappers too
+        got, lrs = _start(flower.SCAFFOLD(seed=5), sim, 2, ConfigRecord({"lr": 0.2}))
+    assert lrs == {1: [0.2], 2: [0.2]}
+    expected = final_params({**config, "strategy": "scaffold", "lr": 0.2})
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    with make_simulation(make_config(config)) as sim:  # neither gives one: the documented default
+        _, lrs = _start(flower.FlowerStrategy("fedavg", seed=5), sim, 2)
+    assert lrs == {1: [0.05], 2: [0.05]}
+
+
+def test_a_train_config_lr_that_disagrees_with_flower_strategy_is_refused():
+    with make_simulation(make_config(BASE)) as sim:
+        with pytest.raises(FedsimError, match=r"train config's lr 0\.2 disagrees with FlowerStrategy\(lr=0\.1\)"):
+            _start(flower.FlowerStrategy("fedavg", lr=0.1, seed=5), sim, 1, ConfigRecord({"lr": 0.2}))
+        with pytest.raises(FedsimError, match="disagrees"):  # a schedule: compared with its value in the round
+            _start(flower.FlowerStrategy("fedavg", lr=lambda r: 0.1, seed=5), sim, 1, ConfigRecord({"lr": 0.2}))
+        _, lrs = _start(flower.FlowerStrategy("fedavg", lr=0.2, seed=5), sim, 2, ConfigRecord({"lr": 0.2}))
+    assert lrs == {1: [0.2], 2: [0.2]}  # the same lr in both places is fine
+    with (
+        make_simulation(make_config({**BASE, "strategy": "fedcm"})) as sim,
+        pytest.raises(FedsimError, match="disagrees"),
+    ):
+        _start(flower.FedCM(beta=0.1, lr=0.1, seed=5), sim, 1, ConfigRecord({"lr": 0.2}))  # the wrappers too
+
+
+def test_a_flower_strategy_lr_schedule_is_sent_round_by_round():
+    """``lr`` may be a function of the round (documented); Flower's start loop passes the same train config
+    every round, so the lr sent in round 1 must not be taken for a train-config lr in round 2."""
+    with make_simulation(make_config(BASE)) as sim:
+        _, lrs = _start(flower.FlowerStrategy("fedavg", lr=lambda r: 0.2 / r, seed=5), sim, 3)
+    assert lrs == {1: [0.2], 2: [0.1], 3: [0.2 / 3]}
+
+
+def test_flower_strategy_refuses_options_it_would_not_use():
+    from strategies import FedProx
+
+    with pytest.raises(FedsimError, match="strategy 'fedavg' has no option 'mu'"):
+        flower.FlowerStrategy("fedavg", mu=0.1)
+    with pytest.raises(FedsimError, match=r"strategy 'fedprox' has no option 'muu' \(did you mean 'mu'\?\)"):
+        flower.FlowerStrategy("fedprox", muu=0.1)
+    with pytest.raises(FedsimError, match="strategy 'fedprox', option 'mu'"):  # out of its bounds
+        flower.FlowerStrategy("fedprox", mu=-1.0)
+    with pytest.raises(FedsimError, match="apply to a strategy given by name"):
+        flower.FlowerStrategy(FedProx(mu=0.1), mu=0.2)
+    assert flower.FlowerStrategy("fedprox", mu=0.3).strategy.mu == 0.3
+    # the wrappers take the strategies' own option names; the old prefixed names are refused
+    assert flower.SCAFFOLD(weighting="uniform").strategy.weighting == "uniform"
+    assert flower.FedNova(form="general").strategy.form == "general"
+    assert flower.FedDyn(alpha=0.2).strategy.alpha == 0.2
+    assert flower.FedCM(beta=0.3).strategy.beta == 0.3
+    old_names = ((flower.SCAFFOLD, {"scaffold_weighting": "uniform"}), (flower.FedNova, {"fednova_form": "general"}),
+                 (flower.FedDyn, {"feddyn_alpha": 0.2}), (flower.FedCM, {"fedcm_beta": 0.3}))  # fmt: skip
+    for cls, old in old_names:
+        with pytest.raises(FedsimError, match=list(old)[0]):
+            cls(**old)
+
+
+def test_fedsim_client_refuses_options_it_would_not_use():
+    from strategies import FedProx
+
+    model, x, y = torch.nn.Linear(4, 2), np.zeros((3, 4), np.float32), np.zeros(3, np.int64)
+    with pytest.raises(FedsimError, match="strategy 'fedavg' has no option 'momentum'"):  # an optimizer option
+        flower.FedsimClient(model, x, y, strategy="fedavg", momentum=0.9)
+    with pytest.raises(FedsimError, match=r"strategy 'fedprox' has no option 'muu' \(did you mean 'mu'\?\)"):
+        flower.FedsimClient(model, x, y, strategy="fedprox", muu=0.1)
+    with pytest.raises(FedsimError, match="strategy 'fedprox', option 'mu'"):
+        flower.FedsimClient(model, x, y, strategy="fedprox", mu=-1.0)
+    assert flower.FedsimClient(model, x, y, strategy="fedprox", mu=0.3).algorithm.mu == 0.3
+    built = FedProx(mu=0.1)
+    for strategy in (built, built.client_algorithm):  # an already built strategy, or its client algorithm
+        with pytest.raises(FedsimError, match="apply to a strategy given by name"):
+            flower.FedsimClient(model, x, y, strategy=strategy, mu=0.2)
+    with pytest.raises(FedsimError, match="optimizer 'sgd' has no option 'betas'"):
+        flower.FedsimClient(model, x, y, optimizer="sgd", optimizer_options={"betas": (0.9, 0.99)})
+    client = flower.FedsimClient(model, x, y, optimizer="sgd", optimizer_options={"momentum": 0.9})
+    assert client.optimizer.momentum == 0.9
+
+
 # -- Flower's strategies in our engine ----------------------------------------------------------------------
 
 
@@ -102,12 +222,12 @@ def test_flower_fedavg_in_our_engine_equals_our_fedavg():
 
 
 def test_flower_strategies_run_in_our_engine():
-    adam = rounds_of({**BASE, "strategy": "flwr:FedAdam", "flwr_options": {"eta": 0.03}, "fraction": 0.5})
+    adam = rounds_of({**BASE, "strategy": {"name": "flwr:FedAdam", "eta": 0.03}, "fraction": 0.5})
     assert [r["clients"] for r in adam] == [4, 4, 4]
     assert adam[-1]["test_accuracy"] > adam[0]["test_accuracy"]
-    again = rounds_of({**BASE, "strategy": "flwr:FedAdam", "flwr_options": {"eta": 0.03}, "fraction": 0.5})
+    again = rounds_of({**BASE, "strategy": "flwr:FedAdam", "strategy.eta": 0.03, "fraction": 0.5})
     assert adam == again  # Flower's random node sampling is seeded from (seed, round)
-    trimmed = rounds_of({**BASE, "strategy": "flwr:FedTrimmedAvg", "flwr_options": {"beta": 0.25}})
+    trimmed = rounds_of({**BASE, "strategy": {"name": "flwr:FedTrimmedAvg", "beta": 0.25}})
     assert all(np.isfinite(r["train_loss"]) for r in trimmed)
 
 
@@ -121,11 +241,17 @@ def test_engine_grid_answers_evaluate_messages():
 def test_bad_flower_strategy_names_and_options():
     with pytest.raises(FedsimError, match="unknown Flower strategy"):
         simulate({**BASE, "strategy": "flwr:FedNope"}, None, plots=False)
-    with pytest.raises(FedsimError, match="takes no option"):
-        simulate({**BASE, "strategy": "flwr:FedAdam", "flwr_options": {"etta": 1}}, None, plots=False)
+    with pytest.raises(FedsimError, match=r"strategy 'flwr:FedAdam' has no option 'etta' \(did you mean 'eta'\?\)"):
+        simulate({**BASE, "strategy": {"name": "flwr:FedAdam", "etta": 1}}, None, plots=False)
+    with pytest.raises(FedsimError, match="strategy 'flwr:FedAdam', option 'eta'"):  # checked against its type
+        make_config({**BASE, "strategy": "flwr:FedAdam", "strategy.eta": "fast"})
+    with pytest.raises(FedsimError, match="strategy 'flwr:FedAvg' has no option 'eta'"):  # FedAdam's, not FedAvg's
+        make_config({**BASE, "strategy": "flwr:FedAvg", "strategy.eta": 0.01})
+    with pytest.raises(FedsimError, match="strategy 'fedavg' has no option 'eta'"):
+        make_config({**BASE, "strategy.eta": 0.01})
     with pytest.raises(FedsimError, match="applies to fedsim strategies"):
         make_config({**BASE, "strategy": "flwr:FedAvg", "aggregator": "median"})
-    with pytest.raises(FedsimError, match="flwr_options"):
+    with pytest.raises(FedsimError, match=r"config key 'flwr_options' is now 'strategy\.<option>'"):
         make_config({**BASE, "flwr_options": {"eta": 1}})
 
 
@@ -158,7 +284,7 @@ def _train_message(sim, round_, broadcast=None):
 )
 def test_fedsim_client_trains_like_the_engine_and_keeps_state_in_the_context(options):
     config = make_config({**BASE, **options})
-    sim = Simulation(config)
+    sim = make_simulation(config)
     from fedsim.core.protocol import Plan
     from fedsim.engine.store import shard_arrays
 
@@ -236,7 +362,7 @@ def test_replies_without_the_expected_records_name_the_client():
 
 def test_missing_flower_is_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "flwr", None)
-    from strategies.flower.records import require_flower
+    from fedsim.flower.records import require_flower
 
     with pytest.raises(FedsimError, match=r"fedsim\[flower\]"):
         require_flower()
@@ -249,7 +375,7 @@ def test_backend_flower_reproduces_the_local_run(tmp_path):
     config = {**BASE, "strategy": "scaffold", "fraction": 0.5, "clients": 6, "rounds": 2}
     local = rounds_of(config)
     records = []
-    summary = simulate({**config, "backend": "flower", "flower_cpus_per_client": 0.5}, tmp_path / "fl",
+    summary = simulate({**config, "backend": {"name": "flower", "cpus_per_client": 0.5}}, tmp_path / "fl",
                        plots=False, on_round=records.append)  # fmt: skip
     for r in records:
         r.pop("time_s")
@@ -301,7 +427,7 @@ def test_our_strategies_in_a_flower_simulation_equal_our_engine():
     @server.main()
     def main(grid, context):
         try:
-            sim = Simulation(make_config(config))
+            sim = make_simulation(make_config(config))
             nodes = client_nodes(grid, 4)
             for name, cls in cases.items():
                 out = cls(lr=0.1, seed=5, client_nodes=nodes).start(
@@ -350,14 +476,20 @@ def test_the_example_flower_app_learns():
 
 def test_cli_flower_strategy_and_flags(tmp_path, cli):
     flags = ["--clients", "6", "--rounds", "2", "--local-steps", "2", "--quiet"]
-    code, out, err = cli(["simulate", *flags, "--strategy", "flwr:FedYogi", "--set", "flwr_options={eta: 0.01}",
+    code, out, err = cli(["simulate", *flags, "--strategy", "flwr:FedYogi", "--set", "strategy.eta=0.01",
                           "--out", str(tmp_path / "yogi")])  # fmt: skip
     assert code == 0, err
-    assert "strategy: flwr:FedYogi" in (tmp_path / "yogi" / "config.yaml").read_text()
+    import yaml
+
+    written = yaml.safe_load((tmp_path / "yogi" / "config.yaml").read_text())["strategy"]
+    assert written["name"] == "flwr:FedYogi" and written["eta"] == 0.01
     for bad, message in (
         (["--strategy", "flwr:Nope"], "unknown Flower strategy"),
+        (["--strategy", "flwr:FedYogi", "--set", "strategy.etta=0.01"], "strategy 'flwr:FedYogi' has no option 'etta'"),
+        (["--strategy", "flwr:FedYogi", "--set", "flwr_options={eta: 0.01}"], "config key 'flwr_options' is now"),
         (["--backend", "flower", "--executor", "ray"], "drop --executor ray"),
         (["--backend", "flow"], "backend"),
+        (["--set", "backend.cpus_per_client=0.5"], "backend 'fedsim' has no option 'cpus_per_client'"),
         (["--strategy", "flwr:FedAvg", "--regulator", "ecgr"], "applies to fedsim strategies"),
     ):
         code, _, err = cli(["simulate", *flags, *bad, "--out", str(tmp_path / "bad")])

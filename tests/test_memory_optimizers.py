@@ -401,13 +401,14 @@ def test_functional_compress_names_match_param_groups():
 
 
 def test_make_optimizer_refuses_bad_options():
-    with pytest.raises(FedsimError, match="takes no option 'level'"):
+    no_level = r"optimizer 'mols' has no option 'level' \('level' is an option of optimizer"
+    with pytest.raises(FedsimError, match=no_level):
         make_optimizer("mols", level=2)
-    with pytest.raises(FedsimError, match="estimator"):
+    with pytest.raises(FedsimError, match="optimizer 'mols', option 'estimator'"):
         make_optimizer("mols", estimator="microbatch")
     with pytest.raises(FedsimError, match="refresh > 0"):
         make_optimizer("mols", estimator="ema")
-    with pytest.raises(FedsimError, match="wavelet"):
+    with pytest.raises(FedsimError, match="optimizer 'gwt', option 'wavelet'"):
         make_optimizer("gwt", wavelet="db4")
     with pytest.raises(ValueError, match="eps_mode"):
         FOAM([nn.Parameter(torch.zeros(2, 2))], eps_mode="fast")
@@ -430,9 +431,9 @@ def test_cli_optimizers_report_state_bytes(tmp_path, cli):
     sizes = {}
     for name, flags in {
         "adam": [],
-        "foam": ["--foam-level", "2", "--foam-scale", "0.25"],
-        "gwt": ["--gwt-level", "2", "--gwt-scale", "0.25"],
-        "mols": ["--mols-estimator", "ema", "--mols-refresh", "2"],
+        "foam": ["--set", "optimizer.level=2", "--set", "optimizer.scale=0.25"],
+        "gwt": ["--set", "optimizer.level=2", "--set", "optimizer.scale=0.25"],
+        "mols": ["--set", "optimizer.estimator=ema", "--set", "optimizer.refresh=2"],
         "sgd-sai": [],
     }.items():
         out = tmp_path / name
@@ -452,7 +453,8 @@ def test_cli_optimizers_report_state_bytes(tmp_path, cli):
 def test_cli_compress_all_folds_the_head_too(tmp_path, cli):
     body, every = tmp_path / "body", tmp_path / "all"
     assert cli(["simulate", *FAST, "--optimizer", "foam", "--out", str(body)])[0] == 0
-    assert cli(["simulate", *FAST, "--optimizer", "foam", "--set", "compress_params=all", "--out", str(every)])[0] == 0
+    compress_all = ["--set", "optimizer.compress_params=all"]
+    assert cli(["simulate", *FAST, "--optimizer", "foam", *compress_all, "--out", str(every)])[0] == 0
     head = 10 * 100 * 4 * 2
     assert _summary(body)["optimizer_state_bytes_per_client"] - _summary(every)["optimizer_state_bytes_per_client"] == (
         head - head // 4
@@ -462,13 +464,22 @@ def test_cli_compress_all_folds_the_head_too(tmp_path, cli):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--foam-level", "3"], "option 'foam_level' applies with --optimizer foam"),
-        (["--optimizer", "gwt", "--foam-scale", "0.5"], "option 'foam_scale' applies with --optimizer foam"),
-        (["--optimizer", "mols", "--mols-estimator", "ema"], "needs mols_refresh > 0"),
-        (["--optimizer", "mols", "--mols-estimator", "microbatch"], "mols_estimator"),
-        (["--optimizer", "sgd-sai", "--set", "adam_eps=1e-6"], "not 'sgd-sai'"),
-        (["--optimizer", "foam", "--set", "eps_mode=fast"], "eps_mode"),
-        (["--optimizer", "lion"], "unknown optimizer 'lion'"),
+        (["--set", "optimizer.level=3"], "optimizer 'sgd' has no option 'level' ('level' is an option of optimizer"),
+        (
+            ["--optimizer", "gwt", "--set", "optimizer.res_scale=0.5"],
+            "optimizer 'gwt' has no option 'res_scale' (did you mean 'scale'?) "
+            "('res_scale' is an option of optimizer 'foam')",
+        ),
+        (["--optimizer", "mols", "--set", "optimizer.estimator=ema"], "needs refresh > 0"),
+        (["--optimizer", "mols", "--set", "optimizer.estimator=microbatch"], "optimizer 'mols', option 'estimator'"),
+        (
+            ["--optimizer", "sgd-sai", "--set", "optimizer.betas=[0.9, 0.99]"],
+            "optimizer 'sgd-sai' has no option 'betas'",
+        ),
+        (["--optimizer", "sgd-sai", "--set", "adam_eps=1e-6"], "config key 'adam_eps' is now 'optimizer.eps'"),
+        (["--optimizer", "foam", "--set", "optimizer.eps_mode=fast"], "optimizer 'foam', option 'eps_mode'"),
+        (["--optimizer", "foam", "--foam-level", "3"], "No such option '--foam-level'"),
+        (["--optimizer", "lionn"], "unknown optimizer 'lionn' (did you mean 'lion'?)"),
     ],
 )
 def test_cli_optimizer_misuse_exits_2(tmp_path, cli, argv, message):
@@ -560,12 +571,12 @@ def test_step_closure_returns_the_loss_and_computes_gradients(make):
 
 
 def test_cli_levels_reach_the_optimizer(tmp_path, cli):
-    """--foam-level / --gwt-level set the folded width: the hidden 100x64 matrix's state is 64 / 2^level wide."""
+    """--set optimizer.level sets the folded width: the hidden 100x64 matrix's state is 64 / 2^level wide."""
     sizes = {}
-    for flag, level in (("--foam-level", 1), ("--foam-level", 3), ("--gwt-level", 1)):
-        name = "foam" if "foam" in flag else "gwt"
+    for name, level in (("foam", 1), ("foam", 3), ("gwt", 1)):
         out = tmp_path / f"{name}{level}"
-        assert cli(["simulate", *FAST, "--optimizer", name, flag, str(level), "--out", str(out)])[0] == 0
+        argv = ["simulate", *FAST, "--optimizer", name, "--set", f"optimizer.level={level}", "--out", str(out)]
+        assert cli(argv)[0] == 0
         sizes[name, level] = _summary(out)["optimizer_state_bytes_per_client"]
     assert sizes["foam", 1] - sizes["foam", 3] == 100 * (32 - 8) * 4 * 2
     assert sizes["gwt", 1] - sizes["foam", 1] == 4

@@ -107,7 +107,8 @@ def test_descent_ascent_client_descends_the_primal_and_ascends_the_dual():
 
 
 def test_one_local_step_is_the_hand_written_sgda_step():
-    cfg = make_config(dict(topology=RING, strategy="dsgda", model="logreg", local_steps=1, lr=0.05, dual_lr=0.2))
+    cfg = make_config(dict(topology=RING, strategy="dsgda", model="logreg", local_steps=1, lr=0.05,
+                          **{"strategy.dual_lr": 0.2}))  # fmt: skip
     sim = make_simulation(cfg)
     state = sim.initial_state()
     from fedsim.core.protocol import Plan
@@ -117,7 +118,7 @@ def test_one_local_step_is_the_hand_written_sgda_step():
                                            batch_size=32)  # fmt: skip
     idx = sim.store.global_index(np.array([5]), batch.positions)[0, 0]
     leaves = {k: v[5].clone().requires_grad_(True) for k, v in state.params.items()}
-    loss = sim.problem.loss(functional_call(sim.model, leaves, (sim.store.x[idx],)), sim.store.y[idx]).mean()
+    loss = sim.task.problem.loss(functional_call(sim.model, leaves, (sim.store.x[idx],)), sim.store.y[idx]).mean()
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
     for k, g in grads.items():
         expected = -0.2 * g if k == "alpha" else 0.05 * g  # delta = x - x_new: ascent on alpha at eta_y
@@ -140,8 +141,9 @@ def test_auc_maximization_over_a_ring_learns_and_closes_the_gap(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["dsgda", "dsgda-atc"])
 def test_robust_logistic_regression_keeps_every_dual_on_the_simplex(strategy):
-    cfg = make_config(dict(topology=RING, strategy=strategy, problem="dro", model="logreg", local_steps=3, lr=0.05,
-                           dual_lr=0.5, dro_lambda=0.1))  # fmt: skip
+    cfg = make_config(dict(topology=RING, strategy={"name": strategy, "dual_lr": 0.5},
+                           problem={"name": "dro", "lam": 0.1}, model="logreg", local_steps=3, lr=0.05))  # fmt: skip
+    assert cfg.strategy.get("dual_lr") == 0.5 and cfg.problem.options == {"lam": 0.1}
     sim = make_simulation(cfg)
     state = sim.initial_state()
     for r in range(1, 6):
@@ -159,21 +161,33 @@ def test_robust_logistic_regression_keeps_every_dual_on_the_simplex(strategy):
     ("values", "message"),
     [
         ({"strategy": "dsgd", "problem": "dro"}, "applies to the min-max strategies"),
-        ({"strategy": "dsgda", "problem": "dro", "positive_classes": [1]}, "applies to problem 'auc'"),
-        ({"strategy": "dsgda", "dro_lambda": 2.0}, "applies to problem 'dro'"),
-        ({"strategy": "dsgda", "optimizer": "adam", "dual_lr": 0.1}, "dual_lr needs the sgd optimizer"),
-        ({"strategy": "dsgda", "weight_decay": 0.1}, "weight_decay is not supported"),
-        ({"strategy": "dsgda", "problem": "hinge"}, "problem"),
+        (
+            {"strategy": "dsgda", "problem": "dro", "problem.positive_classes": [1]},
+            r"problem 'dro' has no option 'positive_classes' \('positive_classes' is an option of problem 'auc'\)",
+        ),
+        (
+            {"strategy": "dsgda", "problem": {"name": "auc", "lam": 2.0}},
+            r"problem 'auc' has no option 'lam' \('lam' is an option of problem 'dro'\)",
+        ),
+        ({"strategy": "dsgda", "problem.lam": 2.0}, r"problem 'auc' has no option 'lam'"),
+        ({"strategy": "dsgda", "optimizer": "adam", "strategy.dual_lr": 0.1}, "dual_lr needs the sgd optimizer"),
+        ({"strategy": "dsgda", "optimizer.weight_decay": 0.1}, "weight_decay is not supported"),
+        ({"strategy": "dsgda", "problem": "hinge"}, "unknown problem 'hinge'"),
+        ({"strategy": "dsgda", "dro_lambda": 2.0}, "config key 'dro_lambda' is now 'problem.lam'"),
+        ({"strategy": "dsgda", "dual_lr": 0.1}, "config key 'dual_lr' is now 'strategy.dual_lr'"),
     ],
 )
 def test_minimax_config_errors(values, message):
-    with pytest.raises(FedsimError, match=message):
+    with pytest.raises(FedsimError, match=message) as err:
         make_config({"topology": RING, **values})
+    assert "\n" not in str(err.value)
 
 
 def test_positive_classes_out_of_range_is_refused():
     with pytest.raises(FedsimError, match="positive_classes"):
-        make_simulation(make_config(dict(topology=RING, strategy="dsgda", positive_classes=[12])))
+        make_simulation(
+            make_config(dict(topology=RING, strategy="dsgda", problem={"name": "auc", "positive_classes": [12]}))
+        )
 
 
 def test_cli_runs_dsgda_and_plots_the_gap(cli, tmp_path):

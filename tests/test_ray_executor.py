@@ -13,11 +13,11 @@ from fedsim.core.errors import FedsimError
 from fedsim.data.samplers import merge_states
 from fedsim.engine.ray_executor import ShardWorker, shard_clients
 from fedsim.engine.store import ClientStore, shard_arrays
-from fedsim.simulation import Simulation, make_simulation, simulate
+from fedsim.simulation import make_simulation, simulate
 
 RING = str(Path(__file__).resolve().parents[1] / "experiments" / "topologies" / "ring16.graphml")
 BASE = dict(dataset="digits", model="mlp", clients=12, rounds=3, local_steps=4, batch_size=16, lr=0.1, seed=3)
-RAY = dict(executor="ray", num_actors=2, cpus_per_actor=0.5)
+RAY = dict(executor={"name": "ray", "num_actors": 2, "cpus_per_actor": 0.5})
 
 
 def run(config):
@@ -50,7 +50,7 @@ def test_shards_are_contiguous_and_cover_every_client():
 
 
 def test_shard_store_serves_the_same_samples_by_global_id():
-    sim = Simulation(make_config({**BASE, "partition": "dirichlet", "alpha": 0.5}))
+    sim = make_simulation(make_config({**BASE, "partition": {"name": "dirichlet", "alpha": 0.5}}))
     owned = np.array([4, 5, 6, 7])
     store = ClientStore.from_shard(shard_arrays(sim.store, owned), torch.device("cpu"))
     assert store.num_clients == sim.store.num_clients
@@ -61,7 +61,7 @@ def test_shard_store_serves_the_same_samples_by_global_id():
 
 
 def test_shard_worker_trains_like_the_local_executor():
-    sim = Simulation(make_config({**BASE, "strategy": "scaffold"}))
+    sim = make_simulation(make_config({**BASE, "strategy": "scaffold"}))
     owned = np.array([3, 4, 5])
     local = sim.executor
     setup = dict(
@@ -105,8 +105,10 @@ def test_missing_ray_is_one_line_naming_the_extra(monkeypatch):
 
 
 def test_ray_options_need_the_ray_executor():
-    with pytest.raises(FedsimError, match="applies with --executor ray"):
-        make_config({**BASE, "num_actors": 2})
+    with pytest.raises(FedsimError, match="executor 'local' has no option 'num_actors'"):
+        make_config({**BASE, "executor.num_actors": 2})
+    with pytest.raises(FedsimError, match="executor 'local' has no option 'num_actors'"):
+        make_config({**BASE, "executor": {"name": "local", "num_actors": 2}})
     with pytest.raises(FedsimError, match="--executor local"):
         from fedsim.probes import run_stability_probe
 
@@ -133,7 +135,12 @@ def ray_session():
     [
         {"strategy": "fedavg", "fraction": 0.5},
         {"strategy": "scaffold", "fraction": 0.5},
-        {"strategy": "fednova", "local_epochs": 1, "local_steps": None, "partition": "dirichlet", "alpha": 0.3},
+        {
+            "strategy": "fednova",
+            "local_epochs": 1,
+            "local_steps": None,
+            "partition": {"name": "dirichlet", "alpha": 0.3},
+        },
         {"strategy": "fedcm", "aggregator": "median"},
         {"strategy": "fedavg", "regulator": "ecgr", "sampler": "markov-ring"},
     ],
@@ -144,20 +151,24 @@ def test_same_metrics_as_the_local_executor(ray_session, options):
     if options.get("local_steps", 0) is None:
         config.pop("local_steps")
     local, _ = run(config)
-    sharded, summary = run({**config, **RAY, "num_actors": 3})
+    sharded, summary = run({**config, **RAY, "executor.num_actors": 3})
     assert_same_metrics(local, sharded)
     assert summary["final_test_accuracy"] is not None
 
 
 @pytest.mark.parametrize(
     "options",
-    [{"momentum": 0.9}, {"schedule": "random_matchings"}, {"strategy": "dsgda", "problem": "auc"}],
+    [
+        {"optimizer": {"name": "sgd", "momentum": 0.9}},
+        {"schedule": "random_matchings"},
+        {"strategy": "dsgda", "problem": "auc"},
+    ],
     ids=["dsgd-momentum", "dsgd-random-matchings", "dsgda-auc"],
 )
 def test_decentralized_runs_match_the_local_executor(ray_session, options):
     config = {**BASE, "topology": RING, "clients": 16, **options}  # momentum: node optimizer state rows
     local, _ = run(config)
-    sharded, _ = run({**config, **RAY, "num_actors": 3})  # ring edges cross the shard boundaries
+    sharded, _ = run({**config, **RAY, "executor.num_actors": 3})  # ring edges cross the shard boundaries
     assert_same_metrics(local, sharded)
 
 
@@ -166,7 +177,7 @@ def test_client_state_stays_with_its_client(ray_session):
     with make_simulation(config) as local_sim:
         local_sim.run(None)
         expected = local_sim.executor.client_state
-    with make_simulation(make_config({**config.model_dump(exclude_unset=True), **RAY})) as sim:
+    with make_simulation(config.replace(**RAY)) as sim:
         sim.run(None)
         got = sim.executor.client_state
         assert len(sim.executor.shards) == 2 and sim.executor.restarts == 0
@@ -180,13 +191,13 @@ def test_checkpoint_restore_into_ray_actors(ray_session):
     config = make_config({**BASE, "strategy": "scaffold", "fraction": 0.5, "rounds": 4})
     with make_simulation(config) as local_sim:
         full = local_sim.run(None)
-    half = make_config({**config.model_dump(exclude_unset=True), "rounds": 2})
+    half = config.replace(rounds=2)
     with make_simulation(half) as first:
         first_state = first.initial_state()
         for r in (1, 2):
             first_state, _ = first.round(r, first_state)
         payload = first.checkpoint_payload(2, first_state)
-    with make_simulation(make_config({**config.model_dump(exclude_unset=True), **RAY})) as sim:
+    with make_simulation(config.replace(**RAY)) as sim:
         start, state = sim.restore(payload)
         summary = sim.run(None, start_round=start + 1, state=state)
     assert summary["final_test_accuracy"] == pytest.approx(full["final_test_accuracy"], abs=1e-6)
@@ -245,13 +256,19 @@ def test_cli_ray_run_writes_the_same_metrics(ray_session, tmp_path, cli):
         for line in (p / "metrics.jsonl").read_text().splitlines()
     ]
     assert_same_metrics(read(tmp_path / "local"), read(tmp_path / "ray"))
-    assert "executor: ray" in (tmp_path / "ray" / "config.yaml").read_text()
+    import yaml
+
+    written = yaml.safe_load((tmp_path / "ray" / "config.yaml").read_text())
+    assert written["executor"]["name"] == "ray"
+    assert written["executor"]["num_actors"] == 2 and written["executor"]["cpus_per_actor"] == 0.5
+    assert yaml.safe_load((tmp_path / "local" / "config.yaml").read_text())["executor"] == "local"
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--num-actors", "2"], "applies with --executor ray"),
+        (["--num-actors", "2"], "executor 'local' has no option 'num_actors'"),
+        (["--set", "executor.num_actors=2"], "executor 'local' has no option 'num_actors'"),
         (["--executor", "ray", "--cpus-per-actor", "0"], "cpus_per_actor"),
         (["--executor", "spark"], "executor"),
     ],
@@ -303,7 +320,9 @@ def test_the_run_starts_and_shuts_down_ray_even_when_it_fails():
     simulate({**BASE, **RAY, "rounds": 1}, None, plots=False)
     assert_nothing_left_running()
     with pytest.raises(FedsimError, match="need"):  # more actors than the machine's CPUs: refused at the start
-        simulate({**BASE, **RAY, "num_actors": 64, "cpus_per_actor": 1.0, "rounds": 1}, None, plots=False)
+        simulate(
+            {**BASE, **RAY, "executor.num_actors": 64, "executor.cpus_per_actor": 1.0, "rounds": 1}, None, plots=False
+        )
     assert_nothing_left_running()
     with pytest.raises(DivergenceError):  # fails mid-run
         simulate({**BASE, **RAY, "lr": 1e8, "rounds": 3}, None, plots=False)

@@ -36,8 +36,10 @@ def test_trimmed_mean_that_leaves_nothing_is_an_error():
     trimmed_mean(_stack(0, 3), 0.49)  # b = 1 of 3: one left
     with pytest.raises(FedsimError, match="leaves no update"):
         trimmed_mean(_stack(0, 2), 0.5)
-    with pytest.raises(FedsimError, match="trim_fraction"):
+    with pytest.raises(FedsimError, match=r"fraction must be in \[0, 0\.5\), got 0\.5"):
         TrimmedMean(0.5)
+    with pytest.raises(FedsimError, match=r"aggregator 'trimmed_mean', option 'fraction': .*less than 0\.5"):
+        make_aggregator("trimmed_mean", fraction=0.5)
 
 
 def test_krum_against_brute_force():
@@ -82,14 +84,12 @@ def test_gaf_fold_against_the_loop_and_skip_rule():
 def test_gaf_client_filter_masks_empty_microbatches_and_reports_skips():
     grads = {"w": torch.tensor([[[1.0, 0.0], [1.0, 0.1], [5.0, 5.0]], [[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]]])}
     counts = torch.tensor([[2.0, 2.0, 0.0], [2.0, 2.0, 2.0]])
-    out, keep = GAFClientFilter(gaf_tau=0.5, gaf_microbatches=3).combine_microbatches(grads, counts)
+    out, keep = GAFClientFilter(tau=0.5, microbatches=3).combine_microbatches(grads, counts)
     torch.testing.assert_close(out["w"][0], torch.tensor([1.0, 0.05]))  # the empty third slice never joins
     assert keep.tolist() == [True, False]  # client 1: nothing agreed -> the step is skipped
     # a single non-empty slice (a client smaller than the batch) has nothing to disagree with: the step is taken
     single = {"w": torch.tensor([[[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]]])}
-    out, keep = GAFClientFilter(gaf_tau=0.5, gaf_microbatches=3).combine_microbatches(
-        single, torch.tensor([[3.0, 0, 0]])
-    )
+    out, keep = GAFClientFilter(tau=0.5, microbatches=3).combine_microbatches(single, torch.tensor([[3.0, 0, 0]]))
     assert keep.tolist() == [True] and torch.equal(out["w"][0], torch.tensor([1.0, 2.0]))
 
 

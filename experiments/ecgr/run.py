@@ -1,11 +1,13 @@
 """Reproduce the ECGR paper's comparisons (and BHerd's) from a table config; write a markdown table and plots.
 
 A table config (``table_*.yaml`` next to this script) names a base config (the paper's setup,
-``base.yaml``), an optional grid over config keys (e.g. data sets), the seeds and the methods (rows), each a
-set of config overrides. A method may name the row it is compared with (``vs``); ``X+ECGR`` is compared with
-``X`` by default. Every (grid point, method, seed) is one ``fedsim`` run in ``--runs``, in a folder named
-after a hash of its config's non-default values: runs are kept, so an interrupted sweep resumes where it stopped, and
-tables that share a configuration (the FedAvg baseline of several tables) share its run.
+``base.yaml``), an optional grid over config keys (e.g. data sets, or a component option as a dotted key:
+``partition.alpha``), the seeds and the methods (rows), each a set of config overrides in the nested form
+(``regulator: {name: ecgr, beta: 0.2}``). A method may name the row it is compared with (``vs``);
+``X+ECGR`` is compared with ``X`` by default. Every (grid point, method, seed) is one ``fedsim`` run in
+``--runs``, in a folder named after a hash of its config's non-default values: runs are kept, so an
+interrupted sweep resumes where it stopped, and tables that share a configuration (the FedAvg baseline of
+several tables) share its run.
 
 Outputs in ``--out`` (default ``experiments/results/ecgr``), for table ``T``:
 
@@ -41,7 +43,9 @@ ROOT = HERE.parents[1]
 # experiments/ holds a topologies/ folder of graph files that would shadow the package.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() not in (HERE, HERE.parent)]
 
-from fedsim.config import load_config, make_config  # noqa: E402
+from fedsim.config import COMPONENT_KEYS, DEFAULTS, load_config, make_config, nest  # noqa: E402
+from fedsim.core import components  # noqa: E402
+from fedsim.core.errors import FedsimError  # noqa: E402
 
 SUMMARY_KEYS = ("final_test_accuracy", "best_test_accuracy", "final_oscillation")
 COMPARED_KEYS = (*SUMMARY_KEYS, "mean_oscillation")
@@ -98,9 +102,23 @@ def plan_runs(table: dict[str, Any], runs: Path, extra: dict[str, Any], seeds: l
 
 
 def config_digest(config) -> str:
-    """A short hash of the config's non-default values: a new option with a default does not rename runs."""
+    """A short hash of the config's non-default values (run-level keys, and per component its name and the
+    options that differ from the component's defaults): a new option with a default does not rename runs."""
     values = config.model_dump(mode="json", exclude_defaults=True)
-    return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+    for key, kind in COMPONENT_KEYS.items():
+        values.pop(key, None)
+        spec = getattr(config, key)
+        if spec is None:
+            continue
+        kind = "decentralized" if key == "strategy" and config.topology else kind
+        declared = {} if spec.name == components.kind_of(kind).none else components.get(kind, spec.name).options()
+        changed = {
+            k: v for k, v in spec.options.items()
+            if k not in declared or declared[k].is_required() or declared[k].default != v
+        }  # fmt: skip
+        if spec.name != DEFAULTS[key] or changed:
+            values[key] = {"name": spec.name, **changed}
+    return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def is_done(run: dict[str, Any]) -> bool:
@@ -314,7 +332,11 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not sep:
             raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
         out[key.replace("-", "_")] = yaml.safe_load(value)
-    make_config({k: v for k, v in out.items()})  # validate keys and values early
+    try:  # validate run-level keys, component names and dotted keys early; a component option
+        nest(out)  # (regulator.rho) is validated with each method's component when the runs are planned
+        make_config({k: v for k, v in out.items() if "." not in k})
+    except FedsimError as err:
+        raise SystemExit(f"error: {err}") from None
     return out
 
 
@@ -334,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         if key in table["grid"]:
             table["grid"][key] = [extra[key]]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [int(s) for s in table["seeds"]]
-    plan = plan_runs(table, args.runs, extra, seeds)
+    try:
+        plan = plan_runs(table, args.runs, extra, seeds)
+    except FedsimError as err:
+        raise SystemExit(f"error: {err}") from None
     if not args.report_only:
         run_all(plan, args.jobs)
     missing = [str(r["out"]) for r in plan if not is_done(r)]

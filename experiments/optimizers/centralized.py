@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsim.data import load_dataset
+from fedsim.core import components
 from fedsim.models import build_model
 from fedsim.optim import FOAM, GWT, MoLS, SGDSaI, state_bytes, transformer_param_groups
 
@@ -167,7 +167,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ds = load_dataset("shakespeare", num_clients=args.speakers, shakespeare_max_samples=args.max_samples)
+    ds = components.build(
+        "dataset", {"name": "shakespeare", "max_samples": args.max_samples}, num_clients=args.speakers
+    )
     val = np.random.default_rng(0).choice(len(ds.x_test), size=min(args.val_size, len(ds.x_test)), replace=False)
     data = (
         torch.as_tensor(ds.x_train),

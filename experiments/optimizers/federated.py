@@ -28,8 +28,8 @@ OPTIMIZERS = {"Adam": "adam", "FOAM": "foam", "GWT": "gwt"}
 
 def base_config(args) -> dict:
     return {
-        "dataset": "shakespeare", "model": "char_transformer", "partition": "natural", "clients": args.clients,
-        "shakespeare_max_samples": args.max_samples, "fraction": args.fraction, "rounds": args.rounds,
+        "dataset": {"name": "shakespeare", "max_samples": args.max_samples}, "model": "char_transformer",
+        "partition": "natural", "clients": args.clients, "fraction": args.fraction, "rounds": args.rounds,
         "local_steps": args.local_steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         "eval_every": args.eval_every, "checkpoint_every": 0,
     }  # fmt: skip

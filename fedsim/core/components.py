@@ -141,7 +141,10 @@ class Component:
         try:
             built = self.obj(**values, **wanted)
         except ValueError as err:  # FedsimError, or a constructor's own check of its arguments
-            raise FedsimError(f"{self.kind.name} '{self.name}': {err}") from None
+            if f"'{self.name}'" in str(err) and isinstance(err, FedsimError):
+                raise  # it names the component already (a missing data source says what to install)
+            kind = type(err) if isinstance(err, FedsimError) else FedsimError
+            raise kind(f"{self.kind.name} '{self.name}': {err}") from None
         if not inspect.isclass(self.obj):
             check_kind(self.kind, self.name, built)
         return built

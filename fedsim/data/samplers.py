@@ -273,10 +273,15 @@ class MarkovRegularSampler(_MarkovSampler):
         laziness: Annotated[float, option("probability the chain stays put", ge=0, lt=1)] = 0.0,
     ):
         super().__init__(laziness)
-        if isinstance(degree, bool) or not isinstance(degree, int | np.integer) or degree < 2 or degree % 2:
-            raise FedsimError(f"markov-regular sampler: degree must be an even integer >= 2, got {degree!r}")
+        self.check_options({"degree": degree})
         self.degree = int(degree)
         self._cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    @staticmethod
+    def check_options(options: dict) -> None:
+        degree = options.get("degree", 4)
+        if isinstance(degree, bool) or not isinstance(degree, int | np.integer) or degree < 2 or degree % 2:
+            raise FedsimError(f"markov-regular sampler: degree must be an even integer >= 2, got {degree!r}")
 
     def neighbours(self, seed: int, client_ids: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The clients' stacked neighbour table ``[sum n_c, degree]`` and each client's first row."""

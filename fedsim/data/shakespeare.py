@@ -240,7 +240,7 @@ def select_speakers(offsets: np.ndarray, num_clients: int, min_samples: int = 1)
     one test window. The choice is the first ``num_clients`` of a fixed (seed-independent) random
     permutation of the eligible speakers, so a smaller count is a subset of a larger one.
     """
-    for label, value in (("num_clients", num_clients), ("shakespeare_min_samples", min_samples)):
+    for label, value in (("num_clients", num_clients), ("min_samples", min_samples)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise FedsimError(f"{label} must be an integer >= 1, got {value!r}")
     n = num_windows(np.diff(offsets))
@@ -275,7 +275,7 @@ def load_shakespeare(
     if max_samples is not None and (
         isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer)) or max_samples < 2
     ):
-        raise FedsimError(f"shakespeare_max_samples must be an integer >= 2, got {max_samples!r}")
+        raise FedsimError(f"max_samples must be an integer >= 2, got {max_samples!r}")
     codes, offsets, _ = load_corpus(root)
     chosen = select_speakers(offsets, num_clients, min_samples)
     n = num_windows(np.diff(offsets))

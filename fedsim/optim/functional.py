@@ -157,10 +157,16 @@ def adamw(betas: Betas = (0.9, 0.999), eps: Eps = 1e-8, weight_decay: WeightDeca
     return Adam(betas=tuple(betas), eps=eps, weight_decay=weight_decay, decoupled=True)
 
 
-def make_optimizer(spec: object, **options: object):
+def make_optimizer(spec: object, *, model=None, compress: frozenset[str] | None = None, **options: object):
     """Build a functional local optimizer from a name or ``{name: ..., option: ...}`` spec (``sgd``,
-    ``adam``, ``adamw``, ``foam``, ``gwt``, ``mols`` (MoLS-style, our reconstruction), ``sgd-sai``, a
-    registered or plugin optimizer, or ``package.module:Name``) and its options. ``compress`` (FOAM/GWT: the
-    parameter names to transform) and ``model`` (to choose them by ``compress_params``) are also accepted.
-    An option the optimizer does not take is a :class:`FedsimError`."""
-    return components.make("optimizer", spec, **options)
+    ``adam``, ``adamw``, ``foam``, ``gwt``, ``mols`` (MoLS-style, our reconstruction), ``sgd-sai``, ``lion``,
+    a registered or plugin optimizer, or ``package.module:Name``) and its options. ``compress`` (FOAM/GWT: the
+    parameter names to transform) and ``model`` (to choose them by ``compress_params``) go to optimizers that
+    take them. An option, ``compress`` or ``model`` the optimizer would not use is a :class:`FedsimError`."""
+    name, given = components.split_spec("optimizer", spec)
+    component = components.get("optimizer", name)
+    takes = {p.name for p in component.parameters}
+    for label, value in (("compress", compress), ("model", model)):
+        if value is not None and label not in takes:
+            raise FedsimError(f"optimizer '{name}' does not use {label}")
+    return component.build({**given, **options}, model=model, compress=compress)

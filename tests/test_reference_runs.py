@@ -10,12 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REFERENCE = Path(__file__).parent / "reference_runs"
 sys.path.insert(0, str(REFERENCE))
 from record import cases, run_case  # noqa: E402
 
 TIMING_FIELDS = {"time_s"}
+RECORDING_THREADS = 2
+"""torch threads when the runs were recorded (a 2-core machine): reductions, and the min-max case's L-BFGS
+primal-dual gap after them, depend on the thread count."""
 
 
 def _records(path: Path) -> list[dict]:
@@ -34,6 +38,7 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize("name", sorted(cases()))
 def test_reference_run_unchanged(name, tmp_path):
+    torch.set_num_threads(RECORDING_THREADS)  # restored by the conftest fixture
     out = run_case(name, cases()[name], tmp_path / "run")
     expected = sorted((REFERENCE / name).rglob("metrics.jsonl"))
     assert expected, f"no recorded metrics for {name}"

@@ -58,7 +58,7 @@ def option(help: str, **constraints: Any) -> FieldInfo:
 class Kind:
     """A kind of component.
 
-    ``key``: the config key that names it (``strategy: fedadam``); ``provider``: the module whose import
+    ``key``: the config key that names it (``strategy: fedadam``); ``provider``: the module(s) whose import
     registers the built-ins; ``context``: parameter names the engine supplies when it builds one (never
     options); ``required``: attributes a component of this kind must have (checked on the class or, for a
     factory, on what it returns); ``none``: the name meaning "no component" (``regulator: none``).

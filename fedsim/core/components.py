@@ -29,9 +29,11 @@ nesting is heavier than the flat ``{name: ..., option: ...}`` form the issue ask
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -453,7 +455,14 @@ def _from_reference(kind: Kind, ref: str) -> Component:
 
 
 def _entry_points(kind: str) -> Iterable[metadata.EntryPoint]:
-    return metadata.entry_points(group=ENTRY_POINT_GROUP.format(kind=kind))
+    """The installed entry points of ``kind``, scanned once per ``sys.path`` (a scan reads every
+    distribution's metadata)."""
+    return _scan_entry_points(ENTRY_POINT_GROUP.format(kind=kind), tuple(sys.path))
+
+
+@functools.lru_cache(maxsize=64)
+def _scan_entry_points(group: str, path: tuple[str, ...]) -> tuple[metadata.EntryPoint, ...]:
+    return tuple(metadata.entry_points(group=group))
 
 
 def _from_entry_point(kind: Kind, ep: metadata.EntryPoint) -> Component:

@@ -17,8 +17,8 @@ flwr = pytest.importorskip("flwr")
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 
-from strategies import flower  # noqa: E402
 from fedsim.flower.records import to_record, updates_from_replies  # noqa: E402
+from strategies import flower  # noqa: E402
 
 BASE = dict(dataset="digits", model="mlp", clients=8, rounds=3, local_steps=3, batch_size=16, lr=0.1, seed=5)
 

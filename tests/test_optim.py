@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fedsim.core.errors import FedsimError
 from fedsim.core import components
+from fedsim.core.errors import FedsimError
 from fedsim.optim import lr_at, make_optimizer
 
 C = 3

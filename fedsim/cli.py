@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from fedsim.benchmarks.cli import bench_app
-from fedsim.config import COMPONENT_KEYS, RunConfig, load_config, parse_pairs
+from fedsim.config import COMPONENT_KEYS, RunConfig, load_config, parse_pairs, run_parts
 from fedsim.core import components
 from fedsim.core.errors import DivergenceError, FedsimError
 from fedsim.docs import readme_block
@@ -31,8 +31,10 @@ app.add_typer(topology_app, name="topology")
 Opt = typer.Option
 
 
-def _default_out(strategy: str, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
-    base = Path("runs") / f"{strategy}-{dataset}-{model.replace(':', '_')}-{tag or f's{seed}'}"
+def _default_out(cfg: RunConfig, tag: str | None = None) -> Path:
+    """``runs/STRATEGY[+REGULATOR...]-DATASET-MODEL[-OPTIMIZER]-sSEED`` (a suffix -1, -2, ... when taken)."""
+    parts = [p.replace(":", "_").replace("/", "_") for p in run_parts(cfg.to_dict())]
+    base = Path("runs") / f"{'-'.join(parts)}-{tag or f's{cfg.seed}'}"
     path, i = base, 1
     while path.exists():
         path, i = Path(f"{base}-{i}"), i + 1
@@ -136,7 +138,7 @@ def simulate(**flags: Any) -> None:
     if repeat is not None:
         _simulate_repeats(cfg, *repeat, out=out, overwrite=overwrite, progress=progress)
         return
-    out = out or _default_out(cfg.strategy.name, cfg.dataset.name, cfg.model.name, cfg.seed)
+    out = out or _default_out(cfg)
     progress.total = cfg.rounds
     with progress:
         summary = simulation.simulate(cfg, out, overwrite=overwrite, on_round=progress.update)
@@ -176,7 +178,7 @@ def _simulate_repeats(
     from fedsim.seeds import run_seeds
 
     tag = "seeds" if seeds is not None else None
-    out = out or _default_out(cfg.strategy.name, cfg.dataset.name, cfg.model.name, cfg.seed, tag)
+    out = out or _default_out(cfg, tag)
     progress.total = cfg.rounds * (len(seeds) if seeds else 1)
     done = iter(range(1, progress.total + 1))
     tick = lambda record: progress.update({**record, "round": next(done)})  # noqa: E731
@@ -249,11 +251,13 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="One or more results folders.")],
     metric: Annotated[str, Opt(help="Comma-separated metrics, e.g. test_accuracy,drift.")] = "test_accuracy",
-    out: Annotated[Path, Opt(help="Output PNG.")] = Path("plot.png"),
+    out: Annotated[Path, Opt(help="Output PNG (an existing folder: plot.png in it).")] = Path("plot.png"),
 ) -> None:
     """Overlay runs' metrics in one PNG."""
     from fedsim.plots import plot_runs
 
+    if out.is_dir():
+        out = out / "plot.png"
     metrics = [m.strip() for m in metric.split(",") if m.strip()]
     path = plot_runs(run_dirs, metrics, out)
     typer.echo(f"wrote {path}")
@@ -336,7 +340,7 @@ def topology_build(
 def topology_show(
     path: Annotated[Path, typer.Argument(help="Topology file.")],
     method: Annotated[str, Opt(help="Mixing-matrix method for the spectral gap.")] = "metropolis_hastings",
-    png: Annotated[Path | None, Opt(help="Drawing (default: FILE with .png).")] = None,
+    png: Annotated[Path | None, Opt("--png", "-o", help="Drawing (default: FILE's name with .png, here).")] = None,
 ) -> None:
     """Nodes, edges, degrees, spectral gap, mixing-time estimate, and a PNG drawing."""
     import topologies
@@ -350,7 +354,7 @@ def topology_show(
         info["mixing_time_estimate"] = topologies.mixing_time_estimate(w)
     for key, value in info.items():
         typer.echo(f"{key + ':':22} {value:.6g}" if isinstance(value, float) else f"{key + ':':22} {value}")
-    out = plot_topology(graph, png or path.with_suffix(".png"), title=path.name)
+    out = plot_topology(graph, png or Path(path.with_suffix(".png").name), title=path.name)
     typer.echo(f"{'drawing:':22} {out}")
 
 
@@ -389,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("aborted", err=True)
         return 1
     except usage_error as e:
+        if "Did you mean" in getattr(e, "message", "") and getattr(e, "possibilities", None):
+            e.possibilities = []  # typer's message has the suggestion already; click would append it again
         e.show()
         return e.exit_code
     except FedsimError as e:

@@ -76,11 +76,18 @@ RENAMED: dict[str, str] = {
 }  # fmt: skip
 """Flat keys of fedsim 0.1 and where each option lives now (the README's mapping table)."""
 
+ALIASES: dict[str, str] = {
+    "learning_rate": "lr", "learningrate": "lr", "step_size": "lr", "num_rounds": "rounds", "epochs": "local_epochs",
+    "num_epochs": "local_epochs", "num_clients": "clients", "n_clients": "clients", "steps": "local_steps",
+    "batch": "batch_size", "batchsize": "batch_size", "algorithm": "strategy", "optim": "optimizer",
+}  # fmt: skip
+"""Names other simulators use, for the did-you-mean of an unknown key (close spellings can mislead)."""
+
 
 class RunConfig(BaseModel):
     """Everything that determines a run. Same config and seed give the same metrics."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # data and partition
     dataset: Spec
@@ -250,6 +257,20 @@ class RunConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
+def run_parts(values: Mapping[str, Any]) -> list[str]:
+    """What tells runs apart, for folder names and plot titles: the strategy with any non-default regulator,
+    aggregator and client filter (``scaffold+ecgr``), the dataset, the model, and a non-default optimizer.
+    ``values``: a nested config (``RunConfig.to_dict()`` or a results folder's ``config.yaml``)."""
+
+    def name_of(key: str) -> str | None:
+        value = values.get(key)
+        value = value.get("name") if isinstance(value, Mapping) else value
+        return None if value is None or value == DEFAULTS.get(key) else str(value)
+
+    strategy = "+".join(n for n in map(name_of, ("strategy", "regulator", "aggregator", "client_filter")) if n)
+    return [p for p in (strategy, name_of("dataset") or "digits", name_of("model") or "mlp", name_of("optimizer")) if p]
+
+
 def _strategy_class(name: str, decentralized: bool) -> Any:
     kind = "decentralized" if decentralized else "strategy"
     return components.get(kind, name).obj
@@ -319,6 +340,8 @@ def _format_validation_error(err: ValidationError) -> str:
                 f"config key {loc!r} is now {RENAMED[loc]!r} (component options nest per component; "
                 f"e.g. --set {RENAMED[loc].split(' ')[0].replace('<option>', 'OPTION')}=VALUE)"
             )
+        if loc.lower().replace("-", "_") in ALIASES:
+            return f"unknown config key {loc!r} (did you mean {ALIASES[loc.lower().replace('-', '_')]!r}?)"
         return f"unknown config key {loc!r}{did_you_mean(loc, [*RunConfig.model_fields, *RENAMED])}"
     msg = first["msg"]
     if msg.startswith("Value error, "):
@@ -336,6 +359,20 @@ def make_config(values: Mapping[str, Any]) -> RunConfig:
         raise FedsimError(_format_validation_error(err)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise FedsimError(f"duplicate key {key!r} (lines {seen[key]} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (safe loader) or TOML config file into a mapping (keys may use '-' or '_')."""
     path = Path(path)
@@ -346,7 +383,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except (UnicodeDecodeError, OSError) as e:
         raise FedsimError(f"cannot read config file {path}: {str(e).splitlines()[0]}") from None
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506
+    except FedsimError as e:
+        raise FedsimError(f"config file {path}: {e}") from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
         detail = str(e).replace("\n", " ")
         raise FedsimError(f"cannot parse config file {path}: {detail}") from None

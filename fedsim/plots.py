@@ -21,6 +21,7 @@ import networkx as nx
 import numpy as np
 import yaml
 
+from fedsim.config import run_parts
 from fedsim.core.errors import FedsimError, did_you_mean
 from fedsim.results import CONFIG_FILE, _run_dir, read_metrics
 
@@ -178,13 +179,7 @@ def _pretty(name: str) -> str:
 
 
 def _config_title(config: dict[str, Any]) -> str:
-    def name_of(value: Any) -> str | None:
-        if isinstance(value, dict):  # e.g. {"name": "fedavg", ...}
-            value = value.get("name")
-        return None if value is None or isinstance(value, (dict, list)) else str(value)
-
-    parts = [name_of(config.get(key)) for key in ("strategy", "dataset", "model")]
-    return " · ".join(part for part in parts if part)
+    return " · ".join(run_parts(config)) if config else ""
 
 
 def _run_title(run_dir: Path, config: dict[str, Any]) -> str:

@@ -110,6 +110,9 @@ class ResultsDir:
                 )
             if not _looks_like_results(path):
                 raise FedsimError(f"refusing to overwrite {path}: it is not a fedsim results folder")
+        existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+        if not os.access(existing, os.W_OK):
+            raise FedsimError(f"cannot write results to {path}: {existing} is not writable")
 
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False) -> ResultsDir:
@@ -137,7 +140,10 @@ class ResultsDir:
         return self.path / name
 
     def write_text(self, name: str, text: str) -> None:
-        _atomic_write_bytes(self.file(name), text.encode())
+        try:
+            _atomic_write_bytes(self.file(name), text.encode())
+        except OSError as e:
+            raise FedsimError(f"cannot write {self.file(name)}: {e.strerror or e}") from None
 
     def write_json(self, name: str, data: Any) -> None:
         self.write_text(name, json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
@@ -171,7 +177,10 @@ class ResultsDir:
         path = self.file(CHECKPOINT_FILE)
         if not path.exists():
             return None
+        if path.stat().st_size == 0:
+            raise FedsimError(f"cannot load checkpoint {path}: it is empty (0 bytes); start over with --overwrite")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # corrupted or foreign file: refuse, never unpickle arbitrary objects
-            raise FedsimError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FedsimError(f"cannot load checkpoint {path}: {detail}") from None

@@ -372,7 +372,9 @@ def option_schema(component: Component) -> type[BaseModel]:
     extra = "allow" if component.open else "forbid"
     model_name = f"{component.kind.name}_{component.name}".replace("-", "_").replace(":", "_").replace(".", "_")
     return create_model(
-        model_name, __config__=ConfigDict(extra=extra, arbitrary_types_allowed=True, strict=False), **fields
+        model_name,
+        __config__=ConfigDict(extra=extra, arbitrary_types_allowed=True, strict=False, allow_inf_nan=False),
+        **fields,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +18,7 @@ import typer
 from fedsim.benchmarks.cli import bench_app
 from fedsim.config import COMPONENT_KEYS, RunConfig, load_config, parse_pairs, run_parts
 from fedsim.core import components
-from fedsim.core.errors import DivergenceError, FedsimError
+from fedsim.core.errors import DivergenceError, FedsimError, FedsimWarning
 from fedsim.docs import readme_block
 
 app = typer.Typer(
@@ -381,9 +382,21 @@ def _usage_error_type() -> type[Exception]:
     return ClickException
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """fedsim's warnings as one ``warning:`` line on stderr (others as Python shows them)."""
+    if issubclass(category, FedsimWarning):
+        typer.echo(f"warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the typer app and turns user errors into one-line messages."""
     usage_error = _usage_error_type()
+    warnings.showwarning = _show_warning
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="fedsim")
         return int(rv or 0)

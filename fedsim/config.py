@@ -17,6 +17,7 @@ out-of-bounds value is a one-line :class:`FedsimError` that names the component 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from fedsim.core import components
 from fedsim.core.components import Spec
-from fedsim.core.errors import FedsimError, did_you_mean, unknown
+from fedsim.core.errors import FedsimError, FedsimWarning, did_you_mean, unknown
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -145,7 +146,7 @@ class RunConfig(BaseModel):
             if data.get(key) is None:
                 data[key] = default
         if data["strategy"] is None:
-            data["strategy"] = "dsgd" if data.get("topology") else "fedavg"
+            data["strategy"] = _default_name("strategy", data)
         decentralized = bool(data.get("topology"))
         name, _ = components.split_spec("strategy", data["strategy"])
         _check_mode(name, decentralized)
@@ -174,6 +175,13 @@ class RunConfig(BaseModel):
             raise FedsimError(
                 f"model '{self.model.name}' reads windows of character indices; use it with --dataset "
                 f"{' or '.join(TOKEN_DATASETS)} (or an npz of token indices), not '{self.dataset.name}'"
+            )
+        if self.topology and self.strategy.name in ("dsgd", "dsgda") and local_updates(self.to_dict()) > 1:
+            warnings.warn(
+                f"strategy '{self.strategy.name}' combines before adapting; with several local steps per round it "
+                f"oscillates from round to round (use '{self.strategy.name}-atc', the default)",
+                FedsimWarning,
+                stacklevel=2,
             )
         if self.topology:
             added = [k for k in ("regulator", "aggregator", "client_filter", "availability")
@@ -271,6 +279,22 @@ def run_parts(values: Mapping[str, Any]) -> list[str]:
     return [p for p in (strategy, name_of("dataset") or "digits", name_of("model") or "mlp", name_of("optimizer")) if p]
 
 
+def local_updates(values: Mapping[str, Any]) -> int:
+    """Local steps per round (epochs count as many)."""
+    if values.get("local_epochs") is not None:
+        return 2
+    steps = values.get("local_steps")
+    return RunConfig.model_fields["local_steps"].default if steps is None else int(steps)
+
+
+def default_decentralized(values: Mapping[str, Any]) -> str:
+    """The default strategy over a topology: adapt-then-combine D-SGD (``dsgd-atc``, the local-update form of
+    D-SGD, Koloskova et al. 2020) with several local steps, combine-then-adapt ``dsgd`` with one. With many
+    local steps CTA iterates roughly ``x <- (W - I) x + x*``, whose eigenvalues reach below -1 (-4/3 on a
+    Metropolis-Hastings ring): every node metric then alternates from round to round."""
+    return "dsgd-atc" if local_updates(values) > 1 else "dsgd"
+
+
 def _strategy_class(name: str, decentralized: bool) -> Any:
     kind = "decentralized" if decentralized else "strategy"
     return components.get(kind, name).obj
@@ -323,7 +347,7 @@ def nest(values: Mapping[str, Any], *, default_names: bool = True) -> dict[str, 
 def _default_name(key: str, values: Mapping[str, Any]) -> str:
     """The component a key names when the config gives only its options."""
     if key == "strategy":
-        return "dsgd" if values.get("topology") else "fedavg"
+        return default_decentralized(values) if values.get("topology") else "fedavg"
     if key == "problem":
         return "auc"  # the min-max strategies' default problem
     if DEFAULTS[key] is None:

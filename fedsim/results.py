@@ -90,6 +90,11 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
+def writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (a read-only file system refuses even root)."""
+    return os.access(folder, os.W_OK)
+
+
 class ResultsDir:
     """A run's output folder."""
 
@@ -111,7 +116,7 @@ class ResultsDir:
             if not _looks_like_results(path):
                 raise FedsimError(f"refusing to overwrite {path}: it is not a fedsim results folder")
         existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-        if not os.access(existing, os.W_OK):
+        if not writable(existing):
             raise FedsimError(f"cannot write results to {path}: {existing} is not writable")
 
     @classmethod

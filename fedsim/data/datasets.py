@@ -37,6 +37,7 @@ from fedsim.core.components import option
 from fedsim.core.errors import DataSourceMissing, FedsimError
 from fedsim.core.rng import STREAM_SUBSET
 
+from . import shakespeare as _shakespeare
 from .base import Dataset, cache_dir, package_dir, write_cache
 from .shakespeare import load_shakespeare
 
@@ -645,3 +646,16 @@ def shakespeare(
 def npz(path: Annotated[str, option("the .npz file: arrays x, y, optional client, x_test, y_test")]) -> Dataset:
     """Your own data from an ``.npz`` file (loaded with ``allow_pickle=False``)."""
     return load_npz(path)
+
+
+def _missing(locate: Callable[[], object], install: str) -> Callable[[], str | None]:
+    """A dataset component's ``missing()``: None when ``locate()`` finds its offline source, else how to
+    install it."""
+    return lambda: None if locate() is not None else install
+
+
+# The lambdas look the locators up when called, so a test (or a user) can replace them.
+mnist5k.missing = _missing(lambda: locate_mnist5k(), _INSTALL_DATA)  # type: ignore[attr-defined]
+mnist.missing = _missing(lambda: locate_mnist(), _INSTALL_MNIST)  # type: ignore[attr-defined]
+fashion_mnist.missing = _missing(lambda: locate_fashion_mnist(), _INSTALL_FASHION)  # type: ignore[attr-defined]
+shakespeare.missing = _missing(lambda: _shakespeare.locate_plays(), _INSTALL_DATA)  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ exit code 2; a diverging run ends with exit code 3 after keeping everything it w
 from __future__ import annotations
 
 import inspect
+import signal
 import sys
 import typing
 import warnings
@@ -18,7 +19,7 @@ import typer
 from fedsim.benchmarks.cli import bench_app
 from fedsim.config import COMPONENT_KEYS, RunConfig, load_config, parse_pairs, run_parts
 from fedsim.core import components
-from fedsim.core.errors import DivergenceError, FedsimError, FedsimWarning
+from fedsim.core.errors import DivergenceError, FedsimError, FedsimWarning, RunInterrupted
 from fedsim.docs import readme_block
 
 app = typer.Typer(
@@ -390,6 +391,15 @@ def _usage_error_type() -> type[Exception]:
     return ClickException
 
 
+_SIGNAL: list[int] = []
+
+
+def _stop_on_signal(signum: int, frame) -> None:
+    """SIGTERM (schedulers send it) stops a run like Ctrl-C: the round loop keeps what it wrote."""
+    _SIGNAL.append(signum)
+    raise KeyboardInterrupt
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """fedsim's warnings as one ``warning:`` line on stderr (others as Python shows them)."""
     if issubclass(category, FedsimWarning):
@@ -405,10 +415,14 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the typer app and turns user errors into one-line messages."""
     usage_error = _usage_error_type()
     warnings.showwarning = _show_warning
+    _SIGNAL.clear()
+    previous = signal.signal(signal.SIGTERM, _stop_on_signal)
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="fedsim")
         return int(rv or 0)
     except typer.Exit as e:
+        if e.exit_code == 130:  # typer's form of Ctrl-C outside the round loop
+            typer.echo("interrupted before the first round; nothing to resume", err=True)
         return e.exit_code
     except typer.Abort:
         typer.echo("aborted", err=True)
@@ -424,9 +438,14 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as e:
         typer.echo(f"error: {e}", err=True)
         return 3
+    except RunInterrupted as e:
+        typer.echo(f"{signal.Signals(_SIGNAL[0]).name if _SIGNAL else 'SIGINT'}: {e}", err=True)
+        return 128 + (_SIGNAL[0] if _SIGNAL else signal.SIGINT)
     except KeyboardInterrupt:
-        typer.echo("interrupted; resume with: fedsim simulate --resume OUT", err=True)
+        typer.echo("interrupted before the first round; nothing to resume", err=True)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> None:

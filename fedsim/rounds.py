@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedsim.core.errors import DivergenceError, FedsimError
+from fedsim.core.errors import DivergenceError, FedsimError, RunInterrupted
 from fedsim.core.protocol import ClientUpdates, Executor, Plan, ServerState
 from fedsim.core.pytree import Tree, all_finite, flatten, nbytes
 from fedsim.data.datasets import Dataset
@@ -268,9 +268,21 @@ class Simulation:
 
         ``extend(round, state, record)`` (the stability probe's twin run) may add metrics to each round's
         record before it is written (``test_loss`` is not None on evaluated rounds); True means it diverged."""
-        c = self.config
         state = state if state is not None else self.initial_state()
         history = results.read_metrics() if results else []
+        try:
+            return self._run_rounds(results, start_round, state, history, on_round, extend)
+        except KeyboardInterrupt:  # SIGINT, or SIGTERM turned into it by the CLI: keep what is written
+            summary = self.summary(history, interrupted=True)
+            where = "nothing was written"
+            if results:
+                results.write_json(SUMMARY_FILE, summary)
+                where = f"metrics so far and the last checkpoint are in {results.path}; resume with: fedsim " \
+                    f"simulate --resume {results.path}"  # fmt: skip
+            raise RunInterrupted(f"interrupted after round {summary['rounds_completed']}; {where}") from None
+
+    def _run_rounds(self, results, start_round, state, history, on_round, extend) -> dict[str, Any]:
+        c = self.config
         for r in range(start_round, c.rounds + 1):
             t0 = time.perf_counter()
             state, record = self.round(r, state)
@@ -307,7 +319,9 @@ class Simulation:
             results.write_json(SUMMARY_FILE, summary)
         return summary
 
-    def summary(self, history: list[dict[str, Any]], diverged: bool = False) -> dict[str, Any]:
+    def summary(
+        self, history: list[dict[str, Any]], diverged: bool = False, interrupted: bool = False
+    ) -> dict[str, Any]:
         evaluated = [h for h in history if h.get("test_accuracy") is not None]
         best = max(evaluated, key=lambda h: h["test_accuracy"], default=None)
         last_eval = evaluated[-1] if evaluated else {}
@@ -335,6 +349,7 @@ class Simulation:
             "model": self.config.model.name,
             "strategy": self.config.strategy.name,
             **self.sampler_report(),
+            **({"interrupted": True} if interrupted else {}),
         }
 
     def sampler_report(self) -> dict[str, Any]:

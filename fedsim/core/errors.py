@@ -19,6 +19,11 @@ class FedsimWarning(UserWarning):
     """Input that runs but probably not as meant; the CLI prints it as one ``warning:`` line."""
 
 
+class RunInterrupted(Exception):
+    """A run stopped by SIGINT or SIGTERM after keeping what it wrote (``summary.json`` says
+    ``"interrupted": true``); the message says how to resume."""
+
+
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or parameters."""
 

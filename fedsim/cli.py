@@ -124,13 +124,16 @@ def simulate(**flags: Any) -> None:
     if resume is not None and seeds is not None:
         raise FedsimError("--seeds cannot be combined with --resume; resume one seed's folder: --resume OUT/seed-S")
     if resume is not None:
+        rounds = flags.pop("rounds")
         given = [n for n, v in {**flags, "config": config, "set": set_, "out": out, "seeds": seeds, "probe": probe,
                                 "probe_node": probe_node, "probe_sample": probe_sample}.items()
                  if v not in (None, False, [])]  # fmt: skip
         if given:
-            raise FedsimError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+            raise FedsimError(
+                f"--resume continues a run with its saved config (only --rounds may change); drop {', '.join(given)}"
+            )
         with progress:
-            summary = simulation.resume(resume, on_round=progress.update)
+            summary = simulation.resume(resume, rounds=rounds, overwrite=overwrite, on_round=progress.update)
         _print_summary(summary, resume)
         return
     overrides = {OPTION_FLAGS[k][0] if k in OPTION_FLAGS else k: v for k, v in flags.items() if v is not None}

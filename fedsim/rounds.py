@@ -230,6 +230,7 @@ class Simulation:
         sampler_state = self.executor.sampler_state or {}
         return {
             "round": round_,
+            "config": self.config.to_dict(),
             "params": {k: v.cpu() for k, v in state.params.items()},
             "extras": {k: v.cpu() for k, v in state.extras.items()},
             "client_state": self.executor.client_state,

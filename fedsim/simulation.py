@@ -4,6 +4,7 @@ Entry points: :func:`simulate` (the CLI's ``fedsim simulate``), :func:`resume`, 
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from fedsim.engine.store import ClientStore
 from fedsim.minimax import MinimaxTask
 from fedsim.models import build_model
 from fedsim.optim import state_bytes
-from fedsim.results import CONFIG_FILE, SUMMARY_FILE, ResultsDir
+from fedsim.results import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, ResultsDir
 from fedsim.rounds import FederatedMode, Parts, RoundCallback, Simulation, oscillation, parameters_of
 from fedsim.tasks import ClassificationTask
 from strategies import build_strategy
@@ -197,16 +198,72 @@ def simulate(
     return summary
 
 
-def resume(out: str | Path, *, on_round: RoundCallback | None = None, plots: bool = True) -> dict[str, Any]:
-    """Continue a killed run from its last checkpoint; ends with the same metrics as an uninterrupted run."""
+def _check_resumable(results: ResultsDir, payload: dict[str, Any], written: RunConfig, cfg: RunConfig) -> None:
+    """The checkpoint belongs to this config.yaml, its round is within the run, and metrics.jsonl has every
+    round up to it."""
+    saved = payload.get("config")
+    if isinstance(saved, dict) and json.dumps(saved, sort_keys=True) != json.dumps(written.to_dict(), sort_keys=True):
+        changes = _differences(saved, written.to_dict())
+        raise FedsimError(
+            f"cannot resume {results.path}: config.yaml changed since the checkpoint ({'; '.join(changes[:4])}"
+            f"{'; ...' if len(changes) > 4 else ''}); restore it, or start over with --overwrite"
+        )
+    last = int(payload.get("round", 0))
+    if last > cfg.rounds:
+        raise FedsimError(f"cannot resume {results.path} with {cfg.rounds} rounds: its checkpoint is at round {last}")
+    have = {r.get("round") for r in results.read_metrics()}
+    missing = [r for r in range(1, last + 1) if r not in have]
+    if missing:
+        raise FedsimError(
+            f"cannot resume {results.path}: metrics.jsonl lacks round{'s' * (len(missing) > 1)} "
+            f"{missing[0]}{f'-{missing[-1]}' if len(missing) > 1 else ''} that the checkpoint (round {last}) has "
+            "passed; the history would be partial. Restore the file, or start over with --overwrite"
+        )
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every (nested) key whose value differs."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def resume(
+    out: str | Path, *, rounds: int | None = None, overwrite: bool = False, on_round: RoundCallback | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Continue a killed run from its last checkpoint; ends with the same metrics as an uninterrupted run.
+
+    ``overwrite`` starts the run over from round 1 with its saved config. Refused, with the reason: a folder
+    without a checkpoint, a
+    ``config.yaml`` changed since the checkpoint (the differing keys are named), and a ``metrics.jsonl``
+    missing rounds the checkpoint has passed. ``rounds`` extends (or shortens, not below the checkpoint) the
+    run and is written to its ``config.yaml``."""
     results = ResultsDir.open_existing(out)
-    cfg = load_config(results.file(CONFIG_FILE))
+    written = load_config(results.file(CONFIG_FILE))
+    cfg = written if rounds is None else written.replace(rounds=rounds)
     if not components.build("backend", cfg.backend).resumable:
         raise FedsimError(
             f"a --backend {cfg.backend.name} run cannot resume: its client state lived in the backend's nodes"
         )
+    payload = None if overwrite else results.load_checkpoint()
+    if overwrite:  # start over from round 1 with the saved config: the old checkpoint must not outlive it
+        results.file(CHECKPOINT_FILE).unlink(missing_ok=True)
+    elif payload is None:
+        raise FedsimError(
+            f"cannot resume {results.path}: it has no checkpoint (checkpoint_every {cfg.checkpoint_every}, or the run "
+            f"stopped before its first one); start it over with --resume {results.path} --overwrite"
+        )
+    if payload is not None:
+        _check_resumable(results, payload, written, cfg)
+    if rounds is not None:
+        results.write_text(CONFIG_FILE, dump_config(cfg))
     with make_simulation(cfg) as sim:
-        payload = results.load_checkpoint()
         if payload is None:
             start, state = 1, None
         else:

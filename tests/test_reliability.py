@@ -203,3 +203,56 @@ def test_a_batch_larger_than_every_client_warns(cli, tmp_path):
     code, _, err = cli(["simulate", "--batch-size", "400", "--rounds", "1", "--local-steps", "1", "--quiet",
                         "--out", str(tmp_path / "run")])  # fmt: skip
     assert code == 0 and "warning: batch size 400 exceeds every client's training samples" in err
+
+
+def _run(cli, out: Path, *flags: str) -> None:
+    code, _, err = cli(["simulate", "--rounds", "4", "--quiet", "--out", str(out), *flags])
+    assert code == 0, err
+
+
+def test_resume_refuses_a_changed_config(cli, tmp_path):
+    out = tmp_path / "run"
+    _run(cli, out)
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.05", "lr: 0.1"))
+    code, _, err = cli(["simulate", "--resume", str(out)])
+    _one_line_error(code, err, "config.yaml changed since the checkpoint (lr: 0.05 -> 0.1)")
+
+
+def test_resume_refuses_a_partial_history(cli, tmp_path):
+    out = tmp_path / "run"
+    _run(cli, out)
+    (out / "metrics.jsonl").unlink()
+    code, _, err = cli(["simulate", "--resume", str(out)])
+    _one_line_error(code, err, "metrics.jsonl lacks rounds 1-4")
+
+
+def test_resume_without_a_checkpoint_needs_overwrite(cli, tmp_path):
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    _run(cli, out, "--checkpoint-every", "0")
+    _run(cli, fresh, "--checkpoint-every", "0")
+    code, _, err = cli(["simulate", "--resume", str(out)])
+    _one_line_error(code, err, "has no checkpoint", f"--resume {out} --overwrite")
+    code, _, err = cli(["simulate", "--resume", str(out), "--overwrite", "--quiet"])
+    assert code == 0, err
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "time_s"}  # noqa: E731
+                       for line in (p / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert strip(out) == strip(fresh)
+
+
+def test_resume_can_extend_the_rounds(cli, tmp_path):
+    out, longer = tmp_path / "run", tmp_path / "longer"
+    _run(cli, out, "--checkpoint-every", "2")
+    code, _, err = cli(["simulate", "--resume", str(out), "--rounds", "6", "--quiet"])
+    assert code == 0, err
+    assert yaml.safe_load((out / "config.yaml").read_text())["rounds"] == 6
+    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3, 4, 5, 6]
+    code, _, err = cli(["simulate", "--resume", str(out), "--rounds", "3"])
+    _one_line_error(code, err, "its checkpoint is at round 6")
+    code, _, err = cli(["simulate", "--resume", str(out), "--lr", "0.1"])
+    _one_line_error(code, err, "only --rounds may change", "drop lr")
+    _run(cli, longer, "--rounds", "6", "--checkpoint-every", "2")  # constant lr: extending equals a longer run
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "time_s"}  # noqa: E731
+                       for line in (p / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert strip(out) == strip(longer)

@@ -85,9 +85,9 @@ def test_dsgd_on_ring_learns_and_reports_metrics(tmp_path):
 
 
 def test_cta_and_atc_differ_and_vectorized_matches_sequential(tmp_path):
-    cta = simulate({**SMALL, "topology": RING}, tmp_path / "cta", plots=False)
+    cta = simulate({**SMALL, "topology": RING, "strategy": "dsgd"}, tmp_path / "cta", plots=False)
     atc = simulate({**SMALL, "topology": RING, "strategy": "dsgd-atc"}, tmp_path / "atc", plots=False)
-    seq = simulate({**SMALL, "topology": RING, "sequential": True}, tmp_path / "seq", plots=False)
+    seq = simulate({**SMALL, "topology": RING, "strategy": "dsgd", "sequential": True}, tmp_path / "seq", plots=False)
     assert cta["final_test_loss"] != atc["final_test_loss"]
     assert seq["final_test_loss"] == pytest.approx(cta["final_test_loss"], rel=1e-4)
 

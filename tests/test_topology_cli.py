@@ -5,7 +5,8 @@ import pytest
 import topologies
 
 
-def test_build_show_convert(tmp_path, cli):
+def test_build_show_convert(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `topology show` draws into the working directory
     graph_file = tmp_path / "ring16.graphml"
     code, out, err = cli(["topology", "build", "ring", "--n", "16", "-o", str(graph_file)])
     assert code == 0, err

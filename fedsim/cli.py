@@ -115,6 +115,16 @@ _CLI_ONLY = ("config", "set_", "out", "overwrite", "resume", "seeds", "probe", "
 
 def simulate(**flags: Any) -> None:
     """Run a federated or decentralized experiment and write its results folder."""
+    try:
+        _simulate(**flags)
+    except RunInterrupted as e:  # a KeyboardInterrupt, which typer would turn into a bare exit code
+        signum = _SIGNAL[0] if _SIGNAL else signal.SIGINT
+        typer.echo(f"{signal.Signals(signum).name}: {e}", err=True)
+        _SIGNAL.append(-1)  # reported
+        raise typer.Exit(128 + signum) from None
+
+
+def _simulate(**flags: Any) -> None:
     from fedsim import simulation
 
     config, set_, out, overwrite, resume, seeds, probe, probe_node, probe_sample, quiet = (
@@ -424,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         rv = app(args=argv, standalone_mode=False, prog_name="fedsim")
         return int(rv or 0)
     except typer.Exit as e:
-        if e.exit_code == 130:  # typer's form of Ctrl-C outside the round loop
+        if e.exit_code == 130 and -1 not in _SIGNAL:  # typer's form of Ctrl-C outside the round loop
             typer.echo("interrupted before the first round; nothing to resume", err=True)
         return e.exit_code
     except typer.Abort:
@@ -441,9 +451,6 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as e:
         typer.echo(f"error: {e}", err=True)
         return 3
-    except RunInterrupted as e:
-        typer.echo(f"{signal.Signals(_SIGNAL[0]).name if _SIGNAL else 'SIGINT'}: {e}", err=True)
-        return 128 + (_SIGNAL[0] if _SIGNAL else signal.SIGINT)
     except KeyboardInterrupt:
         typer.echo("interrupted before the first round; nothing to resume", err=True)
         return 130

@@ -89,8 +89,10 @@ def test_resume_cli(tmp_path, cli):
     assert cli(["simulate", *FAST, "--out", str(out)])[0] == 0
     code, stdout, _ = cli(["simulate", "--resume", str(out), "--quiet"])
     assert code == 0 and "2 rounds" in stdout
-    code, _, err = cli(["simulate", "--resume", str(out), "--rounds", "5"])
-    assert code == 2 and "rounds" in err
+    code, _, err = cli(["simulate", "--resume", str(out), "--lr", "0.1"])
+    assert code == 2 and "only --rounds may change" in err
+    code, stdout, err = cli(["simulate", "--resume", str(out), "--rounds", "3", "--quiet"])  # extends the run
+    assert code == 0 and "3 rounds" in stdout, err
 
 
 def test_divergence_exit_code_3(tmp_path, cli):

@@ -107,10 +107,12 @@ def _kill_at(round_):
     return callback
 
 
-def test_resume_without_checkpoint_restarts(tmp_path):
+def test_resume_without_checkpoint_needs_overwrite_to_restart(tmp_path):
     out = tmp_path / "r"
     simulate({**SMALL, "checkpoint_every": 0, "rounds": 2}, out)
-    resume(out)
+    with pytest.raises(FedsimError, match="has no checkpoint"):
+        resume(out)
+    resume(out, overwrite=True)
     assert [r["round"] for r in metrics(out)] == [1, 2]
 
 

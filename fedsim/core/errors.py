@@ -19,9 +19,9 @@ class FedsimWarning(UserWarning):
     """Input that runs but probably not as meant; the CLI prints it as one ``warning:`` line."""
 
 
-class RunInterrupted(Exception):
+class RunInterrupted(KeyboardInterrupt):
     """A run stopped by SIGINT or SIGTERM after keeping what it wrote (``summary.json`` says
-    ``"interrupted": true``); the message says how to resume."""
+    ``"interrupted": true``); the message says how to resume. Still a ``KeyboardInterrupt`` for callers."""
 
 
 class DivergenceError(RuntimeError):

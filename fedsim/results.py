@@ -8,17 +8,20 @@ complete line it wrote. Checkpoints hold only tensors and plain Python data and 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedsim.core.errors import FedsimError
+from fedsim.core.errors import FedsimError, FedsimWarning
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -95,11 +98,70 @@ def writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-class ResultsDir:
-    """A run's output folder."""
+LOCK_FILE = ".lock"
 
-    def __init__(self, path: str | Path):
+
+class FolderLock:
+    """An exclusive lock on a results folder for the whole run (``flock`` on ``OUT/.lock``, which holds the
+    owner's pid). The operating system releases it when the process ends, however it ends; a lock file left
+    by a dead process is taken over with a warning."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_FILE
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self.holder()
+            os.close(self.fd)
+            raise FedsimError(
+                f"results folder {folder} is in use by process {holder} (another run is writing it); wait for it, "
+                "or choose another --out"
+            ) from None
+        previous = self.holder()
+        if previous and previous != os.getpid():
+            warnings.warn(
+                f"results folder {folder}: taking over the lock of process {previous}, which is no longer running",
+                FedsimWarning,
+                stacklevel=3,
+            )
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def holder(self) -> int | None:
+        text = os.pread(self.fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+class ResultsDir:
+    """A run's output folder, locked for the run (:class:`FolderLock`) once created or opened to resume;
+    :meth:`close` (or the end of the process) releases it."""
+
+    def __init__(self, path: str | Path, lock: bool = False):
         self.path = Path(path)
+        self._lock = FolderLock(self.path) if lock else None
+
+    def close(self) -> None:
+        """Release the folder's lock."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __del__(self) -> None:  # a folder object dropped without close(): release its lock with it
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()
+
+    def __enter__(self) -> ResultsDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @staticmethod
     def check_new(path: str | Path, overwrite: bool = False) -> None:
@@ -108,7 +170,7 @@ class ResultsDir:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise FedsimError(f"output path {path} exists and is not a folder")
-        if path.is_dir() and any(path.iterdir()):
+        if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()):
             if not overwrite:
                 raise FedsimError(
                     f"results folder {path} already exists; pass --overwrite to replace it or --resume to continue it"
@@ -121,16 +183,28 @@ class ResultsDir:
 
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False) -> ResultsDir:
-        """Make a new results folder (see :meth:`check_new`); ``overwrite`` replaces an earlier one."""
+        """Make a new results folder (see :meth:`check_new`), locked for the run; ``overwrite`` replaces an
+        earlier one. The lock is taken before anything in the folder is looked at again or removed, so two
+        runs started at once on one folder cannot both write it."""
         path = Path(path)
         cls.check_new(path, overwrite)
         try:
-            if path.is_dir() and any(path.iterdir()):
-                shutil.rmtree(path)
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise FedsimError(f"cannot create results folder {path}: {e.strerror or e}") from None
-        return cls(path)
+        folder = cls(path, lock=True)
+        try:
+            cls.check_new(path, overwrite)  # again, now that no other run can change it
+            for child in path.iterdir():
+                if child.name != LOCK_FILE:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        except OSError as e:
+            folder.close()
+            raise FedsimError(f"cannot clear results folder {path}: {e.strerror or e}") from None
+        except FedsimError:
+            folder.close()
+            raise
+        return folder
 
     @classmethod
     def open_existing(cls, path: str | Path) -> ResultsDir:
@@ -139,7 +213,7 @@ class ResultsDir:
             raise FedsimError(f"cannot resume: {path} is not a results folder (no {CONFIG_FILE})")
         if (path / STABILITY_FILE).is_file():
             raise FedsimError(f"cannot resume {path}: a stability-probe run keeps no checkpoint of its twin; rerun it")
-        return cls(path)
+        return cls(path, lock=True)
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -184,17 +184,21 @@ def simulate(
         cfg = load_config(config, overrides)
     if out is not None:
         ResultsDir.check_new(out, overwrite)  # before loading data: fail fast, touch nothing
-    with make_simulation(cfg) as sim:
-        results = None
-        if out is not None:
-            results = ResultsDir.create(out, overwrite=overwrite)
-            results.write_text(CONFIG_FILE, dump_config(sim.config))
-            results.write_histogram(sim.histogram)
-        summary = components.build("backend", cfg.backend).run(sim, results, on_round)
-    if results and plots:
-        from fedsim.plots import plot_run
+    results = None
+    try:
+        with make_simulation(cfg) as sim:
+            if out is not None:
+                results = ResultsDir.create(out, overwrite=overwrite)  # locked until the end of the run
+                results.write_text(CONFIG_FILE, dump_config(sim.config))
+                results.write_histogram(sim.histogram)
+            summary = components.build("backend", cfg.backend).run(sim, results, on_round)
+        if results and plots:
+            from fedsim.plots import plot_run
 
-        plot_run(results.path)
+            plot_run(results.path)
+    finally:
+        if results is not None:
+            results.close()
     return summary
 
 
@@ -244,7 +248,11 @@ def resume(
     ``config.yaml`` changed since the checkpoint (the differing keys are named), and a ``metrics.jsonl``
     missing rounds the checkpoint has passed. ``rounds`` extends (or shortens, not below the checkpoint) the
     run and is written to its ``config.yaml``."""
-    results = ResultsDir.open_existing(out)
+    with ResultsDir.open_existing(out) as results:  # locked until the end of the run
+        return _resume(results, rounds, overwrite, on_round, plots)
+
+
+def _resume(results: ResultsDir, rounds: int | None, overwrite: bool, on_round, plots: bool) -> dict[str, Any]:
     written = load_config(results.file(CONFIG_FILE))
     cfg = written if rounds is None else written.replace(rounds=rounds)
     if not components.build("backend", cfg.backend).resumable:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import signal
 import sys
+import time
 import typing
 import warnings
 from pathlib import Path
@@ -220,21 +221,32 @@ def _simulate_repeats(
 
 
 class _Progress:
-    """A rich progress bar over rounds showing the latest test accuracy (silent when quiet)."""
+    """Progress over rounds with the latest loss and test accuracy: a rich bar on a terminal; off a terminal
+    (nohup, CI, a scheduler's log) one plain line on stderr at round 1, then at most every
+    :attr:`PLAIN_EVERY_S` seconds, and at the last round. Silent when quiet."""
+
+    PLAIN_EVERY_S = 5.0
 
     def __init__(self, quiet: bool):
         self.quiet, self.total, self._bar, self._task = quiet, None, None, None
+        self._plain = False
+        self._start = self._last = self._round_s = 0.0
 
     def __enter__(self):
-        if not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        if self.quiet:
+            return self
+        self._start = time.monotonic()
+        if not sys.stderr.isatty():
+            self._plain = True
+            return self
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._bar = Progress(
-                TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
-                TimeElapsedColumn(), transient=False, disable=not sys.stderr.isatty(),
-            )  # fmt: skip
-            self._bar.__enter__()
-            self._task = self._bar.add_task("", total=self.total)
+        self._bar = Progress(
+            TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
+            TimeElapsedColumn(), transient=False,
+        )  # fmt: skip
+        self._bar.__enter__()
+        self._task = self._bar.add_task("", total=self.total)
         return self
 
     def __exit__(self, *exc):
@@ -242,13 +254,25 @@ class _Progress:
             self._bar.__exit__(*exc)
 
     def update(self, record: dict[str, Any]) -> None:
-        if self._bar is None:
-            return
         acc = record.get("test_accuracy")
         loss = record["train_loss"]
         text = f"loss {loss:.4f}" if loss is not None else "no clients"
         text += f"  acc {acc:.4f}" if acc is not None else ""
-        self._bar.update(self._task, completed=record["round"], description=text)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=record["round"], description=text)
+        elif self._plain:
+            self._round_s += record.get("time_s") or 0.0
+            self._plain_line(record["round"], text)
+
+    def _plain_line(self, done: int, text: str) -> None:
+        now = time.monotonic()
+        last = self.total is not None and done >= self.total
+        if done > 1 and not last and now - self._last < self.PLAIN_EVERY_S:
+            return
+        self._last, elapsed = now, now - self._start
+        eta = f"  eta {self._round_s / done * (self.total - done):.1f} s" if self.total and not last else ""
+        total = f"/{self.total}" if self.total else ""
+        typer.echo(f"round {done}{total}  {text}  elapsed {elapsed:.1f} s{eta}", err=True)
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:

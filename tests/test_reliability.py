@@ -256,3 +256,20 @@ def test_resume_can_extend_the_rounds(cli, tmp_path):
     strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "time_s"}  # noqa: E731
                        for line in (p / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
     assert strip(out) == strip(longer)
+
+
+def test_progress_off_a_terminal_is_plain_lines(cli, tmp_path, monkeypatch):
+    from fedsim import cli as fedsim_cli
+
+    monkeypatch.setattr(fedsim_cli._Progress, "PLAIN_EVERY_S", 3600.0)  # only the first and the last round
+    code, _, err = cli(["simulate", "--rounds", "4", "--out", str(tmp_path / "run")])
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert [line.split()[1] for line in lines] == ["1/4", "4/4"]
+    assert "loss" in lines[0] and "acc" in lines[0] and "eta" in lines[0] and "elapsed" in lines[-1]
+    assert "\x1b" not in err  # no terminal control codes in a log file
+    monkeypatch.setattr(fedsim_cli._Progress, "PLAIN_EVERY_S", 0.0)  # every round
+    code, _, err = cli(["simulate", "--rounds", "3", "--out", str(tmp_path / "every")])
+    assert code == 0 and len(err.strip().splitlines()) == 3
+    code, _, err = cli(["simulate", "--rounds", "3", "--quiet", "--out", str(tmp_path / "quiet")])
+    assert code == 0 and err == ""

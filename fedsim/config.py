@@ -456,6 +456,11 @@ def parse_pairs(items: list[str] | None, flag: str = "--set") -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults, then the config file, then ``overrides`` (``None`` values are ignored)."""
     values = read_config_file(path) if path else {}
+    topology = values.get("topology")
+    if path and isinstance(topology, str) and not Path(topology).is_absolute():
+        beside = Path(path).parent / topology  # a results folder's copy, or a path relative to the file
+        if beside.exists():
+            values["topology"] = str(beside)
     return make_config(merge(values, overrides or {}))
 
 

@@ -4,7 +4,6 @@ Entry points: :func:`simulate` (the CLI's ``fedsim simulate``), :func:`resume`, 
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -189,6 +188,7 @@ def simulate(
         with make_simulation(cfg) as sim:
             if out is not None:
                 results = ResultsDir.create(out, overwrite=overwrite)  # locked until the end of the run
+                sim.config = _standalone(sim.config, results)  # checkpoints then carry what config.yaml says
                 results.write_text(CONFIG_FILE, dump_config(sim.config))
                 results.write_histogram(sim.histogram)
             summary = components.build("backend", cfg.backend).run(sim, results, on_round)
@@ -202,12 +202,25 @@ def simulate(
     return summary
 
 
+def _standalone(config: RunConfig, results: ResultsDir) -> RunConfig:
+    """The config as the results folder keeps it: a graph topology file is copied into the folder and named
+    by its file name there (so ``OUT/config.yaml`` and ``--resume`` work from any directory; a relative path in
+    a config file is read relative to the file when it exists there). A YAML schedule of graph files keeps its
+    path."""
+    if not config.topology or str(config.topology).endswith((".yaml", ".yml")):
+        return config
+    source = Path(config.topology)
+    copy = results.file(f"topology{source.suffix}")
+    copy.write_bytes(source.read_bytes())
+    return config.replace(topology=copy.name)
+
+
 def _check_resumable(results: ResultsDir, payload: dict[str, Any], written: RunConfig, cfg: RunConfig) -> None:
     """The checkpoint belongs to this config.yaml, its round is within the run, and metrics.jsonl has every
     round up to it."""
-    saved = payload.get("config")
-    if isinstance(saved, dict) and json.dumps(saved, sort_keys=True) != json.dumps(written.to_dict(), sort_keys=True):
-        changes = _differences(saved, written.to_dict())
+    saved, current = payload.get("config"), _comparable(written.to_dict())
+    if isinstance(saved, dict) and _comparable(saved) != current:
+        changes = _differences(_comparable(saved), current)
         raise FedsimError(
             f"cannot resume {results.path}: config.yaml changed since the checkpoint ({'; '.join(changes[:4])}"
             f"{'; ...' if len(changes) > 4 else ''}); restore it, or start over with --overwrite"
@@ -223,6 +236,13 @@ def _check_resumable(results: ResultsDir, payload: dict[str, Any], written: RunC
             f"{missing[0]}{f'-{missing[-1]}' if len(missing) > 1 else ''} that the checkpoint (round {last}) has "
             "passed; the history would be partial. Restore the file, or start over with --overwrite"
         )
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config for comparison: the topology by its file name (the results folder keeps a copy under its own
+    name, and the run may be resumed from another directory)."""
+    topology = config.get("topology")
+    return {**config, "topology": Path(topology).name if topology else topology}
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

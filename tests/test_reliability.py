@@ -273,3 +273,30 @@ def test_progress_off_a_terminal_is_plain_lines(cli, tmp_path, monkeypatch):
     assert code == 0 and len(err.strip().splitlines()) == 3
     code, _, err = cli(["simulate", "--rounds", "3", "--quiet", "--out", str(tmp_path / "quiet")])
     assert code == 0 and err == ""
+
+
+def test_results_folders_stand_alone(cli, tmp_path, monkeypatch):
+    """The topology file is copied into the results folder, so OUT/config.yaml re-runs and --resume work from
+    any directory, even after the original file is gone."""
+    graph = tmp_path / "mine.graphml"
+    graph.write_bytes(Path(RING).read_bytes())
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _, err = cli(["simulate", "--topology", "../mine.graphml", "--rounds", "3", "--checkpoint-every", "1",
+                        "--quiet", "--out", "run"])  # fmt: skip
+    assert code == 0, err
+    assert yaml.safe_load((work / "run" / "config.yaml").read_text())["topology"] == "topology.graphml"
+    assert (work / "run" / "topology.graphml").read_bytes() == graph.read_bytes()
+    graph.unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = cli(["simulate", str(work / "run" / "config.yaml"), "--quiet", "--out", "again"])
+    assert code == 0, err
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "time_s"}  # noqa: E731
+                       for line in (p / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert strip(elsewhere / "again") == strip(work / "run")
+    code, _, err = cli(["simulate", "--resume", str(work / "run"), "--rounds", "4", "--quiet"])
+    assert code == 0, err
+    assert len(strip(work / "run")) == 4

@@ -20,7 +20,7 @@ import typer
 from fedsim.benchmarks.cli import bench_app
 from fedsim.config import COMPONENT_KEYS, RunConfig, load_config, parse_pairs, run_parts
 from fedsim.core import components
-from fedsim.core.errors import DivergenceError, FedsimError, FedsimWarning, RunInterrupted
+from fedsim.core.errors import DivergenceError, FedsimError, FedsimWarning, OutOfMemory, RunInterrupted
 from fedsim.docs import readme_block
 
 app = typer.Typer(
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     except FedsimError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
-    except DivergenceError as e:
+    except (DivergenceError, OutOfMemory) as e:
         typer.echo(f"error: {e}", err=True)
         return 3
     except KeyboardInterrupt:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedsim.core.errors import DivergenceError, FedsimError, RunInterrupted
+from fedsim.core.errors import DivergenceError, FedsimError, OutOfMemory, RunInterrupted
 from fedsim.core.protocol import ClientUpdates, Executor, Plan, ServerState
 from fedsim.core.pytree import Tree, all_finite, flatten, nbytes
 from fedsim.data.datasets import Dataset
@@ -42,6 +42,19 @@ RoundCallback = Callable[[dict[str, Any]], None]
 RoundHook = Callable[[int, ServerState, dict[str, Any]], bool]
 
 OSCILLATION_WINDOW = 10
+
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "you tried to allocate", "not enough memory")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (torch reports host and GPU ones as RuntimeErrors)."""
+    return isinstance(err, MemoryError) or any(m in str(err).lower() for m in _OOM_MARKERS)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
 
 
 def parameters_of(model: nn.Module) -> Tree:
@@ -273,6 +286,15 @@ class Simulation:
         history = results.read_metrics() if results else []
         try:
             return self._run_rounds(results, start_round, state, history, on_round, extend)
+        except (MemoryError, RuntimeError) as err:  # torch's OutOfMemoryError is a RuntimeError
+            if not _out_of_memory(err):
+                raise
+            where = f"; metrics so far are in {results.path}" if results else ""
+            raise OutOfMemory(
+                f"out of memory in round {len(history) + 1} ({_first_line(err)}): lower --chunk-size (clients "
+                f"trained at once, now {self.executor.chunk_size}), --fraction, the batch size or the model, or switch "
+                f"off per-client metrics{where}"
+            ) from None
         except KeyboardInterrupt:  # SIGINT, or SIGTERM turned into it by the CLI: keep what is written
             summary = self.summary(history, interrupted=True)
             where = "nothing was written"

@@ -300,3 +300,35 @@ def test_results_folders_stand_alone(cli, tmp_path, monkeypatch):
     code, _, err = cli(["simulate", "--resume", str(work / "run"), "--rounds", "4", "--quiet"])
     assert code == 0, err
     assert len(strip(work / "run")) == 4
+
+
+def test_out_of_memory_keeps_what_was_written_and_exits_3(cli, tmp_path, monkeypatch):
+    from fedsim.engine.executor import LocalExecutor
+
+    train = LocalExecutor.train
+
+    def failing(self, plan, params, round_, lr, **kwargs):
+        if round_ == 3:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 6008000000 bytes.")
+        return train(self, plan, params, round_, lr, **kwargs)
+
+    monkeypatch.setattr(LocalExecutor, "train", failing)
+    out = tmp_path / "run"
+    code, _, err = cli(["simulate", "--rounds", "5", "--checkpoint-every", "1", "--quiet", "--out", str(out)])
+    assert code == 3, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "out of memory in round 3" in err and "--chunk-size" in err and str(out) in err
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "checkpoint.pt").exists()
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(tmp_path, monkeypatch):
+    import fedsim
+    from fedsim.engine.executor import LocalExecutor
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(LocalExecutor, "train", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        fedsim.simulate({"rounds": 2}, plots=False)

@@ -28,6 +28,11 @@ class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or parameters."""
 
 
+class OutOfMemory(RuntimeError):
+    """A round ran out of (GPU or host) memory; the message says what to change. Exit code 3, like a
+    divergence: what was written is kept."""
+
+
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     match = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)

@@ -24,6 +24,7 @@ import yaml
 from fedsim.config import run_parts
 from fedsim.core.errors import FedsimError, did_you_mean
 from fedsim.results import CONFIG_FILE, _run_dir, read_metrics
+from fedsim.rounds import OSCILLATION_WINDOW
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -312,8 +313,12 @@ def plot_label_histogram(counts: np.ndarray, out: str | Path, max_clients: int =
     return _save(fig, out)
 
 
-def _plot_panel_group(records: Sequence[dict], panels: Sequence[Sequence[str]], out: Path, title: str) -> Path | None:
-    """One subplot per panel (a list of metrics drawn together); empty panels are dropped."""
+def _plot_panel_group(
+    records: Sequence[dict], panels: Sequence[Sequence[str]], out: Path, title: str,
+    labels: dict[str, str] | None = None,
+) -> Path | None:  # fmt: skip
+    """One subplot per panel (a list of metrics drawn together); empty panels are dropped. ``labels``: y-axis
+    labels by a panel's first metric (default: the metric names)."""
     present = [[m for m in panel if _series(records, m)[0]] for panel in panels]
     present = [panel for panel in present if panel]
     if not present:
@@ -327,7 +332,8 @@ def _plot_panel_group(records: Sequence[dict], panels: Sequence[Sequence[str]], 
             _plot_line(ax, xs, ys, _pretty(metric))
         if all(_wants_log(metric, values) for metric in panel):
             ax.set_yscale("log")
-        ax.set_ylabel(_pretty(panel[0]) if len(panel) == 1 else " / ".join(_pretty(m) for m in panel))
+        default = _pretty(panel[0]) if len(panel) == 1 else " / ".join(_pretty(m) for m in panel)
+        ax.set_ylabel((labels or {}).get(panel[0], default))
         ax.grid(True, alpha=0.3)
         if len(panel) > 1:
             ax.legend(fontsize=8, loc="best")
@@ -336,31 +342,33 @@ def _plot_panel_group(records: Sequence[dict], panels: Sequence[Sequence[str]], 
     return _save(fig, out)
 
 
-def _plot_client_accuracy(records: Sequence[dict], out: Path, title: str) -> Path | None:
-    xs_mean, ys_mean = _series(records, "client_accuracy_mean")
-    xs_worst, ys_worst = _series(records, "client_accuracy_worst10")
+def _plot_client_accuracy(records: Sequence[dict], out: Path, title: str, who: str = "client") -> Path | None:
+    """Mean accuracy of the clients' (or, over a topology, the nodes') with a ± std band clipped to [0, 1],
+    and the mean of the worst 10%."""
+    xs_mean, ys_mean = _series(records, f"{who}_accuracy_mean")
+    xs_worst, ys_worst = _series(records, f"{who}_accuracy_worst10")
     if not xs_mean and not xs_worst:
         return None
     fig, (ax,) = _new_figure(1, row_height=3.5)
     if xs_mean:
-        _plot_line(ax, xs_mean, ys_mean, "mean client accuracy", color="C0")
+        _plot_line(ax, xs_mean, ys_mean, f"mean {who} accuracy", color="C0")
         band = [
             (x, mean, std)
             for x, mean, std in (
-                (_round_of(record, i), record.get("client_accuracy_mean"), record.get("client_accuracy_std"))
+                (_round_of(record, i), record.get(f"{who}_accuracy_mean"), record.get(f"{who}_accuracy_std"))
                 for i, record in enumerate(records)
             )
             if _is_finite(mean) and _is_finite(std)
         ]
         if band:
             bx = [b[0] for b in band]
-            lo = [b[1] - b[2] for b in band]
-            hi = [b[1] + b[2] for b in band]
-            ax.fill_between(bx, lo, hi, color="C0", alpha=0.2, label="± std", linewidth=0)
+            lo = [max(0.0, b[1] - b[2]) for b in band]
+            hi = [min(1.0, b[1] + b[2]) for b in band]
+            ax.fill_between(bx, lo, hi, color="C0", alpha=0.2, label="± std (within [0, 1])", linewidth=0)
     if xs_worst:
-        _plot_line(ax, xs_worst, ys_worst, "worst 10% of clients", color="C3")
+        _plot_line(ax, xs_worst, ys_worst, f"worst 10% of {who}s", color="C3")
     ax.set_xlabel("round")
-    ax.set_ylabel("client accuracy")
+    ax.set_ylabel(f"{who} accuracy")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title)
@@ -385,10 +393,13 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     run = _run_dir(run_dir)
     records = read_metrics(run)
     title = _run_title(run, read_config(run))
+    diverged = next((r.get("round") for r in records if r.get("diverged")), None)
+    if diverged is not None:
+        title += f" — diverged at round {diverged}"
     written: list[Path] = []
 
     convergence = _plot_panel_group(
-        records,
+        _full_oscillation_windows(records),
         [
             ["test_accuracy", "test_auc", "worst_class_accuracy"],
             ["train_loss", "test_loss"],
@@ -397,29 +408,46 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ],
         run / "convergence.png",
         title,
+        labels={"oscillation": f"oscillation\n(std, last {OSCILLATION_WINDOW} evals)"},
     )
     drift = _plot_panel_group(records, [["drift"], ["update_norm"], ["damped_norm_fraction"]], run / "drift.png", title)
+    gaps = {r.get("spectral_gap") for r in records if _is_finite(r.get("spectral_gap"))}
+    static = len(gaps) == 1  # one mixing matrix: its gap goes in the title instead of a flat line
     consensus = _plot_panel_group(
         records,
-        [["consensus_distance"], ["spectral_gap"], ["generalization_gap", "node_generalization_gap"]],
+        [["consensus_distance"], *([] if static else [["spectral_gap"]]),
+         ["generalization_gap", "node_generalization_gap"]],
         run / "consensus.png",
-        title,
-    )
+        f"{title}\nspectral gap {gaps.pop():.4g}" if static else title,
+        labels={"generalization_gap": "generalization gap"},
+    )  # fmt: skip
     written += [p for p in (convergence, drift, consensus) if p is not None]
 
     histogram = run / HISTOGRAM_FILE
     if histogram.is_file():
         written.append(plot_label_histogram(read_label_histogram(histogram), run / "label_histogram.png"))
 
-    client = _plot_client_accuracy(records, run / "client_accuracy.png", title)
+    who = "node" if any("node_accuracy_mean" in r for r in records) else "client"
+    client = _plot_client_accuracy(records, run / "client_accuracy.png", title, who)
     if client is not None:
         written.append(client)
     return written
 
 
+def _full_oscillation_windows(records: Sequence[dict]) -> list[dict]:
+    """The records with ``oscillation`` kept only once its window of evaluations is full (before that it is
+    the std of fewer values, and its drop when the window starts sliding is no change in the run)."""
+    out, evaluations = [], 0
+    for record in records:
+        evaluations += record.get("test_accuracy") is not None
+        out.append(record if evaluations >= OSCILLATION_WINDOW else {**record, "oscillation": None})
+    return out
+
+
 def plot_topology(graph: Any, out: str | Path, title: str | None = None) -> Path:
     """Draw a networkx graph (spring layout with a fixed seed; circular for rings and small regular graphs)
-    with nodes labelled 0..n-1, and save it as a PNG."""
+    with nodes labelled by the file's own names (the ``name`` attribute :func:`topologies.load` keeps), and
+    save it as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -437,6 +465,7 @@ def plot_topology(graph: Any, out: str | Path, title: str | None = None) -> Path
         ax=ax,
         node_size=max(30, 300 - 2 * n),
         with_labels=n <= 64,
+        labels={v: str(graph.nodes[v].get("name", v)) for v in graph.nodes},
         font_size=7,
         node_color="#4c72b0",
         edge_color="#999999",

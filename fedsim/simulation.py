@@ -4,6 +4,7 @@ Entry points: :func:`simulate` (the CLI's ``fedsim simulate``), :func:`resume`, 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 import topologies
 from fedsim.config import RunConfig, dump_config, load_config, make_config, merge
 from fedsim.core import components, rng
-from fedsim.core.errors import FedsimError, FedsimWarning, unknown
+from fedsim.core.errors import DivergenceError, FedsimError, FedsimWarning, OutOfMemory, RunInterrupted, unknown
 from fedsim.core.pytree import stack
 from fedsim.data import label_histogram, split_clients, subsample_train
 from fedsim.decentralized import DecentralizedMode, mixing_schedule
@@ -185,7 +186,7 @@ def simulate(
         ResultsDir.check_new(out, overwrite)  # before loading data: fail fast, touch nothing
     results = None
     try:
-        with make_simulation(cfg) as sim:
+        with make_simulation(cfg) as sim, _plots_even_if_stopped(lambda: results if plots else None):
             if out is not None:
                 results = ResultsDir.create(out, overwrite=overwrite)  # locked until the end of the run
                 sim.config = _standalone(sim.config, results)  # checkpoints then carry what config.yaml says
@@ -200,6 +201,21 @@ def simulate(
         if results is not None:
             results.close()
     return summary
+
+
+@contextlib.contextmanager
+def _plots_even_if_stopped(folder):
+    """A run that diverged, ran out of memory or was interrupted still gets the plots of what it wrote."""
+    try:
+        yield
+    except (DivergenceError, OutOfMemory, RunInterrupted):
+        results = folder()
+        if results is not None and results.file("metrics.jsonl").exists():
+            from fedsim.plots import plot_run  # optional dependency: matplotlib
+
+            with contextlib.suppress(Exception):  # a plot must not hide why the run stopped
+                plot_run(results.path)
+        raise
 
 
 def _standalone(config: RunConfig, results: ResultsDir) -> RunConfig:

@@ -283,7 +283,8 @@ def test_import_is_cheap() -> None:
 def test_plot_run_adds_regulator_and_oscillation_panels(tmp_path: Path) -> None:
     import matplotlib.image as mpimg
 
-    base = [{"round": r, "train_loss": 1.0, "update_norm": 0.5, "drift": 0.3, "test_accuracy": 0.5} for r in range(4)]
+    # 12 evaluations: the oscillation panel appears once its 10-evaluation window is full
+    base = [{"round": r, "train_loss": 1.0, "update_norm": 0.5, "drift": 0.3, "test_accuracy": 0.5} for r in range(12)]
     extra = [{**row, "damped_norm_fraction": 0.4, "oscillation": 0.01 * i} for i, row in enumerate(base)]
     plain = plot_run(write_run(tmp_path, "plain", base, config={}))
     regulated = plot_run(write_run(tmp_path, "regulated", extra, config={}))

@@ -50,3 +50,26 @@ def test_signal_mid_run_then_resume_is_identical(tmp_path, signum):
     assert resumed.returncode == 0, resumed.stderr
     assert _metrics(out) == _metrics(reference)
     assert "interrupted" not in json.loads((out / "summary.json").read_text())
+
+
+def test_sigkill_mid_run_then_resume_is_identical(tmp_path):
+    """SIGKILL gives the run no chance to say anything: every finished round's line stays (one write each), the
+    checkpoint is the last complete one (written to a temporary file, then renamed), and the dead run's lock is
+    taken over with a warning."""
+    reference = tmp_path / "reference"
+    assert _fedsim("simulate", *ARGS, "--out", str(reference), cwd=tmp_path).returncode == 0
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "simulate", *ARGS, "--out", str(out)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 10):
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / ".lock").exists() and not (out / "summary.json").exists()
+    resumed = _fedsim("simulate", "--resume", str(out), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"taking over the lock of process {proc.pid}" in resumed.stderr
+    assert _metrics(out) == _metrics(reference)

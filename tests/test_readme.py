@@ -181,3 +181,34 @@ def test_simulate_command_runs(argv, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 0, err
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def list_commands() -> list[list[str]]:
+    """``fedsim list ...`` command lines of the bash blocks."""
+    commands = []
+    for block in code_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                tokens = shlex.split(part, comments=True)
+                if tokens[:2] == ["fedsim", "list"]:
+                    commands.append(tokens[1:])
+    return commands
+
+
+@pytest.mark.parametrize("argv", list_commands(), ids=lambda argv: " ".join(argv))
+def test_list_command_runs(argv, cli, monkeypatch):
+    """Every ``fedsim list`` line runs (with the test suite's plugin distribution importable, as the README's
+    plugin example has it installed)."""
+    from fedsim.core import components
+
+    for kind in components.KINDS:
+        components.names(kind)
+    saved = {kind: dict(registered) for kind, registered in components._REGISTRY.items()}
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "plugin_dist"))
+    try:
+        code, out, err = cli(argv)
+    finally:
+        for kind, registered in saved.items():
+            components._REGISTRY[kind] = registered
+    assert code == 0, err
+    assert argv[-1] in out

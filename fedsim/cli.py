@@ -18,7 +18,16 @@ from typing import Annotated, Any
 import typer
 
 from fedsim.benchmarks.cli import bench_app
-from fedsim.config import COMPONENT_KEYS, RunConfig, load_config, parse_pairs, run_parts
+from fedsim.config import (
+    COMPONENT_KEYS,
+    RunConfig,
+    check_run_level,
+    config_file_values,
+    make_config,
+    merge,
+    parse_pairs,
+    run_parts,
+)
 from fedsim.core import components
 from fedsim.core.errors import DivergenceError, FedsimError, FedsimWarning, OutOfMemory, RunInterrupted
 from fedsim.docs import readme_block
@@ -126,8 +135,6 @@ def simulate(**flags: Any) -> None:
 
 
 def _simulate(**flags: Any) -> None:
-    from fedsim import simulation
-
     config, set_, out, overwrite, resume, seeds, probe, probe_node, probe_sample, quiet = (
         flags.pop(k) for k in _CLI_ONLY
     )  # fmt: skip
@@ -143,14 +150,20 @@ def _simulate(**flags: Any) -> None:
             raise FedsimError(
                 f"--resume continues a run with its saved config (only --rounds may change); drop {', '.join(given)}"
             )
+        from fedsim import simulation  # torch: after the flags are checked
+
         with progress:
             summary = simulation.resume(resume, rounds=rounds, overwrite=overwrite, on_round=progress.update)
         _print_summary(summary, resume)
         return
     overrides = {OPTION_FLAGS[k][0] if k in OPTION_FLAGS else k: v for k, v in flags.items() if v is not None}
     overrides.update(parse_pairs(set_))
+    file_values = config_file_values(config)
+    check_run_level(file_values, overrides)  # answers before torch loads
     repeat = _repeat_options(seeds, flags.get("seed"), probe, probe_node, probe_sample)
-    cfg = load_config(config, overrides)
+    cfg = make_config(merge(file_values, overrides))
+    from fedsim import simulation  # torch: after the config is checked
+
     if repeat is not None:
         _simulate_repeats(cfg, *repeat, out=out, overwrite=overwrite, progress=progress)
         return

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_serializer, model_validator
 
 from fedsim.core import components
 from fedsim.core.components import Spec
@@ -377,6 +377,28 @@ def _format_validation_error(err: ValidationError) -> str:
     return f"{loc}: {msg} (got {first.get('input')!r})"
 
 
+def _run_level_model() -> type[BaseModel]:
+    """RunConfig's run-level fields alone (components as opaque values): validating them needs no component,
+    so no provider module and no torch."""
+    fields = {
+        name: (Any, None) if name in COMPONENT_KEYS else (field.annotation, field)
+        for name, field in RunConfig.model_fields.items()
+    }
+    return create_model("RunLevel", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
+
+
+def check_run_level(*layers: Mapping[str, Any]) -> None:
+    """Check unknown keys and run-level values of config layers (a file's mapping, flag overrides) before
+    anything heavy is imported; components are checked by :func:`make_config`. One-line FedsimError."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        values.update({k: v for k, v in nest(layer, default_names=False).items() if v is not None})
+    try:
+        _RUN_LEVEL(**values)
+    except ValidationError as err:
+        raise FedsimError(_format_validation_error(err)) from None
+
+
 def make_config(values: Mapping[str, Any]) -> RunConfig:
     """Validate a mapping into a :class:`RunConfig`, raising a one-line FedsimError."""
     try:
@@ -455,15 +477,24 @@ def parse_pairs(items: list[str] | None, flag: str = "--set") -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults, then the config file, then ``overrides`` (``None`` values are ignored)."""
+    return make_config(merge(config_file_values(path), overrides or {}))
+
+
+def config_file_values(path: str | Path | None) -> dict[str, Any]:
+    """A config file's mapping ({} without a file), with a relative topology path resolved beside the file
+    when it exists there (a results folder's copy, or a path relative to the file)."""
     values = read_config_file(path) if path else {}
     topology = values.get("topology")
     if path and isinstance(topology, str) and not Path(topology).is_absolute():
-        beside = Path(path).parent / topology  # a results folder's copy, or a path relative to the file
+        beside = Path(path).parent / topology
         if beside.exists():
             values["topology"] = str(beside)
-    return make_config(merge(values, overrides or {}))
+    return values
 
 
 def dump_config(config: RunConfig) -> str:
     """The fully resolved config as nested YAML (readable back with :func:`load_config`)."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+_RUN_LEVEL = _run_level_model()

@@ -332,3 +332,19 @@ def test_other_runtime_errors_are_not_taken_for_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(LocalExecutor, "train", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         fedsim.simulate({"rounds": 2}, plots=False)
+
+
+@pytest.mark.parametrize("flags", [["--lr", "-1"], ["--set", "foo=1"], ["--rounds", "0"], ["--set", "num_rounds=3"]])
+def test_run_level_errors_answer_before_torch_loads(tmp_path, flags):
+    """A bad run-level flag is refused without importing torch (the CLI answers in well under a second)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom fedsim.cli import main\ncode = main(sys.argv[1:])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, "simulate", *flags, "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1

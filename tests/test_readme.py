@@ -44,16 +44,21 @@ def run_configs() -> list[tuple[int, dict]]:
     return configs
 
 
-def simulate_commands() -> list[list[str]]:
-    """``fedsim simulate ...`` command lines of the bash blocks (continuations joined, comments dropped)."""
+def fedsim_commands(command: str) -> list[list[str]]:
+    """``fedsim COMMAND ...`` lines of the bash blocks (continuations joined, comments dropped), without
+    ``fedsim``."""
     commands = []
     for block in code_blocks("bash"):
         for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
                 tokens = shlex.split(part, comments=True)
-                if tokens[:2] == ["fedsim", "simulate"]:
+                if tokens[:2] == ["fedsim", command]:
                     commands.append(tokens[1:])
     return commands
+
+
+def simulate_commands() -> list[list[str]]:
+    return fedsim_commands("simulate")
 
 
 def simulate_params():
@@ -183,19 +188,7 @@ def test_simulate_command_runs(argv, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
 
 
-def list_commands() -> list[list[str]]:
-    """``fedsim list ...`` command lines of the bash blocks."""
-    commands = []
-    for block in code_blocks("bash"):
-        for line in block.replace("\\\n", " ").splitlines():
-            for part in line.split("&&"):
-                tokens = shlex.split(part, comments=True)
-                if tokens[:2] == ["fedsim", "list"]:
-                    commands.append(tokens[1:])
-    return commands
-
-
-@pytest.mark.parametrize("argv", list_commands(), ids=lambda argv: " ".join(argv))
+@pytest.mark.parametrize("argv", fedsim_commands("list"), ids=lambda argv: " ".join(argv))
 def test_list_command_runs(argv, cli, monkeypatch):
     """Every ``fedsim list`` line runs (with the test suite's plugin distribution importable, as the README's
     plugin example has it installed)."""

@@ -26,8 +26,8 @@ def _metrics(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_run_then_resume_is_identical(tmp_path, signum):
+def _reference_and_a_run_stopped_after_ten_rounds(tmp_path: Path, stop) -> tuple[Path, Path, subprocess.Popen, str]:
+    """An uninterrupted reference run, and a run stopped by ``stop(proc)`` once it has written 10 rounds."""
     reference = tmp_path / "reference"
     assert _fedsim("simulate", *ARGS, "--out", str(reference), cwd=tmp_path).returncode == 0
     out = tmp_path / "run"
@@ -37,8 +37,14 @@ def test_signal_mid_run_then_resume_is_identical(tmp_path, signum):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 10):
         time.sleep(0.05)
-    proc.send_signal(signum)
+    stop(proc)
     _, err = proc.communicate(timeout=120)
+    return reference, out, proc, err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_run_then_resume_is_identical(tmp_path, signum):
+    reference, out, proc, err = _reference_and_a_run_stopped_after_ten_rounds(tmp_path, lambda p: p.send_signal(signum))
     assert proc.returncode == 128 + signum, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and f"{signum.name}: interrupted after round" in lines[0]
@@ -56,17 +62,7 @@ def test_sigkill_mid_run_then_resume_is_identical(tmp_path):
     """SIGKILL gives the run no chance to say anything: every finished round's line stays (one write each), the
     checkpoint is the last complete one (written to a temporary file, then renamed), and the dead run's lock is
     taken over with a warning."""
-    reference = tmp_path / "reference"
-    assert _fedsim("simulate", *ARGS, "--out", str(reference), cwd=tmp_path).returncode == 0
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "simulate", *ARGS, "--out", str(out)],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 10):
-        time.sleep(0.05)
-    proc.kill()
-    proc.communicate(timeout=120)
+    reference, out, proc, _ = _reference_and_a_run_stopped_after_ten_rounds(tmp_path, lambda p: p.kill())
     assert proc.returncode == -signal.SIGKILL
     assert (out / ".lock").exists() and not (out / "summary.json").exists()
     resumed = _fedsim("simulate", "--resume", str(out), cwd=tmp_path)

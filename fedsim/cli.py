@@ -26,6 +26,7 @@ from fedsim.config import (
     make_config,
     merge,
     parse_pairs,
+    precheck_components,
     run_parts,
 )
 from fedsim.core import components
@@ -160,8 +161,10 @@ def _simulate(**flags: Any) -> None:
     overrides.update(parse_pairs(set_))
     file_values = config_file_values(config)
     check_run_level(file_values, overrides)  # answers before torch loads
+    values = merge(file_values, overrides)
+    precheck_components(values)  # built-in components' names and options, still without torch
     repeat = _repeat_options(seeds, flags.get("seed"), probe, probe_node, probe_sample)
-    cfg = make_config(merge(file_values, overrides))
+    cfg = make_config(values)
     from fedsim import simulation  # torch: after the config is checked
 
     if repeat is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -302,9 +302,9 @@ def _strategy_class(name: str, decentralized: bool) -> Any:
     return components.get(kind, name).obj
 
 
-def _check_mode(name: str, decentralized: bool) -> None:
+def _check_mode(name: str, decentralized: bool, names: Callable[[str], list[str]] = components.names) -> None:
     """A federated strategy needs no topology; a decentralized one needs one (clear message either way)."""
-    federated, other = set(components.names("strategy")), set(components.names("decentralized"))
+    federated, other = set(names("strategy")), set(names("decentralized"))
     if decentralized and name in federated and name not in other:
         raise FedsimError(f"strategy '{name}' is federated; with a topology use one of: {', '.join(sorted(other))}")
     if not decentralized and name in other and name not in federated:
@@ -397,6 +397,24 @@ def check_run_level(*layers: Mapping[str, Any]) -> None:
         _RUN_LEVEL(**values)
     except ValidationError as err:
         raise FedsimError(_format_validation_error(err)) from None
+
+
+def precheck_components(values: Mapping[str, Any]) -> None:
+    """Check the built-in components a merged config names against the catalog (:mod:`fedsim.core.catalog`)
+    before any provider, and so torch, is loaded: an unknown name, an unknown option or a bad value answers at
+    once. :func:`make_config` then checks everything again, cross-component rules included."""
+    from fedsim.core import catalog
+
+    data = nest(values)
+    decentralized = bool(data.get("topology"))
+    for key, kind in COMPONENT_KEYS.items():
+        spec = data.get(key)
+        if spec is None:
+            continue
+        if key == "strategy":
+            _check_mode(components.split_spec(key, spec)[0], decentralized, catalog.names)
+            kind = "decentralized" if decentralized else kind
+        catalog.precheck(kind, spec)
 
 
 def make_config(values: Mapping[str, Any]) -> RunConfig:

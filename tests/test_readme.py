@@ -188,6 +188,21 @@ def test_simulate_command_runs(argv, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
 
 
+def test_command_line_examples_run_in_order(tmp_path, monkeypatch, capsys):
+    """The "Command line" examples (simulate, plot, topology, bench) run as written, one after the other, in an
+    empty folder (later lines read what earlier ones wrote)."""
+    block = next(b for b in code_blocks("bash") if "fedsim topology build" in b)
+    monkeypatch.chdir(tmp_path)
+    commands = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    assert {argv[1] for argv in commands} >= {"simulate", "plot", "topology", "bench"}
+    for argv in commands:
+        assert argv[0] == "fedsim"
+        code = main(argv[1:])
+        assert code == 0, f"{shlex.join(argv)}: {capsys.readouterr().err}"
+    for written in ("cmp.png", "ring16.graphml", "ring16.png", "ring16.json", "runs/dsgd-ring16/metrics.jsonl"):
+        assert (tmp_path / written).is_file(), written
+
+
 @pytest.mark.parametrize("argv", fedsim_commands("list"), ids=lambda argv: " ".join(argv))
 def test_list_command_runs(argv, cli, monkeypatch):
     """Every ``fedsim list`` line runs (with the test suite's plugin distribution importable, as the README's

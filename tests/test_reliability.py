@@ -334,9 +334,18 @@ def test_other_runtime_errors_are_not_taken_for_memory(tmp_path, monkeypatch):
         fedsim.simulate({"rounds": 2}, plots=False)
 
 
-@pytest.mark.parametrize("flags", [["--lr", "-1"], ["--set", "foo=1"], ["--rounds", "0"], ["--set", "num_rounds=3"]])
-def test_run_level_errors_answer_before_torch_loads(tmp_path, flags):
-    """A bad run-level flag is refused without importing torch (the CLI answers in well under a second)."""
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--lr", "-1"], ["--set", "foo=1"], ["--rounds", "0"], ["--set", "num_rounds=3"],  # run level
+        ["--alpha", "-1"], ["--strategy", "fedprox", "--mu", "-1"], ["--strategy", "fedprx"],  # components
+        ["--optimizer", "adam", "--set", "optimizer.betas=[0.9, 1.0]"], ["--set", "strategy.tau=1"],
+        ["--strategy", "dsgd"], ["--regulator", "ecgr", "--set", "regulator.rhoo=1"],
+    ],
+)  # fmt: skip
+def test_bad_flags_answer_before_torch_loads(tmp_path, flags):
+    """A bad run-level flag, or a bad name or option of a built-in component, is refused without importing
+    torch (the CLI answers in well under a second; built-ins are checked against fedsim.core.catalog)."""
     import subprocess
     import sys
 

@@ -69,3 +69,46 @@ def test_sigkill_mid_run_then_resume_is_identical(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"taking over the lock of process {proc.pid}" in resumed.stderr
     assert _metrics(out) == _metrics(reference)
+
+
+_KILL_MID_CHECKPOINT = """
+import os, signal, sys
+import torch
+from fedsim.cli import main
+
+real_save, saves = torch.save, []
+
+
+def save(obj, f, *args, **kwargs):  # the third checkpoint write is cut off halfway by the signal
+    saves.append(f)
+    if len(saves) == 3:
+        with open(f, "wb") as half:
+            half.write(b"PK\\x03\\x04 half a checkpoint")
+        os.kill(os.getpid(), int(sys.argv[1]))
+    real_save(obj, f, *args, **kwargs)
+
+
+torch.save = save
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"]
+)
+def test_signal_mid_checkpoint_write_then_resume_is_identical(tmp_path, signum):
+    """A signal while the checkpoint is being written leaves a half-written temporary file, never a half-written
+    checkpoint: the previous checkpoint stays, and ``--resume`` from it ends with an uninterrupted run's metrics."""
+    args = ["--rounds", "12", "--local-steps", "2", "--clients", "4", "--checkpoint-every", "3", "--quiet"]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert _fedsim("simulate", *args, "--out", str(reference), cwd=tmp_path).returncode == 0
+    killed = subprocess.run([sys.executable, "-c", _KILL_MID_CHECKPOINT, str(int(signum)), "simulate", *args, "--out",
+                             str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert killed.returncode == (-signum if signum == signal.SIGKILL else 128 + signum), killed.stderr
+    assert (out / "checkpoint.pt.tmp").read_bytes().endswith(b"half a checkpoint")
+    if signum != signal.SIGKILL:
+        assert "interrupted after round 9" in killed.stderr
+        assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+    resumed = _fedsim("simulate", "--resume", str(out), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _metrics(out) == _metrics(reference)

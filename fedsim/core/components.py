@@ -120,7 +120,7 @@ class Component:
             if key not in known and not self.open:
                 raise FedsimError(
                     f"{self.kind.name} '{self.name}' has no option '{key}'{did_you_mean(key, known)}"
-                    f"{_owners_hint(key, self)}; {self._accepted()}"
+                    f"{self._owners_hint(key)}; {self._accepted()}"
                 )
         try:
             model = self.schema(**values)
@@ -150,6 +150,9 @@ class Component:
         if not inspect.isclass(self.obj):
             check_kind(self.kind, self.name, built)
         return built
+
+    def _owners_hint(self, option_name: str) -> str:
+        return owners_hint(option_name, self, _REGISTRY)
 
     def _accepted(self) -> str:
         names = sorted(self.schema.model_fields)
@@ -241,9 +244,14 @@ def get(kind: str, name: str) -> Component:
         return _NAMESPACES[(kind, prefix)](rest)
     if sep:
         return _from_reference(k, name)
-    choices = names(kind) + ([k.none] if k.none else [])
-    raise FedsimError(
-        f"unknown {kind} {name!r}{did_you_mean(name, choices)}; choose from: {', '.join(sorted(choices))} "
+    raise unknown_component(k, name, names(kind))
+
+
+def unknown_component(kind: Kind, name: str, known: Iterable[str]) -> FedsimError:
+    """The one-line error for a name of ``kind`` that is none of ``known`` (nor its ``none`` name)."""
+    choices = [*known, *([kind.none] if kind.none else [])]
+    return FedsimError(
+        f"unknown {kind.name} {name!r}{did_you_mean(name, choices)}; choose from: {', '.join(sorted(choices))} "
         "(or package.module:Name)"
     )
 
@@ -369,6 +377,11 @@ def option_schema(component: Component) -> type[BaseModel]:
         annotation = Any if p.annotation is inspect.Parameter.empty else p.annotation
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[p.name] = (annotation, default)
+    return schema_model(component, fields)
+
+
+def schema_model(component: Component, fields: Mapping[str, tuple[Any, Any]]) -> type[BaseModel]:
+    """The pydantic model of ``fields`` (name -> (annotation, default or ``...``)) for ``component``."""
     extra = "allow" if component.open else "forbid"
     model_name = f"{component.kind.name}_{component.name}".replace("-", "_").replace(":", "_").replace(".", "_")
     return create_model(
@@ -480,10 +493,11 @@ def _from_entry_point(kind: Kind, ep: metadata.EntryPoint) -> Component:
     return component
 
 
-def _owners_hint(option_name: str, asking: Component) -> str:
-    """`` ('tau' is an option of aggregator 'gaf', ...)`` over the registered components (error path only)."""
+def owners_hint(option_name: str, asking: Component, registry: Mapping[str, Mapping[str, Component]]) -> str:
+    """`` ('tau' is an option of aggregator 'gaf', ...)`` over the components of ``registry`` (kind -> name ->
+    component; error path only)."""
     owners = []
-    for kind, registered in _REGISTRY.items():
+    for kind, registered in registry.items():
         for name, component in registered.items():
             if component is asking:
                 continue

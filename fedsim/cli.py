@@ -108,6 +108,7 @@ def _simulate_parameters() -> list[inspect.Parameter]:
         flag("probe_node", int | None, help="Stability probe: node/client whose sample is replaced (0)."),
         flag("probe_sample", int | None, help="Stability probe: position of that sample in its list (0)."),
         flag("quiet", bool, False, help="No progress bar."),
+        flag("no_plots", bool, False, "--no-plots", help="Skip the PNGs (draw them later with fedsim plot OUT)."),
     ]  # fmt: skip
     return params
 
@@ -121,7 +122,8 @@ def _cli_type(annotation: Any) -> Any:
     return base | None
 
 
-_CLI_ONLY = ("config", "set_", "out", "overwrite", "resume", "seeds", "probe", "probe_node", "probe_sample", "quiet")
+_CLI_ONLY = ("config", "set_", "out", "overwrite", "resume", "seeds", "probe", "probe_node", "probe_sample", "quiet",
+             "no_plots")  # fmt: skip
 
 
 def simulate(**flags: Any) -> None:
@@ -136,25 +138,27 @@ def simulate(**flags: Any) -> None:
 
 
 def _simulate(**flags: Any) -> None:
-    config, set_, out, overwrite, resume, seeds, probe, probe_node, probe_sample, quiet = (
+    config, set_, out, overwrite, resume, seeds, probe, probe_node, probe_sample, quiet, no_plots = (
         flags.pop(k) for k in _CLI_ONLY
     )  # fmt: skip
     progress = _Progress(quiet)
     if resume is not None and seeds is not None:
         raise FedsimError("--seeds cannot be combined with --resume; resume one seed's folder: --resume OUT/seed-S")
     if resume is not None:
-        rounds = flags.pop("rounds")
+        rounds, threads = flags.pop("rounds"), flags.pop("threads")
         given = [n for n, v in {**flags, "config": config, "set": set_, "out": out, "seeds": seeds, "probe": probe,
                                 "probe_node": probe_node, "probe_sample": probe_sample}.items()
                  if v not in (None, False, [])]  # fmt: skip
         if given:
             raise FedsimError(
-                f"--resume continues a run with its saved config (only --rounds may change); drop {', '.join(given)}"
+                f"--resume continues a run with its saved config (only --rounds and --threads may change); drop "
+                f"{', '.join(given)}"
             )
         from fedsim import simulation  # torch: after the flags are checked
 
         with progress:
-            summary = simulation.resume(resume, rounds=rounds, overwrite=overwrite, on_round=progress.update)
+            summary = simulation.resume(resume, rounds=rounds, threads=threads, overwrite=overwrite,
+                                        on_round=progress.update, plots=not no_plots)  # fmt: skip
         _print_summary(summary, resume)
         return
     overrides = {OPTION_FLAGS[k][0] if k in OPTION_FLAGS else k: v for k, v in flags.items() if v is not None}
@@ -168,12 +172,12 @@ def _simulate(**flags: Any) -> None:
     from fedsim import simulation  # torch: after the config is checked
 
     if repeat is not None:
-        _simulate_repeats(cfg, *repeat, out=out, overwrite=overwrite, progress=progress)
+        _simulate_repeats(cfg, *repeat, out=out, overwrite=overwrite, progress=progress, plots=not no_plots)
         return
     out = out or _default_out(cfg)
     progress.total = cfg.rounds
     with progress:
-        summary = simulation.simulate(cfg, out, overwrite=overwrite, on_round=progress.update)
+        summary = simulation.simulate(cfg, out, overwrite=overwrite, on_round=progress.update, plots=not no_plots)
     _print_summary(summary, out)
 
 
@@ -203,7 +207,7 @@ def _repeat_options(
 
 def _simulate_repeats(
     cfg: Any, seeds: list[int] | None, probe: str | None, options: dict[str, int], *,
-    out: Path | None, overwrite: bool, progress: _Progress,
+    out: Path | None, overwrite: bool, progress: _Progress, plots: bool = True,
 ) -> None:  # fmt: skip
     """``--seeds`` (optionally with ``--probe``) or a single ``--probe`` run, with a short summary line."""
     from fedsim.probes import run_stability_probe
@@ -216,9 +220,10 @@ def _simulate_repeats(
     tick = lambda record: progress.update({**record, "round": next(done)})  # noqa: E731
     with progress:
         if seeds is None:
-            summary = run_stability_probe(cfg, out, overwrite=overwrite, on_round=tick, **options)
+            summary = run_stability_probe(cfg, out, overwrite=overwrite, on_round=tick, plots=plots, **options)
         else:
-            report = run_seeds(cfg, seeds, out, overwrite=overwrite, on_round=tick, probe=probe, probe_options=options)
+            report = run_seeds(cfg, seeds, out, overwrite=overwrite, on_round=tick, probe=probe, probe_options=options,
+                               plots=plots)  # fmt: skip
     if seeds is None:
         _print_summary(summary, out)
         typer.echo(
@@ -305,12 +310,23 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
 @app.command()
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="One or more results folders.")],
-    metric: Annotated[str, Opt(help="Comma-separated metrics, e.g. test_accuracy,drift.")] = "test_accuracy",
-    out: Annotated[Path, Opt(help="Output PNG (an existing folder: plot.png in it).")] = Path("plot.png"),
+    metric: Annotated[str | None, Opt(help="Comma-separated metrics [default: test_accuracy].")] = None,
+    out: Annotated[Path | None, Opt(help="Output PNG (a folder: plot.png in it) [default: plot.png].")] = None,
+    standard: Annotated[bool, Opt(help="Draw each folder's own plots into it (a run made with --no-plots).")] = False,
 ) -> None:
-    """Overlay runs' metrics in one PNG."""
-    from fedsim.plots import plot_runs
+    """Overlay runs' metrics in one PNG, or (--standard) draw each results folder's own plots into it."""
+    from fedsim.plots import plot_run, plot_runs
 
+    if standard:
+        if metric is not None or out is not None:
+            raise FedsimError("--standard draws each folder's own plots into it; drop --metric/--out")
+        for run_dir in run_dirs:
+            if not (run_dir / "metrics.jsonl").is_file():
+                raise FedsimError(f"{run_dir} is not a results folder (no metrics.jsonl)")
+            plot_run(run_dir)
+            typer.echo(f"wrote the plots of {run_dir}")
+        return
+    metric, out = metric or "test_accuracy", out or Path("plot.png")
     if out.is_dir():
         out = out / "plot.png"
     metrics = [m.strip() for m in metric.split(",") if m.strip()]

@@ -131,6 +131,9 @@ class RunConfig(BaseModel):
     chunk_size: int | None = Field(None, ge=1, description="Clients per vectorized call (default: from memory).")
     grad_mode: Literal["sum", "vmap"] = Field("sum", description="Per-client gradients: sum | vmap.")
     sequential: bool = Field(False, description="Train clients one by one (the reference path).")
+    threads: int | None = Field(
+        None, ge=1, le=4096, description="torch CPU threads (default: the CPUs this process may use; same results)."
+    )
     executor: Spec
     backend: Spec
     # evaluation and results

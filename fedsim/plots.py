@@ -142,11 +142,13 @@ def _series(records: Sequence[dict], key: str) -> tuple[list[float], list[float]
 
 
 def _new_figure(nrows: int = 1, *, width: float = 8.0, row_height: float = 3.0) -> tuple[Figure, list[Axes]]:
+    """A figure of ``nrows`` stacked axes sharing x, on the Agg canvas, at the resolution it is saved at (so
+    :func:`_save`'s layout pass and its drawing share one renderer and its cache of text sizes)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(width, 1.0 + row_height * nrows))
+    fig = Figure(figsize=(width, 1.0 + row_height * nrows), dpi=DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, 1, sharex=True, squeeze=False)[:, 0]
     for ax in axes:  # rounds and clients are integers
@@ -155,13 +157,15 @@ def _new_figure(nrows: int = 1, *, width: float = 8.0, row_height: float = 3.0) 
 
 
 def _save(fig: Figure, out: str | Path) -> Path:
+    """Lay ``fig`` out tightly and write it as a PNG at :data:`DPI`; parent folders are created.
+
+    The figure is not cleared afterwards: it is dropped with its last reference, and clearing would rebuild
+    every axes only to throw them away.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.tight_layout()
-        fig.savefig(out, dpi=DPI, format="png")
-    finally:
-        fig.clear()
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI, format="png")
     return out
 
 
@@ -274,6 +278,9 @@ def plot_label_histogram(counts: np.ndarray, out: str | Path, max_clients: int =
 
     ``counts`` is [num_clients, num_classes]. With more than ``max_clients`` clients only the first
     ``max_clients`` are drawn and the title says so. Returns the path written.
+
+    All the bars are one :class:`~matplotlib.collections.PolyCollection` (one artist, drawn in one call): a
+    Rectangle patch per client and class took about a second for 100 clients.
     """
     counts = np.asarray(counts)
     if counts.ndim != 2 or counts.shape[0] == 0 or counts.shape[1] == 0:
@@ -285,32 +292,54 @@ def plot_label_histogram(counts: np.ndarray, out: str | Path, max_clients: int =
     num_clients, num_classes = counts.shape
     shown = counts[:max_clients].astype(float)
     n = shown.shape[0]
-
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if num_classes <= 10 else "tab20" if num_classes <= 20 else "viridis"]
-    colours = [cmap(c / max(num_classes - 1, 1)) if num_classes > 20 else cmap(c) for c in range(num_classes)]
+    colours = _class_colours(num_classes)
 
     fig, (ax,) = _new_figure(1, width=max(8.0, min(24.0, 0.12 * n + 4.0)), row_height=4.0)
-    x = np.arange(n)
-    bottom = np.zeros(n)
-    width = 0.8 if n > 1 else 0.5
-    for c in range(num_classes):
-        ax.bar(x, shown[:, c], bottom=bottom, width=width, color=colours[c], label=f"class {c}", linewidth=0)
-        bottom += shown[:, c]
+    _stacked_bars(ax, shown, colours, width=0.8 if n > 1 else 0.5)
     ax.set_xlabel("client")
     ax.set_ylabel("samples")
     ax.set_xlim(-0.6, n - 0.4)
-    ax.margins(y=0.02)
+    top = float(shown.sum(axis=1).max())
+    ax.set_ylim(0.0, 1.02 * top if top > 0 else 1.0)  # from 0, with 2% headroom above the tallest client
     if n <= 30:
-        ax.set_xticks(x)
+        ax.set_xticks(np.arange(n))
     if num_classes <= 20:
-        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), title="label")
+        _class_legend(ax, colours)
     title = f"Label distribution: {num_clients} clients, {num_classes} classes"
     if num_clients > n:
         title += f" (first {n} of {num_clients} clients shown)"
     ax.set_title(title)
     return _save(fig, out)
+
+
+def _class_colours(num_classes: int) -> np.ndarray:
+    """RGBA colours [num_classes, 4]: tab10 / tab20 by class index, viridis spread over more classes."""
+    from matplotlib import colormaps
+
+    if num_classes > 20:
+        return colormaps["viridis"](np.arange(num_classes) / max(num_classes - 1, 1))
+    return colormaps["tab10" if num_classes <= 10 else "tab20"](np.arange(num_classes))
+
+
+def _stacked_bars(ax: Axes, heights: np.ndarray, colours: np.ndarray, width: float) -> None:
+    """Draw ``heights`` [bars, classes] as bars centred on 0, 1, ... stacked in class order, as a single
+    collection of rectangles; empty segments are left out (they draw nothing)."""
+    from matplotlib.collections import PolyCollection
+
+    tops = np.cumsum(heights, axis=1)
+    bar, cls = np.nonzero(heights > 0)  # row-major: bar by bar, classes bottom-up
+    left, right = bar - width / 2, bar + width / 2
+    lo, hi = tops[bar, cls] - heights[bar, cls], tops[bar, cls]
+    corners = np.stack([np.stack([left, left, right, right], 1), np.stack([lo, hi, hi, lo], 1)], axis=-1)
+    ax.add_collection(PolyCollection(corners, facecolors=colours[cls], linewidths=0), autolim=False)
+
+
+def _class_legend(ax: Axes, colours: np.ndarray) -> None:
+    """Legend of the class colours, outside the axes on the right."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=colour, linewidth=0, label=f"class {c}") for c, colour in enumerate(colours)]
+    ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), title="label")
 
 
 def _plot_panel_group(
@@ -319,7 +348,8 @@ def _plot_panel_group(
 ) -> Path | None:  # fmt: skip
     """One subplot per panel (a list of metrics drawn together); empty panels are dropped. ``labels``: y-axis
     labels by a panel's first metric (default: the metric names)."""
-    present = [[m for m in panel if _series(records, m)[0]] for panel in panels]
+    series = {metric: _series(records, metric) for panel in panels for metric in panel}
+    present = [[m for m in panel if series[m][0]] for panel in panels]
     present = [panel for panel in present if panel]
     if not present:
         return None
@@ -327,7 +357,7 @@ def _plot_panel_group(
     for ax, panel in zip(axes, present, strict=True):
         values: list[float] = []
         for metric in panel:
-            xs, ys = _series(records, metric)
+            xs, ys = series[metric]
             values.extend(ys)
             _plot_line(ax, xs, ys, _pretty(metric))
         if all(_wants_log(metric, values) for metric in panel):

@@ -26,6 +26,7 @@ from fedsim.optim import state_bytes
 from fedsim.results import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, ResultsDir
 from fedsim.rounds import FederatedMode, Parts, RoundCallback, Simulation, oscillation, parameters_of
 from fedsim.tasks import ClassificationTask
+from fedsim.threads import configure as configure_threads
 from strategies import build_strategy
 
 __all__ = ["Simulation", "assemble", "make_simulation", "oscillation", "parameters_of", "resume", "simulate"]
@@ -159,6 +160,7 @@ def make_simulation(config: RunConfig) -> Simulation:
     """
     if config.topology and "clients" not in config.model_fields_set:
         config = config.replace(clients=mixing_schedule(config).n)
+    configure_threads(config.threads)
     return assemble(config)
 
 
@@ -256,9 +258,11 @@ def _check_resumable(results: ResultsDir, payload: dict[str, Any], written: RunC
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A config for comparison: the topology by its file name (the results folder keeps a copy under its own
-    name, and the run may be resumed from another directory)."""
+    name, and the run may be resumed from another directory), without the thread count (it changes no
+    result)."""
     topology = config.get("topology")
-    return {**config, "topology": Path(topology).name if topology else topology}
+    kept = {k: v for k, v in config.items() if k != "threads"}
+    return {**kept, "topology": Path(topology).name if topology else topology}
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -274,8 +278,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 def resume(
-    out: str | Path, *, rounds: int | None = None, overwrite: bool = False, on_round: RoundCallback | None = None,
-    plots: bool = True,
+    out: str | Path, *, rounds: int | None = None, threads: int | None = None, overwrite: bool = False,
+    on_round: RoundCallback | None = None, plots: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Continue a killed run from its last checkpoint; ends with the same metrics as an uninterrupted run.
 
@@ -283,14 +287,17 @@ def resume(
     without a checkpoint, a
     ``config.yaml`` changed since the checkpoint (the differing keys are named), and a ``metrics.jsonl``
     missing rounds the checkpoint has passed. ``rounds`` extends (or shortens, not below the checkpoint) the
-    run and is written to its ``config.yaml``."""
+    run and is written to its ``config.yaml``; ``threads`` sets the CPU threads of this part of the run."""
     with ResultsDir.open_existing(out) as results:  # locked until the end of the run
-        return _resume(results, rounds, overwrite, on_round, plots)
+        return _resume(results, rounds, threads, overwrite, on_round, plots)
 
 
-def _resume(results: ResultsDir, rounds: int | None, overwrite: bool, on_round, plots: bool) -> dict[str, Any]:
+def _resume(
+    results: ResultsDir, rounds: int | None, threads: int | None, overwrite: bool, on_round, plots: bool
+) -> dict[str, Any]:
     written = load_config(results.file(CONFIG_FILE))
     cfg = written if rounds is None else written.replace(rounds=rounds)
+    cfg = cfg if threads is None else cfg.replace(threads=threads)
     if not components.build("backend", cfg.backend).resumable:
         raise FedsimError(
             f"a --backend {cfg.backend.name} run cannot resume: its client state lived in the backend's nodes"

@@ -19,6 +19,14 @@ def cli(capsys):
     return run
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _dataset_cache(tmp_path_factory):
+    """Decoded datasets (digits, MNIST, ...) are cached in one temporary folder per session, never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDSIM_CACHE_DIR", str(tmp_path_factory.mktemp("fedsim-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """A test that changes torch's thread count (a Ray ShardWorker built in-process does) must not change

@@ -90,7 +90,7 @@ def test_resume_cli(tmp_path, cli):
     code, stdout, _ = cli(["simulate", "--resume", str(out), "--quiet"])
     assert code == 0 and "2 rounds" in stdout
     code, _, err = cli(["simulate", "--resume", str(out), "--lr", "0.1"])
-    assert code == 2 and "only --rounds may change" in err
+    assert code == 2 and "only --rounds and --threads may change" in err
     code, stdout, err = cli(["simulate", "--resume", str(out), "--rounds", "3", "--quiet"])  # extends the run
     assert code == 0 and "3 rounds" in stdout, err
 

@@ -18,7 +18,7 @@ from fedsim.data import datasets as ds
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's cache from tests."""
-    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FEDSIM_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def assert_standardized(d: Dataset, per_feature: bool = False) -> None:
@@ -462,7 +462,7 @@ def test_mnist_cache_write_failure_ignored(tmp_path, monkeypatch):
     write_fake_mnist(src)
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("file")
-    monkeypatch.setenv("FEDSIM_CACHE", str(blocker))
+    monkeypatch.setenv("FEDSIM_CACHE_DIR", str(blocker))
     monkeypatch.setattr(ds, "locate_mnist", lambda: src)
     d = load_dataset("mnist")
     assert len(d.x_train) == 25

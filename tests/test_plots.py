@@ -234,6 +234,29 @@ def test_plot_label_histogram_many_classes(tmp_path: Path) -> None:
     assert_png(plot_label_histogram(counts, tmp_path / "classes.png"))
 
 
+def test_plot_label_histogram_is_one_collection_of_the_counts(tmp_path: Path, monkeypatch) -> None:
+    """All bars are one artist (a patch per client and class made this plot take a second), stacked in class
+    order with the counts as heights, and the legend names every class."""
+    from fedsim import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig) or Path(out))
+    counts = np.random.default_rng(4).integers(0, 9, size=(100, 10))
+    counts[3] = 0  # an empty client draws nothing
+    plot_label_histogram(counts, tmp_path / "h.png")
+    (ax,) = figures[0].axes
+    assert not ax.patches and len(ax.collections) == 1
+    boxes = np.array([path.vertices[:4] for path in ax.collections[0].get_paths()])
+    client = np.rint(boxes[:, :, 0].mean(axis=1)).astype(int)
+    height = boxes[:, :, 1].max(axis=1) - boxes[:, :, 1].min(axis=1)
+    totals = np.zeros(len(counts))
+    np.add.at(totals, client, height)
+    np.testing.assert_allclose(totals, counts.sum(axis=1))
+    assert len(boxes) == np.count_nonzero(counts)
+    assert boxes[:, :, 1].min() == 0.0 and ax.get_ylim() == pytest.approx((0.0, 1.02 * counts.sum(axis=1).max()))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [f"class {c}" for c in range(10)]
+
+
 @pytest.mark.parametrize("bad", [np.zeros(4), np.zeros((0, 3)), -np.ones((2, 2))])
 def test_plot_label_histogram_rejects_bad_counts(bad: np.ndarray, tmp_path: Path) -> None:
     with pytest.raises(FedsimError):

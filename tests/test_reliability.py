@@ -251,7 +251,7 @@ def test_resume_can_extend_the_rounds(cli, tmp_path):
     code, _, err = cli(["simulate", "--resume", str(out), "--rounds", "3"])
     _one_line_error(code, err, "its checkpoint is at round 6")
     code, _, err = cli(["simulate", "--resume", str(out), "--lr", "0.1"])
-    _one_line_error(code, err, "only --rounds may change", "drop lr")
+    _one_line_error(code, err, "only --rounds and --threads may change", "drop lr")
     _run(cli, longer, "--rounds", "6", "--checkpoint-every", "2")  # constant lr: extending equals a longer run
     strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "time_s"}  # noqa: E731
                        for line in (p / "metrics.jsonl").read_text().splitlines()]  # fmt: skip

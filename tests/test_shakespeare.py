@@ -56,7 +56,7 @@ Hey ho — the wind.
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     """Never touch the user's cache; never inherit a plays folder from the environment."""
-    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FEDSIM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("FEDSIM_SHAKESPEARE_DIR", raising=False)
 
 

@@ -114,6 +114,23 @@ def bench_executors_cmd(
     _emit_json(result, out)
 
 
+@bench_app.command("contention")
+def bench_contention_cmd(
+    rounds: Annotated[int, Opt(min=1, help="Rounds per timed run.")] = 10,
+    repeats: Annotated[int, Opt(min=1, help="Timed runs per measurement (median reported).")] = 3,
+    trials: Annotated[int, Opt(min=1, help="Alternations of idle and busy (median over them).")] = 1,
+    threads: Annotated[str, Opt(help="fedsim's thread count: auto or a number (as --threads).")] = "auto",
+    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
+) -> None:
+    """Round time of the benchmark workload alone and next to one CPU-bound process: fedsim's thread set-up
+    against torch's defaults."""
+    if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
+        raise FedsimError(f"--threads: expected auto or a positive number, got {threads!r}")
+    from fedsim.benchmarks.contention import bench_contention
+
+    _emit_json(bench_contention(rounds=rounds, repeats=repeats, trials=trials, threads=threads), out)
+
+
 @bench_app.command("optimizer")
 def bench_optimizer_cmd(
     workload: Annotated[str, Opt(help="char_transformer | llama_block")] = "char_transformer",

@@ -7,7 +7,7 @@ checkpoint with ``torch.save`` and load with ``weights_only=True``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -113,14 +113,48 @@ def reduce_rows(
     return aggregator(tree, weights) if aggregator is not None else weighted_sum(tree, weights)
 
 
+STAT_BLOCK_BYTES = 64 * 2**20
+"""Float64 working memory of one block of clients in the streaming statistics below."""
+
+
+def client_blocks(tree: Tree, block_bytes: int | None = None) -> Iterator[Tensor]:
+    """The stacked tree's clients as flattened float64 blocks ``[b, D]`` of at most ``block_bytes`` (default
+    :data:`STAT_BLOCK_BYTES`; one row at least): statistics over the client axis then hold one block, never a
+    float64 copy of every client."""
+    leaves = list(tree.values())
+    clients, width = leaves[0].shape[0], sum(math.prod(v.shape[1:]) for v in leaves)
+    rows = max(1, (block_bytes or STAT_BLOCK_BYTES) // (8 * max(1, width)))
+    for start in range(0, clients, rows):
+        yield flatten({k: v[start : start + rows] for k, v in tree.items()}).double()
+
+
+def delta_sum(deltas: Tree) -> Tensor:
+    """``sum_k Delta_k`` flattened, in float64, accumulated block by block."""
+    total = None
+    for block in client_blocks(deltas):
+        part = block.sum(dim=0)
+        total = part if total is None else total + part
+    return total
+
+
+def distance_sum(deltas: Tree, mean: Tensor) -> float:
+    """``sum_k ||Delta_k - mean||`` in float64, block by block (``mean`` flattened, float64)."""
+    total = 0.0
+    for block in client_blocks(deltas):
+        total += float((block - mean.to(block.device)).norm(dim=1).sum())
+    return total
+
+
 def client_drift(deltas: Tree) -> float | None:
-    """Client drift: ``mean_k ||Delta_k - mean Delta|| / ||mean Delta||`` (plain mean over the clients)."""
-    flat = flatten(deltas).double()
-    mean = flat.mean(dim=0)
+    """Client drift: ``mean_k ||Delta_k - mean Delta|| / ||mean Delta||`` (plain mean over the clients), in
+    float64 and streamed over blocks of clients (:func:`client_blocks`: two passes, the mean and then the
+    distances), so its memory is one block whatever the number of clients."""
+    clients = next(iter(deltas.values())).shape[0]
+    mean = delta_sum(deltas) / clients
     norm = float(mean.norm())
     if norm == 0.0 or not math.isfinite(norm):
         return None
-    return float((flat - mean).norm(dim=1).mean() / norm)
+    return distance_sum(deltas, mean) / clients / norm
 
 
 @dataclass

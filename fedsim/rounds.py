@@ -37,6 +37,7 @@ from fedsim.data.markov import chain_report
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate, per_client_accuracy
 from fedsim.engine.store import ClientStore
 from fedsim.results import SUMMARY_FILE, ResultsDir
+from fedsim.threads import ThreadGovernor
 
 RoundCallback = Callable[[dict[str, Any]], None]
 RoundHook = Callable[[int, ServerState, dict[str, Any]], bool]
@@ -184,6 +185,8 @@ class Simulation:
         self.optimizer_state_bytes = parts.optimizer_state_bytes
         self.loss_fn, self.correct = self.task.loss_fn, self.task.correct
         self.init_params = parameters_of(self.model)
+        self.governor: ThreadGovernor | None = None
+        """Adapts torch's thread count to the free CPUs once per round (``threads: null``; fedsim.threads)."""
         self.model_bytes = nbytes(self.init_params)
         self.num_params = sum(v.numel() for v in self.init_params.values())
         self._sampler_report: dict[str, Any] | None = None
@@ -307,6 +310,8 @@ class Simulation:
     def _run_rounds(self, results, start_round, state, history, on_round, extend) -> dict[str, Any]:
         c = self.config
         for r in range(start_round, c.rounds + 1):
+            if self.governor is not None:
+                self.governor.update()
             t0 = time.perf_counter()
             state, record = self.round(r, state)
             loss = record["train_loss"]  # None in a round without clients

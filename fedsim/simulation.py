@@ -26,6 +26,7 @@ from fedsim.optim import state_bytes
 from fedsim.results import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, ResultsDir
 from fedsim.rounds import FederatedMode, Parts, RoundCallback, Simulation, oscillation, parameters_of
 from fedsim.tasks import ClassificationTask
+from fedsim.threads import ThreadGovernor, usable_cpus
 from fedsim.threads import configure as configure_threads
 from strategies import build_strategy
 
@@ -161,7 +162,10 @@ def make_simulation(config: RunConfig) -> Simulation:
     if config.topology and "clients" not in config.model_fields_set:
         config = config.replace(clients=mixing_schedule(config).n)
     configure_threads(config.threads)
-    return assemble(config)
+    sim = assemble(config)
+    if config.threads is None:
+        sim.governor = ThreadGovernor(usable_cpus())
+    return sim
 
 
 def simulate(

@@ -1,16 +1,17 @@
 """``fedsim bench contention``: the round time of the benchmark workload alone and next to one CPU-bound process.
 
-Each measurement is a fresh Python process, as a user's run is, in one of two set-ups:
+Each measurement is a fresh Python process, as a user's run is, in one of three set-ups:
 
-- ``fedsim``: what ``fedsim simulate`` does: ``import fedsim`` first (idle OpenMP threads sleep,
-  ``OMP_WAIT_POLICY=PASSIVE``) and the thread count from the CPUs the process may use (:mod:`fedsim.threads`);
-- ``torch-default``: torch imported before fedsim with the environment's wait policy (unset: OpenMP's threads
-  spin before they sleep) and torch's own thread count: fedsim before this issue, or a script that imports
-  torch first.
+- ``fedsim``: what ``fedsim simulate`` does (:mod:`fedsim.threads`): OpenMP's default wait policy unless the
+  environment sets one, and a thread count that follows the CPUs other processes leave free (or ``--threads``);
+- ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep) with a fixed thread count: no collapse, but
+  slower on an idle machine;
+- ``torch-default``: torch's defaults (threads spin before they sleep; torch's own fixed thread count):
+  fedsim before this benchmark existed, or a script that imports torch and sets nothing.
 
-Both run the same rounds alone and then next to a busy loop (one process spinning on a core). The report gives
-each set-up's median round time in both conditions and the ratios; the busy process is stopped before a
-result is printed.
+Each runs the same rounds alone and then next to a busy loop (one process spinning on a core). The report
+gives each set-up's median round time in both conditions and the ratios to its own idle time and to fedsim's;
+the busy process is stopped before a result is printed.
 """
 
 from __future__ import annotations
@@ -32,29 +33,37 @@ WORKLOAD = {
 _WORKER = r"""
 import json, os, sys, time, warnings
 setup, rounds, repeats, threads, workload = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-if setup == "torch-default":
+if setup == "passive":
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+elif setup == "torch-default":
     os.environ.pop("OMP_WAIT_POLICY", None)
-    import torch  # before fedsim: OpenMP starts with its default policy (spin, then sleep), torch with its threads
-    threads = str(torch.get_num_threads())
-import fedsim  # sets the passive policy unless the environment has one (after torch: too late to matter)
-policy = os.environ.get("OMP_WAIT_POLICY") if setup == "fedsim" else None  # what OpenMP starts with
+policy = os.environ.get("OMP_WAIT_POLICY")  # what OpenMP starts with
 import torch
 from fedsim.config import make_config
 from fedsim.simulation import make_simulation
+from fedsim.threads import usable_cpus
 warnings.simplefilter("ignore")
+if setup == "torch-default":
+    threads = str(torch.get_num_threads())
+elif setup == "passive" and threads == "auto":
+    threads = str(usable_cpus())
 values = {**json.loads(workload), "rounds": rounds, "eval_every": rounds}
 if threads != "auto":
     values["threads"] = int(threads)
 sim = make_simulation(make_config(values))
 sim.run()  # warm-up
-times = []
+times, counts = [], []
 for _ in range(repeats):
     start = time.perf_counter()
     sim.run()
     times.append((time.perf_counter() - start) / rounds)
-print(json.dumps({"round_s": sorted(times)[len(times) // 2], "threads": torch.get_num_threads(),
+    counts.append(torch.get_num_threads())
+print(json.dumps({"round_s": sorted(times)[len(times) // 2], "threads": counts[-1],
                   "wait_policy": policy or "unset (spin, then sleep)"}))
 """
+
+
+SETUPS = ("fedsim", "passive", "torch-default")
 
 
 def _busy_loop() -> subprocess.Popen:
@@ -75,7 +84,7 @@ def _measure(setup: str, rounds: int, repeats: int, threads: str) -> dict[str, A
 def bench_contention(rounds: int = 10, repeats: int = 3, trials: int = 1, threads: str = "auto") -> dict[str, Any]:
     """Median round time of each set-up alone and next to one busy process (``trials`` alternations of the two
     conditions, medians over them); ratios busy/idle per set-up and against fedsim's idle time."""
-    rows: dict[str, dict[str, list[float]]] = {s: {"idle": [], "busy": []} for s in ("fedsim", "torch-default")}
+    rows: dict[str, dict[str, list[float]]] = {s: {"idle": [], "busy": []} for s in SETUPS}
     info: dict[str, Any] = {}
     started = time.perf_counter()
     for _ in range(trials):
@@ -90,7 +99,8 @@ def bench_contention(rounds: int = 10, repeats: int = 3, trials: int = 1, thread
                 busy_process.kill()
                 busy_process.wait()
             rows[setup]["busy"].append(busy["round_s"])
-            info[setup] = {"threads": idle["threads"], "wait_policy": idle["wait_policy"]}
+            info[setup] = {"threads_idle": idle["threads"], "threads_busy": busy["threads"],
+                           "wait_policy": idle["wait_policy"]}  # fmt: skip
     result: dict[str, Any] = {"workload": WORKLOAD, "rounds": rounds, "repeats": repeats, "trials": trials,
                               "cpus": os.cpu_count()}  # fmt: skip
     fedsim_idle = statistics.median(rows["fedsim"]["idle"])

@@ -39,6 +39,7 @@ from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import Plan, delta_sum, distance_sum, reduce_rows, upload_of
 from fedsim.core.pytree import Tree, concat
 from fedsim.data.samplers import merge_states
+from fedsim.threads import WAIT_POLICY
 
 from .executor import LocalExecutor
 from .store import ClientStore, shard_arrays
@@ -285,8 +286,12 @@ class RayExecutor:
         self._snapshots = [ray.put(self._initial_snapshot(local, owned)) for owned in self.shards]
         self._round_start = list(self._snapshots)
         self._round_calls: dict[int, tuple] = {}
+        policy = os.environ.get(WAIT_POLICY, "PASSIVE")  # actors share cores: idle OpenMP threads sleep
         self.actor_class = ray.remote(ShardWorker).options(
-            num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor, max_restarts=0
+            num_cpus=options.cpus_per_actor,
+            num_gpus=options.gpus_per_actor,
+            max_restarts=0,
+            runtime_env={"env_vars": {WAIT_POLICY: policy}},
         )
         self.actors = [self._spawn(i, self._snapshots[i]) for i in range(len(self.shards))]
         self.call_shards({i: ("ping", ()) for i in range(len(self.shards))})

@@ -26,7 +26,7 @@ from fedsim.optim import state_bytes
 from fedsim.results import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, ResultsDir
 from fedsim.rounds import FederatedMode, Parts, RoundCallback, Simulation, oscillation, parameters_of
 from fedsim.tasks import ClassificationTask
-from fedsim.threads import ThreadGovernor, usable_cpus
+from fedsim.threads import ThreadGovernor, thread_count
 from fedsim.threads import configure as configure_threads
 from strategies import build_strategy
 
@@ -164,7 +164,7 @@ def make_simulation(config: RunConfig) -> Simulation:
     configure_threads(config.threads)
     sim = assemble(config)
     if config.threads is None:
-        sim.governor = ThreadGovernor(usable_cpus())
+        sim.governor = ThreadGovernor(thread_count())
     return sim
 
 

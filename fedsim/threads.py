@@ -8,7 +8,8 @@ because this workload is many small parallel regions. So the choice is adaptive:
 
 - the wait policy stays OpenMP's default (spin, then sleep), unless the environment sets one;
 - the thread count starts at the CPUs this process may use (:func:`usable_cpus`: its affinity, capped by a
-  cgroup CPU quota) and a :class:`ThreadGovernor` re-reads, every half second of a run, how many of this
+  cgroup CPU quota; or ``$OMP_NUM_THREADS`` where the environment sets it, as Ray does in its workers), and
+  a :class:`ThreadGovernor` re-reads, every half second of a run, how many of this
   process's CPUs other processes kept busy (``/proc/stat`` minus this process's own CPU time) and runs on the
   rest (at least one thread). A thread never waits for a core someone else holds, and an idle machine keeps
   every thread spinning;
@@ -68,9 +69,14 @@ def usable_cpus() -> int:
 
 
 def thread_count(threads: int | None = None, share: int = 1) -> int:
-    """``threads`` when given, else this process's share of :func:`usable_cpus` among ``share`` parallel runs."""
+    """``threads`` when given; else ``$OMP_NUM_THREADS`` when the environment sets it (a scheduler or Ray's
+    workers, which get their ``num_cpus``); else this process's share of :func:`usable_cpus` among ``share``
+    parallel runs."""
     if threads is not None:
         return threads
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) >= 1:
+        return int(given)
     return max(1, usable_cpus() // max(1, share))
 
 

@@ -174,3 +174,12 @@ def test_bench_contention_reports_both_setups(monkeypatch, capsys):
     for setup in ("fedsim", "passive", "torch-default"):
         assert result[setup]["idle_round_s"] > 0 and result[setup]["busy_round_s"] > 0
         assert result[setup]["busy_over_idle"] > 0
+
+
+def test_omp_num_threads_in_the_environment_is_the_default(monkeypatch):
+    """Ray sets OMP_NUM_THREADS to a worker's num_cpus; fedsim inside such a worker keeps it."""
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads.thread_count() == 1 and threads.thread_count(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert threads.thread_count() == 8

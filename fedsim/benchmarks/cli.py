@@ -131,6 +131,19 @@ def bench_contention_cmd(
     _emit_json(bench_contention(rounds=rounds, repeats=repeats, trials=trials, threads=threads), out)
 
 
+@bench_app.command("flower")
+def bench_flower_cmd(
+    repeats: Annotated[int, Opt(min=1, help="fedsim's timed calls and processes (median reported).")] = 3,
+    flower: Annotated[bool, Opt(help="Run Flower's side (needs the flower extra).")] = True,
+    cpus_per_client: Annotated[float, Opt(min=0.01, help="Flower's client resources (num_cpus).")] = 1.0,
+    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
+) -> None:
+    """fedsim vs Flower's simulation engine on the benchmark workload: inside the call and as whole processes."""
+    from fedsim.benchmarks.versus_flower import bench_flower
+
+    _emit_json(bench_flower(repeats=repeats, flower=flower, cpus_per_client=cpus_per_client), out)
+
+
 @bench_app.command("optimizer")
 def bench_optimizer_cmd(
     workload: Annotated[str, Opt(help="char_transformer | llama_block")] = "char_transformer",

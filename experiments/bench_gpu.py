@@ -268,8 +268,8 @@ def run_workload(w: Workload, args: argparse.Namespace, device: Any, remaining: 
                 dataset=register_data(ds, w.dataset), model=w.model, clients=clients, local_steps=steps,
                 batch_size=batch, repeats=repeats, device=device.type, sequential=False,
             )  # fmt: skip
-            if device.type == "cuda":
-                row["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+            if device.type == "cuda":  # the vectorized path's own peak (bench_engine resets it per path)
+                row["peak_gpu_memory_bytes"] = r["vectorized"]["peak_memory_bytes"]
     except BudgetExceeded:
         row.update(status="aborted", note=f"time budget reached after {time.perf_counter() - t0:.1f} s")
     except torch.cuda.OutOfMemoryError as exc:

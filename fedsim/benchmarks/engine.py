@@ -35,6 +35,16 @@ from fedsim.simulation import init_seed, make_simulation, parameters_of, resolve
 from strategies import DSGD, gossip, gossip_matrix
 
 
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    """Peak GPU memory (bytes) since :func:`_reset_peak`; None on the CPU."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
 def _timed(fn, repeats: int, device: torch.device) -> float:
     def once() -> float:
         if device.type == "cuda":
@@ -90,8 +100,9 @@ def bench_engine(
         or platform.machine(),
     }  # fmt: skip
     plan = Plan(ids)
+    _reset_peak(dev)
     t_vec = _timed(lambda: executor.train(plan, params, 1, lr), repeats, dev)
-    result["vectorized"] = {"seconds": t_vec, "samples_per_s": samples / t_vec}
+    result["vectorized"] = {"seconds": t_vec, "samples_per_s": samples / t_vec, "peak_memory_bytes": _peak(dev)}
 
     batches, _ = IIDSampler().sample(0, 1, ids, store.sizes, steps=local_steps, epochs=None, batch_size=batch_size)
     index = store.global_index(ids, batches.positions)  # [C, K, B]
@@ -106,8 +117,9 @@ def bench_engine(
                 for v, g in zip(p.values(), grads, strict=True):
                     v -= lr * g
 
+    _reset_peak(dev)
     t_cen = _timed(centralized, repeats, dev)
-    result["centralized"] = {"seconds": t_cen, "samples_per_s": samples / t_cen}
+    result["centralized"] = {"seconds": t_cen, "samples_per_s": samples / t_cen, "peak_memory_bytes": _peak(dev)}
     result["vectorized_over_centralized"] = t_cen / t_vec
     if sequential:
         executor.sequential = True

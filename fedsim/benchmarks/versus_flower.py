@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedsim.simulation import simulate
+
 WORKLOAD: dict[str, Any] = {
     "dataset": "digits", "model": {"name": "mlp", "hidden": [64, 64]}, "clients": 100, "rounds": 20,
     "local_steps": 10, "batch_size": 32, "sampler": "iid", "lr": 0.05,
@@ -65,15 +67,13 @@ def bench_flower(repeats: int = 3, flower: bool = True, cpus_per_client: float =
                  workload: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Both ratios (Flower's time over fedsim's) on ``workload`` (default :data:`WORKLOAD`). ``flower=False``
     times fedsim alone (no Flower installed)."""
-    import fedsim
-
     workload = dict(workload or WORKLOAD)
     result: dict[str, Any] = {"workload": workload, "repeats": repeats}
-    fedsim.simulate(workload, None, plots=False)  # untimed: first-call costs (data cache, kernels)
+    simulate(workload, None, plots=False)  # untimed: first-call costs (data cache, kernels)
     calls = []
     for _ in range(repeats):
         started = time.perf_counter()
-        summary = fedsim.simulate(workload, None, plots=False)
+        summary = simulate(workload, None, plots=False)
         calls.append(time.perf_counter() - started)
     result["fedsim_call_s"] = statistics.median(calls)
     result["fedsim_final_test_accuracy"] = summary["final_test_accuracy"]

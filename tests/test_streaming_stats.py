@@ -35,3 +35,23 @@ def test_streamed_drift_matches_the_all_at_once_formula(monkeypatch, block_bytes
         assert drift == 0.0
     else:
         assert drift == pytest.approx(expected_drift, rel=1e-9)
+
+
+def test_chunk_stacker_equals_concatenation_without_copying_a_single_chunk():
+    from fedsim.engine.executor import ChunkStacker
+
+    generator = torch.Generator().manual_seed(0)
+    chunks = [
+        {"w": torch.randn(n, 3, 2, generator=generator), "b": torch.randn(n, generator=generator)} for n in (4, 4, 2)
+    ]
+    stacker = ChunkStacker(10)
+    first = 0
+    for chunk in chunks:
+        stacker.add(first, deltas=chunk, extras={})
+        first += len(chunk["b"])
+    for key in ("w", "b"):
+        assert torch.equal(stacker.trees["deltas"][key], torch.cat([c[key] for c in chunks]))
+    assert stacker.trees["extras"] == {}
+    single = ChunkStacker(4)
+    single.add(0, deltas=chunks[0])
+    assert single.trees["deltas"] is chunks[0]  # one chunk: kept as it is, no second copy

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, Plan
-from fedsim.core.pytree import Tree, concat, stack
+from fedsim.core.pytree import Tree, stack
 from fedsim.data.samplers import Sampler
 
 from .store import ClientStore
@@ -175,22 +175,23 @@ class LocalExecutor:
         parameters, rows in plan order, with local optimizer state ``opt_state``) and return their updates."""
         ids = np.asarray(plan.client_ids, dtype=np.int64)
         chunk = self.resolve_chunk_size(params, len(ids))
-        results = []
+        out = ChunkStacker(len(ids))
         for first in range(0, len(ids), chunk):
             rows = slice(first, first + chunk)
-            results.append(
-                self._train_chunk(ids[rows], plan, params, round_, lr, _rows(start, rows), _rows(opt_state, rows))
-            )
+            r = self._train_chunk(ids[rows], plan, params, round_, lr, _rows(start, rows), _rows(opt_state, rows))
+            out.add(first, deltas=r.deltas, extras=r.extras, opt_state=r.opt_state, stats=r.stats,
+                    scalars={"num_steps": r.num_steps, "train_loss": r.train_loss.to(self.device)})  # fmt: skip
         sizes = torch.as_tensor(self.store.sizes[ids], dtype=torch.float64, device=self.device)
+        scalars = out.trees["scalars"]
         return ClientUpdates(
             client_ids=ids,
-            deltas=concat([r.deltas for r in results]),
+            deltas=out.trees["deltas"],
             num_samples=sizes,
-            num_steps=torch.cat([r.num_steps for r in results]),
-            train_loss=torch.cat([r.train_loss.to(self.device) for r in results]),
-            extras=concat([r.extras for r in results]) if results[0].extras else {},
-            opt_state=concat([r.opt_state for r in results]) if results[0].opt_state else {},
-            stats=concat([r.stats for r in results]) if results[0].stats else {},
+            num_steps=scalars["num_steps"],
+            train_loss=scalars["train_loss"],
+            extras=out.trees["extras"],
+            opt_state=out.trees["opt_state"],
+            stats=out.trees["stats"],
             lr=lr,
             num_clients=self.store.num_clients,
         )
@@ -213,6 +214,31 @@ class LocalExecutor:
         for k, v in result.client_state.items():
             self.client_state[k][rows] = v.detach().cpu()
         return result
+
+
+class ChunkStacker:
+    """The per-client outputs of consecutive chunks, stacked on the client axis without a concatenation: the
+    first chunk's trees are kept as they are when they cover every client, otherwise ``[total, ...]`` tensors
+    are allocated once and each chunk is copied into its rows and dropped. The peak is then the result plus one
+    chunk, not the chunks plus their concatenation (twice the updates at 100,000 clients). Same values as
+    ``torch.cat``."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.trees: dict[str, Tree] = {}
+
+    def add(self, first: int, **trees: Tree) -> None:
+        """Put the chunk whose first client is row ``first``: ``name=tree`` for each output tree."""
+        for name, tree in trees.items():
+            rows = len(next(iter(tree.values()))) if tree else 0
+            if name not in self.trees:
+                if first == 0 and rows == self.total:  # one chunk holds every client: nothing to copy
+                    self.trees[name] = tree
+                    continue
+                self.trees[name] = {k: v.new_empty((self.total, *v.shape[1:])) for k, v in tree.items()}
+            out = self.trees[name]
+            for k, v in tree.items():
+                out[k][first : first + len(v)] = v
 
 
 def _rows(tree: Tree | None, rows: slice) -> Tree | None:

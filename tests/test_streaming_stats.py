@@ -55,3 +55,26 @@ def test_chunk_stacker_equals_concatenation_without_copying_a_single_chunk():
     single = ChunkStacker(4)
     single.add(0, deltas=chunks[0])
     assert single.trees["deltas"] is chunks[0]  # one chunk: kept as it is, no second copy
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 8192])
+def test_blockwise_standardize_is_bitwise_the_float64_formula(monkeypatch, block_rows):
+    import numpy as np
+
+    from fedsim.data import datasets
+
+    monkeypatch.setattr(datasets, "STANDARDIZE_BLOCK_ROWS", block_rows)
+    rng = np.random.default_rng(block_rows)
+    for dtype in (np.float32, np.uint8):
+        x = (rng.standard_normal((257, 9)) * 40 + 100).astype(dtype)
+        x[:, 0] = 7  # a constant feature: its deviation becomes 1
+        test = (rng.standard_normal((5, 9)) * 40 + 100).astype(dtype)
+        full = x.astype(np.float64)
+        mean, std = full.mean(axis=0), full.std(axis=0)
+        std = np.where(std > 0, std, 1.0)
+        expected = (
+            ((full - mean) / std).astype(np.float32),
+            ((test.astype(np.float64) - mean) / std).astype(np.float32),
+        )
+        got = datasets.standardize(x, test)
+        assert all(np.array_equal(e, g) and g.dtype == np.float32 for e, g in zip(expected, got, strict=True))

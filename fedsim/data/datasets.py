@@ -75,19 +75,58 @@ def standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np
 
     2-D data ``[N, D]`` is standardized per feature, anything with more dimensions (images) with one
     scalar mean and standard deviation over all training values. Zero deviations are replaced by 1.
+
+    2-D data is processed in blocks of rows (:func:`column_moments`), so the float64 working memory is one block
+    instead of two float64 copies of the data (5 GB transient for 2.6 M samples of 64 features); the numbers
+    are bitwise those of ``x.astype(float64).mean(0)``/``.std(0)``.
     """
-    xt = np.asarray(x_train, dtype=np.float64)
-    if xt.ndim == 2:
-        mean = xt.mean(axis=0)
-        std = xt.std(axis=0)
+    if np.ndim(x_train) == 2:
+        mean, std = column_moments(np.asarray(x_train))
         std = np.where(std > 0, std, 1.0)
-    else:
-        mean = xt.mean()
-        std = xt.std()
-        std = std if std > 0 else 1.0
+        return _scaled(x_train, mean, std), _scaled(x_test, mean, std)
+    xt = np.asarray(x_train, dtype=np.float64)
+    mean = xt.mean()
+    std = xt.std()
+    std = std if std > 0 else 1.0
     out_train = ((xt - mean) / std).astype(np.float32)
     out_test = ((np.asarray(x_test, dtype=np.float64) - mean) / std).astype(np.float32)
     return out_train, out_test
+
+
+STANDARDIZE_BLOCK_ROWS = 8192
+
+
+def column_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and (population) standard deviation of ``x[N, D]`` in float64, block by block of rows.
+
+    numpy reduces axis 0 of a C-ordered array row after row; each block is added to the running sum as one more
+    row of the same reduction, so the result equals ``x.astype(float64).mean(0)`` and ``.std(0)`` bitwise
+    (tested) while holding one float64 block."""
+    n = x.shape[0]
+    total = np.zeros(x.shape[1:], dtype=np.float64)
+    for block in _row_blocks(x):
+        total = np.add.reduce(np.concatenate([total[None], block]), axis=0)
+    mean = total / n
+    squares = np.zeros_like(total)
+    for block in _row_blocks(x):
+        block -= mean
+        block *= block
+        squares = np.add.reduce(np.concatenate([squares[None], block]), axis=0)
+    return mean, np.sqrt(squares / n)
+
+
+def _row_blocks(x: np.ndarray):
+    for start in range(0, x.shape[0], STANDARDIZE_BLOCK_ROWS):
+        yield np.asarray(x[start : start + STANDARDIZE_BLOCK_ROWS], dtype=np.float64).copy()
+
+
+def _scaled(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``((x - mean) / std)`` in float64, stored as float32, block by block of rows."""
+    out = np.empty(np.shape(x), dtype=np.float32)
+    for start in range(0, out.shape[0], STANDARDIZE_BLOCK_ROWS):
+        rows = slice(start, start + STANDARDIZE_BLOCK_ROWS)
+        out[rows] = (np.asarray(x[rows], dtype=np.float64) - mean) / std
+    return out
 
 
 def stratified_split(y: np.ndarray, test_size: float | int, seed: int = _SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:

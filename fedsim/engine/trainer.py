@@ -36,6 +36,7 @@ from fedsim.core.errors import FedsimError, unknown
 from fedsim.core.protocol import ClientAlgorithm, LocalContext, TrajectorySpec
 from fedsim.core.pytree import Tree, flatten, stack
 
+from .stacked import stacked_forward
 from .trajectory import Trajectory, num_units
 
 GRAD_MODES = ("sum", "vmap")
@@ -174,7 +175,7 @@ class VectorizedTrainer:
 
         self._trajectory_buffer: Tensor | None = None  # reused across chunks and rounds
         self._vmapped_grad = vmap(grad_and_value(client_loss))
-        self._vmapped_forward = vmap(self._forward)
+        self._vmapped_forward = stacked_forward(model) or vmap(self._forward)  # same numbers; see engine.stacked
         self._per_sample_grad = vmap(vmap(grad(sample_loss), in_dims=(None, 0, 0)))
 
     def _forward(self, params: Tree, x: Tensor) -> Tensor:

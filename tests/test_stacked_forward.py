@@ -50,8 +50,10 @@ def test_other_models_keep_the_vmap_path():
     assert stacked.stacked_forward(nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Dropout(0.5))) is None
 
 
-def test_whole_run_is_identical_with_the_vmap_path(tmp_path, monkeypatch, cli):
-    args = ["simulate", "--rounds", "3", "--clients", "6", "--local-steps", "3", "--no-plots", "--quiet"]
+@pytest.mark.parametrize("extra", [[], ["--optimizer", "foam"], ["--strategy", "scaffold", "--regulator", "ecgr"]])
+def test_whole_run_is_identical_with_the_vmap_path(tmp_path, monkeypatch, cli, extra):
+    """Bitwise, also where the gradients' memory layout matters downstream (FOAM's matmuls, ECGR's herding)."""
+    args = ["simulate", "--rounds", "3", "--clients", "6", "--local-steps", "3", "--no-plots", "--quiet", *extra]
     rows = []
     for name in ("stacked", "vmap"):
         if name == "vmap":

@@ -104,6 +104,8 @@ def _simulate_parameters() -> list[inspect.Parameter]:
         flag("resume", Path | None, help="Continue the run in this results folder from its checkpoint."),
         flag("seeds", str | None,
              help="Repeat over seeds (0-9, 0,3,7, 1-3,8): OUT/seed-S/ each, quantiles in seeds_summary.json"),
+        flag("jobs", int | None, None, min=1,
+             help="With --seeds: run this many seeds at once, each on its share of the CPUs (1)."),
         flag("probe", str | None, help="stability: twin run on data differing in one sample of one node."),
         flag("probe_node", int | None, help="Stability probe: node/client whose sample is replaced (0)."),
         flag("probe_sample", int | None, help="Stability probe: position of that sample in its list (0)."),
@@ -122,8 +124,8 @@ def _cli_type(annotation: Any) -> Any:
     return base | None
 
 
-_CLI_ONLY = ("config", "set_", "out", "overwrite", "resume", "seeds", "probe", "probe_node", "probe_sample", "quiet",
-             "no_plots")  # fmt: skip
+_CLI_ONLY = ("config", "set_", "out", "overwrite", "resume", "seeds", "jobs", "probe", "probe_node", "probe_sample",
+             "quiet", "no_plots")  # fmt: skip
 
 
 def simulate(**flags: Any) -> None:
@@ -138,9 +140,11 @@ def simulate(**flags: Any) -> None:
 
 
 def _simulate(**flags: Any) -> None:
-    config, set_, out, overwrite, resume, seeds, probe, probe_node, probe_sample, quiet, no_plots = (
+    config, set_, out, overwrite, resume, seeds, jobs, probe, probe_node, probe_sample, quiet, no_plots = (
         flags.pop(k) for k in _CLI_ONLY
     )  # fmt: skip
+    if jobs is not None and seeds is None:
+        raise FedsimError("--jobs runs seeds side by side; it needs --seeds")
     progress = _Progress(quiet)
     if resume is not None and seeds is not None:
         raise FedsimError("--seeds cannot be combined with --resume; resume one seed's folder: --resume OUT/seed-S")
@@ -172,7 +176,8 @@ def _simulate(**flags: Any) -> None:
     from fedsim import simulation  # torch: after the config is checked
 
     if repeat is not None:
-        _simulate_repeats(cfg, *repeat, out=out, overwrite=overwrite, progress=progress, plots=not no_plots)
+        _simulate_repeats(cfg, *repeat, out=out, overwrite=overwrite, progress=progress, plots=not no_plots,
+                          jobs=jobs or 1)  # fmt: skip
         return
     out = out or _default_out(cfg)
     progress.total = cfg.rounds
@@ -207,7 +212,7 @@ def _repeat_options(
 
 def _simulate_repeats(
     cfg: Any, seeds: list[int] | None, probe: str | None, options: dict[str, int], *,
-    out: Path | None, overwrite: bool, progress: _Progress, plots: bool = True,
+    out: Path | None, overwrite: bool, progress: _Progress, plots: bool = True, jobs: int = 1,
 ) -> None:  # fmt: skip
     """``--seeds`` (optionally with ``--probe``) or a single ``--probe`` run, with a short summary line."""
     from fedsim.probes import run_stability_probe
@@ -223,7 +228,7 @@ def _simulate_repeats(
             summary = run_stability_probe(cfg, out, overwrite=overwrite, on_round=tick, plots=plots, **options)
         else:
             report = run_seeds(cfg, seeds, out, overwrite=overwrite, on_round=tick, probe=probe, probe_options=options,
-                               plots=plots)  # fmt: skip
+                               plots=plots, jobs=jobs)  # fmt: skip
     if seeds is None:
         _print_summary(summary, out)
         typer.echo(

@@ -32,6 +32,7 @@ import yaml
 
 from fedsim.config import RunConfig, make_config
 from fedsim.core.errors import FedsimError
+from fedsim.parallel import check_jobs, run_parallel
 from fedsim.probes import PROBE_OPTIONS, check_probe, check_probe_options, run_stability_probe
 from fedsim.results import SEEDS_FILE, SUMMARY_FILE, ResultsDir, read_metrics
 from fedsim.simulation import RoundCallback, simulate
@@ -156,9 +157,13 @@ def run_seeds(
     probe: str | None = None,
     probe_options: Mapping[str, Any] | None = None,
     plots: bool = True,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run the experiment once per seed into ``OUT/seed-<s>/`` (the stability probe with ``probe="stability"``
     and ``probe_options`` such as ``node``/``sample``) and write the seeds summary, CSV and band plot.
+
+    ``jobs`` > 1 runs that many seeds at once in worker processes that divide the CPUs between them
+    (:mod:`fedsim.parallel`); every folder is the same as with ``jobs=1``.
 
     Returns the seeds summary. ``on_round`` receives each round's record with an extra ``seed`` key. Bad
     input (seeds, config, probe name and options) fails before anything is written; a probe sample that is out
@@ -166,6 +171,7 @@ def run_seeds(
     """
     base = config if isinstance(config, RunConfig) else make_config(dict(config))
     seeds = check_seeds(seeds)
+    check_jobs(jobs)
     configs = {s: make_config({**base.model_dump(exclude_unset=True), "seed": s}) for s in seeds}
     options = dict(probe_options or {})
     if probe is not None:
@@ -182,15 +188,15 @@ def run_seeds(
     marker["config"].pop("seed")
     folder.write_text(SEEDS_FILE, yaml.safe_dump(marker, sort_keys=False))
 
-    run_dirs = []
-    for s in seeds:
-        path = folder.path / f"seed-{s}"
-        callback = None if on_round is None else (lambda record, s=s: on_round({**record, "seed": s}))
-        if probe is not None:
-            run_stability_probe(configs[s], path, on_round=callback, plots=plots, **options)
-        else:
-            simulate(configs[s], path, on_round=callback, plots=plots)
-        run_dirs.append(path)
+    run_dirs = [folder.path / f"seed-{s}" for s in seeds]
+    run = run_stability_probe if probe is not None else simulate
+    kwargs = {"plots": plots, **options}
+    tasks = [(run, (configs[s], path), kwargs) for s, path in zip(seeds, run_dirs, strict=True)]
+    callback = None
+    if on_round is not None:
+        callback = lambda record: on_round({**{k: v for k, v in record.items() if k != "task"},  # noqa: E731
+                                            "seed": seeds[record["task"]]})  # fmt: skip
+    run_parallel(tasks, jobs, callback)
 
     report, rows = summarize_seeds(run_dirs, seeds)
     folder.write_json(SEEDS_SUMMARY, report)

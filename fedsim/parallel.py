@@ -1,29 +1,35 @@
-"""Runs side by side: independent runs (one per seed) in ``jobs`` worker processes that divide the CPUs.
+"""Runs side by side: independent runs (one per seed) in at most ``jobs`` worker processes that divide the CPUs.
 
-Each worker is a fresh process (``spawn``) whose torch uses ``usable_cpus() // jobs`` threads (through
-``OMP_NUM_THREADS``, which :func:`fedsim.threads.thread_count` follows; a config's own ``threads`` wins), so
-``jobs`` runs never ask for more threads than the cores they share. A run's results do not depend on where it
-ran or on its thread count: the folders are the same as with ``jobs=1``. Round records reach the parent's
-``on_round`` through a queue, in the order they arrive.
+Each run is a fresh process (``spawn``) started with ``OMP_NUM_THREADS = usable_cpus() // jobs``, which
+:func:`fedsim.threads.thread_count` follows (a config's own ``threads`` wins), so ``jobs`` runs never ask for
+more threads than the cores they share. A run's results do not depend on where it ran or on its thread count:
+the folders are the same as with ``jobs=1``. Round records reach the parent's ``on_round`` through a queue, in
+the order they arrive.
+
+SIGINT or SIGTERM in the parent stops the running runs the way one run stops (each keeps what it wrote and can be
+resumed), starts no more, and raises :class:`RunInterrupted` naming the runs that finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing import get_context
 from typing import Any
 
-from fedsim.core.errors import FedsimError
+from fedsim.core.errors import FedsimError, RunInterrupted
 from fedsim.threads import usable_cpus
 
 Task = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 """A run: a picklable module-level function, its arguments and keyword arguments (without ``on_round``)."""
 
-_RECORDS: Any = None  # the worker's end of the records queue
+GRACE_S = 1.0
+"""After an interrupt, how long the parent waits for runs that got the signal themselves (a terminal's Ctrl-C
+reaches the whole process group) before it sends them SIGINT."""
 
 
 def check_jobs(jobs: int) -> int:
@@ -33,62 +39,130 @@ def check_jobs(jobs: int) -> int:
     return jobs
 
 
-def run_parallel(tasks: Sequence[Task], jobs: int, on_round: Callable[[dict], None] | None = None) -> list[Any]:
-    """Run ``tasks`` in ``jobs`` worker processes (in this process when ``jobs`` is 1); returns their results
-    in task order. Each task's ``on_round`` records (tagged with the task's position as ``"task"``) go to
-    ``on_round`` here. The first task that fails cancels the ones not started and its error is raised."""
+def run_parallel(
+    tasks: Sequence[Task], jobs: int, on_round: Callable[[dict], None] | None = None,
+    labels: Sequence[str] | None = None,
+) -> list[Any]:  # fmt: skip
+    """Run ``tasks`` with at most ``jobs`` at once in worker processes (in this process when ``jobs`` is 1);
+    returns their results in task order. Each task's round records, tagged with its position as ``"task"``,
+    go to ``on_round`` here. The first task that fails stops the others (as an interrupt does) and its error is
+    raised."""
     check_jobs(jobs)
     if jobs == 1 or len(tasks) <= 1:
         return [fn(*args, **kwargs, on_round=_tagged(on_round, i)) for i, (fn, args, kwargs) in enumerate(tasks)]
-    context = get_context("spawn")
-    manager = context.Manager()
-    records = manager.Queue()
-    threads = str(max(1, usable_cpus() // jobs))
-    stop = threading.Event()
-    drain = threading.Thread(target=_drain, args=(records, on_round, stop), daemon=True)
-    drain.start()
+    pool = _Pool(get_context("spawn"), str(max(1, usable_cpus() // jobs)), on_round)
+    waiting = list(enumerate(tasks))
     try:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context, initializer=_start_worker,
-                                 initargs=(records, threads)) as pool:  # fmt: skip
-            futures = [pool.submit(_run_task, i, fn, args, kwargs) for i, (fn, args, kwargs) in enumerate(tasks)]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
-                for future in futures:
-                    future.cancel()
-                raise failed[0].exception()
-            return [f.result() for f in futures]
-    finally:
-        stop.set()
-        drain.join()
-        manager.shutdown()
+        while waiting or pool.running:
+            while waiting and len(pool.running) < jobs:
+                pool.start(*waiting.pop(0))
+            pool.receive(timeout=0.1)
+            if pool.failed is not None:
+                pool.stop()
+                raise pool.failed
+    except KeyboardInterrupt:
+        pool.stop()
+        finished = [(labels or [str(i) for i in range(len(tasks))])[i] for i in sorted(pool.results)]
+        raise RunInterrupted(
+            f"interrupted; finished: {', '.join(finished) or 'none'} of {len(tasks)} runs (the others kept what "
+            "they wrote: resume each with fedsim simulate --resume FOLDER)"
+        ) from None
+    return [pool.results[i] for i in range(len(tasks))]
+
+
+class _Pool:
+    """The running worker processes, the queue they report on, and what they reported."""
+
+    def __init__(self, context: Any, threads: str, on_round: Callable[[dict], None] | None) -> None:
+        self.context, self.threads, self.on_round = context, threads, on_round
+        self.messages, self.stop_flag = context.Queue(), context.Event()
+        self.running: dict[int, Any] = {}
+        self.results: dict[int, Any] = {}
+        self.failed: BaseException | None = None
+        self.stopping = False
+
+    def start(self, index: int, task: Task) -> None:
+        process = self.context.Process(target=_run_task, args=(index, task, self.messages, self.stop_flag),
+                                       daemon=True)  # fmt: skip
+        # the child reads its thread share before it imports torch, and ignores SIGINT until its task starts
+        with _environment(OMP_NUM_THREADS=self.threads), _sigint_ignored():
+            process.start()
+        self.running[index] = process
+
+    def receive(self, timeout: float) -> None:
+        """Handle one message (a round record or a run's outcome), or notice a worker that died silently."""
+        try:
+            kind, index, payload = self.messages.get(timeout=timeout)
+        except queue.Empty:
+            for index, process in list(self.running.items()):
+                if not process.is_alive() and process.exitcode not in (None, 0):
+                    self.running.pop(index)
+                    self.failed = self.failed or RuntimeError(f"run {index} died (exit code {process.exitcode})")
+            return
+        if kind == "record":
+            if self.on_round is not None:
+                self.on_round(payload)
+            return
+        self.running.pop(index).join()
+        if kind == "result":
+            self.results[index] = payload
+        elif self.failed is None and not self.stopping:  # an interrupted run while stopping is expected
+            self.failed = payload
+
+    def stop(self) -> None:
+        """Let the running workers end (SIGINT to those still running after :data:`GRACE_S`) and collect what
+        they report."""
+        self.stopping = True
+        self.stop_flag.set()  # a worker still starting up does not begin its task
+        deadline = time.monotonic() + GRACE_S
+        signalled = False
+        while self.running:
+            if not signalled and time.monotonic() > deadline:
+                for process in self.running.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signal.SIGINT)
+                signalled = True
+            with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C must not leave workers behind
+                self.receive(timeout=0.1)
 
 
 def _tagged(on_round: Callable[[dict], None] | None, task: int) -> Callable[[dict], None] | None:
     return None if on_round is None else (lambda record: on_round({**record, "task": task}))
 
 
-def _start_worker(records: Any, threads: str) -> None:
-    """In a fresh worker, before torch loads: its share of the threads, and the queue for round records."""
-    global _RECORDS
-    os.environ["OMP_NUM_THREADS"] = threads
-    _RECORDS = records
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def _run_task(index: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return fn(*args, **kwargs, on_round=lambda record: _RECORDS.put({**record, "task": index}))
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a child is started (an ignored signal stays ignored across exec)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
-def _drain(records: Any, on_round: Callable[[dict], None] | None, stop: threading.Event) -> None:
-    """Hand the workers' round records to ``on_round`` until ``stop`` is set and the queue is empty."""
-    while True:
-        try:
-            record = records.get(timeout=0.1)
-        except queue.Empty:
-            if stop.is_set():
-                return
-            continue
-        except (EOFError, OSError):  # the manager is gone
-            return
-        if on_round is not None:
-            on_round(record)
+def _run_task(index: int, task: Task, messages: Any, stop_flag: Any) -> None:
+    """A worker: run the task, report its round records and its outcome (result or exception)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on SIGINT stops the run
+    fn, args, kwargs = task
+    try:
+        if stop_flag.is_set():
+            raise RunInterrupted("not started: the parent was interrupted")
+        result = fn(*args, **kwargs, on_round=lambda record: messages.put(("record", index, {**record, "task": index})))
+    except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
+        messages.put(("error", index, err))
+    else:
+        messages.put(("result", index, result))

@@ -196,7 +196,7 @@ def run_seeds(
     if on_round is not None:
         callback = lambda record: on_round({**{k: v for k, v in record.items() if k != "task"},  # noqa: E731
                                             "seed": seeds[record["task"]]})  # fmt: skip
-    run_parallel(tasks, jobs, callback)
+    run_parallel(tasks, jobs, callback, labels=[str(path) for path in run_dirs])
 
     report, rows = summarize_seeds(run_dirs, seeds)
     folder.write_json(SEEDS_SUMMARY, report)

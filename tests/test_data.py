@@ -9,6 +9,7 @@ import posix
 
 import numpy as np
 import pytest
+from idx_files import idx_bytes, write_fashion
 
 from fedsim.core.errors import DataSourceMissing, FedsimError
 from fedsim.data import DATASETS, Dataset, load_dataset, partition
@@ -259,29 +260,6 @@ def test_npz_not_an_archive(tmp_path):
 # --------------------------------------------------------------------------------------------------------
 # IDX / fashion-mnist
 # --------------------------------------------------------------------------------------------------------
-
-
-def idx_bytes(arr: np.ndarray, code: int, dtype: str) -> bytes:
-    header = bytes([0, 0, code, arr.ndim]) + np.array(arr.shape, dtype=">u4").tobytes()
-    return header + arr.astype(dtype).tobytes()
-
-
-def write_fashion(root, n_train=30, n_test=10, hw=6, gz=True) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    data = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, hw, hw)),
-        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, hw, hw)),
-        "t10k-labels-idx1-ubyte": np.arange(n_test) % 10,
-    }
-    for name, arr in data.items():
-        raw = idx_bytes(arr, 0x08, "u1")
-        if gz:
-            (root / f"{name}.gz").write_bytes(gzip.compress(raw))
-        else:
-            (root / name).write_bytes(raw)
-    return data["train-images-idx3-ubyte"], data["train-labels-idx1-ubyte"]
 
 
 @pytest.mark.parametrize("gz", [True, False])

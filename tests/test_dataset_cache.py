@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from idx_files import write_fashion
 
 from fedsim.data import Dataset, base, load_dataset
 from fedsim.data import datasets as ds
@@ -277,27 +278,9 @@ def test_mnist5k_hit_equals_fresh_load_and_skips_parse_and_split(tmp_path, monke
     assert path.stat().st_size < 5_000_000  # uint8 pixels, not float features
 
 
-def idx_bytes(arr: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, arr.ndim]) + np.array(arr.shape, ">u4").tobytes()
-    return header + arr.astype(np.uint8).tobytes()
-
-
-def write_fashion(root: Path, seed: int, n_train: int = 30, n_test: int = 10, hw: int = 6) -> None:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    files = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, hw, hw)),
-        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, hw, hw)),
-        "t10k-labels-idx1-ubyte": np.arange(n_test) % 10,
-    }
-    for name, arr in files.items():
-        (root / name).write_bytes(idx_bytes(arr))
-
-
 def test_fashion_mnist_cached_and_invalidated_by_a_changed_file(tmp_path, monkeypatch):
     root = tmp_path / "fm"
-    write_fashion(root, seed=0)
+    write_fashion(root, gz=False, seed=0)
     monkeypatch.setenv("FEDSIM_FASHION_MNIST_DIR", str(root))
     expected = fresh(monkeypatch, tmp_path, ds.load_fashion_mnist)
     assert_bitwise_equal(ds.load_fashion_mnist(), expected)
@@ -305,7 +288,7 @@ def test_fashion_mnist_cached_and_invalidated_by_a_changed_file(tmp_path, monkey
     with monkeypatch.context() as m:
         forbid(m, "read_idx")
         assert_bitwise_equal(ds.load_fashion_mnist(), expected)
-    write_fashion(root, seed=1, n_train=40)  # the source changes: its stamp (size, mtime) too
+    write_fashion(root, gz=False, seed=1, n_train=40)  # the source changes: its stamp (size, mtime) too
     changed = ds.load_fashion_mnist()
     assert len(changed.y_train) == 40
     assert len(list(base.cache_dir().glob("fashion-mnist-*-v1.npz"))) == 2 and path.is_file()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 
 from fedsim.benchmarks.cli import bench_app
 from fedsim.config import (
@@ -32,6 +33,7 @@ from fedsim.config import (
 from fedsim.core import components
 from fedsim.core.errors import DivergenceError, FedsimError, FedsimWarning, OutOfMemory, RunInterrupted
 from fedsim.docs import readme_block
+from fedsim.threads import choose_wait_policy
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -120,6 +122,8 @@ def _cli_type(annotation: Any) -> Any:
     if typing.get_origin(annotation) is typing.Literal:
         return str | None
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if any(typing.get_origin(a) is typing.Literal for a in args):  # a number or a word (threads: N | adaptive)
+        return str | None
     base = args[0] if args else annotation
     return base | None
 
@@ -158,6 +162,7 @@ def _simulate(**flags: Any) -> None:
                 f"--resume continues a run with its saved config (only --rounds and --threads may change); drop "
                 f"{', '.join(given)}"
             )
+        choose_wait_policy()
         from fedsim import simulation  # torch: after the flags are checked
 
         with progress:
@@ -171,6 +176,7 @@ def _simulate(**flags: Any) -> None:
     check_run_level(file_values, overrides)  # answers before torch loads
     values = merge(file_values, overrides)
     precheck_components(values)  # built-in components' names and options, still without torch
+    choose_wait_policy()  # before torch loads: passive waits when the machine is busy (fedsim.threads)
     repeat = _repeat_options(seeds, flags.get("seed"), probe, probe_node, probe_sample)
     cfg = make_config(values)
     from fedsim import simulation  # torch: after the config is checked
@@ -320,15 +326,13 @@ def plot(
     standard: Annotated[bool, Opt(help="Draw each folder's own plots into it (a run made with --no-plots).")] = False,
 ) -> None:
     """Overlay runs' metrics in one PNG, or (--standard) draw each results folder's own plots into it."""
-    from fedsim.plots import plot_run, plot_runs
+    from fedsim.plots import plot_runs
 
     if standard:
         if metric is not None or out is not None:
             raise FedsimError("--standard draws each folder's own plots into it; drop --metric/--out")
         for run_dir in run_dirs:
-            if not (run_dir / "metrics.jsonl").is_file():
-                raise FedsimError(f"{run_dir} is not a results folder (no metrics.jsonl)")
-            plot_run(run_dir)
+            _standard_plots(run_dir)
             typer.echo(f"wrote the plots of {run_dir}")
         return
     metric, out = metric or "test_accuracy", out or Path("plot.png")
@@ -337,6 +341,29 @@ def plot(
     metrics = [m.strip() for m in metric.split(",") if m.strip()]
     path = plot_runs(run_dirs, metrics, out)
     typer.echo(f"wrote {path}")
+
+
+def _standard_plots(run_dir: Path) -> None:
+    """The PNGs ``fedsim simulate`` draws into a results folder: a run's (with a stability probe's), or a
+    ``--seeds`` folder's (every seed's, then the bands)."""
+    from fedsim.plots import plot_run, plot_seed_bands
+    from fedsim.probes import plot_stability
+    from fedsim.results import METRICS_FILE, SEEDS_FILE, STABILITY_FILE
+    from fedsim.seeds import BAND_METRICS, SEEDS_PLOT
+
+    if (run_dir / SEEDS_FILE).is_file():
+        seeds = yaml.safe_load((run_dir / SEEDS_FILE).read_text()).get("seeds") or []
+        runs = [run_dir / f"seed-{s}" for s in seeds if (run_dir / f"seed-{s}" / METRICS_FILE).is_file()]
+        for run in runs:
+            _standard_plots(run)
+        if runs:
+            plot_seed_bands(runs, BAND_METRICS, run_dir / SEEDS_PLOT)
+        return
+    if not (run_dir / METRICS_FILE).is_file():
+        raise FedsimError(f"{run_dir} is not a results folder (no {METRICS_FILE} or {SEEDS_FILE})")
+    plot_run(run_dir)
+    if (run_dir / STABILITY_FILE).is_file():
+        plot_stability(run_dir)
 
 
 @app.command("list")

@@ -20,7 +20,7 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_serializer, model_validator
@@ -131,8 +131,10 @@ class RunConfig(BaseModel):
     chunk_size: int | None = Field(None, ge=1, description="Clients per vectorized call (default: from memory).")
     grad_mode: Literal["sum", "vmap"] = Field("sum", description="Per-client gradients: sum | vmap.")
     sequential: bool = Field(False, description="Train clients one by one (the reference path).")
-    threads: int | None = Field(
-        None, ge=1, le=4096, description="torch CPU threads (default: the CPUs this process may use; same results)."
+    threads: Annotated[int, Field(ge=1, le=4096)] | Literal["adaptive"] | None = Field(
+        None,
+        description="torch CPU threads: N, or adaptive (follow the free CPUs; may change last bits) "
+        "(default: the CPUs this process may use, fixed for the run).",
     )
     executor: Spec
     backend: Spec
@@ -213,6 +215,11 @@ class RunConfig(BaseModel):
             raise FedsimError(
                 "fednova form 'general' models local SGD with (heavy-ball) momentum and a proximal term; "
                 f"use --optimizer sgd without nesterov/weight_decay (got '{opt.name}')"
+            )
+        if self.threads is not None and self.executor.name == "ray":
+            raise FedsimError(
+                "threads sets this process's torch threads, not the Ray actors' (they use executor.cpus_per_actor); "
+                "drop it, or use the local executor"
             )
         self._check_microbatches()
         self._check_flower()

@@ -2,9 +2,11 @@
 
 Each run is a fresh process (``spawn``) started with ``OMP_NUM_THREADS = usable_cpus() // jobs``, which
 :func:`fedsim.threads.thread_count` follows (a config's own ``threads`` wins), so ``jobs`` runs never ask for
-more threads than the cores they share. A run's results do not depend on where it ran or on its thread count:
-the folders are the same as with ``jobs=1``. Round records reach the parent's ``on_round`` through a queue, in
-the order they arrive.
+more threads than the cores they share, and with ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets one),
+so runs that do share a core never spin against each other. A run's results do not depend on where it ran;
+they depend on its thread count only where torch splits a reduction across threads (see
+:mod:`fedsim.threads`), so with a fixed ``threads`` in the config the folders are the same as with
+``jobs=1``. Round records reach the parent's ``on_round`` through a queue, in the order they arrive.
 
 SIGINT or SIGTERM in the parent stops the running runs the way one run stops (each keeps what it wrote and can be
 resumed), starts no more, and raises :class:`RunInterrupted` naming the runs that finished.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import queue
 import signal
 import time
@@ -30,6 +33,8 @@ Task = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 GRACE_S = 1.0
 """After an interrupt, how long the parent waits for runs that got the signal themselves (a terminal's Ctrl-C
 reaches the whole process group) before it sends them SIGINT."""
+KILL_AFTER_S = 60.0
+"""How long a signalled worker may take to keep what it wrote before it is killed."""
 
 
 def check_jobs(jobs: int) -> int:
@@ -58,7 +63,6 @@ def run_parallel(
                 pool.start(*waiting.pop(0))
             pool.receive(timeout=0.1)
             if pool.failed is not None:
-                pool.stop()
                 raise pool.failed
     except KeyboardInterrupt:
         pool.stop()
@@ -67,6 +71,9 @@ def run_parallel(
             f"interrupted; finished: {', '.join(finished) or 'none'} of {len(tasks)} runs (the others kept what "
             "they wrote: resume each with fedsim simulate --resume FOLDER)"
         ) from None
+    except BaseException:  # a task failed, or the parent did: no worker is left behind
+        pool.stop()
+        raise
     return [pool.results[i] for i in range(len(tasks))]
 
 
@@ -84,8 +91,10 @@ class _Pool:
     def start(self, index: int, task: Task) -> None:
         process = self.context.Process(target=_run_task, args=(index, task, self.messages, self.stop_flag),
                                        daemon=True)  # fmt: skip
-        # the child reads its thread share before it imports torch, and ignores SIGINT until its task starts
-        with _environment(OMP_NUM_THREADS=self.threads), _sigint_ignored():
+        # the child reads its thread share and wait policy (passive: the workers share the cores, as Ray actors
+        # do) before it imports torch, and ignores SIGINT until its task starts
+        policy = os.environ.get("OMP_WAIT_POLICY") or "PASSIVE"
+        with _environment(OMP_NUM_THREADS=self.threads, OMP_WAIT_POLICY=policy), _sigint_ignored():
             process.start()
         self.running[index] = process
 
@@ -93,11 +102,14 @@ class _Pool:
         """Handle one message (a round record or a run's outcome), or notice a worker that died silently."""
         try:
             kind, index, payload = self.messages.get(timeout=timeout)
-        except queue.Empty:
+        except queue.Empty:  # a worker that ended without an outcome (killed, or its report was lost) failed
             for index, process in list(self.running.items()):
-                if not process.is_alive() and process.exitcode not in (None, 0):
+                if not process.is_alive():
                     self.running.pop(index)
-                    self.failed = self.failed or RuntimeError(f"run {index} died (exit code {process.exitcode})")
+                    if not self.stopping:
+                        self.failed = self.failed or RuntimeError(
+                            f"run {index} ended without a result (exit code {process.exitcode})"
+                        )
             return
         if kind == "record":
             if self.on_round is not None:
@@ -114,14 +126,18 @@ class _Pool:
         they report."""
         self.stopping = True
         self.stop_flag.set()  # a worker still starting up does not begin its task
-        deadline = time.monotonic() + GRACE_S
+        started = time.monotonic()
         signalled = False
         while self.running:
-            if not signalled and time.monotonic() > deadline:
+            waited = time.monotonic() - started
+            if not signalled and waited > GRACE_S:
                 for process in self.running.values():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(process.pid, signal.SIGINT)
                 signalled = True
+            if waited > GRACE_S + KILL_AFTER_S:
+                for process in self.running.values():
+                    process.kill()
             with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C must not leave workers behind
                 self.receive(timeout=0.1)
 
@@ -154,15 +170,35 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """SIGINT or SIGTERM in a worker stops its run like Ctrl-C stops one run; later signals are ignored, so the
+    run can keep what it wrote."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _report(messages: Any, kind: str, index: int, payload: Any) -> None:
+    """Put a message for the parent; a payload that cannot be pickled is sent as a RuntimeError describing it."""
+    try:
+        pickle.loads(pickle.dumps(payload))  # our own bytes, round-tripped: can the parent rebuild it?
+    except Exception as err:  # noqa: BLE001 - anything unpicklable must still reach the parent
+        what = f"{type(payload).__name__}: {payload}" if isinstance(payload, BaseException) else type(payload).__name__
+        payload = RuntimeError(f"run {index}'s {kind} could not be sent ({what}; {err})")
+        kind = "error"
+    messages.put((kind, index, payload))
+
+
 def _run_task(index: int, task: Task, messages: Any, stop_flag: Any) -> None:
     """A worker: run the task, report its round records and its outcome (result or exception)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on SIGINT stops the run
+    signal.signal(signal.SIGINT, _interrupt_once)  # from here on SIGINT/SIGTERM stop the run
+    signal.signal(signal.SIGTERM, _interrupt_once)
     fn, args, kwargs = task
     try:
         if stop_flag.is_set():
             raise RunInterrupted("not started: the parent was interrupted")
         result = fn(*args, **kwargs, on_round=lambda record: messages.put(("record", index, {**record, "task": index})))
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
-        messages.put(("error", index, err))
+        _report(messages, "error", index, err)
     else:
-        messages.put(("result", index, result))
+        _report(messages, "result", index, result)

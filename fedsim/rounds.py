@@ -186,7 +186,9 @@ class Simulation:
         self.loss_fn, self.correct = self.task.loss_fn, self.task.correct
         self.init_params = parameters_of(self.model)
         self.governor: ThreadGovernor | None = None
-        """Adapts torch's thread count to the free CPUs once per round (``threads: null``; fedsim.threads)."""
+        """Adapts torch's thread count to the free CPUs once per round (``threads: adaptive``; fedsim.threads)."""
+        self.saved_threads: int | None = None
+        """The caller's torch thread count, restored by :meth:`close`."""
         self.model_bytes = nbytes(self.init_params)
         self.num_params = sum(v.numel() for v in self.init_params.values())
         self._sampler_report: dict[str, Any] | None = None
@@ -196,8 +198,11 @@ class Simulation:
         return getattr(self.mode, "availability", None)
 
     def close(self) -> None:
-        """Release the executor (a Ray executor kills its actors and shuts down the Ray it started)."""
+        """Release the executor (a Ray executor kills its actors and shuts down the Ray it started) and give
+        the caller back its torch thread count."""
         self.executor.close()
+        if self.saved_threads is not None and torch.get_num_threads() != self.saved_threads:
+            torch.set_num_threads(self.saved_threads)
 
     def __enter__(self) -> Simulation:
         return self
@@ -368,6 +373,7 @@ class Simulation:
             "num_params": self.num_params,
             "num_clients": self.store.num_clients,
             "device": str(self.device),
+            "threads": torch.get_num_threads(),
             "chunk_size": self.executor.chunk_size,
             "client_state_bytes": sum(v.numel() * v.element_size() for v in self.executor.client_state.values()),
             "optimizer": self.config.optimizer.name,

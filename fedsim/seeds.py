@@ -163,7 +163,7 @@ def run_seeds(
     and ``probe_options`` such as ``node``/``sample``) and write the seeds summary, CSV and band plot.
 
     ``jobs`` > 1 runs that many seeds at once in worker processes that divide the CPUs between them
-    (:mod:`fedsim.parallel`); every folder is the same as with ``jobs=1``.
+    (:mod:`fedsim.parallel`); with a fixed ``threads`` every folder is the same as with ``jobs=1``.
 
     Returns the seeds summary. ``on_round`` receives each round's record with an extra ``seed`` key. Bad
     input (seeds, config, probe name and options) fails before anything is written; a probe sample that is out

@@ -161,9 +161,11 @@ def make_simulation(config: RunConfig) -> Simulation:
     """
     if config.topology and "clients" not in config.model_fields_set:
         config = config.replace(clients=mixing_schedule(config).n)
-    configure_threads(config.threads)
+    fixed = None if config.threads in (None, "adaptive") else config.threads
     sim = assemble(config)
-    if config.threads is None:
+    sim.saved_threads = torch.get_num_threads()  # restored when the simulation closes (library callers)
+    configure_threads(fixed)
+    if config.threads == "adaptive":
         sim.governor = ThreadGovernor(thread_count())
     return sim
 

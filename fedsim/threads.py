@@ -1,24 +1,26 @@
-"""CPU threads: how many torch may use here, adapted to what other processes leave free.
+"""CPU threads: how many torch uses, and how its idle threads wait, without collapsing on a busy machine.
 
-torch's OpenMP threads spin-wait between parallel regions. When another process holds one of the cores, a
-spinning thread and the thread it waits for share that core: on 2 cores the benchmark round (MLP, 100
-clients) takes 0.047 s alone and 0.65 s next to one CPU-bound process, 14x. Making idle threads sleep
-(``OMP_WAIT_POLICY=PASSIVE``) removes the collapse (0.078 s busy) but costs 60% on an idle machine (0.074 s),
-because this workload is many small parallel regions. So the choice is adaptive:
+torch's OpenMP threads spin-wait between the many small parallel regions of a round. When another process holds
+one of the cores, a spinning thread and the thread it waits for share that core: on 2 cores the benchmark round
+(MLP, 100 clients) takes 0.044 s alone and 0.54 s next to one CPU-bound process, 12x. Letting idle threads sleep
+(``OMP_WAIT_POLICY=PASSIVE``) removes the collapse but costs 68% on free cores (0.075 s), because this workload
+is many small parallel regions. The thread count, on the other hand, can change results: torch splits large
+reductions (sums over more than 32,768 values, convolution weight gradients, long matrix products) into one
+partial result per thread, so a different count changes the last bits. Hence:
 
-- the wait policy stays OpenMP's default (spin, then sleep), unless the environment sets one;
-- the thread count starts at the CPUs this process may use (:func:`usable_cpus`: its affinity, capped by a
-  cgroup CPU quota; or ``$OMP_NUM_THREADS`` where the environment sets it, as Ray does in its workers), and
-  a :class:`ThreadGovernor` re-reads, every half second of a run, how many of this
-  process's CPUs other processes kept busy (``/proc/stat`` minus this process's own CPU time) and runs on the
-  rest (at least one thread). A thread never waits for a core someone else holds, and an idle machine keeps
-  every thread spinning;
-- ``--threads N`` (``threads: N``) fixes the count and turns the governor off;
-- Ray actors, which share cores by design (fractional ``cpus_per_actor``), start with the passive policy
-  and ``cpus_per_actor`` threads.
-
-None of this changes results: the kernels fedsim uses give the same numbers for every thread count (tested
-for dense and convolutional models), and the wait policy only decides what idle threads do.
+- **the thread count is fixed for a run** (results stay a function of seed, config and machine): ``threads: N``
+  (``--threads N``), else ``$OMP_NUM_THREADS`` when the environment sets it (Ray sets it in its workers), else
+  the CPUs this process may use (:func:`usable_cpus`: its affinity, capped by a cgroup CPU quota as in
+  containers, Slurm and Kubernetes). ``summary.json`` records it;
+- **the wait policy follows the machine at start** (:func:`choose_wait_policy`, called by the CLI before torch
+  loads): passive when other processes already keep the CPUs busy, spinning otherwise. It decides only how idle
+  threads wait, never a result. An ``OMP_WAIT_POLICY`` in the environment is respected; Ray actors, which share
+  cores by design, always start passive;
+- ``threads: adaptive`` (``--threads adaptive``) also handles load that appears mid-run: a
+  :class:`ThreadGovernor` re-reads before each round, at most every half second, how many of this process's CPUs
+  other processes kept busy (``/proc/stat`` minus this process's own CPU time) and runs on the rest. It never
+  collapses and is as fast as spinning on free cores, but its results may differ in the last bits from run to
+  run (for the models and sizes whose reductions split across threads).
 """
 
 from __future__ import annotations
@@ -37,6 +39,27 @@ def prepare_openmp(policy: str = "PASSIVE") -> None:
     """Set the OpenMP wait policy (``OMP_WAIT_POLICY``) unless the environment sets one. Must run before torch
     is imported to take effect (Ray actors, which share cores, get ``PASSIVE`` this way)."""
     os.environ.setdefault(WAIT_POLICY, policy)
+
+
+def choose_wait_policy(sample_s: float = 0.04) -> str | None:
+    """Before torch loads: ``OMP_WAIT_POLICY=PASSIVE`` when other processes keep at least half a core of this
+    process's CPUs busy (measured over ``sample_s`` from ``/proc/stat``), so a run started next to a busy process
+    does not spin against it; the spinning default otherwise (it is 40% faster on free cores). An environment
+    that sets a policy is respected. The policy only decides how idle threads wait: it changes no result.
+    Returns the policy set, or None."""
+    if os.environ.get(WAIT_POLICY):
+        return None
+    busy = _proc_stat_reader()
+    own, start, before = time.process_time(), time.monotonic(), busy()
+    if before is None:
+        return None
+    time.sleep(sample_s)
+    after, elapsed = busy(), time.monotonic() - start
+    others = ((after or before) - before - (time.process_time() - own)) / max(elapsed, 1e-9)
+    if others >= 0.5:
+        os.environ[WAIT_POLICY] = "PASSIVE"
+        return "PASSIVE"
+    return None
 
 
 def affinity_cpus() -> int:

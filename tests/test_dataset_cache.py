@@ -315,3 +315,12 @@ def test_mnist_cache_with_foreign_shapes_is_rebuilt(tmp_path, monkeypatch):
     assert_bitwise_equal(ds.load_mnist(), expected)
     with np.load(path, allow_pickle=False) as z:
         assert z["x_train"].shape == (25, 784)
+
+
+def test_the_old_cache_variable_still_works_with_a_warning(tmp_path, monkeypatch):
+    from fedsim.core.errors import FedsimWarning
+
+    monkeypatch.delenv("FEDSIM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path / "old"))
+    with pytest.warns(FedsimWarning, match="FEDSIM_CACHE is now FEDSIM_CACHE_DIR"):
+        assert base.cache_dir() == tmp_path / "old"

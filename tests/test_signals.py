@@ -5,6 +5,7 @@ uninterrupted run."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -114,26 +115,33 @@ def test_signal_mid_checkpoint_write_then_resume_is_identical(tmp_path, signum):
     assert _metrics(out) == _metrics(reference)
 
 
-def test_sigint_stops_seeds_running_side_by_side(tmp_path):
-    """--seeds with --jobs: SIGINT to the parent stops the running workers as it stops one run (each keeps what
-    it wrote, marked interrupted), starts no more, prints one line and leaves no worker behind."""
+@pytest.mark.parametrize(("signum", "group"), [(signal.SIGINT, False), (signal.SIGTERM, True)],
+                         ids=["SIGINT-to-the-parent", "SIGTERM-to-the-process-group"])  # fmt: skip
+def test_signal_stops_seeds_running_side_by_side(tmp_path, signum, group):
+    """--seeds with --jobs: a signal to the parent (or to every process, as Slurm sends it) stops the running
+    workers as it stops one run (each keeps what it wrote, marked interrupted, its lock released), starts no
+    more, and prints one line."""
     out = tmp_path / "seeds"
     proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "simulate", "--seeds", "0-5", "--jobs", "2",
                              "--rounds", "2000", "--clients", "4", "--local-steps", "2", "--quiet", "--no-plots",
                              "--out", str(out)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, start_new_session=group)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(
         p.exists() and len(p.read_text().splitlines()) >= 5 for p in out.glob("seed-*/metrics.jsonl")
     ):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signum, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("SIGINT: interrupted; finished:"), err
+    assert len(lines) == 1 and lines[0].startswith(f"{signum.name}: interrupted; finished:"), err
     started = sorted(out.glob("seed-*"))
     assert started and not (out / "seed-5").exists()  # the queued seeds never started
     for folder in started:  # every started worker stopped cleanly: its summary says so
         summary = json.loads((folder / "summary.json").read_text())
         assert summary.get("interrupted") is True or summary["rounds_completed"] == 2000
+        assert not (folder / ".lock").exists()

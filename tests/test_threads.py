@@ -13,6 +13,7 @@ import pytest
 
 from fedsim import threads
 from fedsim.cli import main
+from fedsim.core.errors import FedsimError
 
 
 def _cgroup(tmp_path: Path, lines: str, files: dict[str, str]) -> tuple[Path, Path]:
@@ -136,14 +137,45 @@ def test_the_thread_count_changes_no_result(tmp_path, cli):
     assert code == 0, err
 
 
-def test_threads_flag_sets_torch_threads(tmp_path, cli):
+def test_threads_flag_sets_torch_threads_for_the_run_and_gives_them_back(tmp_path, cli):
     import torch
 
+    before = torch.get_num_threads()
     code, _, err = cli(["simulate", "--rounds", "1", "--clients", "2", "--threads", "1", "--no-plots", "--quiet",
                         "--out", str(tmp_path / "run")])  # fmt: skip
     assert code == 0, err
-    assert torch.get_num_threads() == 1  # (conftest restores the count after the test)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["threads"] == 1
     assert "threads: 1" in (tmp_path / "run" / "config.yaml").read_text()
+    assert torch.get_num_threads() == before  # a library caller keeps its own setting
+    code, _, err = cli(["simulate", "--rounds", "1", "--clients", "2", "--threads", "adaptive", "--no-plots",
+                        "--quiet", "--out", str(tmp_path / "adaptive")])  # fmt: skip
+    assert code == 0, err
+    assert "threads: adaptive" in (tmp_path / "adaptive" / "config.yaml").read_text()
+    code, _, err = cli(["simulate", "--threads", "many", "--out", str(tmp_path / "bad")])
+    assert code == 2 and "threads" in err
+
+
+def test_the_default_thread_count_ignores_the_load(tmp_path, monkeypatch):
+    """Without threads: adaptive no governor runs: the count is fixed for the run, whatever the load."""
+    from fedsim.config import make_config
+    from fedsim.simulation import make_simulation
+
+    with make_simulation(make_config({"rounds": 1, "clients": 2})) as sim:
+        assert sim.governor is None
+    with make_simulation(make_config({"rounds": 1, "clients": 2, "threads": "adaptive"})) as sim:
+        assert sim.governor is not None
+
+
+def test_wait_policy_is_passive_only_next_to_busy_processes(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    readings = iter([10.0, 10.0])  # nobody else busy
+    monkeypatch.setattr(threads, "_proc_stat_reader", lambda: lambda: next(readings))
+    assert threads.choose_wait_policy(sample_s=0.0) is None and "OMP_WAIT_POLICY" not in os.environ
+    readings = iter([10.0, 11.0])  # one core's worth of someone else's work over the sample
+    monkeypatch.setattr(threads.time, "monotonic", iter([0.0, 1.0]).__next__)
+    assert threads.choose_wait_policy(sample_s=0.0) == "PASSIVE" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert threads.choose_wait_policy(sample_s=0.0) is None  # the user's choice stands
 
 
 def test_no_plots_then_plot_standard(tmp_path, cli):
@@ -158,6 +190,22 @@ def test_no_plots_then_plot_standard(tmp_path, cli):
     assert code == 2 and "drop --metric/--out" in err
     code, _, err = cli(["plot", str(tmp_path), "--standard"])
     assert code == 2 and "not a results folder" in err
+    seeds = tmp_path / "seeds"
+    code, _, err = cli(["simulate", "--seeds", "0-1", "--rounds", "2", "--clients", "3", "--no-plots", "--quiet",
+                        "--out", str(seeds)])  # fmt: skip
+    assert code == 0, err
+    assert not list(seeds.rglob("*.png"))
+    code, _, err = cli(["plot", str(seeds), "--standard"])
+    assert code == 0, err
+    assert (seeds / "seeds.png").is_file() and (seeds / "seed-1" / "convergence.png").is_file()
+    probe = tmp_path / "probe"
+    ring = Path(__file__).resolve().parents[1] / "experiments" / "topologies" / "ring16.graphml"
+    code, _, err = cli(["simulate", "--topology", str(ring), "--probe", "stability", "--rounds", "2", "--no-plots",
+                        "--quiet", "--out", str(probe)])  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli(["plot", str(probe), "--standard"])
+    assert code == 0, err
+    assert (probe / "stability.png").is_file() and (probe / "consensus.png").is_file()
 
 
 def test_bench_contention_reports_both_setups(monkeypatch, capsys):
@@ -205,3 +253,40 @@ def test_seeds_side_by_side_write_the_same_folders(tmp_path, cli):
     assert sorted((r["seed"], r["round"]) for r in records[2]) == sorted((r["seed"], r["round"]) for r in records[1])
     code, _, err = cli(["simulate", "--jobs", "2", "--rounds", "1", "--out", str(tmp_path / "x")])
     assert code == 2 and "--jobs runs seeds side by side; it needs --seeds" in err
+
+
+def failing_task(kind, on_round=None):
+    """Tasks for run_parallel's failure paths."""
+    import time as _time
+
+    if kind == "error":
+        raise FedsimError("seed 3: bad config")
+    if kind == "unpicklable":
+        return lambda: None  # a lambda cannot be pickled
+    if kind == "vanish":
+        os._exit(0)  # ends without a word
+    _time.sleep(30)  # "slow": must be stopped by the parent
+    return kind
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "message"),
+    [("error", FedsimError, "seed 3: bad config"), ("unpicklable", RuntimeError, "could not be sent"),
+     ("vanish", RuntimeError, "ended without a result")],
+)  # fmt: skip
+def test_run_parallel_reports_a_failed_task_and_stops_the_others(kind, error, message):
+    import time
+
+    from fedsim import parallel
+
+    started = time.monotonic()
+    with pytest.raises(error, match=message):
+        parallel.run_parallel([(failing_task, ("slow",), {}), (failing_task, (kind,), {})], jobs=2)
+    assert time.monotonic() - started < 25  # the slow task was stopped, not waited for
+
+
+def test_threads_with_the_ray_executor_is_refused():
+    from fedsim.config import make_config
+
+    with pytest.raises(FedsimError, match="not the Ray actors'"):
+        make_config({"threads": 2, "executor": "ray"})

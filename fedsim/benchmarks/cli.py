@@ -133,7 +133,7 @@ def bench_contention_cmd(
 
 @bench_app.command("flower")
 def bench_flower_cmd(
-    repeats: Annotated[int, Opt(min=1, help="fedsim's timed calls and processes (median reported).")] = 3,
+    repeats: Annotated[int, Opt(min=1, help="fedsim's timed calls and processes (median; Flower runs once).")] = 3,
     flower: Annotated[bool, Opt(help="Run Flower's side (needs the flower extra).")] = True,
     cpus_per_client: Annotated[float, Opt(min=0.01, help="Flower's client resources (num_cpus).")] = 1.0,
     out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,

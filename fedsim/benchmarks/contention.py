@@ -1,17 +1,18 @@
 """``fedsim bench contention``: the round time of the benchmark workload alone and next to one CPU-bound process.
 
-Each measurement is a fresh Python process, as a user's run is, in one of three set-ups:
+Each measurement is a fresh Python process, as a user's run is, in one of four set-ups:
 
-- ``fedsim``: what ``fedsim simulate`` does (:mod:`fedsim.threads`): OpenMP's default wait policy unless the
-  environment sets one, and a thread count that follows the CPUs other processes leave free (or ``--threads``);
-- ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep) with a fixed thread count: no collapse, but
-  slower on an idle machine;
-- ``torch-default``: torch's defaults (threads spin before they sleep; torch's own fixed thread count):
-  fedsim before this benchmark existed, or a script that imports torch and sets nothing.
+- ``fedsim``: what ``fedsim simulate`` does by default (:mod:`fedsim.threads`): a thread count fixed for the run
+  (the CPUs the process may use), and idle threads that spin, unless other processes already keep the CPUs busy
+  when the run starts (then they sleep: ``OMP_WAIT_POLICY=PASSIVE``);
+- ``adaptive``: ``--threads adaptive``: the thread count follows the CPUs other processes leave free, round by
+  round (may change the last bits of results);
+- ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` always, fixed thread count;
+- ``torch-default``: torch's defaults (threads spin before they sleep; torch's own thread count).
 
-Each runs the same rounds alone and then next to a busy loop (one process spinning on a core). The report
-gives each set-up's median round time in both conditions and the ratios to its own idle time and to fedsim's;
-the busy process is stopped before a result is printed.
+Each runs the same rounds alone and then next to a busy loop (one process spinning on a core, started before
+the run). The report gives each set-up's median round time in both conditions and the ratios to its own idle
+time and to fedsim's; the busy process is stopped before a result is printed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ if setup == "passive":
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 elif setup == "torch-default":
     os.environ.pop("OMP_WAIT_POLICY", None)
+else:  # fedsim, adaptive: as the CLI does before torch loads
+    from fedsim.threads import choose_wait_policy
+    choose_wait_policy()
 policy = os.environ.get("OMP_WAIT_POLICY")  # what OpenMP starts with
 import torch
 from fedsim.config import make_config
@@ -47,9 +51,11 @@ if setup == "torch-default":
     threads = str(torch.get_num_threads())
 elif setup == "passive" and threads == "auto":
     threads = str(usable_cpus())
+elif setup == "adaptive":
+    threads = "adaptive"
 values = {**json.loads(workload), "rounds": rounds, "eval_every": rounds}
 if threads != "auto":
-    values["threads"] = int(threads)
+    values["threads"] = threads
 sim = make_simulation(make_config(values))
 sim.run()  # warm-up
 times, counts = [], []
@@ -63,7 +69,7 @@ print(json.dumps({"round_s": sorted(times)[len(times) // 2], "threads": counts[-
 """
 
 
-SETUPS = ("fedsim", "passive", "torch-default")
+SETUPS = ("fedsim", "adaptive", "passive", "torch-default")
 
 
 def _busy_loop() -> subprocess.Popen:

@@ -7,11 +7,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedsim.core.errors import FedsimWarning
 
 
 @dataclass
@@ -54,6 +57,9 @@ def cache_dir() -> Path:
     """Cache directory: ``$FEDSIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedsim`` (an absolute path, as the XDG
     spec requires), else ``~/.cache/fedsim``."""
     explicit = os.environ.get("FEDSIM_CACHE_DIR")
+    if not explicit and os.environ.get("FEDSIM_CACHE"):  # the variable's earlier name
+        warnings.warn("FEDSIM_CACHE is now FEDSIM_CACHE_DIR (the old name still works)", FedsimWarning, stacklevel=2)
+        explicit = os.environ["FEDSIM_CACHE"]
     if explicit:
         return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")

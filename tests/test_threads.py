@@ -216,10 +216,10 @@ def test_bench_contention_reports_both_setups(monkeypatch, capsys):
     code = main(["bench", "contention", "--rounds", "1", "--repeats", "1"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert result["fedsim"]["wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "unset (spin, then sleep)")
-    assert result["passive"]["wait_policy"] == "PASSIVE"
-    assert result["torch-default"]["wait_policy"].startswith("unset")
-    for setup in ("fedsim", "passive", "torch-default"):
+    assert result["fedsim"]["wait_policy_busy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    assert result["passive"]["wait_policy_idle"] == "PASSIVE"
+    assert result["torch-default"]["wait_policy_busy"].startswith("unset")
+    for setup in ("fedsim", "adaptive", "passive", "torch-default"):
         assert result[setup]["idle_round_s"] > 0 and result[setup]["busy_round_s"] > 0
         assert result[setup]["busy_over_idle"] > 0
 

@@ -105,8 +105,10 @@ def bench_contention(rounds: int = 10, repeats: int = 3, trials: int = 1, thread
                 busy_process.kill()
                 busy_process.wait()
             rows[setup]["busy"].append(busy["round_s"])
-            info[setup] = {"threads_idle": idle["threads"], "threads_busy": busy["threads"],
-                           "wait_policy": idle["wait_policy"]}  # fmt: skip
+            info[setup] = {
+                "threads_idle": idle["threads"], "threads_busy": busy["threads"],
+                "wait_policy_idle": idle["wait_policy"], "wait_policy_busy": busy["wait_policy"],
+            }  # fmt: skip
     result: dict[str, Any] = {"workload": WORKLOAD, "rounds": rounds, "repeats": repeats, "trials": trials,
                               "cpus": os.cpu_count()}  # fmt: skip
     fedsim_idle = statistics.median(rows["fedsim"]["idle"])

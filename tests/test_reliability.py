@@ -341,6 +341,7 @@ def test_other_runtime_errors_are_not_taken_for_memory(tmp_path, monkeypatch):
         ["--alpha", "-1"], ["--strategy", "fedprox", "--mu", "-1"], ["--strategy", "fedprx"],  # components
         ["--optimizer", "adam", "--set", "optimizer.betas=[0.9, 1.0]"], ["--set", "strategy.tau=1"],
         ["--strategy", "dsgd"], ["--regulator", "ecgr", "--set", "regulator.rhoo=1"],
+        ["--topology", str(RING), "--strategy", "fedavg"], ["--topology", str(RING), "--set", "strategy.tau=1"],
     ],
 )  # fmt: skip
 def test_bad_flags_answer_before_torch_loads(tmp_path, flags):

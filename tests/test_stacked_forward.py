@@ -50,7 +50,12 @@ def test_other_models_keep_the_vmap_path():
     assert stacked.stacked_forward(nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Dropout(0.5))) is None
 
 
-@pytest.mark.parametrize("extra", [[], ["--optimizer", "foam"], ["--strategy", "scaffold", "--regulator", "ecgr"]])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--optimizer", "foam"], ["--strategy", "scaffold", "--regulator", "ecgr"],
+     ["--client-filter", "gaf", "--set", "client_filter.microbatches=2", "--batch-size", "8"],
+     ["--regulator", "bherd"]],
+)  # fmt: skip
 def test_whole_run_is_identical_with_the_vmap_path(tmp_path, monkeypatch, cli, extra):
     """Bitwise, also where the gradients' memory layout matters downstream (FOAM's matmuls, ECGR's herding)."""
     args = ["simulate", "--rounds", "3", "--clients", "6", "--local-steps", "3", "--no-plots", "--quiet", *extra]

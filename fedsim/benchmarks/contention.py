@@ -25,11 +25,7 @@ import sys
 import time
 from typing import Any
 
-WORKLOAD = {
-    "dataset": "digits", "model": {"name": "mlp", "hidden": [64, 64]}, "clients": 100, "local_steps": 10,
-    "batch_size": 32, "sampler": "iid", "lr": 0.05, "partition": {"name": "dirichlet", "alpha": 0.5},
-}  # fmt: skip
-"""The Flower comparison's workload (README "Performance"): digits, MLP 64-64-10, 100 clients, 10 SGD steps."""
+from fedsim.benchmarks.versus_flower import WORKLOAD  # the Flower comparison's workload
 
 _WORKER = r"""
 import json, os, sys, time, warnings

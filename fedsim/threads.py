@@ -35,12 +35,6 @@ WAIT_POLICY = "OMP_WAIT_POLICY"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def prepare_openmp(policy: str = "PASSIVE") -> None:
-    """Set the OpenMP wait policy (``OMP_WAIT_POLICY``) unless the environment sets one. Must run before torch
-    is imported to take effect (Ray actors, which share cores, get ``PASSIVE`` this way)."""
-    os.environ.setdefault(WAIT_POLICY, policy)
-
-
 def choose_wait_policy(sample_s: float = 0.04) -> str | None:
     """Before torch loads: ``OMP_WAIT_POLICY=PASSIVE`` when other processes keep at least half a core of this
     process's CPUs busy (measured over ``sample_s`` from ``/proc/stat``), so a run started next to a busy process
@@ -242,7 +236,6 @@ __all__ = [
     "affinity_cpus",
     "cgroup_cpu_limit",
     "configure",
-    "prepare_openmp",
     "thread_count",
     "usable_cpus",
 ]

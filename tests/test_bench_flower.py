@@ -36,3 +36,8 @@ def test_bench_flower_reports_both_sides():
     assert result["ratio_call"] == result["flower_call_s"] / result["fedsim_call_s"]
     assert result["ratio_process"] == result["flower_process_s"] / result["fedsim_process_s"]
     assert 0 <= result["flower_final_test_accuracy"] <= 1 and 0 <= result["fedsim_final_test_accuracy"] <= 1
+
+
+def test_flower_options_without_flower_are_refused(cli):
+    code, _, err = cli(["bench", "flower", "--no-flower", "--cpus-per-client", "2"])
+    assert code == 2 and "drop it with --no-flower" in err

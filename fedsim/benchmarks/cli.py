@@ -135,10 +135,13 @@ def bench_contention_cmd(
 def bench_flower_cmd(
     repeats: Annotated[int, Opt(min=1, help="fedsim's timed calls and processes (median; Flower runs once).")] = 3,
     flower: Annotated[bool, Opt(help="Run Flower's side (needs the flower extra).")] = True,
-    cpus_per_client: Annotated[float, Opt(min=0.01, help="Flower's client resources (num_cpus).")] = 1.0,
+    cpus_per_client: Annotated[float | None, Opt(min=0.01, help="Flower's client resources (num_cpus) [1].")] = None,
     out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
 ) -> None:
     """fedsim vs Flower's simulation engine on the benchmark workload: inside the call and as whole processes."""
+    if cpus_per_client is not None and not flower:
+        raise FedsimError("--cpus-per-client sets Flower's clients' resources; drop it with --no-flower")
+    cpus_per_client = 1.0 if cpus_per_client is None else cpus_per_client
     from fedsim.benchmarks.versus_flower import bench_flower
 
     _emit_json(bench_flower(repeats=repeats, flower=flower, cpus_per_client=cpus_per_client), out)

@@ -14,6 +14,7 @@ from fedsim.core import rng
 from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, Plan, ServerState
 from fedsim.core.pytree import Tree, tree_map
+from fedsim.core.reduction import Reduction
 
 from .robust import Aggregator
 
@@ -77,6 +78,30 @@ class Strategy:
         on its workers answers with partial sums."""
         return updates.reduce(source, weights, scale=scale, rows=rows, aggregator=self.aggregator)
 
+    def reductions(self) -> dict[str, Reduction] | None:
+        """The weighted means :meth:`aggregate` reads, by name (:class:`~fedsim.core.reduction.Reduction`), when
+        that is all it reads of the uploads; None (the default for a strategy of one's own) when it reads the
+        stacked uploads themselves. Declared means let the executor fold every chunk of clients as it finishes
+        instead of holding the round's updates. The base strategy reads the sample-weighted mean delta; a
+        subclass that overrides :meth:`aggregate` declares its own (it reads nothing declared by default)."""
+        return {"mean": Reduction()} if type(self).aggregate is Strategy.aggregate else None
+
+    def reduced(self, updates: ClientUpdates, name: str) -> Tree | None:
+        """The declared mean ``name`` of :meth:`reductions` (None when its subset of clients is empty); with a
+        robust ``aggregator``, the aggregator's combination of ``scale * upload`` over the subset instead."""
+        reduction = self.reductions()[name]
+        if self.aggregator is not None:
+            weights, scale, rows = reduction.normalized(updates)
+            if rows is not None and not bool(rows.any()):
+                return None
+            return self.reduce(updates, weights, reduction.source, scale=scale, rows=rows)
+        return updates.mean(name, reduction)
+
+    def streams(self) -> bool:
+        """Whether the executor may fold chunks into :meth:`reductions` and drop the uploads: declared means
+        and no robust aggregator (median, Krum, ... need every client's update at once)."""
+        return self.aggregator is None and self.reductions() is not None
+
     def init(self, params: Tree) -> ServerState:
         """Initial server state from the initial global parameters (plus zero :attr:`server_state`)."""
         extras = {f"{prefix}{k}": torch.zeros_like(v) for prefix in self.server_state for k, v in params.items()}
@@ -87,13 +112,12 @@ class Strategy:
     ) -> Plan:
         """Pick this round's clients (among ``available`` when given: sorted ids) and the broadcast extras."""
         ids = select_clients(num_clients, self.fraction, self.min_clients, seed, round_, available)
-        return Plan(
-            ids, {k: v for k, v in state.extras.items() if k.startswith(self.broadcast)} if self.broadcast else {}
-        )
+        broadcast = {k: v for k, v in state.extras.items() if k.startswith(self.broadcast)} if self.broadcast else {}
+        return Plan(ids, broadcast, self.reductions() if self.streams() else None)
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         """New server state from the clients' updates: ``server_update`` of the weighted mean delta."""
-        mean_delta = self.reduce(updates, updates.weights)
+        mean_delta = self.reduced(updates, "mean")
         return self.server_update(round_, state, mean_delta)
 
     def server_update(self, round_: int, state: ServerState, mean_delta: Tree) -> ServerState:

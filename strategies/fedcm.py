@@ -26,6 +26,7 @@ from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
 from fedsim.core.pytree import Tree
+from fedsim.core.reduction import Reduction
 
 from .base import Strategy, apply_step, check_positive
 from .scaffold import SCAFFOLD, Control, Correction, ScaffoldClient, direction_scale
@@ -70,15 +71,19 @@ class ScaffoldMomentumClient(ScaffoldClient):
         return mix_momentum(self.corrected(grads, ctx), ctx, self.beta)
 
 
+MOMENTUM = Reduction(
+    scale=lambda clients: direction_scale(clients.num_steps, clients.lr or 1.0),
+    rows=lambda clients: clients.num_steps > 0,
+)
+"""The new server momentum ``sum_k p_k Delta_k / (K_k eta)`` over the clients that took a local step (weights
+renormalized over them)."""
+
+
 def momentum_of(strategy: Strategy, updates: ClientUpdates) -> Tree:
-    """The new server momentum ``sum_k p_k Delta_k / (K_k eta)`` (through the strategy's reduction) over the
-    clients that took a local step (weights renormalized over them; the old momentum if none did)."""
-    stepped = updates.num_steps > 0
-    if not bool(stepped.any()):
-        return {}
-    weights = updates.weights / updates.weights[stepped].sum()
-    scale = direction_scale(updates.num_steps, updates.lr or 1.0)
-    return {f"m.{k}": v for k, v in strategy.reduce(updates, weights, scale=scale, rows=stepped).items()}
+    """The new server momentum (:data:`MOMENTUM`, through the strategy's reduction; the old one if no client
+    took a step)."""
+    momentum = strategy.reduced(updates, "momentum")
+    return {f"m.{k}": v for k, v in momentum.items()} if momentum is not None else {}
 
 
 class FedCM(Strategy):
@@ -98,8 +103,11 @@ class FedCM(Strategy):
         self.beta, self.server_lr = check_beta(beta), server_lr
         self.client_algorithm = MomentumClient(self.beta)
 
+    def reductions(self) -> dict[str, Reduction]:
+        return {"mean": Reduction(), "momentum": MOMENTUM}
+
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
-        mean_delta = self.reduce(updates, updates.weights)
+        mean_delta = self.reduced(updates, "mean")
         extras = {**state.extras, **momentum_of(self, updates)}
         return ServerState(apply_step(state.params, mean_delta, self.server_lr), extras)
 
@@ -120,6 +128,9 @@ class ScaffoldM(SCAFFOLD):
         super().__init__(control=control, correction=correction, **kwargs)
         self.beta = check_beta(beta)
         self.client_algorithm = ScaffoldMomentumClient(self.beta, control, correction)
+
+    def reductions(self) -> dict[str, Reduction]:
+        return {**super().reductions(), "momentum": MOMENTUM}
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         new = super().aggregate(round_, state, updates)

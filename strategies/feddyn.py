@@ -21,6 +21,7 @@ from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
 from fedsim.core.pytree import Tree
+from fedsim.core.reduction import Reduction
 
 from .base import Strategy
 
@@ -60,10 +61,12 @@ class FedDyn(Strategy):
         self.alpha = alpha
         self.client_algorithm = FedDynClient(alpha)
 
+    def reductions(self) -> dict[str, Reduction]:
+        return {"mean": Reduction(weight="uniform")}  # w - theta_bar
+
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         count = len(updates.client_ids)
-        uniform = torch.full((count,), 1.0 / count, dtype=torch.float64, device=updates.num_samples.device)
-        mean_delta = self.reduce(updates, uniform)  # w - theta_bar
+        mean_delta = self.reduced(updates, "mean")
         share = count / (updates.num_clients or count)
         h = {k: state.extras[f"h.{k}"] + self.alpha * share * d for k, d in mean_delta.items()}
         params = {k: state.params[k] - d - h[k] / self.alpha for k, d in mean_delta.items()}

@@ -27,6 +27,7 @@ from torch import Tensor
 from fedsim.core.components import option
 from fedsim.core.errors import FedsimError, unknown
 from fedsim.core.protocol import ClientUpdates, ServerState
+from fedsim.core.reduction import Reduction
 
 from .base import Strategy, apply_step
 from .fedprox import ProximalClient
@@ -77,8 +78,11 @@ class FedNova(Strategy):
             return updates.num_steps.double()
         return general_norm(updates.num_steps, updates.lr or 0.0, self.local_momentum, self.mu)
 
+    def reductions(self) -> dict[str, Reduction]:
+        return {"direction": Reduction(scale=lambda clients: 1.0 / self.norms(clients).clamp_min(1e-12))}
+
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
         a = self.norms(updates).clamp_min(1e-12)
-        direction = self.reduce(updates, updates.weights, scale=1.0 / a)  # sum_k p_k Delta_k / ||a_k||_1
+        direction = self.reduced(updates, "direction")  # sum_k p_k Delta_k / ||a_k||_1
         tau_eff = float((updates.weights.double() * a).sum())
         return ServerState(apply_step(state.params, direction, tau_eff), state.extras)

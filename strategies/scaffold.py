@@ -38,6 +38,7 @@ from fedsim.core.components import option
 from fedsim.core.errors import unknown
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, LocalContext, ServerState
 from fedsim.core.pytree import Tree, per_client
+from fedsim.core.reduction import Reduction
 
 from .base import Strategy, apply_step, check_positive
 
@@ -148,20 +149,17 @@ class SCAFFOLD(Strategy):
         self.server_lr, self.weighting = server_lr, weighting
         self.client_algorithm = ScaffoldClient(control, correction)
 
-    def client_weights(self, updates: ClientUpdates) -> Tensor:
-        """``q_k``: sample weights or ``1 / |S|``."""
-        if self.weighting == "samples":
-            return updates.weights
-        count = len(updates.client_ids)
-        return torch.full((count,), 1.0 / count, dtype=torch.float64, device=updates.num_samples.device)
+    def reductions(self) -> dict[str, Reduction]:
+        """``sum_k q_k Delta_k`` and ``sum_k q_k (c_k+ - c_k)``, ``q_k`` sample weights or ``1 / |S|``."""
+        return {"mean": Reduction(weight=self.weighting), "control": Reduction("dc.", weight=self.weighting)}
 
     def update_control(self, state: ServerState, updates: ClientUpdates) -> Tree:
         """``c + (|S| / N) sum_k q_k (c_k+ - c_k)``."""
         share = len(updates.client_ids) / (updates.num_clients or len(updates.client_ids))
-        mean = self.reduce(updates, self.client_weights(updates), "dc.")
+        mean = self.reduced(updates, "control")
         return {k: v + share * mean[k[2:]] for k, v in state.extras.items() if k.startswith("c.")}
 
     def aggregate(self, round_: int, state: ServerState, updates: ClientUpdates) -> ServerState:
-        mean_delta = self.reduce(updates, self.client_weights(updates))
+        mean_delta = self.reduced(updates, "mean")
         extras = {**state.extras, **self.update_control(state, updates)}
         return ServerState(apply_step(state.params, mean_delta, self.server_lr), extras)

@@ -1,6 +1,8 @@
 """Host algorithms, regulators and filters inside the engine: vectorized equals the sequential reference,
 and the special cases that must reduce to a known method do so."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,11 @@ def run(rounds=None, **overrides):
         state, record = sim.round(r, state)
         records.append(record)
     return sim, state, records
+
+
+def stacked(plan):
+    """The plan with the uploads kept as a stack (tests read the per-client deltas)."""
+    return dataclasses.replace(plan, reductions=None)
 
 
 def assert_params_close(a, b, rtol=1e-5, atol=1e-6):
@@ -120,11 +127,11 @@ def test_ecgr_neutral_settings_equal_the_host_exactly(host, neutral):
 def test_ecgr_upload_has_the_plain_delta_norm_and_changes_the_model():
     sim, _, _ = run(rounds=1, strategy="fedavg")
     state = sim.initial_state()
-    plain = sim.executor.train(sim.strategy.configure(1, state, 6, 3), state.params, 1, 0.05)
+    plain = sim.executor.train(stacked(sim.strategy.configure(1, state, 6, 3)), state.params, 1, 0.05)
     sim_e, _, _ = run(rounds=1, strategy="fedavg", regulator="ecgr", optimizer={"name": "sgd", "momentum": 0.9})
     sim_p, _, _ = run(rounds=1, strategy="fedavg", optimizer={"name": "sgd", "momentum": 0.9})
     state = sim_p.initial_state()
-    plan = sim_p.strategy.configure(1, state, 6, 3)
+    plan = stacked(sim_p.strategy.configure(1, state, 6, 3))
     plain = sim_p.executor.train(plan, state.params, 1, 0.05)
     regulated = sim_e.executor.train(plan, state.params, 1, 0.05)
     from fedsim.core.pytree import flatten
@@ -200,7 +207,7 @@ def test_scaffold_client_state_stays_with_its_client():
     seen = []
     for r in (1, 2, 3):
         before = {k: v.clone() for k, v in sim.executor.client_state.items()}
-        plan = sim.strategy.configure(r, state, 6, sim.config.seed)
+        plan = stacked(sim.strategy.configure(r, state, 6, sim.config.seed))
         updates = sim.executor.train(plan, state.params, r, sim.lr(r))
         after = sim.executor.client_state
         chosen = set(plan.client_ids.tolist())
@@ -246,7 +253,7 @@ def test_fedcm_with_beta_one_is_fedavg_and_scaffold_m_is_scaffold():
 def test_fedcm_momentum_is_the_mean_local_direction():
     sim, _, _ = run(rounds=1, strategy={"name": "fedcm", "beta": 0.3})
     state = sim.initial_state()
-    plan = sim.strategy.configure(1, state, 6, 3)
+    plan = stacked(sim.strategy.configure(1, state, 6, 3))
     assert set(plan.broadcast) == {f"m.{k}" for k in state.params}
     updates = sim.executor.train(plan, state.params, 1, 0.05)
     new = sim.strategy.aggregate(1, state, updates)
@@ -261,7 +268,7 @@ def test_feddyn_round_against_its_equations():
     sim, _, _ = run(rounds=1, strategy={"name": "feddyn", "alpha": 0.2}, fraction=0.5)
     state = sim.initial_state()
     for r in (1, 2):
-        plan = sim.strategy.configure(r, state, 6, 3)
+        plan = stacked(sim.strategy.configure(r, state, 6, 3))
         h_before = {k: v[plan.client_ids].clone() for k, v in sim.executor.client_state.items()}
         updates = sim.executor.train(plan, state.params, r, 0.05)
         new = sim.strategy.aggregate(r, state, updates)

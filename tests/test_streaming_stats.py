@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsim.core import protocol
+from fedsim.core import protocol, pytree
 from fedsim.core.pytree import flatten
 
 
@@ -24,7 +24,7 @@ def test_streamed_drift_matches_the_all_at_once_formula(monkeypatch, block_bytes
         "w": torch.randn(clients, 5, 4, generator=generator) + 0.3,
         "b": torch.randn(clients, 4, generator=generator),
     }
-    monkeypatch.setattr(protocol, "STAT_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(pytree, "STAT_BLOCK_BYTES", block_bytes)
     blocks = list(protocol.client_blocks(deltas, block_bytes))
     assert sum(b.shape[0] for b in blocks) == clients and all(b.dtype == torch.float64 for b in blocks)
     assert max(b.shape[0] for b in blocks) == max(1, min(clients, block_bytes // (8 * 24)))

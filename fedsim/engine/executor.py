@@ -17,6 +17,7 @@ from fedsim.core.pytree import Tree, stack
 from fedsim.data.samplers import Sampler
 
 from .store import ClientStore
+from .streamed import StreamingRound, chunk_updates
 from .trainer import LossFn, VectorizedTrainer, cross_entropy, train_sequential
 from .trajectory import num_units, planned_bytes
 
@@ -175,14 +176,22 @@ class LocalExecutor:
         parameters, rows in plan order, with local optimizer state ``opt_state``) and return their updates."""
         ids = np.asarray(plan.client_ids, dtype=np.int64)
         chunk = self.resolve_chunk_size(params, len(ids))
+        sizes = torch.as_tensor(self.store.sizes[ids], dtype=torch.float64, device=self.device)
         out = ChunkStacker(len(ids))
+        streaming = StreamingRound(plan, params, lr, self.store.num_clients) if plan.reductions is not None else None
         for first in range(0, len(ids), chunk):
             rows = slice(first, first + chunk)
             r = self._train_chunk(ids[rows], plan, params, round_, lr, _rows(start, rows), _rows(opt_state, rows))
-            out.add(first, deltas=r.deltas, extras=r.extras, opt_state=r.opt_state, stats=r.stats,
-                    scalars={"num_steps": r.num_steps, "train_loss": r.train_loss.to(self.device)})  # fmt: skip
-        sizes = torch.as_tensor(self.store.sizes[ids], dtype=torch.float64, device=self.device)
+            scalars = {"num_steps": r.num_steps, "train_loss": r.train_loss.to(self.device)}
+            if streaming is not None:  # fold the chunk into the declared means and drop its uploads
+                streaming.add(chunk_updates(ids[rows], sizes[rows], r, lr, self.store.num_clients))
+                out.add(first, stats=r.stats, scalars=scalars)
+            else:
+                out.add(first, deltas=r.deltas, extras=r.extras, opt_state=r.opt_state, stats=r.stats, scalars=scalars)
+            del r
         scalars = out.trees["scalars"]
+        if streaming is not None:
+            return streaming.finish(ids, scalars, sizes, out.trees["stats"])
         return ClientUpdates(
             client_ids=ids,
             deltas=out.trees["deltas"],

@@ -206,6 +206,15 @@ class ShardedUpdates:
             parts = self.executor.call_shards(calls)
         return {k: v.to(self.device) for k, v in add_parts(parts).items()}
 
+    def mean(self, name: str, reduction) -> Tree | None:
+        """A declared mean (:class:`~fedsim.core.reduction.Reduction`) from the actors' partial sums of
+        ``sum_k w_k s_k u_k`` (float32 on each actor, so it agrees with the local executor's float64 fold to
+        float32 rounding)."""
+        weights, scale, rows = reduction.normalized(self)
+        if rows is not None and not bool(rows.any()):
+            return None
+        return self.reduce(reduction.source, weights, scale=scale, rows=rows)
+
     def _gather(self, what: str) -> Tree:
         if what not in self._gathered:
             parts = self.executor.call_shards({i: ("gather", (what,)) for i in self.spans})

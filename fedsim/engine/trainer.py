@@ -306,9 +306,10 @@ class VectorizedTrainer:
             if everyone:  # params, grads and state are this chunk's own: update in place
                 opt_state = optimizer.step_(grads, opt_state, params, lr)
                 params = algorithm.after_step(params, ctx)
-            else:
-                updates, new_state = optimizer.update(grads, opt_state, params, lr)
-                stepped = algorithm.after_step({name: p + updates[name] for name, p in params.items()}, ctx)
+            else:  # the same in-place step on copies (the same bits as a chunk of active clients), then select
+                stepped = {name: p.clone() for name, p in params.items()}
+                new_state = optimizer.step_(grads, {name: v.clone() for name, v in opt_state.items()}, stepped, lr)
+                stepped = algorithm.after_step(stepped, ctx)
                 params = _select(active, stepped, params)
                 opt_state = _select(active, new_state, opt_state)
             params = algorithm.project(params)

@@ -17,6 +17,24 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
+def machine() -> str:
+    """What decides float rounding besides the code: CPU vendor, instruction set torch dispatches to, torch
+    version (MKL and oneDNN pick different kernels on Intel and AMD, AVX2 and AVX-512)."""
+    import platform
+
+    import torch
+
+    vendor = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {vendor} {torch.backends.cpu.get_cpu_capability()} torch-{torch.__version__}"
+
+
 def cases() -> dict[str, dict]:
     return yaml.safe_load((HERE / "cases.yaml").read_text())
 
@@ -38,6 +56,7 @@ def run_case(name: str, config: dict, out: Path) -> Path:
 
 
 def main(names: list[str]) -> None:
+    (HERE / "MACHINE").write_text(machine() + "\n")
     for name, config in cases().items():
         if names and name not in names:
             continue

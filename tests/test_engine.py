@@ -130,10 +130,8 @@ def test_dense_models_bitwise_independent_of_chunk_size(model_name, optimizer, l
     model, store, params = make_setup(model_name, RAGGED)
     plan = Plan(np.arange(NUM_CLIENTS))
     opt = make_optimizer("adam") if optimizer == "adam" else make_optimizer("sgd", momentum=0.9, nesterov=True)
-    runs = [
-        make_executor(model, store, chunk_size=cs, optimizer=opt, local_epochs=local_epochs).train(plan, params, 2, 0.05)
-        for cs in (1, 4, 9)
-    ]
+    kw = dict(optimizer=opt, local_epochs=local_epochs)
+    runs = [make_executor(model, store, chunk_size=cs, **kw).train(plan, params, 2, 0.05) for cs in (1, 4, 9)]
     for other in runs[1:]:
         assert torch.equal(flatten(other.deltas), flatten(runs[0].deltas))
 

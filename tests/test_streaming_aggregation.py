@@ -32,7 +32,9 @@ STRATEGIES = {
     "fedavgm": {"strategy": "fedavgm"},
     "fedadam": {"strategy": "fedadam"},
     "fednova-general-epochs": {
-        "strategy": {"name": "fednova", "form": "general"}, "local_steps": None, "local_epochs": 1,
+        "strategy": {"name": "fednova", "form": "general"},
+        "local_steps": None,
+        "local_epochs": 1,
         "optimizer": {"name": "sgd", "momentum": 0.5},
     },  # fmt: skip
     "feddyn": {"strategy": "feddyn"},

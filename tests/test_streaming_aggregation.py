@@ -14,7 +14,7 @@ import torch
 from fedsim.config import make_config
 from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import ClientUpdates, ServerState
-from fedsim.core.reduction import Reduction, fold_rows, mean_of
+from fedsim.core.reduction import Reduction, RowFold, mean_of
 from fedsim.engine import streamed
 from fedsim.engine.streamed import RowSpool, StreamedUpdates
 from fedsim.simulation import make_simulation
@@ -95,11 +95,13 @@ def test_the_drift_spool_spills_to_a_file_with_the_same_bits(monkeypatch):
     made = []
     original = RowSpool.__init__
 
-    def spill(self, *args, **kwargs):
-        original(self, *args, **{**kwargs, "memory_bytes": 0})
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         made.append(self)
 
-    monkeypatch.setattr(streamed.RowSpool, "__init__", spill)
+    monkeypatch.setattr(streamed.RowSpool, "__init__", record)
+    monkeypatch.setattr(streamed, "SPOOL_MEMORY_BYTES", 0)
+    monkeypatch.setattr(streamed, "SPOOL_MEMORY_FRACTION", 0.0)
     on_disk, state_disk, drift_disk = one_round({}, keep_stack=False, chunk_size=3)
     assert made and made[0].file is not None and made[0].file.closed  # the second pass read it and closed it
     assert drift_disk == drift_memory
@@ -120,17 +122,22 @@ def test_robust_aggregators_and_stack_readers_keep_the_stack():
     assert FedAvg().configure(1, ServerState({"w": torch.zeros(2)}), 4, 0).reductions == {"mean": Reduction()}
 
 
-def test_fold_is_a_left_fold_whatever_the_cuts():
-    rows = torch.randn(50, 7, dtype=torch.float64) * torch.logspace(-8, 8, 50, dtype=torch.float64)[:, None]
-    expected = rows[0].clone()
-    for row in rows[1:]:
-        expected = expected + row
-    for cuts in ([50], [1] * 50, [3, 17, 30], [49, 1]):
-        total, start = None, 0
-        for size in cuts:
-            total = fold_rows(total, rows[start : start + size].clone())
-            start += size
-        assert torch.equal(total, expected), cuts
+@pytest.mark.parametrize("width", [1, 7, 300])
+def test_row_fold_has_the_same_bits_whatever_the_cuts_and_threads(width):
+    rows = torch.randn(150, width, dtype=torch.float64) * torch.logspace(-8, 8, 150, dtype=torch.float64)[:, None]
+    before, expected = rows.clone(), rows.sum(0)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # restored by the conftest fixture
+        for cuts in ([150], [1] * 150, [3, 61, 64, 22], [149, 1], [64, 64, 22]):
+            fold, start = RowFold(), 0
+            for size in cuts:
+                fold.add(rows[start : start + size])
+                start += size
+            results.append(fold.result())
+    assert all(torch.equal(r, results[0]) for r in results)
+    torch.testing.assert_close(results[0], expected, rtol=1e-12, atol=1e-12 * float(rows.abs().max()))
+    assert torch.equal(rows, before)  # the fold never writes into what it is given
 
 
 def test_declared_mean_formula_with_scale_and_subset():
@@ -151,3 +158,18 @@ def test_declared_mean_formula_with_scale_and_subset():
     assert mean_of(nobody, clients, upload) is None
     uniform = mean_of(Reduction(weight="uniform"), clients, upload)
     torch.testing.assert_close(uniform["w"], upload["w"].double().mean(0).float())
+
+
+@pytest.mark.parametrize("sizes", [[10], [3, 4, 3], [1] * 10, [7, 3], [2, 8]])
+@pytest.mark.parametrize("rows", [1, 3, 4, 10, 12])
+def test_spool_reads_back_in_blocks_across_chunks(sizes, rows):
+    data = torch.arange(10 * 2, dtype=torch.float32).reshape(10, 2)
+    for memory_bytes in (10**9, 0):
+        spool, start = RowSpool(2, torch.float32, 10, memory_bytes), 0
+        for size in sizes:
+            spool.append(data[start : start + size])
+            start += size
+        blocks = list(spool.blocks(rows))
+        assert [len(b) for b in blocks] == [min(rows, 10 - i) for i in range(0, 10, rows)]
+        assert torch.equal(torch.cat(blocks), data)
+        spool.close()

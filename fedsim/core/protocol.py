@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .errors import FedsimError
 from .pytree import STAT_BLOCK_BYTES, Tree, client_blocks, per_client, weighted_sum  # noqa: F401
-from .reduction import Reduction, fold_rows, mean_of
+from .reduction import Reduction, RowFold, mean_of
 
 
 @dataclass
@@ -123,12 +123,13 @@ def reduce_rows(
     return aggregator(tree, weights) if aggregator is not None else weighted_sum(tree, weights)
 
 
-def delta_sum(deltas: Tree, total: Tensor | None = None) -> Tensor:
-    """``total + sum_k Delta_k`` flattened, in float64: a left fold in client order over blocks of clients
-    (:func:`~fedsim.core.reduction.fold_rows`), so a sum continued chunk by chunk has the same bits."""
+def delta_sum(deltas: Tree) -> Tensor:
+    """``sum_k Delta_k`` flattened, in float64, in :class:`~fedsim.core.reduction.RowFold`'s fixed order (the
+    same bits as the chunk-by-chunk sum of :class:`~fedsim.engine.streamed.StreamingRound`)."""
+    fold = RowFold()
     for block in client_blocks(deltas):
-        total = fold_rows(total, block)
-    return total
+        fold.add(block, owned=True)
+    return fold.result()
 
 
 def distance_sum(deltas: Tree, mean: Tensor) -> float:

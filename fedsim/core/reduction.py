@@ -10,10 +10,9 @@ chunk of trained clients into running sums as the chunk finishes, and never hold
 with ``u_k`` the upload (``deltas``, or the extras under a prefix such as SCAFFOLD's ``dc.``), ``w_k`` the
 client's weight (``n_k`` samples, or 1), ``s_k`` an optional per-client scale (FedNova's ``1 / ||a_k||_1``) and
 ``R`` an optional subset (FedCM: the clients that took a step). The numerator is a left fold in client order
-in float64, ``((w_1 s_1 u_1 + w_2 s_2 u_2) + ...)``, which does not depend on where the chunks are cut: on CPU
-``cumsum`` along the client axis is sequential (one accumulator per coordinate, whatever the thread count).
-On CUDA ``cumsum`` is a parallel scan, so the float64 sum may differ in its last bits between chunk sizes
-(the float32 result then agrees except in rare rounding ties). The mean is rounded to the upload's dtype once.
+in float64 in one fixed order (:class:`RowFold`: aligned blocks of clients summed pairwise, the blocks left to
+right), which depends neither on where the chunks are cut nor on the thread count (only elementwise adds).
+The mean is rounded to the upload's dtype once.
 """
 
 from __future__ import annotations
@@ -66,14 +65,59 @@ class Reduction:
         return w / w.sum(), scale, rows
 
 
-def fold_rows(total: Tensor | None, rows: Tensor) -> Tensor:
-    """``total + rows[0] + rows[1] + ...`` as a left fold along the first axis, in ``rows``' dtype (float64 here);
-    ``total`` None starts from ``rows[0]``. Works in place on ``rows``."""
-    if rows.shape[0] == 0:
-        return total if total is not None else rows.new_zeros(rows.shape[1:])
-    if total is not None:
-        rows[0] += total
-    return rows.cumsum(0)[-1] if rows.shape[0] > 1 else rows[0].clone()
+FOLD_BLOCK = 64
+"""Rows per aligned block of :class:`RowFold` (a power of two)."""
+
+
+def pairwise_sum(blocks: Tensor) -> Tensor:
+    """``[m, FOLD_BLOCK, D] -> [m, D]``: each block summed by a fixed pairwise tree, in place in ``blocks`` (halves
+    added elementwise, so the rounding does not depend on the thread count, unlike ``sum(dim)``)."""
+    size = blocks.shape[1]
+    while size > 1:
+        size //= 2
+        blocks[:, :size] += blocks[:, size : 2 * size]
+    return blocks[:, 0]
+
+
+class RowFold:
+    """``sum_k rows_k`` in float64 in one fixed order, however the rows arrive: the rows are cut into aligned
+    blocks of :data:`FOLD_BLOCK` by their position (the last one padded with zeros), each block is summed by a
+    pairwise tree, and the block sums are added left to right. Chunks of any size, or the whole stack at
+    once, give the same bits; the memory is one block plus what one :meth:`add` brings."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.pending: list[Tensor] = []
+        self.pending_rows = 0
+
+    def add(self, rows: Tensor, owned: bool = False) -> None:
+        """Append rows ``[b, D]``; they are used as scratch space when ``owned`` (else not modified)."""
+        if rows.shape[0] == 0:
+            return
+        if self.pending:
+            self.pending.append(rows)
+            rows, owned = torch.cat(self.pending), True
+            self.pending, self.pending_rows = [], 0
+        whole = (rows.shape[0] // FOLD_BLOCK) * FOLD_BLOCK
+        if whole:
+            blocks = rows[:whole].reshape(-1, FOLD_BLOCK, rows.shape[1])
+            self._fold(blocks if owned else blocks.clone())
+        if whole < rows.shape[0]:
+            self.pending, self.pending_rows = [rows[whole:].clone()], rows.shape[0] - whole
+
+    def _fold(self, blocks: Tensor) -> None:
+        for block_sum in pairwise_sum(blocks):
+            self.total = block_sum.clone() if self.total is None else self.total + block_sum
+
+    def result(self) -> Tensor | None:
+        """The sum so far (None before any row); pending rows are folded as a zero-padded block."""
+        if self.pending:
+            rows = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
+            padded = rows.new_zeros(FOLD_BLOCK, rows.shape[1])
+            padded[: rows.shape[0]] = rows
+            self.pending, self.pending_rows = [], 0
+            self._fold(padded.unsqueeze(0))
+        return self.total
 
 
 def exact_sum(values: Tensor) -> float:
@@ -86,7 +130,7 @@ class MeanAccumulator:
 
     def __init__(self, reduction: Reduction) -> None:
         self.reduction = reduction
-        self.numerator: Tensor | None = None
+        self.numerator = RowFold()
         self.weights: list[Tensor] = []
         self.like: Tree | None = None
 
@@ -94,15 +138,23 @@ class MeanAccumulator:
         """Fold one chunk: ``clients`` its per-client scalars, ``upload`` its stacked upload ``[c, ...]``."""
         if not upload:
             return
+        c = self.begin(clients, upload)
+        start = 0
+        for block in client_blocks(upload):
+            self.add_rows(block, c[start : start + len(block)])
+            start += len(block)
+
+    def begin(self, clients: Any, upload: Tree) -> Tensor:
+        """Take a chunk's weights; return its coefficients ``w_k s_k`` for :meth:`add_rows`."""
         if self.like is None:
             self.like = {k: v[0] for k, v in upload.items()}
         w, c = self.reduction.coefficients(clients)
         self.weights.append(w.cpu())
-        start = 0
-        for block in client_blocks(upload):
-            rows = block * c[start : start + len(block)].to(block.device).unsqueeze(1)
-            self.numerator = fold_rows(self.numerator, rows)
-            start += len(block)
+        return c
+
+    def add_rows(self, block: Tensor, coefficients: Tensor) -> None:
+        """Fold the flattened float64 uploads ``[b, D]`` of the next ``b`` clients times their coefficients."""
+        self.numerator.add(block * coefficients.to(block.device).unsqueeze(1), owned=True)
 
     def result(self) -> Tree | None:
         """The mean as a tree in the upload's dtype, or None when ``sum_{k in R} w_k`` is 0 (nobody in R)."""
@@ -112,7 +164,7 @@ class MeanAccumulator:
         if total == 0.0:
             return None
         dtype = next(iter(self.like.values())).dtype
-        return unflatten((self.numerator / total).to(dtype), self.like)
+        return unflatten((self.numerator.result() / total).to(dtype), self.like)
 
 
 def mean_of(reduction: Reduction, clients: Any, upload: Tree) -> Tree | None:

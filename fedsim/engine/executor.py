@@ -178,7 +178,10 @@ class LocalExecutor:
         chunk = self.resolve_chunk_size(params, len(ids))
         sizes = torch.as_tensor(self.store.sizes[ids], dtype=torch.float64, device=self.device)
         out = ChunkStacker(len(ids))
-        streaming = StreamingRound(plan, params, lr, self.store.num_clients) if plan.reductions is not None else None
+        streaming = None
+        if plan.reductions is not None:
+            host = device_memory(torch.device("cpu"))
+            streaming = StreamingRound(plan, params, lr, self.store.num_clients, host)
         for first in range(0, len(ids), chunk):
             rows = slice(first, first + chunk)
             r = self._train_chunk(ids[rows], plan, params, round_, lr, _rows(start, rows), _rows(opt_state, rows))

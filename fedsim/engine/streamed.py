@@ -5,8 +5,9 @@ When a plan declares its reductions (:attr:`fedsim.core.protocol.Plan.reductions
 every trained chunk to a :class:`StreamingRound`, which folds it into each declared mean
 (:class:`~fedsim.core.reduction.MeanAccumulator`), into ``sum_k Delta_k`` for the drift metric, and writes its
 flattened deltas to a :class:`RowSpool` for the drift's second pass (``sum_k ||Delta_k - mean||`` needs the
-mean first). The spool lives in memory while the round's deltas take at most :data:`SPOOL_MEMORY_BYTES`, and in
-an unnamed temporary file (deleted when closed) beyond, so memory is bounded by the chunk. Every value has the
+mean first). The spool lives in memory while the round's deltas take at most a small share of the host's RAM
+(:data:`SPOOL_MEMORY_FRACTION`), and in an unnamed temporary file (deleted when closed) beyond, so memory is
+bounded by the chunk. Every value has the
 same bits as the same rule computed over the stacked updates.
 """
 
@@ -22,12 +23,15 @@ import torch
 from torch import Tensor
 
 from fedsim.core.errors import FedsimError
-from fedsim.core.protocol import ClientUpdates, Plan, delta_sum
+from fedsim.core.protocol import ClientUpdates, Plan
 from fedsim.core.pytree import STAT_BLOCK_BYTES, Tree, flatten
-from fedsim.core.reduction import MeanAccumulator
+from fedsim.core.reduction import FOLD_BLOCK, MeanAccumulator, RowFold
 
 SPOOL_MEMORY_BYTES = 256 * 2**20
-"""Deltas of one round kept in memory for the drift's second pass; past this they go to a temporary file."""
+SPOOL_MEMORY_FRACTION = 0.05
+"""The drift's second pass keeps a round's deltas in memory up to ``max(SPOOL_MEMORY_BYTES, SPOOL_MEMORY_FRACTION
+* host RAM)`` (1.2 GB on a 23 GB machine), and in a temporary file beyond: writing and reading them back costs
+about 1 s per GB here, so moderate runs skip it; the values are the same either way."""
 
 
 class RowSpool:
@@ -53,9 +57,7 @@ class RowSpool:
     def blocks(self, rows_per_block: int) -> Iterator[Tensor]:
         """The rows in consecutive blocks of ``rows_per_block`` (the last may be shorter)."""
         if self.file is None:
-            whole = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
-            for start in range(0, self.rows, rows_per_block):
-                yield whole[start : start + rows_per_block]
+            yield from _regroup(self.parts, rows_per_block)
             return
         self.file.seek(0)
         for start in range(0, self.rows, rows_per_block):
@@ -69,31 +71,80 @@ class RowSpool:
         self.parts = []
 
 
+def _regroup(parts: list[Tensor], rows: int) -> Iterator[Tensor]:
+    """The rows of consecutive ``parts`` in blocks of ``rows`` (the last may be shorter), copying only the
+    blocks that straddle two parts."""
+    carry: list[Tensor] = []
+    carried = 0
+    for part in parts:
+        start = 0
+        if carried:
+            start = min(rows - carried, len(part))
+            carry.append(part[:start])
+            carried += start
+            if carried < rows:
+                continue
+            yield torch.cat(carry)
+            carry, carried = [], 0
+        while start + rows <= len(part):
+            yield part[start : start + rows]
+            start += rows
+        if start < len(part):
+            carry, carried = [part[start:]], len(part) - start
+    if carried:
+        yield torch.cat(carry)
+
+
 class StreamingRound:
     """Folds a round's chunks, in client order, into the plan's declared means and the drift's sums."""
 
-    def __init__(self, plan: Plan, params: Tree, lr: float, num_clients: int) -> None:
+    def __init__(self, plan: Plan, params: Tree, lr: float, num_clients: int, host_memory: int = 0) -> None:
         self.reductions = plan.reductions or {}
         self.accumulators = {name: MeanAccumulator(r) for name, r in self.reductions.items()}
         self.lr, self.num_clients = lr, num_clients
         width = sum(v.numel() for v in params.values())
-        self.spool = RowSpool(width, next(iter(params.values())).dtype, len(plan.client_ids))
-        self.delta_total: Tensor | None = None
+        spool_bytes = max(SPOOL_MEMORY_BYTES, int(SPOOL_MEMORY_FRACTION * host_memory))
+        self.spool = RowSpool(width, next(iter(params.values())).dtype, len(plan.client_ids), spool_bytes)
+        self.delta_fold = RowFold()
+        self.block_rows = max(1, STAT_BLOCK_BYTES // (8 * max(1, width)) // FOLD_BLOCK) * FOLD_BLOCK
         self.extras_bytes = 0
+        self.rows_seen = 0
 
     def add(self, chunk: ClientUpdates) -> None:
-        """Fold one trained chunk (its uploads are not kept)."""
-        for name, acc in self.accumulators.items():
-            acc.add(chunk, chunk.upload(self.reductions[name].source))
-        self.delta_total = delta_sum(chunk.deltas, self.delta_total)
-        self.spool.append(flatten(chunk.deltas))
+        """Fold one trained chunk (its uploads are not kept). Each upload is flattened once and read in float64
+        blocks of whole :data:`~fedsim.core.reduction.FOLD_BLOCK` rows."""
+        sources: dict[str, list[str]] = {"deltas": []}
+        for name, reduction in self.reductions.items():
+            sources.setdefault(reduction.source, []).append(name)
+        for source, names in sources.items():
+            upload = chunk.upload(source)
+            if not upload:
+                continue
+            coefficients = {name: self.accumulators[name].begin(chunk, upload) for name in names}
+            flat = flatten(upload)
+            if source == "deltas":
+                self.spool.append(flat)
+            for start, stop in self._blocks(len(flat)):
+                block = flat[start:stop].to(torch.float64, copy=True)
+                for name in names:
+                    self.accumulators[name].add_rows(block, coefficients[name][start : start + len(block)])
+                if source == "deltas":  # last: it folds in place
+                    self.delta_fold.add(block, owned=True)
+        self.rows_seen += len(chunk.client_ids)
         self.extras_bytes = chunk.extras_bytes()
+
+    def _blocks(self, rows: int) -> list[tuple[int, int]]:
+        """Row ranges of a chunk, cut where the folds' aligned blocks end (the first range completes the block
+        the previous chunk left open), so no rows wait to be joined with the next range."""
+        head = min(rows, -self.rows_seen % FOLD_BLOCK)
+        cuts = sorted({0, head, *range(head + self.block_rows, rows, self.block_rows), rows})
+        return list(zip(cuts[:-1], cuts[1:], strict=True))
 
     def finish(self, client_ids: np.ndarray, scalars: Tree, num_samples: Tensor, stats: Tree) -> StreamedUpdates:
         means = {name: acc.result() for name, acc in self.accumulators.items()}
         return StreamedUpdates(
             client_ids, num_samples, scalars["num_steps"], scalars["train_loss"], stats, self.lr, self.num_clients,
-            means, self.delta_total, self.spool, self.extras_bytes,
+            means, self.delta_fold.result(), self.spool, self.extras_bytes,
         )  # fmt: skip
 
 

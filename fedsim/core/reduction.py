@@ -110,13 +110,18 @@ class RowFold:
             self.total = block_sum.clone() if self.total is None else self.total + block_sum
 
     def result(self) -> Tensor | None:
-        """The sum so far (None before any row); pending rows are folded as a zero-padded block."""
+        """The sum so far (None before any row); pending rows are folded as a block whose missing rows are
+        zero (the tree adds only the rows that exist: ``x + 0 = x``)."""
         if self.pending:
             rows = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
-            padded = rows.new_zeros(FOLD_BLOCK, rows.shape[1])
-            padded[: rows.shape[0]] = rows
             self.pending, self.pending_rows = [], 0
-            self._fold(padded.unsqueeze(0))
+            size = FOLD_BLOCK
+            while size > 1:
+                size //= 2
+                upper = rows[size : 2 * size]
+                rows = rows[:size]
+                rows[: len(upper)] += upper
+            self.total = rows[0].clone() if self.total is None else self.total + rows[0]
         return self.total
 
 

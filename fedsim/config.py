@@ -37,14 +37,14 @@ else:  # pragma: no cover
 COMPONENT_KEYS: dict[str, str] = {
     "dataset": "dataset", "partition": "partitioner", "model": "model", "strategy": "strategy",
     "aggregator": "aggregator", "regulator": "regulator", "client_filter": "client_filter",
-    "availability": "availability", "sampler": "sampler", "optimizer": "optimizer", "lr_schedule": "lr_schedule",
-    "problem": "problem", "executor": "executor", "backend": "backend",
+    "availability": "availability", "system": "system", "sampler": "sampler", "optimizer": "optimizer",
+    "lr_schedule": "lr_schedule", "problem": "problem", "executor": "executor", "backend": "backend",
 }  # fmt: skip
 """Config key -> component kind (``strategy`` is a ``decentralized`` strategy when a topology is given)."""
 
 DEFAULTS: dict[str, str | None] = {
     "dataset": "digits", "partition": "dirichlet", "model": "mlp", "strategy": None, "aggregator": "mean",
-    "regulator": "none", "client_filter": "none", "availability": "always", "sampler": "shuffle",
+    "regulator": "none", "client_filter": "none", "availability": "always", "system": "uniform", "sampler": "shuffle",
     "optimizer": "sgd", "lr_schedule": "constant", "problem": None, "executor": "local", "backend": "fedsim",
 }  # fmt: skip
 
@@ -116,6 +116,7 @@ class RunConfig(BaseModel):
     regulator: Spec
     client_filter: Spec
     availability: Spec
+    system: Spec
     # local training
     rounds: int = Field(20, ge=1, le=1_000_000, description="Communication rounds.")
     local_steps: int = Field(10, ge=1, le=1_000_000, description="Local optimizer steps per round.")

@@ -81,6 +81,7 @@ class DecentralizedMode:
     def __init__(self, strategy, schedule: Schedule, device: torch.device) -> None:
         self.strategy, self.schedule, self.device = strategy, schedule, device
         self._static = self._gossip_step(0) if schedule.period == 1 else None
+        self._matrix = schedule.matrix(0) if schedule.period == 1 else None
 
     def _gossip_step(self, t: int) -> tuple[Tensor, float, int]:
         """W_t on the device, its spectral gap, and the number of directed edges (messages) it uses."""
@@ -118,6 +119,15 @@ class DecentralizedMode:
         }
         extras = {**_prefixed("opt.", updates.opt_state), **_prefixed("strategy.", strategy_state)}
         return ServerState(new_params, extras), metrics
+
+    def client_bytes(
+        self, sim: Simulation, round_: int, plan: Plan, updates: ClientUpdates
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Bytes each node receives (a model from every in-neighbour of W_t) and sends (one to every
+        out-neighbour) in this round's gossip."""
+        w = self.schedule.matrix(round_ - 1) if self._static is None else self._matrix
+        links = (np.asarray(w) != 0) & ~np.eye(len(w), dtype=bool)  # links[i, j]: i receives from j
+        return links.sum(1) * sim.model_bytes, links.sum(0) * sim.model_bytes
 
     def evaluate(self, sim: Simulation, state: ServerState) -> dict[str, Any]:
         return sim.task.evaluate_nodes(sim, state.params)

@@ -103,6 +103,7 @@ class GridExecutor:
     def __init__(self, grid, nodes: list[int], local) -> None:
         self.grid, self.nodes = grid, nodes
         self.sampler, self.chunk_size, self.device = local.sampler, 1, local.device
+        self.batch_size = local.batch_size
         self.num_clients = len(nodes)
         self.client_state: Tree = {}
         self.sampler_state = None
@@ -116,7 +117,12 @@ class GridExecutor:
         messages = [Message(record, self.nodes[c], MessageType.TRAIN, group_id=str(round_)) for c in ids]
         replies = self.grid.send_and_receive(messages)
         return updates_from_replies(
-            replies, {self.nodes[c]: c for c in ids}, params, lr=lr, num_clients=self.num_clients
+            replies,
+            {self.nodes[c]: c for c in ids},
+            params,
+            lr=lr,
+            num_clients=self.num_clients,
+            batch_size=self.batch_size,
         )
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ from fedsim.data.markov import chain_report
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate, per_client_accuracy
 from fedsim.engine.store import ClientStore
 from fedsim.results import SUMMARY_FILE, ResultsDir
+from fedsim.system import durations
 from fedsim.threads import ThreadGovernor
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -143,6 +144,11 @@ class FederatedMode:
             "bytes_down": selected * (sim.model_bytes + nbytes(plan.broadcast)),
         }
 
+    def client_bytes(self, sim: Simulation, round_: int, plan: Plan, updates: ClientUpdates) -> tuple[int, int]:
+        """Bytes each selected client downloads (the model and the broadcast) and uploads (the model and its
+        extras) this round."""
+        return sim.model_bytes + nbytes(plan.broadcast), sim.model_bytes + updates.extras_bytes()
+
     def evaluate(self, sim: Simulation, state: ServerState) -> dict[str, Any]:
         params = state.params
         test = evaluate(sim.model, params, sim.x_test, sim.y_test)
@@ -170,6 +176,7 @@ class Parts:
     lr_schedule: Any
     executor: Executor
     optimizer_state_bytes: int
+    system: Any = None
 
 
 class Simulation:
@@ -183,6 +190,10 @@ class Simulation:
         self.strategy = parts.mode.strategy
         self.sampler, self.lr_schedule, self.executor = parts.sampler, parts.lr_schedule, parts.executor
         self.optimizer_state_bytes = parts.optimizer_state_bytes
+        self.system = parts.system
+        """The system model (:mod:`fedsim.system`): clients' speeds on the virtual clock."""
+        self.participation = np.zeros(parts.store.num_clients, dtype=np.int64)
+        """Rounds each client has trained in (``summary.json``'s ``participation``)."""
         self.loss_fn, self.correct = self.task.loss_fn, self.task.correct
         self.init_params = parameters_of(self.model)
         self.governor: ThreadGovernor | None = None
@@ -226,11 +237,12 @@ class Simulation:
         plan, before, lr = planned.plan, planned.metrics, self.lr(round_)
         if len(plan.client_ids) == 0:  # nobody available: the model and server state stay as they are
             record = {"round": round_, "lr": lr, "clients": 0, "train_loss": None, "drift": None,
-                      "update_norm": 0.0, "bytes_up": 0, "bytes_down": 0}  # fmt: skip
+                      "update_norm": 0.0, "bytes_up": 0, "bytes_down": 0, "round_time_s": 0.0}  # fmt: skip
             return state, {**record, **before}
         updates = self.executor.train(plan, planned.params, round_, lr, start=planned.start,
                                       opt_state=planned.opt_state)  # fmt: skip
         new_state, metrics = self.mode.combine(self, round_, state, plan, updates)
+        np.add.at(self.participation, np.asarray(updates.client_ids, dtype=np.int64), 1)
         stats = {name: float(v.double().mean()) for name, v in updates.stats.items()}
         record = {
             **stats,
@@ -240,9 +252,21 @@ class Simulation:
             "train_loss": float((updates.train_loss.double() * updates.weights.to(torch.float64)).sum()),
             "drift": updates.drift(),
             **metrics,
+            "round_time_s": self.round_time(round_, plan, updates),
             **before,
         }
         return new_state, record
+
+    def round_time(self, round_: int, plan: Plan, updates: ClientUpdates) -> float:
+        """Virtual seconds of a synchronous round: the slowest trained client's duration
+        (:func:`fedsim.system.durations`)."""
+        down, up = self.mode.client_bytes(self, round_, plan, updates)
+        samples = updates.samples_processed
+        if samples is None:
+            samples = updates.num_steps.double() * self.config.batch_size
+        profiles = self.system.profiles(self.store.num_clients)
+        seconds = durations(profiles, updates.client_ids, down, up, samples.double().cpu().numpy())
+        return float(seconds.max()) if len(seconds) else 0.0
 
     def evaluate_state(self, state: ServerState) -> dict[str, Any]:
         return self.mode.evaluate(self, state)
@@ -256,6 +280,7 @@ class Simulation:
             "extras": {k: v.cpu() for k, v in state.extras.items()},
             "client_state": self.executor.client_state,
             "sampler_state": {k: torch.as_tensor(v) for k, v in sampler_state.items()},
+            "participation": torch.as_tensor(self.participation),
         }
 
     def restore(self, payload: dict[str, Any]) -> tuple[int, ServerState]:
@@ -266,6 +291,8 @@ class Simulation:
         self.executor.client_state = dict(payload["client_state"])
         sampler_state = payload.get("sampler_state") or {}
         self.executor.sampler_state = {k: v.numpy() for k, v in sampler_state.items()} or None
+        if "participation" in payload:  # checkpoints before the virtual clock: counts restart at resume
+            self.participation = payload["participation"].numpy().astype(np.int64).copy()
         return int(payload["round"]), state
 
     def _check_checkpoint(self, payload: Any) -> None:
@@ -319,6 +346,8 @@ class Simulation:
                 self.governor.update()
             t0 = time.perf_counter()
             state, record = self.round(r, state)
+            before = history[-1].get("virtual_time_s") if history else None
+            record["virtual_time_s"] = (before or 0.0) + record["round_time_s"]
             loss = record["train_loss"]  # None in a round without clients
             diverged = (loss is not None and not math.isfinite(loss)) or not all_finite(state.params)
             if not diverged and (r % c.eval_every == 0 or r == c.rounds):
@@ -368,6 +397,9 @@ class Simulation:
             "final_oscillation": last_eval.get("oscillation"),
             "final_train_loss": next((h["train_loss"] for h in reversed(history) if h["train_loss"] is not None), None),
             "total_time_s": float(sum(h.get("time_s", 0.0) for h in history)),
+            "virtual_time_s": history[-1].get("virtual_time_s") if history else 0.0,
+            "time_to_accuracy": time_to_accuracy(history),
+            "participation": participation_stats(self.participation),
             "total_bytes_up": int(sum(h["bytes_up"] for h in history)),
             "total_bytes_down": int(sum(h["bytes_down"] for h in history)),
             "num_params": self.num_params,
@@ -392,3 +424,28 @@ class Simulation:
         if self._sampler_report is None:
             self._sampler_report = chain_report(self.sampler, self.store.sizes, self.config.seed)
         return self._sampler_report
+
+
+ACCURACY_TARGETS = (0.5, 0.7, 0.8, 0.9)
+
+
+def time_to_accuracy(history: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Virtual seconds until the test accuracy first reaches each of :data:`ACCURACY_TARGETS` (null if never),
+    keyed ``"0.5"``, ``"0.7"``, ..."""
+    out: dict[str, float | None] = {}
+    for target in ACCURACY_TARGETS:
+        hit = next((h for h in history if (h.get("test_accuracy") or 0.0) >= target), None)
+        out[str(target)] = hit.get("virtual_time_s") if hit else None
+    return out
+
+
+def participation_stats(counts: np.ndarray) -> dict[str, float]:
+    """Rounds each client trained in: min, median, max, and the Gini coefficient of the counts
+    (``sum_ij |c_i - c_j| / (2 n^2 mean)``; 0 when every client took part equally)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if len(counts) == 0:
+        return {"min": 0, "median": 0.0, "max": 0, "gini": 0.0}
+    ordered = np.sort(counts)
+    n, total = len(ordered), float(ordered.sum())
+    gini = 0.0 if total == 0 else float((2 * np.arange(1, n + 1) - n - 1) @ ordered / (n * total))
+    return {"min": int(ordered[0]), "median": float(np.median(ordered)), "max": int(ordered[-1]), "gini": gini}

@@ -87,6 +87,8 @@ def assemble(config: RunConfig) -> Simulation:
     if any(len(p) == 0 for p in train_parts):
         raise FedsimError("a client has no training samples; raise --min-client-size or lower the test fraction")
     store = ClientStore.build(ds.x_train, ds.y_train, train_parts, test_parts, device)
+    system = components.build("system", c.system, seed=c.seed)
+    system.profiles(store.num_clients)  # a trace that does not fit the run fails here, before training
     if c.batch_size > int(store.sizes.max()):
         warnings.warn(
             f"batch size {c.batch_size} exceeds every client's training samples (the largest client has "
@@ -122,7 +124,7 @@ def assemble(config: RunConfig) -> Simulation:
         y_test=torch.as_tensor(ds.y_test, dtype=torch.int64, device=device),
         task=task, model=model, mode=mode, sampler=sampler,
         lr_schedule=components.build("lr_schedule", c.lr_schedule), executor=local,
-        optimizer_state_bytes=state_bytes(optimizer.init(stack(init_params, 1))),
+        optimizer_state_bytes=state_bytes(optimizer.init(stack(init_params, 1))), system=system,
     ))  # fmt: skip
     itself.target = sim
     # Resolved once per run (not per round from free memory): float32 results of convolutional models

@@ -90,7 +90,7 @@ def test_flower_grid_executor_implements_the_protocol():
     from fedsim.flower_backend import GridExecutor
 
     class Local:
-        sampler, device = None, "cpu"
+        sampler, device, batch_size = None, "cpu", 32
 
     grid_executor = GridExecutor(grid=None, nodes=[1, 2], local=Local())
     assert isinstance(grid_executor, Executor)

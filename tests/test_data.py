@@ -53,7 +53,7 @@ def test_unknown_dataset_suggests():
 
 def test_path_only_for_npz(tmp_path):
     with pytest.raises(
-        FedsimError, match=r"dataset 'digits' has no option 'path' \('path' is an option of dataset 'npz'\)"
+        FedsimError, match=r"dataset 'digits' has no option 'path' \('path' is an option of dataset 'npz'"
     ):
         load_dataset("digits", path=str(tmp_path / "x.npz"))
 

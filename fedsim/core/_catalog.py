@@ -248,6 +248,31 @@ CATALOG = {
             'p_off': (Annotated[float, Field(gt=0, le=1)], 0.5),
         }),
     },
+    'system': {
+        'uniform': (False, {
+            'compute_s_per_sample': (Annotated[float, Field(gt=0)], 0.001),
+            'down_mbps': (Annotated[float, Field(gt=0)], 20.0),
+            'up_mbps': (Annotated[float, Field(gt=0)], 5.0),
+            'latency_s': (Annotated[float, Field(ge=0)], 0.05),
+        }),
+        'lognormal': (False, {
+            'sigma': (Annotated[float, Field(ge=0)], 1.0),
+            'compute_s_per_sample': (Annotated[float, Field(gt=0)], 0.001),
+            'down_mbps': (Annotated[float, Field(gt=0)], 20.0),
+            'up_mbps': (Annotated[float, Field(gt=0)], 5.0),
+            'latency_s': (Annotated[float, Field(ge=0)], 0.05),
+        }),
+        'pareto': (False, {
+            'shape': (Annotated[float, Field(gt=0)], 1.5),
+            'compute_s_per_sample': (Annotated[float, Field(gt=0)], 0.001),
+            'down_mbps': (Annotated[float, Field(gt=0)], 20.0),
+            'up_mbps': (Annotated[float, Field(gt=0)], 5.0),
+            'latency_s': (Annotated[float, Field(ge=0)], 0.05),
+        }),
+        'trace': (False, {
+            'path': (str, ...),
+        }),
+    },
     'problem': {
         'auc': (False, {
             'positive_classes': (list[int] | None, None),

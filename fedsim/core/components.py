@@ -558,6 +558,8 @@ for _kind in (
     Kind("lr_schedule", "lr_schedule", "per-round local learning rate", "fedsim.optim", required=("lr",)),
     Kind("availability", "availability", "which clients can take part in a round", "fedsim.availability",
          frozenset({"seed"}), none="always"),
+    Kind("system", "system", "clients' compute speed, bandwidths and latency on the virtual clock", "fedsim.system",
+         frozenset({"seed"}), required=("profiles",)),
     Kind("problem", "problem", "min-max problem of the decentralized SGDA strategies", "fedsim.minimax",
          required=("loss", "wrap")),
     Kind("executor", "executor", "where client training runs", "fedsim.engine.executors",

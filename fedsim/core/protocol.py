@@ -51,7 +51,8 @@ class ClientUpdates:
     ``opt_state``: the clients' local optimizer state at the end (kept by decentralized nodes);
     ``stats``: per-client diagnostics ``[C]`` that are not uploaded (a regulator's damped norm fraction);
     ``lr``: the round's local learning rate; ``num_clients``: the population size N the clients were drawn
-    from (SCAFFOLD's and FedDyn's ``|S| / N``).
+    from (SCAFFOLD's and FedDyn's ``|S| / N``); ``samples_processed``: the samples each client trained on
+    (the virtual clock's compute time).
     """
 
     client_ids: np.ndarray
@@ -64,6 +65,8 @@ class ClientUpdates:
     stats: Tree = field(default_factory=dict)
     lr: float | None = None
     num_clients: int | None = None
+    samples_processed: Tensor | None = None
+    """Samples each client processed in the round (None when the executor does not report them)."""
 
     @property
     def weights(self) -> Tensor:

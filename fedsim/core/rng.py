@@ -20,6 +20,7 @@ STREAM_INIT = 3
 STREAM_AVAILABILITY = 4
 STREAM_PARTITION = 5
 STREAM_SUBSET = 6
+STREAM_SYSTEM = 7
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

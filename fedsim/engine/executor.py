@@ -185,7 +185,8 @@ class LocalExecutor:
         for first in range(0, len(ids), chunk):
             rows = slice(first, first + chunk)
             r = self._train_chunk(ids[rows], plan, params, round_, lr, _rows(start, rows), _rows(opt_state, rows))
-            scalars = {"num_steps": r.num_steps, "train_loss": r.train_loss.to(self.device)}
+            scalars = {"num_steps": r.num_steps, "train_loss": r.train_loss.to(self.device),
+                       "samples_processed": r.samples_processed}  # fmt: skip
             if streaming is not None:  # fold the chunk into the declared means and drop its uploads
                 streaming.add(chunk_updates(ids[rows], sizes[rows], r, lr, self.store.num_clients))
                 out.add(first, stats=r.stats, scalars=scalars)
@@ -206,6 +207,7 @@ class LocalExecutor:
             stats=out.trees["stats"],
             lr=lr,
             num_clients=self.store.num_clients,
+            samples_processed=scalars["samples_processed"],
         )
 
     def _train_chunk(self, chunk_ids, plan, params, round_, lr, start=None, opt_state=None):
@@ -225,6 +227,7 @@ class LocalExecutor:
             result = self.trainer.train(*args, plan.broadcast, state, start, opt_state)
         for k, v in result.client_state.items():
             self.client_state[k][rows] = v.detach().cpu()
+        result.samples_processed = mask.sum(dim=(1, 2))
         return result
 
 

@@ -137,6 +137,7 @@ class ShardWorker:
         )
         meta = {
             "num_samples": u.num_samples.cpu(), "num_steps": u.num_steps.cpu(), "train_loss": u.train_loss.cpu(),
+            "samples_processed": u.samples_processed.cpu(),
             "stats": _cpu(u.stats), "extras_bytes": u.extras_bytes(),
             "delta_sum": delta_sum(u.deltas).cpu(),
             "weighted_sum": self.reduce("deltas", weights) if weights is not None else None,
@@ -178,6 +179,7 @@ class ShardedUpdates:
         order = sorted(spans)
         cat = lambda key: torch.cat([metas[i][key] for i in order]).to(device)  # noqa: E731
         self.num_samples, self.num_steps, self.train_loss = cat("num_samples"), cat("num_steps"), cat("train_loss")
+        self.samples_processed = cat("samples_processed")
         stats = [metas[i]["stats"] for i in order]
         self.stats = {k: v.to(device) for k, v in concat(stats).items()} if stats[0] else {}
         self._extras_bytes = metas[order[0]]["extras_bytes"]

@@ -142,10 +142,12 @@ class StreamingRound:
 
     def finish(self, client_ids: np.ndarray, scalars: Tree, num_samples: Tensor, stats: Tree) -> StreamedUpdates:
         means = {name: acc.result() for name, acc in self.accumulators.items()}
-        return StreamedUpdates(
+        updates = StreamedUpdates(
             client_ids, num_samples, scalars["num_steps"], scalars["train_loss"], stats, self.lr, self.num_clients,
             means, self.delta_fold.result(), self.spool, self.extras_bytes,
         )  # fmt: skip
+        updates.samples_processed = scalars.get("samples_processed")
+        return updates
 
 
 class StreamedUpdates:
@@ -158,6 +160,7 @@ class StreamedUpdates:
         self.client_ids, self.num_samples, self.num_steps = client_ids, num_samples, num_steps
         self.train_loss = train_loss
         self.stats, self.lr, self.num_clients = stats, lr, num_clients
+        self.samples_processed: Tensor | None = None
         self.means, self.delta_total, self.spool, self._extras_bytes = means, delta_total, spool, extras_bytes
 
     @property

@@ -59,6 +59,8 @@ class ChunkResult:
     client_state: Tree
     opt_state: Tree = field(default_factory=dict)
     stats: Tree = field(default_factory=dict)
+    samples_processed: Tensor | None = None
+    """Samples each client processed in the round (valid minibatch entries over its steps; set by the executor)."""
 
 
 def _masked_mean(losses: Tensor, mask: Tensor) -> Tensor:

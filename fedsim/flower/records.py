@@ -28,6 +28,10 @@ ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 BROADCAST, EXTRAS = "fedsim.broadcast", "fedsim.extras"
 CLIENT_STATE, SAMPLER_STATE = "fedsim.client_state", "fedsim.sampler_state"
 NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS = "num-examples", "num-steps", "train-loss"
+NUM_PROCESSED = "num-processed"
+"""Optional reply metric: the samples a client processed (the virtual clock's compute time); fedsim's clients
+send it, and a reply without it counts ``num-steps`` full batches."""
+RESERVED_METRICS = (NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS, NUM_PROCESSED)
 
 
 class FlowerReplyError(FedsimError):
@@ -69,7 +73,7 @@ def reply_metrics(content) -> Any:
 
 def updates_from_replies(
     replies: Iterable, client_of: dict[int, int], params: Tree, *, lr: float | None, num_clients: int,
-    required_extras: tuple[str, ...] = (),
+    required_extras: tuple[str, ...] = (), batch_size: int = 1,
 ) -> ClientUpdates:  # fmt: skip
     """Our :class:`ClientUpdates` from Flower train replies: ``deltas = params - local model``, sample counts,
     step counts, losses, extras and diagnostics, in client-id order. ``client_of`` maps node id -> client id.
@@ -99,7 +103,7 @@ def updates_from_replies(
         local = from_record(content[ARRAYS], device)
         if local.keys() != params.keys():
             raise FlowerReplyError(f"reply of {who}: its model's arrays do not match the global model's names")
-        stats = {k: float(v) for k, v in metrics.items() if k not in (NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS)}
+        stats = {k: float(v) for k, v in metrics.items() if k not in RESERVED_METRICS}
         rows.append((client, {k: params[k] - local[k] for k in params}, metrics, extras, stats))
     if not rows:
         raise FlowerReplyError("no client replied to this round's train messages")
@@ -116,6 +120,9 @@ def updates_from_replies(
         stats={k: torch.tensor([r[4][k] for r in rows], device=device) for k in stats_keys},
         lr=lr,
         num_clients=num_clients,
+        samples_processed=torch.tensor(
+            [float(r[2].get(NUM_PROCESSED, float(r[2][NUM_STEPS]) * batch_size)) for r in rows], device=device
+        ),
     )
 
 
@@ -151,6 +158,7 @@ def train_replies(messages: dict, params: Tree, updates: ClientUpdates) -> list:
         local = {k: params[k] - v[row] for k, v in updates.deltas.items()}
         metrics = {
             NUM_EXAMPLES: int(updates.num_samples[row]), NUM_STEPS: int(updates.num_steps[row]),
+            **({NUM_PROCESSED: int(updates.samples_processed[row])} if updates.samples_processed is not None else {}),
             TRAIN_LOSS: float(updates.train_loss[row]), **{k: float(v[row]) for k, v in updates.stats.items()},
         }  # fmt: skip
         content = {ARRAYS: to_record(local), "metrics": MetricRecord(metrics)}

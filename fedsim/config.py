@@ -117,6 +117,17 @@ class RunConfig(BaseModel):
     client_filter: Spec
     availability: Spec
     system: Spec
+    deadline_s: float | None = Field(
+        None, gt=0, description="Synchronous rounds: clients that would take longer are dropped (virtual seconds)."
+    )
+    partial_work: bool = Field(False, description="With deadline_s: keep the local steps done by the deadline.")
+    over_selection: float = Field(
+        0.0, ge=0, description="Select ceil(K(1+x)) clients, aggregate the first K to finish."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Per-round probability that a selected client drops out.")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Each client runs the local steps that fit this many virtual seconds."
+    )
     # local training
     rounds: int = Field(20, ge=1, le=1_000_000, description="Communication rounds.")
     local_steps: int = Field(10, ge=1, le=1_000_000, description="Local optimizer steps per round.")
@@ -198,6 +209,11 @@ class RunConfig(BaseModel):
                 raise FedsimError(f"option '{added[0]}' applies to federated strategies, not to decentralized training")
             if self.fraction != 1.0 or self.min_clients != 1:
                 raise FedsimError("fraction/min_clients select federated clients; every node trains over a topology")
+            if self.round_policy.active:
+                raise FedsimError(
+                    "deadline_s/over_selection/dropout/time_budget_s apply to federated rounds, not to training "
+                    "over a topology"
+                )
         if self.problem is not None and not self.minimax:
             raise FedsimError(
                 f"problem '{self.problem.name}' applies to the min-max strategies dsgda and dsgda-atc, "
@@ -224,6 +240,7 @@ class RunConfig(BaseModel):
             )
         self._check_microbatches()
         self._check_flower()
+        self.round_policy  # noqa: B018 (validates partial_work against deadline_s)
         return self
 
     def _check_microbatches(self) -> None:
@@ -251,9 +268,17 @@ class RunConfig(BaseModel):
         if self.backend.name == "flower":
             for bad, why in ((self.executor.name != "local", f"--executor {self.executor.name}"),
                              (bool(self.topology), "--topology"),
+                             (self.round_policy.active, "deadline_s/over_selection/dropout/time_budget_s"),
                              (self.flower_hosted, f"strategy '{self.strategy.name}'")):  # fmt: skip
                 if bad:
                     raise FedsimError(f"--backend flower runs federated fedsim strategies; drop {why}")
+
+    @property
+    def round_policy(self):
+        """The synchronous round policies (:class:`fedsim.round_policy.RoundPolicy`)."""
+        from fedsim.round_policy import RoundPolicy
+
+        return RoundPolicy(self.deadline_s, self.partial_work, self.over_selection, self.dropout, self.time_budget_s)
 
     @property
     def flower_hosted(self) -> bool:

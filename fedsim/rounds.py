@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -37,6 +37,7 @@ from fedsim.data.markov import chain_report
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate, per_client_accuracy
 from fedsim.engine.store import ClientStore
 from fedsim.results import SUMMARY_FILE, ResultsDir
+from fedsim.round_policy import RoundPolicy, RoundSchedule, check_reachable, extra_clients, schedule_round
 from fedsim.system import durations
 from fedsim.threads import ThreadGovernor
 
@@ -192,6 +193,8 @@ class Simulation:
         self.optimizer_state_bytes = parts.optimizer_state_bytes
         self.system = parts.system
         """The system model (:mod:`fedsim.system`): clients' speeds on the virtual clock."""
+        self.policy: RoundPolicy = config.round_policy
+        """Synchronous round policies (deadline, over-selection, dropout, time budget)."""
         self.participation = np.zeros(parts.store.num_clients, dtype=np.int64)
         """Rounds each client has trained in (``summary.json``'s ``participation``)."""
         self.loss_fn, self.correct = self.task.loss_fn, self.task.correct
@@ -201,6 +204,13 @@ class Simulation:
         self.saved_threads: int | None = None
         """The caller's torch thread count, restored by :meth:`close`."""
         self.model_bytes = nbytes(self.init_params)
+        declared = getattr(getattr(self.strategy, "client_algorithm", None), "extra_uploads", None)
+        extras = declared(self.init_params) if declared is not None else {}
+        self.upload_bytes = self.model_bytes + nbytes(extras)
+        """Bytes one client uploads per round (the model-sized delta and its algorithm's extras)."""
+        if self.policy.active:
+            down = self.model_bytes  # plus a broadcast, known per round
+            check_reachable(self.policy, self.system.profiles(self.store.num_clients), down, self.upload_bytes)
         self.num_params = sum(v.numel() for v in self.init_params.values())
         self._sampler_report: dict[str, Any] | None = None
 
@@ -235,9 +245,14 @@ class Simulation:
         (without evaluation)."""
         planned = self.mode.plan(self, round_, state)
         plan, before, lr = planned.plan, planned.metrics, self.lr(round_)
-        if len(plan.client_ids) == 0:  # nobody available: the model and server state stay as they are
+        schedule = None
+        if self.policy.active and len(plan.client_ids):
+            plan, schedule = self.schedule(round_, plan)
+            before.update(dropped=schedule.dropped, wasted_samples=schedule.wasted_samples)
+        if len(plan.client_ids) == 0:  # nobody available (or kept): the model and server state stay as they are
             record = {"round": round_, "lr": lr, "clients": 0, "train_loss": None, "drift": None,
-                      "update_norm": 0.0, "bytes_up": 0, "bytes_down": 0, "round_time_s": 0.0}  # fmt: skip
+                      "update_norm": 0.0, "bytes_up": 0, "bytes_down": 0,
+                      "round_time_s": schedule.round_time_s if schedule else 0.0}  # fmt: skip
             return state, {**record, **before}
         updates = self.executor.train(plan, planned.params, round_, lr, start=planned.start,
                                       opt_state=planned.opt_state)  # fmt: skip
@@ -252,10 +267,31 @@ class Simulation:
             "train_loss": float((updates.train_loss.double() * updates.weights.to(torch.float64)).sum()),
             "drift": updates.drift(),
             **metrics,
-            "round_time_s": self.round_time(round_, plan, updates),
+            "round_time_s": schedule.round_time_s if schedule else self.round_time(round_, plan, updates),
             **before,
         }
         return new_state, record
+
+    def schedule(self, round_: int, plan: Plan) -> tuple[Plan, RoundSchedule]:
+        """The round's clients after the synchronous policies (:mod:`fedsim.round_policy`): over-selected
+        candidates, then those kept, with their step limits."""
+        c, policy = self.config, self.policy
+        ids = np.asarray(plan.client_ids, dtype=np.int64)
+        candidates = ids
+        if policy.over_selection > 0:
+            available = self.availability.available(round_, self.store.num_clients) if self.availability else None
+            pool = np.arange(self.store.num_clients) if available is None else available
+            candidates = np.union1d(ids, extra_clients(ids, pool, policy.over_selection, c.seed, round_))
+        batches, _ = self.sampler.sample(
+            c.seed, round_, candidates, self.store.sizes[candidates], steps=None if c.local_epochs else c.local_steps,
+            epochs=c.local_epochs, batch_size=c.batch_size, state=None,
+        )  # fmt: skip
+        down = self.model_bytes + nbytes(plan.broadcast)
+        schedule = schedule_round(
+            policy, self.system.profiles(self.store.num_clients), candidates, len(ids), batches.mask.sum(axis=2),
+            down, self.upload_bytes, seed=c.seed, round_=round_,
+        )  # fmt: skip
+        return replace(plan, client_ids=schedule.kept, step_limit=schedule.step_limit), schedule
 
     def round_time(self, round_: int, plan: Plan, updates: ClientUpdates) -> float:
         """Virtual seconds of a synchronous round: the slowest trained client's duration

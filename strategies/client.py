@@ -50,6 +50,9 @@ class ComposedClient(ClientAlgorithm):
     def finish(self, deltas: Tree, num_steps: Tensor, ctx: LocalContext) -> tuple[Tree, Tree, Tree]:
         return self.host.finish(deltas, num_steps, ctx)
 
+    def extra_uploads(self, params: Tree) -> Tree:
+        return self.host.extra_uploads(params)
+
     def regulate(self, deltas: Tree, trajectory, num_steps: Tensor) -> tuple[Tree, Tree]:
         if self.regulator is None:
             return self.host.regulate(deltas, trajectory, num_steps)

@@ -99,6 +99,9 @@ class ScaffoldClient(ClientAlgorithm):
     def init_client_state(self, params: Tree) -> Tree:
         return {f"c.{k}": torch.zeros_like(v) for k, v in params.items()}
 
+    def extra_uploads(self, params: Tree) -> Tree:
+        return {f"dc.{k}": torch.zeros_like(v) for k, v in params.items()}
+
     def grad_transform(self, grads: Tree, params: Tree, ctx: LocalContext) -> Tree:
         return self.corrected(grads, ctx)
 

@@ -143,8 +143,16 @@ def ray_session():
         },
         {"strategy": "fedcm", "aggregator": "median"},
         {"strategy": "fedavg", "regulator": "ecgr", "sampler": "markov-ring"},
+        {
+            "strategy": "fednova",
+            "system": {"name": "lognormal", "sigma": 1.0},
+            "deadline_s": 0.2,
+            "partial_work": True,
+            "over_selection": 0.5,
+            "fraction": 0.5,
+        },
     ],
-    ids=["fedavg", "scaffold", "fednova-ragged", "fedcm-median", "ecgr-markov"],
+    ids=["fedavg", "scaffold", "fednova-ragged", "fedcm-median", "ecgr-markov", "deadline-partial"],
 )
 def test_same_metrics_as_the_local_executor(ray_session, options):
     config = {**BASE, **{k: v for k, v in options.items() if v is not None}}

@@ -39,6 +39,9 @@ class Plan:
     """When set, the server reads nothing of the uploads but these weighted means (by name, through
     :meth:`ClientUpdates.mean`) and the per-client scalars: an executor may then fold each chunk of clients
     into them as it finishes and drop its uploads (:class:`~fedsim.engine.streamed.StreamedUpdates`)."""
+    step_limit: np.ndarray | None = None
+    """When set, the most local steps each client (in ``client_ids`` order) takes this round: the first
+    ``step_limit[k]`` of its planned steps (a deadline's partial work, a per-round time budget)."""
 
 
 @dataclass
@@ -246,6 +249,11 @@ class ClientAlgorithm:
     def finish(self, deltas: Tree, num_steps: Tensor, ctx: LocalContext) -> tuple[Tree, Tree, Tree]:
         """After local training: return ``(uploaded deltas, upload extras, new client state)``."""
         return deltas, {}, ctx.client_state
+
+    def extra_uploads(self, params: Tree) -> Tree:
+        """Template (one client, unstacked) of the extras :meth:`finish` uploads besides the delta: the virtual
+        clock needs their bytes before training (SCAFFOLD's control-variate change). Empty by default."""
+        return {}
 
     def regulate(self, deltas: Tree, trajectory, num_steps: Tensor) -> tuple[Tree, Tree]:
         """Turn the uploaded deltas (and the recorded trajectory, when :attr:`trajectory` asks for one; else

@@ -14,7 +14,7 @@ from torch import nn
 
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, Plan
 from fedsim.core.pytree import Tree, stack
-from fedsim.data.samplers import Sampler
+from fedsim.data.samplers import Batches, Sampler
 
 from .store import ClientStore
 from .streamed import StreamingRound, chunk_updates
@@ -184,7 +184,10 @@ class LocalExecutor:
             streaming = StreamingRound(plan, params, lr, self.store.num_clients, host)
         for first in range(0, len(ids), chunk):
             rows = slice(first, first + chunk)
-            r = self._train_chunk(ids[rows], plan, params, round_, lr, _rows(start, rows), _rows(opt_state, rows))
+            limit = plan.step_limit[rows] if plan.step_limit is not None else None
+            r = self._train_chunk(
+                ids[rows], plan, params, round_, lr, _rows(start, rows), _rows(opt_state, rows), limit
+            )
             scalars = {"num_steps": r.num_steps, "train_loss": r.train_loss.to(self.device),
                        "samples_processed": r.samples_processed}  # fmt: skip
             if streaming is not None:  # fold the chunk into the declared means and drop its uploads
@@ -210,12 +213,13 @@ class LocalExecutor:
             samples_processed=scalars["samples_processed"],
         )
 
-    def _train_chunk(self, chunk_ids, plan, params, round_, lr, start=None, opt_state=None):
+    def _train_chunk(self, chunk_ids, plan, params, round_, lr, start=None, opt_state=None, step_limit=None):
         batches, self.sampler_state = self.sampler.sample(
             self.seed, round_, chunk_ids, self.store.sizes[chunk_ids],
             steps=self.local_steps, epochs=self.local_epochs, batch_size=self.batch_size,
             state=self.sampler_state,
         )  # fmt: skip
+        batches = limit_steps(batches, step_limit)
         index = self.store.global_index(chunk_ids, batches.positions)
         mask = torch.as_tensor(batches.mask, device=self.device)
         rows = self.state_rows(chunk_ids)
@@ -229,6 +233,17 @@ class LocalExecutor:
             self.client_state[k][rows] = v.detach().cpu()
         result.samples_processed = mask.sum(dim=(1, 2))
         return result
+
+
+def limit_steps(batches: Batches, step_limit: np.ndarray | None) -> Batches:
+    """The first ``step_limit[c]`` planned steps of every client (the rest masked off; trailing steps that no
+    client takes are cut). Unchanged without a limit."""
+    if step_limit is None:
+        return batches
+    limit = np.asarray(step_limit, dtype=np.int64)
+    mask = batches.mask & (np.arange(batches.mask.shape[1])[None, :, None] < limit[:, None, None])
+    steps = int(mask.any(axis=2).any(axis=0).nonzero()[0].max(initial=-1)) + 1
+    return Batches(batches.positions[:, :steps], mask[:, :steps])
 
 
 class ChunkStacker:

@@ -240,6 +240,7 @@ class RunConfig(BaseModel):
             )
         self._check_microbatches()
         self._check_flower()
+        self._check_asynchronous()
         self.round_policy  # noqa: B018 (validates partial_work against deadline_s)
         return self
 
@@ -257,6 +258,23 @@ class RunConfig(BaseModel):
                 f"client_filter.microbatches and regulator.microbatches must agree (both split the same minibatch); "
                 f"got {counts['client_filter.microbatches']} and {counts['regulator.microbatches']}"
             )
+
+    def _check_asynchronous(self) -> None:
+        """FedAsync and FedBuff keep ``strategy.concurrency`` clients in flight on the virtual clock: round-based
+        selection, availability and synchronous round policies do not apply."""
+        if self.topology or not getattr(_strategy_class(self.strategy.name, False), "asynchronous", False):
+            return
+        name = self.strategy.name
+        for bad, what in ((self.fraction != 1.0 or self.min_clients != 1, "fraction/min_clients (use strategy.concurrency)"),
+                          (self.availability.name != DEFAULTS["availability"], f"availability '{self.availability.name}'"),
+                          (self.aggregator.name != DEFAULTS["aggregator"], f"aggregator '{self.aggregator.name}'"),
+                          (self.round_policy.active, "deadline_s/over_selection/dropout/time_budget_s"),
+                          (self.backend.name != "fedsim", f"--backend {self.backend.name}")):  # fmt: skip
+            if bad:
+                raise FedsimError(f"strategy '{name}' is asynchronous (clients in flight on the virtual clock); drop {what}")
+        concurrency = self.strategy.get("concurrency")
+        if concurrency is not None and concurrency > self.clients:
+            raise FedsimError(f"strategy.concurrency {concurrency} exceeds the {self.clients} clients; lower it")
 
     def _check_flower(self) -> None:
         """``flwr:`` strategies aggregate themselves; the Flower backend runs federated fedsim strategies with

@@ -243,6 +243,9 @@ class Simulation:
     def round(self, round_: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
         """One round: plan, train the planned clients, combine; returns the new state and the round's metrics
         (without evaluation)."""
+        step = getattr(self.mode, "step", None)
+        if step is not None:  # the asynchronous event loop: events until the next server step
+            return step(self, round_, state)
         planned = self.mode.plan(self, round_, state)
         plan, before, lr = planned.plan, planned.metrics, self.lr(round_)
         schedule = None
@@ -317,6 +320,7 @@ class Simulation:
             "client_state": self.executor.client_state,
             "sampler_state": {k: torch.as_tensor(v) for k, v in sampler_state.items()},
             "participation": torch.as_tensor(self.participation),
+            **({"event_loop": self.mode.state_dict()} if hasattr(self.mode, "state_dict") else {}),
         }
 
     def restore(self, payload: dict[str, Any]) -> tuple[int, ServerState]:
@@ -329,6 +333,10 @@ class Simulation:
         self.executor.sampler_state = {k: v.numpy() for k, v in sampler_state.items()} or None
         if "participation" in payload:  # checkpoints before the virtual clock: counts restart at resume
             self.participation = payload["participation"].numpy().astype(np.int64).copy()
+        if hasattr(self.mode, "load_state_dict"):
+            if "event_loop" not in payload:
+                raise FedsimError("checkpoint has no asynchronous event-loop state (in-flight clients, clock)")
+            self.mode.load_state_dict(payload["event_loop"], self.device)
         return int(payload["round"]), state
 
     def _check_checkpoint(self, payload: Any) -> None:
@@ -451,6 +459,7 @@ class Simulation:
             "model": self.config.model.name,
             "strategy": self.config.strategy.name,
             **self.sampler_report(),
+            **(self.mode.report() if hasattr(self.mode, "report") else {}),
             **({"interrupted": True} if interrupted else {}),
         }
 

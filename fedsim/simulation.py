@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import topologies
+from fedsim.asynchronous import AsyncMode
 from fedsim.config import RunConfig, dump_config, load_config, make_config, merge
 from fedsim.core import components, rng
 from fedsim.core.errors import DivergenceError, FedsimError, FedsimWarning, OutOfMemory, RunInterrupted, unknown
@@ -29,6 +30,7 @@ from fedsim.tasks import ClassificationTask
 from fedsim.threads import ThreadGovernor, thread_count
 from fedsim.threads import configure as configure_threads
 from strategies import build_strategy
+from strategies.asynchronous import is_asynchronous
 
 __all__ = ["Simulation", "assemble", "make_simulation", "oscillation", "parameters_of", "resume", "simulate"]
 
@@ -105,9 +107,11 @@ def assemble(config: RunConfig) -> Simulation:
         context = {"client_algorithm": algorithm} if algorithm is not None else {}
         mode = DecentralizedMode(components.build("decentralized", c.strategy, **context), schedule, device)
     else:
-        mode = FederatedMode(
-            _federated_strategy(c, itself), components.build("availability", c.availability, seed=c.seed)
-        )
+        strategy = _federated_strategy(c, itself)
+        if is_asynchronous(strategy):
+            mode = AsyncMode(strategy)
+        else:
+            mode = FederatedMode(strategy, components.build("availability", c.availability, seed=c.seed))
     optimizer = components.build("optimizer", c.optimizer, model=model)
     init_params = parameters_of(model)
     sampler = components.build("sampler", c.sampler)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from fedsim.core import components
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, Plan, ServerState
 
+from .asynchronous import FedAsync, FedBuff
 from .base import Strategy, select_clients
 from .bherd import BHerd
 from .client import ComposedClient, compose, make_client_filter, make_regulator
@@ -33,7 +34,10 @@ STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, SCAFFOLD, ScaffoldM, FedNova, FedDyn, FedCM)
 }
-for _name, _cls in STRATEGIES.items():
+"""The synchronous (round-based) federated strategies."""
+ASYNC_STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAsync, FedBuff)}
+"""The asynchronous strategies (:mod:`strategies.asynchronous`): they run on the virtual clock's event loop."""
+for _name, _cls in {**STRATEGIES, **ASYNC_STRATEGIES}.items():
     components.register("strategy", _name, _cls)
 for _name, _cls in DECENTRALIZED.items():
     components.register("decentralized", _name, _cls)
@@ -69,7 +73,10 @@ def build_strategy(
 __all__ = [
     "BHerd",
     "ComposedClient",
+    "ASYNC_STRATEGIES",
     "ECGR",
+    "FedAsync",
+    "FedBuff",
     "FedCM",
     "FedDyn",
     "FedNova",

@@ -125,6 +125,23 @@ CATALOG = {
             'beta': (Annotated[float, Field(gt=0, le=1)], 0.1),
             'server_lr': (Annotated[float, Field(gt=0)], 1.0),
         }),
+        'fedasync': (False, {
+            'alpha': (Annotated[float, Field(gt=0, le=1)], 0.6),
+            'concurrency': (Annotated[int | None, Field(ge=1)], None),
+            'staleness': (Literal['constant', 'polynomial', 'hinge'], 'polynomial'),
+            'a': (Annotated[float | None, Field(ge=0)], None),
+            'b': (Annotated[float | None, Field(ge=0)], None),
+        }),
+        'fedbuff': (False, {
+            'buffer_size': (Annotated[int, Field(ge=1)], 10),
+            'concurrency': (Annotated[int | None, Field(ge=1)], None),
+            'server_lr': (Annotated[float | None, Field(gt=0)], None),
+            'server_optimizer': (Literal['sgd', 'adam', 'yogi', 'adagrad'], 'sgd'),
+            'weighting': (Literal['uniform', 'samples'], 'uniform'),
+            'staleness': (Literal['constant', 'polynomial', 'hinge'], 'polynomial'),
+            'a': (Annotated[float | None, Field(ge=0)], None),
+            'b': (Annotated[float | None, Field(ge=0)], None),
+        }),
     },
     'decentralized': {
         'dsgd': (False, {

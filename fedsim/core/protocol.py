@@ -42,6 +42,10 @@ class Plan:
     step_limit: np.ndarray | None = None
     """When set, the most local steps each client (in ``client_ids`` order) takes this round: the first
     ``step_limit[k]`` of its planned steps (a deadline's partial work, a per-round time budget)."""
+    round_keys: np.ndarray | None = None
+    """When set, the round number each client's batches are drawn for (in ``client_ids`` order), instead of
+    the round passed to ``train``: asynchronous clients trained together come from different server versions,
+    and client ``k``'s ``j``-th job draws the batches of its round ``j``."""
 
 
 @dataclass

@@ -63,6 +63,32 @@ class Sampler(Protocol):
     ) -> tuple[Batches, SamplerState | None]: ...
 
 
+def sample_by_key(
+    sampler: Sampler, seed: int, round_keys: np.ndarray, client_ids: np.ndarray, sizes: np.ndarray, *,
+    steps: int | None, epochs: int | None, batch_size: int, state: SamplerState | None = None,
+) -> tuple[Batches, SamplerState | None]:  # fmt: skip
+    """The batches of clients that draw for different rounds (``round_keys[c]`` for client ``c``): one sampler
+    call per distinct key, in key order (the state threads through them), padded to the longest with masked
+    steps. One key is a plain :meth:`Sampler.sample` call."""
+    keys = np.asarray(round_keys, dtype=np.int64)
+    client_ids, sizes = np.asarray(client_ids, dtype=np.int64), np.asarray(sizes)
+    parts = []
+    for key in np.unique(keys):
+        rows = np.flatnonzero(keys == key)
+        got, state = sampler.sample(seed, int(key), client_ids[rows], sizes[rows], steps=steps, epochs=epochs,
+                                    batch_size=batch_size, state=state)  # fmt: skip
+        parts.append((rows, got))
+    if len(parts) == 1:
+        return parts[0][1], state
+    width = max(got.positions.shape[1] for _, got in parts)
+    positions = np.zeros((len(client_ids), width, batch_size), dtype=np.int64)
+    mask = np.zeros(positions.shape, dtype=bool)
+    for rows, got in parts:
+        positions[rows, : got.positions.shape[1]] = got.positions
+        mask[rows, : got.mask.shape[1]] = got.mask
+    return Batches(positions, mask), state
+
+
 def steps_per_client(sizes: np.ndarray, steps: int | None, epochs: int | None, batch_size: int) -> np.ndarray:
     """Local steps of each client: ``steps`` for all, or ``epochs * ceil(n_c / batch_size)``."""
     sizes = np.asarray(sizes, dtype=np.int64)

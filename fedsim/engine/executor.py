@@ -14,7 +14,7 @@ from torch import nn
 
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, Plan
 from fedsim.core.pytree import Tree, stack
-from fedsim.data.samplers import Batches, Sampler
+from fedsim.data.samplers import Batches, Sampler, sample_by_key
 
 from .store import ClientStore
 from .streamed import StreamingRound, chunk_updates
@@ -185,8 +185,9 @@ class LocalExecutor:
         for first in range(0, len(ids), chunk):
             rows = slice(first, first + chunk)
             limit = plan.step_limit[rows] if plan.step_limit is not None else None
+            keys = plan.round_keys[rows] if plan.round_keys is not None else None
             r = self._train_chunk(
-                ids[rows], plan, params, round_, lr, _rows(start, rows), _rows(opt_state, rows), limit
+                ids[rows], plan, params, round_, lr, _rows(start, rows), _rows(opt_state, rows), limit, keys
             )
             scalars = {"num_steps": r.num_steps, "train_loss": r.train_loss.to(self.device),
                        "samples_processed": r.samples_processed}  # fmt: skip
@@ -213,13 +214,20 @@ class LocalExecutor:
             samples_processed=scalars["samples_processed"],
         )
 
-    def _train_chunk(self, chunk_ids, plan, params, round_, lr, start=None, opt_state=None, step_limit=None):
-        batches, self.sampler_state = self.sampler.sample(
-            self.seed, round_, chunk_ids, self.store.sizes[chunk_ids],
-            steps=self.local_steps, epochs=self.local_epochs, batch_size=self.batch_size,
-            state=self.sampler_state,
+    def sample(self, client_ids: np.ndarray, round_: int, round_keys: np.ndarray | None = None) -> Batches:
+        """The clients' local batches of round ``round_`` (or of each client's own ``round_keys`` entry),
+        advancing the sampler state."""
+        keys = np.full(len(client_ids), round_) if round_keys is None else round_keys
+        batches, self.sampler_state = sample_by_key(
+            self.sampler, self.seed, keys, client_ids, self.store.sizes[client_ids], steps=self.local_steps,
+            epochs=self.local_epochs, batch_size=self.batch_size, state=self.sampler_state,
         )  # fmt: skip
-        batches = limit_steps(batches, step_limit)
+        return batches
+
+    def _train_chunk(
+        self, chunk_ids, plan, params, round_, lr, start=None, opt_state=None, step_limit=None, round_keys=None
+    ):
+        batches = limit_steps(self.sample(chunk_ids, round_, round_keys), step_limit)
         index = self.store.global_index(chunk_ids, batches.positions)
         mask = torch.as_tensor(batches.mask, device=self.device)
         rows = self.state_rows(chunk_ids)

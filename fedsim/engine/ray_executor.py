@@ -127,13 +127,17 @@ class ShardWorker:
     def snapshot(self) -> dict[str, Any]:
         return {"client_state": self.executor.client_state, "sampler_state": self.executor.sampler_state}
 
-    def train(self, ids, params, round_, lr, broadcast, start=None, opt_state=None, weights=None, step_limit=None):
+    def train(
+        self, ids, params, round_, lr, broadcast, start=None, opt_state=None, weights=None, step_limit=None,
+        round_keys=None,
+    ):  # fmt: skip
         """Train the shard's selected clients; keep the updates; return per-client scalars, the flattened
         ``sum_k Delta_k`` (float64, for the drift metric), the partial sum ``sum_k weights[k] Delta_k`` (the
         sample-weighted mean most strategies ask for, computed before they ask) and a snapshot."""
         on = lambda value: _on(value, self.device)  # noqa: E731
         self.updates = u = self.executor.train(
-            Plan(ids, on(broadcast), step_limit=step_limit), on(params), round_, lr, on(start), on(opt_state)
+            Plan(ids, on(broadcast), step_limit=step_limit, round_keys=round_keys), on(params), round_, lr, on(start),
+            on(opt_state),
         )
         meta = {
             "num_samples": u.num_samples.cpu(), "num_steps": u.num_steps.cpu(), "train_loss": u.train_loss.cpu(),
@@ -418,8 +422,8 @@ class RayExecutor:
             spans[i] = rows = slice(int(lo), int(hi))
             start_rows, opt_rows = (ray.put({k: v[rows].cpu() for k, v in t.items()}) if t else None
                                     for t in (start, opt_state))  # fmt: skip
-            limit = plan.step_limit[rows] if plan.step_limit is not None else None
-            args = (ids[rows], params_ref, round_, lr, broadcast_ref, start_rows, opt_rows, weights[rows], limit)
+            limit, keys = (v[rows] if v is not None else None for v in (plan.step_limit, plan.round_keys))
+            args = (ids[rows], params_ref, round_, lr, broadcast_ref, start_rows, opt_rows, weights[rows], limit, keys)
             self._round_calls[i] = args
         metas = self.call_shards({i: ("train", args) for i, args in self._round_calls.items()})
         return ShardedUpdates(self, ids, spans, metas, lr, self.device, weights)

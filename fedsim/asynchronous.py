@@ -1,0 +1,271 @@
+"""Asynchronous federated learning on the virtual clock, trained vectorized (FedAsync, FedBuff).
+
+The server keeps ``C = strategy.concurrency`` clients in flight. A client dispatched at virtual time ``t0``
+from server version ``tau`` arrives at ``t0 + d_k`` (:func:`fedsim.system.durations`, with the samples its
+planned local steps process). Events run in virtual-time order, ties broken by client id:
+
+1. when no arrival is left at the current time, idle slots are refilled: each new client is drawn uniformly
+   among the clients not in flight (:func:`pick_client`, counter-based on the dispatch number) and starts from
+   the current model; client ``k``'s ``j``-th job draws the local batches of round ``j``;
+2. the earliest arrival is handed to the strategy (its staleness is ``t - tau``, ``t`` the server version);
+   when the strategy has ``step_size`` arrivals (FedAsync 1, FedBuff K) the server steps: one metrics row.
+
+**Vectorized.** A client's start model is known when it is dispatched and its result is needed only when it
+arrives. When an arrival has not been trained yet, every in-flight client not yet trained is trained in one
+batched call, each from its own start model (the executor's stacked ``start`` rows, per-client sampler keys).
+Results equal a per-client event loop (tested). ``mean_vectorized_batch`` in ``summary.json`` is the mean
+size of these calls; it approaches C when clients' speeds differ moderately.
+
+Metrics per server step (one row, ``round`` counts server steps): ``clients`` (arrivals applied),
+``staleness_mean``/``staleness_max`` (over them), ``arrived`` (client updates received so far, cumulative),
+``in_flight``, ``wasted_samples`` (0: no asynchronous arrival is discarded), ``round_time_s`` (virtual seconds
+since the previous step), ``train_loss`` (their sample-weighted mean), ``drift``, ``update_norm``,
+``bytes_up``/``bytes_down`` (arrivals and dispatches since the previous step). The in-flight clients, their
+start models and results, the buffer and the clock are checkpointed: ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.core import rng
+from fedsim.core.protocol import Plan, ServerState, client_drift
+from fedsim.core.pytree import Tree, flatten
+from fedsim.data.samplers import sample_by_key
+from fedsim.rounds import FederatedMode
+from fedsim.system import durations
+from strategies.asynchronous import Arrival
+
+STREAM_DISPATCH = 10
+REJECTION_TRIES = 64
+
+
+def pick_client(seed: int, dispatch: int, busy: np.ndarray) -> int:
+    """The client of dispatch number ``dispatch``: uniform among those not ``busy``. Tries the counter-based
+    uniform draws ``randint(N; seed, dispatch, attempt)`` for attempts ``0..63`` and takes the first idle one;
+    if all are busy, the idle client with the smallest hash key of (seed, dispatch, client)."""
+    n = len(busy)
+    for attempt in range(REJECTION_TRIES):
+        k = int(rng.randint(n, seed, STREAM_DISPATCH, dispatch, attempt))
+        if not busy[k]:
+            return k
+    idle = np.flatnonzero(~busy)
+    keys = rng.hash_keys(seed, STREAM_DISPATCH, dispatch, REJECTION_TRIES, idle)
+    return int(idle[np.argmin(keys)])
+
+
+@dataclass(eq=False)
+class Job:
+    """One client's local training in flight: its job number ``key`` (its sampler round), the server
+    ``version`` it started from, its virtual start and arrival times, planned samples and learning rate; the
+    ``result`` once trained (``delta``, ``loss``, ``steps``, ``processed``, ``num_samples``)."""
+
+    client: int
+    key: int
+    version: int
+    start_s: float
+    end_s: float
+    samples: float
+    lr: float
+    result: dict[str, Any] | None = None
+
+
+class AsyncMode(FederatedMode):
+    """The asynchronous event loop as the round loop's mode: :meth:`step` runs events until the next server
+    step (see the module docstring)."""
+
+    def __init__(self, strategy) -> None:
+        super().__init__(strategy, None)
+        self.reset()
+
+    def reset(self) -> None:
+        self.clock, self.last_step_s = 0.0, 0.0
+        self.jobs: list[Job] = []
+        self.buffer: list[tuple[Job, int]] = []
+        self.models: dict[int, Tree] = {}
+        self.dispatched, self.arrived = 0, 0
+        self.job_counts: np.ndarray | None = None
+        self.batches: list[int] = []
+
+    def initial_state(self, sim) -> ServerState:
+        self.reset()
+        return self.strategy.init(sim.init_params)
+
+    def clients_per_round(self, sim) -> int:
+        return self.strategy.clients_in_flight(sim.store.num_clients)
+
+    # -- the event loop ----------------------------------------------------------------------------------
+
+    def step(self, sim, round_: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
+        """Events until the next server step (version ``round_ - 1`` -> ``round_``); the step's metrics row."""
+        version, strategy = round_ - 1, self.strategy
+        if self.job_counts is None:
+            self.job_counts = np.zeros(sim.store.num_clients, dtype=np.int64)
+        bytes_down = bytes_up = 0
+        while True:
+            upcoming = self._next_arrival()
+            if (upcoming is None or upcoming.end_s > self.clock) and len(self.jobs) < self.clients_per_round(sim):
+                bytes_down += self._dispatch(sim, version, state.params)
+                upcoming = self._next_arrival()
+            job = upcoming
+            self.clock = job.end_s
+            if job.result is None:
+                self._train_pending(sim)
+            self.jobs = [j for j in self.jobs if j is not job]
+            self.buffer.append((job, version - job.version))
+            self.arrived += 1
+            sim.participation[job.client] += 1
+            bytes_up += sim.upload_bytes
+            if len(self.buffer) >= strategy.step_size:
+                break
+        applied, self.buffer = self.buffer, []
+        arrivals = [
+            Arrival(job.client, job.result["delta"], self.models[job.version], staleness, job.result["num_samples"])
+            for job, staleness in applied
+        ]  # fmt: skip
+        new = strategy.server_step(round_, state, arrivals)
+        self._forget_models()
+        record = self._record(sim, round_, state, new, applied, bytes_up, bytes_down)
+        self.last_step_s = self.clock
+        return new, record
+
+    def _next_arrival(self) -> Job | None:
+        return min(self.jobs, key=lambda j: (j.end_s, j.client), default=None)
+
+    def _dispatch(self, sim, version: int, params: Tree) -> int:
+        """Fill the idle slots at the current time with clients starting from ``params`` (version
+        ``version``); returns the bytes sent."""
+        busy = np.zeros(sim.store.num_clients, dtype=bool)
+        busy[[j.client for j in self.jobs]] = True
+        picks = []
+        for _ in range(self.clients_per_round(sim) - len(self.jobs)):
+            k = pick_client(sim.config.seed, self.dispatched, busy)
+            busy[k] = True
+            self.dispatched += 1
+            picks.append(k)
+        ids = np.asarray(picks, dtype=np.int64)
+        self.job_counts[ids] += 1
+        keys = self.job_counts[ids]
+        samples = self.planned_samples(sim, ids, keys)
+        profiles = sim.system.profiles(sim.store.num_clients)
+        seconds = durations(profiles, ids, np.full(len(ids), sim.model_bytes), np.full(len(ids), sim.upload_bytes),
+                            samples)  # fmt: skip
+        if version not in self.models:
+            self.models[version] = {k: v.detach().clone() for k, v in params.items()}
+        lr = sim.lr(version + 1)
+        for k, key, s, d in zip(ids.tolist(), keys.tolist(), samples.tolist(), seconds.tolist(), strict=True):
+            self.jobs.append(Job(k, key, version, self.clock, self.clock + d, s, lr))
+        return len(ids) * sim.model_bytes
+
+    @staticmethod
+    def planned_samples(sim, ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """Samples each job's planned local steps process (the sampler's mask; no sampler state is used)."""
+        c = sim.config
+        batches, _ = sample_by_key(
+            sim.sampler, c.seed, keys, ids, sim.store.sizes[ids], steps=None if c.local_epochs else c.local_steps,
+            epochs=c.local_epochs, batch_size=c.batch_size,
+        )  # fmt: skip
+        return batches.mask.sum(axis=(1, 2)).astype(np.float64)
+
+    def _train_pending(self, sim) -> None:
+        """Train every in-flight job without a result, in one batched call per learning rate."""
+        pending = sorted((j for j in self.jobs if j.result is None), key=lambda j: j.client)
+        for lr in sorted({j.lr for j in pending}):
+            group = [j for j in pending if j.lr == lr]
+            ids = np.asarray([j.client for j in group], dtype=np.int64)
+            keys = np.asarray([j.key for j in group], dtype=np.int64)
+            start = {k: torch.stack([self.models[j.version][k] for j in group]) for k in self.models[group[0].version]}
+            plan = Plan(ids, round_keys=keys)
+            updates = sim.executor.train(plan, self.models[group[0].version], group[0].key, lr, start=start)
+            deltas = updates.deltas
+            processed = updates.samples_processed
+            for i, job in enumerate(group):
+                job.result = {
+                    "delta": {k: v[i] for k, v in deltas.items()},
+                    "loss": float(updates.train_loss[i]),
+                    "steps": int(updates.num_steps[i]),
+                    "processed": float(processed[i]) if processed is not None else job.samples,
+                    "num_samples": float(updates.num_samples[i]),
+                }
+            self.batches.append(len(group))
+
+    def _forget_models(self) -> None:
+        needed = {j.version for j in self.jobs} | {j.version for j, _ in self.buffer}
+        self.models = {v: m for v, m in self.models.items() if v in needed}
+
+    def _record(self, sim, round_, state, new, applied, bytes_up, bytes_down) -> dict[str, Any]:
+        results = [job.result for job, _ in applied]
+        staleness = [s for _, s in applied]
+        weights = np.asarray([r["num_samples"] for r in results], dtype=np.float64)
+        losses = np.asarray([r["loss"] for r in results], dtype=np.float64)
+        drift = None
+        if len(results) > 1:
+            drift = client_drift({k: torch.stack([r["delta"][k] for r in results]) for k in results[0]["delta"]})
+        step = {k: new.params[k] - state.params[k] for k in new.params}
+        return {
+            "round": round_,
+            "lr": sim.lr(round_),
+            "clients": len(applied),
+            "train_loss": float(weights @ losses / weights.sum()),
+            "drift": drift,
+            "update_norm": float(flatten(step, stacked=False).norm()),
+            "bytes_up": int(bytes_up),
+            "bytes_down": int(bytes_down),
+            "round_time_s": self.clock - self.last_step_s,
+            "staleness_mean": float(np.mean(staleness)),
+            "staleness_max": int(max(staleness)),
+            "arrived": self.arrived,
+            "in_flight": len(self.jobs),
+            "wasted_samples": 0.0,
+        }
+
+    def report(self) -> dict[str, Any]:
+        """``mean_vectorized_batch``: clients per batched training call."""
+        return {"mean_vectorized_batch": float(np.mean(self.batches)) if self.batches else None}
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the event loop needs to continue exactly (plain data for ``torch.load(weights_only=True)``)."""
+        cpu = lambda tree: {k: v.detach().cpu() for k, v in tree.items()}  # noqa: E731
+
+        def job_data(job: Job) -> dict[str, Any]:
+            data = asdict(job)
+            if job.result is not None:
+                data["result"] = {**job.result, "delta": cpu(job.result["delta"])}
+            return data
+
+        return {
+            "clock": self.clock,
+            "last_step_s": self.last_step_s,
+            "dispatched": self.dispatched,
+            "arrived": self.arrived,
+            "job_counts": torch.as_tensor(self.job_counts if self.job_counts is not None else np.zeros(0, np.int64)),
+            "jobs": [job_data(j) for j in self.jobs],
+            "buffer": [{"job": job_data(j), "staleness": s} for j, s in self.buffer],
+            "models": {v: cpu(m) for v, m in self.models.items()},
+            "batches": list(self.batches),
+        }
+
+    def load_state_dict(self, data: dict[str, Any], device: torch.device) -> None:
+        on = lambda tree: {k: v.to(device) for k, v in tree.items()}  # noqa: E731
+
+        def job_of(d: dict[str, Any]) -> Job:
+            job = Job(**{k: v for k, v in d.items() if k != "result"})
+            if d["result"] is not None:
+                job.result = {**d["result"], "delta": on(d["result"]["delta"])}
+            return job
+
+        self.reset()
+        self.clock, self.last_step_s = float(data["clock"]), float(data["last_step_s"])
+        self.dispatched, self.arrived = int(data["dispatched"]), int(data["arrived"])
+        counts = data["job_counts"].numpy().astype(np.int64)
+        self.job_counts = counts.copy() if len(counts) else None
+        self.jobs = [job_of(d) for d in data["jobs"]]
+        self.buffer = [(job_of(b["job"]), int(b["staleness"])) for b in data["buffer"]]
+        self.models = {int(v): on(m) for v, m in data["models"].items()}
+        self.batches = [int(b) for b in data["batches"]]

@@ -265,13 +265,18 @@ class RunConfig(BaseModel):
         if self.topology or not getattr(_strategy_class(self.strategy.name, False), "asynchronous", False):
             return
         name = self.strategy.name
-        for bad, what in ((self.fraction != 1.0 or self.min_clients != 1, "fraction/min_clients (use strategy.concurrency)"),
-                          (self.availability.name != DEFAULTS["availability"], f"availability '{self.availability.name}'"),
-                          (self.aggregator.name != DEFAULTS["aggregator"], f"aggregator '{self.aggregator.name}'"),
-                          (self.round_policy.active, "deadline_s/over_selection/dropout/time_budget_s"),
-                          (self.backend.name != "fedsim", f"--backend {self.backend.name}")):  # fmt: skip
+        checks = (
+            (self.fraction != 1.0 or self.min_clients != 1, "fraction/min_clients (use strategy.concurrency)"),
+            (self.availability.name != DEFAULTS["availability"], f"availability '{self.availability.name}'"),
+            (self.aggregator.name != DEFAULTS["aggregator"], f"aggregator '{self.aggregator.name}'"),
+            (self.round_policy.active, "deadline_s/over_selection/dropout/time_budget_s"),
+            (self.backend.name != "fedsim", f"--backend {self.backend.name}"),
+        )
+        for bad, what in checks:
             if bad:
-                raise FedsimError(f"strategy '{name}' is asynchronous (clients in flight on the virtual clock); drop {what}")
+                raise FedsimError(
+                    f"strategy '{name}' is asynchronous (clients in flight on the virtual clock); drop {what}"
+                )
         concurrency = self.strategy.get("concurrency")
         if concurrency is not None and concurrency > self.clients:
             raise FedsimError(f"strategy.concurrency {concurrency} exceeds the {self.clients} clients; lower it")

@@ -82,7 +82,9 @@ class AsyncStrategy(Strategy):
         if kwargs.get("aggregator") is not None:
             raise FedsimError(f"strategy '{self.name}' applies arrivals one buffer at a time; drop the aggregator")
         if kwargs.get("fraction", 1.0) != 1.0 or kwargs.get("min_clients", 1) != 1:
-            raise FedsimError(f"strategy '{self.name}' keeps strategy.concurrency clients in flight; drop fraction/min_clients")
+            raise FedsimError(
+                f"strategy '{self.name}' keeps strategy.concurrency clients in flight; drop fraction/min_clients"
+            )
         super().__init__(**kwargs)
         _check_staleness({"staleness": staleness, "a": a, "b": b})
         self.concurrency = int(concurrency) if concurrency is not None else None
@@ -172,7 +174,7 @@ class FedBuff(AsyncStrategy):
         self,
         buffer_size: Annotated[int, option("arrivals per server step (K)", ge=1)] = 10,
         concurrency: Concurrency = None,
-        server_lr: Annotated[float | None, option("server learning rate (default: sgd 1.0, else FedOpt's)", gt=0)] = None,
+        server_lr: Annotated[float | None, option("server learning rate (default: sgd 1, else FedOpt's)", gt=0)] = None,
         server_optimizer: Annotated[
             Literal["sgd", "adam", "yogi", "adagrad"], option("server optimizer: sgd | adam | yogi | adagrad (FedOpt)")
         ] = "sgd",

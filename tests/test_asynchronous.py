@@ -153,8 +153,8 @@ def test_resume_equals_uninterrupted(tmp_path, cli, strategy):
 
 
 def test_fedbuff_server_optimizer_and_rows(tmp_path):
-    config = {**BASE, "rounds": 4, "system": HETERO,
-              "strategy": {"name": "fedbuff", "buffer_size": 4, "concurrency": 8, "server_optimizer": "adam"}}  # fmt: skip
+    strategy = {"name": "fedbuff", "buffer_size": 4, "concurrency": 8, "server_optimizer": "adam"}
+    config = {**BASE, "rounds": 4, "system": HETERO, "strategy": strategy}
     summary = simulate(config, tmp_path / "run", plots=False)
     rows = metrics(tmp_path / "run")
     assert [r["arrived"] for r in rows] == [4, 8, 12, 16] and all(r["clients"] == 4 for r in rows)
@@ -168,8 +168,10 @@ def test_fedbuff_server_optimizer_and_rows(tmp_path):
     [
         (["--strategy", "fedavg", "--set", "strategy.staleness=hinge"], "staleness"),
         (["--strategy", "fedasync", "--set", "strategy.b=3"], "'b' does not apply to staleness 'polynomial'"),
-        (["--strategy", "fedbuff", "--set", "strategy.staleness=constant", "--set", "strategy.a=1"],
-         "'a' does not apply to staleness 'constant'"),
+        (
+            ["--strategy", "fedbuff", "--set", "strategy.staleness=constant", "--set", "strategy.a=1"],
+            "'a' does not apply to staleness 'constant'",
+        ),
         (["--strategy", "fedbuff", "--fraction", "0.5"], "is asynchronous"),
         (["--strategy", "fedasync", "--set", "deadline_s=3"], "is asynchronous"),
         (["--strategy", "fedasync", "--availability", "markov"], "is asynchronous"),

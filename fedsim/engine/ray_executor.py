@@ -136,7 +136,11 @@ class ShardWorker:
         sample-weighted mean most strategies ask for, computed before they ask) and a snapshot."""
         on = lambda value: _on(value, self.device)  # noqa: E731
         self.updates = u = self.executor.train(
-            Plan(ids, on(broadcast), step_limit=step_limit, round_keys=round_keys), on(params), round_, lr, on(start),
+            Plan(ids, on(broadcast), step_limit=step_limit, round_keys=round_keys),
+            on(params),
+            round_,
+            lr,
+            on(start),
             on(opt_state),
         )
         meta = {

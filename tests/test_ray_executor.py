@@ -151,8 +151,9 @@ def ray_session():
             "over_selection": 0.5,
             "fraction": 0.5,
         },
+        {"strategy": {"name": "fedbuff", "buffer_size": 3, "concurrency": 6}, "system": {"name": "lognormal"}},
     ],
-    ids=["fedavg", "scaffold", "fednova-ragged", "fedcm-median", "ecgr-markov", "deadline-partial"],
+    ids=["fedavg", "scaffold", "fednova-ragged", "fedcm-median", "ecgr-markov", "deadline-partial", "fedbuff"],
 )
 def test_same_metrics_as_the_local_executor(ray_session, options):
     config = {**BASE, **{k: v for k, v in options.items() if v is not None}}

@@ -18,10 +18,15 @@ size of these calls; it approaches C when clients' speeds differ moderately.
 
 Metrics per server step (one row, ``round`` counts server steps): ``clients`` (arrivals applied),
 ``staleness_mean``/``staleness_max`` (over them), ``arrived`` (client updates received so far, cumulative),
-``in_flight``, ``wasted_samples`` (0: no asynchronous arrival is discarded), ``round_time_s`` (virtual seconds
+``in_flight``, ``wasted_samples`` (work of clients whose availability window closed before they arrived:
+their share of samples by then), ``round_time_s`` (virtual seconds
 since the previous step), ``train_loss`` (their sample-weighted mean), ``drift``, ``update_norm``,
 ``bytes_up``/``bytes_down`` (arrivals and dispatches since the previous step). The in-flight clients, their
 start models and results, the buffer and the clock are checkpointed: ``--resume`` continues exactly.
+
+With availability windows (``system.availability``, :mod:`fedsim.windows`) only online clients are dispatched;
+a client whose window closes before it arrives is lost then (never trained, its work wasted) and its slot is
+refilled; when nobody is online and nobody is in flight, the clock jumps to the next window's start.
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ import numpy as np
 import torch
 
 from fedsim.core import rng
+from fedsim.core.errors import FedsimError
 from fedsim.core.protocol import Plan, ServerState, client_drift
 from fedsim.core.pytree import Tree, flatten
 from fedsim.data.samplers import sample_by_key
-from fedsim.rounds import FederatedMode
-from fedsim.system import durations
+from fedsim.rounds import FederatedMode, timeline
+from fedsim.system import durations, phases
 from strategies.asynchronous import Arrival
 
 STREAM_DISPATCH = 10
@@ -72,6 +78,9 @@ class Job:
     samples: float
     lr: float
     result: dict[str, Any] | None = None
+    lost: bool = False
+    """The client goes offline before it finishes: ``end_s`` is the end of its window, ``samples`` the share
+    of its work done by then (wasted)."""
 
 
 class AsyncMode(FederatedMode):
@@ -90,6 +99,7 @@ class AsyncMode(FederatedMode):
         self.dispatched, self.arrived = 0, 0
         self.job_counts: np.ndarray | None = None
         self.batches: list[int] = []
+        self.staleness_counts: dict[int, int] = {}
 
     def initial_state(self, sim) -> ServerState:
         self.reset()
@@ -106,16 +116,23 @@ class AsyncMode(FederatedMode):
         if self.job_counts is None:
             self.job_counts = np.zeros(sim.store.num_clients, dtype=np.int64)
         bytes_down = bytes_up = 0
+        wasted = 0.0
         while True:
             upcoming = self._next_arrival()
             if (upcoming is None or upcoming.end_s > self.clock) and len(self.jobs) < self.clients_per_round(sim):
                 bytes_down += self._dispatch(sim, version, state.params)
                 upcoming = self._next_arrival()
+            if upcoming is None:  # nobody online and nobody in flight: wait for the next window
+                self.clock = self._next_window(sim)
+                continue
             job = upcoming
             self.clock = job.end_s
-            if job.result is None:
-                self._train_pending(sim)
             self.jobs = [j for j in self.jobs if j is not job]
+            if job.lost:  # its window closed before it finished: its work so far is wasted
+                wasted += job.samples
+                continue
+            if job.result is None:
+                self._train_pending(sim, also=job)
             self.buffer.append((job, version - job.version))
             self.arrived += 1
             sim.participation[job.client] += 1
@@ -130,23 +147,38 @@ class AsyncMode(FederatedMode):
         new = strategy.server_step(round_, state, arrivals)
         self._forget_models()
         record = self._record(sim, round_, state, new, applied, bytes_up, bytes_down)
+        record["wasted_samples"] = wasted
         self.last_step_s = self.clock
         return new, record
 
     def _next_arrival(self) -> Job | None:
         return min(self.jobs, key=lambda j: (j.end_s, j.client), default=None)
 
+    def _next_window(self, sim) -> float:
+        opens = sim.windows.next_start(self.clock) if sim.windows is not None else None
+        if opens is None:
+            raise FedsimError(
+                f"no client is online after virtual time {self.clock:g} s and none is in flight: the availability "
+                "windows have all closed; lower --rounds or extend the windows"
+            )
+        return opens
+
     def _dispatch(self, sim, version: int, params: Tree) -> int:
         """Fill the idle slots at the current time with clients starting from ``params`` (version
         ``version``); returns the bytes sent."""
         busy = np.zeros(sim.store.num_clients, dtype=bool)
+        if sim.windows is not None:  # offline clients cannot start
+            busy[:] = True
+            busy[sim.windows.online(self.clock, sim.store.num_clients)] = False
         busy[[j.client for j in self.jobs]] = True
         picks = []
-        for _ in range(self.clients_per_round(sim) - len(self.jobs)):
+        for _ in range(min(self.clients_per_round(sim) - len(self.jobs), int((~busy).sum()))):
             k = pick_client(sim.config.seed, self.dispatched, busy)
             busy[k] = True
             self.dispatched += 1
             picks.append(k)
+        if not picks:
+            return 0
         ids = np.asarray(picks, dtype=np.int64)
         self.job_counts[ids] += 1
         keys = self.job_counts[ids]
@@ -157,8 +189,14 @@ class AsyncMode(FederatedMode):
         if version not in self.models:
             self.models[version] = {k: v.detach().clone() for k, v in params.items()}
         lr = sim.lr(version + 1)
-        for k, key, s, d in zip(ids.tolist(), keys.tolist(), samples.tolist(), seconds.tolist(), strict=True):
-            self.jobs.append(Job(k, key, version, self.clock, self.clock + d, s, lr))
+        until = sim.windows.online_until(ids, self.clock) if sim.windows is not None else np.full(len(ids), np.inf)
+        for k, key, s, d, u in zip(ids.tolist(), keys.tolist(), samples.tolist(), seconds.tolist(), until.tolist(),
+                                   strict=True):  # fmt: skip
+            job = Job(k, key, version, self.clock, self.clock + d, s, lr)
+            if u < job.end_s:  # goes offline first: lost at the end of its window, after this share of its work
+                job.lost, job.end_s = True, u
+                job.samples = s * max(0.0, min(1.0, (u - self.clock) / d))
+            self.jobs.append(job)
         return len(ids) * sim.model_bytes
 
     @staticmethod
@@ -171,9 +209,10 @@ class AsyncMode(FederatedMode):
         )  # fmt: skip
         return batches.mask.sum(axis=(1, 2)).astype(np.float64)
 
-    def _train_pending(self, sim) -> None:
-        """Train every in-flight job without a result, in one batched call per learning rate."""
-        pending = sorted((j for j in self.jobs if j.result is None), key=lambda j: j.client)
+    def _train_pending(self, sim, also: Job) -> None:
+        """Train every in-flight job without a result (and ``also``, the arrival that asked), in one batched call
+        per learning rate; lost jobs are never trained."""
+        pending = sorted((j for j in [*self.jobs, also] if j.result is None and not j.lost), key=lambda j: j.client)
         for lr in sorted({j.lr for j in pending}):
             group = [j for j in pending if j.lr == lr]
             ids = np.asarray([j.client for j in group], dtype=np.int64)
@@ -206,6 +245,8 @@ class AsyncMode(FederatedMode):
         if len(results) > 1:
             drift = client_drift({k: torch.stack([r["delta"][k] for r in results]) for k in results[0]["delta"]})
         step = {k: new.params[k] - state.params[k] for k in new.params}
+        for s in staleness:
+            self.staleness_counts[s] = self.staleness_counts.get(s, 0) + 1
         return {
             "round": round_,
             "lr": sim.lr(round_),
@@ -221,11 +262,26 @@ class AsyncMode(FederatedMode):
             "arrived": self.arrived,
             "in_flight": len(self.jobs),
             "wasted_samples": 0.0,
+            "timeline": self._timeline(sim, [job for job, _ in applied]),
         }
 
+    def _timeline(self, sim, jobs: list[Job]) -> list[list[Any]]:
+        """The sampled clients' jobs among ``jobs`` (:func:`fedsim.rounds.timeline`), from the step's start."""
+        ids = np.asarray([j.client for j in jobs], dtype=np.int64)
+        profiles = sim.system.profiles(sim.store.num_clients)
+        processed = np.asarray([j.result["processed"] for j in jobs])
+        download, compute, upload = phases(profiles, ids, sim.model_bytes, sim.upload_bytes, processed)
+        spans = {"client": ids, "download_s": download, "compute_s": compute, "upload_s": upload,
+                 "status": np.full(len(ids), "arrived", dtype=object)}  # fmt: skip
+        return timeline(spans, np.asarray([j.start_s for j in jobs]) - self.last_step_s)
+
     def report(self) -> dict[str, Any]:
-        """``mean_vectorized_batch``: clients per batched training call."""
-        return {"mean_vectorized_batch": float(np.mean(self.batches)) if self.batches else None}
+        """``mean_vectorized_batch`` (clients per batched training call) and ``staleness_histogram`` (applied
+        updates per staleness)."""
+        return {
+            "mean_vectorized_batch": float(np.mean(self.batches)) if self.batches else None,
+            "staleness_histogram": {str(k): v for k, v in sorted(self.staleness_counts.items())},
+        }
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -249,6 +305,7 @@ class AsyncMode(FederatedMode):
             "buffer": [{"job": job_data(j), "staleness": s} for j, s in self.buffer],
             "models": {v: cpu(m) for v, m in self.models.items()},
             "batches": list(self.batches),
+            "staleness_counts": dict(self.staleness_counts),
         }
 
     def load_state_dict(self, data: dict[str, Any], device: torch.device) -> None:
@@ -269,3 +326,4 @@ class AsyncMode(FederatedMode):
         self.buffer = [(job_of(b["job"]), int(b["staleness"])) for b in data["buffer"]]
         self.models = {int(v): on(m) for v, m in data["models"].items()}
         self.batches = [int(b) for b in data["batches"]]
+        self.staleness_counts = {int(k): int(v) for k, v in data["staleness_counts"].items()}

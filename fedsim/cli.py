@@ -324,13 +324,14 @@ def plot(
     metric: Annotated[str | None, Opt(help="Comma-separated metrics [default: test_accuracy].")] = None,
     out: Annotated[Path | None, Opt(help="Output PNG (a folder: plot.png in it) [default: plot.png].")] = None,
     standard: Annotated[bool, Opt(help="Draw each folder's own plots into it (a run made with --no-plots).")] = False,
+    x: Annotated[str, Opt("--x", help="x axis: round, or virtual_time_s (the virtual clock).")] = "round",
 ) -> None:
     """Overlay runs' metrics in one PNG, or (--standard) draw each results folder's own plots into it."""
     from fedsim.plots import plot_runs
 
     if standard:
-        if metric is not None or out is not None:
-            raise FedsimError("--standard draws each folder's own plots into it; drop --metric/--out")
+        if metric is not None or out is not None or x != "round":
+            raise FedsimError("--standard draws each folder's own plots into it; drop --metric/--out/--x")
         for run_dir in run_dirs:
             _standard_plots(run_dir)
             typer.echo(f"wrote the plots of {run_dir}")
@@ -339,7 +340,7 @@ def plot(
     if out.is_dir():
         out = out / "plot.png"
     metrics = [m.strip() for m in metric.split(",") if m.strip()]
-    path = plot_runs(run_dirs, metrics, out)
+    path = plot_runs(run_dirs, metrics, out, x=x)
     typer.echo(f"wrote {path}")
 
 

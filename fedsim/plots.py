@@ -12,6 +12,7 @@ touches global pyplot state.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,16 +125,22 @@ def available_metrics(records: Sequence[dict]) -> list[str]:
     return sorted(keys)
 
 
-def _series(records: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
-    """(rounds, values) of the finite values of ``key``; x is the record index when 'round' is absent."""
+def _series(records: Sequence[dict], key: str, x: str = "round") -> tuple[list[float], list[float]]:
+    """(x, values) of the finite values of ``key``; x is the round (the record index when 'round' is absent)
+    or another key of the record (``virtual_time_s``), rows without it skipped."""
     xs: list[float] = []
     ys: list[float] = []
     for index, record in enumerate(records):
         value = record.get(key)
-        if _is_finite(value):
-            xs.append(_round_of(record, index))
+        where = _round_of(record, index) if x == "round" else record.get(x)
+        if _is_finite(value) and _is_finite(where):
+            xs.append(float(where))
             ys.append(float(value))
     return xs, ys
+
+
+X_AXES = {"round": "round", "virtual_time_s": "virtual time (s)"}
+"""The x axes of :func:`plot_runs`: the round (server step), or the virtual clock."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,14 +224,17 @@ def _unique_labels(dirs: Sequence[Path]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def plot_runs(run_dirs: Sequence[str | Path], metrics: Sequence[str], out: str | Path) -> Path:
-    """Overlay several runs in one PNG: one subplot per metric (stacked, shared x = round), one line per run.
+def plot_runs(run_dirs: Sequence[str | Path], metrics: Sequence[str], out: str | Path, x: str = "round") -> Path:
+    """Overlay several runs in one PNG: one subplot per metric (stacked, shared x = round, or the virtual clock
+    with ``x="virtual_time_s"``), one line per run.
 
     Raises :class:`FedsimError` when ``run_dirs`` or ``metrics`` is empty, when a run folder does not exist
     or has no ``metrics.jsonl``, or when a requested metric appears in none of the runs (the message lists
     the available metrics and suggests the closest). A metric missing from only some runs is drawn for the
     others. Returns the path written; parent folders of ``out`` are created.
     """
+    if x not in X_AXES:
+        raise FedsimError(f"unknown x axis {x!r}; choose {' or '.join(X_AXES)}")
     if isinstance(metrics, str):
         metrics = [metrics]
     metrics = list(dict.fromkeys(metrics))  # drop duplicates, keep order
@@ -251,7 +261,7 @@ def plot_runs(run_dirs: Sequence[str | Path], metrics: Sequence[str], out: str |
     for ax, metric in zip(axes, metrics, strict=True):
         all_values: list[float] = []
         for records, label in zip(runs, labels, strict=True):
-            xs, ys = _series(records, metric)
+            xs, ys = _series(records, metric, x)
             all_values.extend(ys)
             if xs:
                 _plot_line(ax, xs, ys, label)
@@ -263,7 +273,10 @@ def plot_runs(run_dirs: Sequence[str | Path], metrics: Sequence[str], out: str |
         ax.set_title(_pretty(metric), fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    axes[-1].set_xlabel("round")
+    axes[-1].set_xlabel(X_AXES[x])
+    if x != "round":
+        for ax in axes:
+            ax.xaxis.set_major_locator(_auto_locator())
     if len(dirs) == 1:
         fig.suptitle(_run_title(dirs[0], read_config(dirs[0])))
     else:
@@ -416,7 +429,10 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     * min-max runs add the problem's metrics (``test_auc``, ``worst_class_accuracy``) to the accuracy panel
       of ``convergence.png`` and a ``primal_dual_gap`` panel;
     * ``label_histogram.png``: the clients' label counts, when ``label_histogram.csv`` exists;
-    * ``client_accuracy.png``: mean client accuracy with a ± std band and the worst-10% accuracy.
+    * ``client_accuracy.png``: mean client accuracy with a ± std band and the worst-10% accuracy;
+    * runs on the virtual clock (a non-uniform system model, a round policy or an asynchronous strategy: rows
+      with a ``timeline``): ``virtual_time.png`` (test accuracy vs virtual time; the staleness histogram of an
+      asynchronous run) and ``timeline.png`` (a Gantt chart of clients 0..15 over the first 20 rounds).
 
     A plot (or panel) whose metrics are all absent or null is skipped.
     """
@@ -457,11 +473,105 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if histogram.is_file():
         written.append(plot_label_histogram(read_label_histogram(histogram), run / "label_histogram.png"))
 
+    if any("timeline" in r for r in records):  # a run on the virtual clock
+        summary = _read_summary(run)
+        written += [p for p in (plot_virtual_time(records, summary, run / "virtual_time.png", title),
+                                plot_timeline(records, run / "timeline.png", title)) if p is not None]  # fmt: skip
+
     who = "node" if any("node_accuracy_mean" in r for r in records) else "client"
     client = _plot_client_accuracy(records, run / "client_accuracy.png", title, who)
     if client is not None:
         written.append(client)
     return written
+
+
+def _auto_locator():
+    from matplotlib.ticker import AutoLocator
+
+    return AutoLocator()
+
+
+def _read_summary(run: Path) -> dict[str, Any]:
+    path = run / "summary.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def plot_virtual_time(records: Sequence[dict], summary: dict[str, Any], out: Path, title: str) -> Path | None:
+    """``virtual_time.png``: test accuracy against the virtual clock, and for asynchronous runs the histogram
+    of the applied updates' staleness (``summary.json``'s ``staleness_histogram``)."""
+    xs, ys = _series(records, "test_accuracy", "virtual_time_s")
+    histogram = {int(k): v for k, v in (summary.get("staleness_histogram") or {}).items()}
+    if not xs and not histogram:
+        return None
+    fig, axes = _new_figure(1 + bool(histogram))
+    if histogram:  # separate x axes: time, then staleness
+        axes[1].remove()
+        axes[1] = fig.add_subplot(2, 1, 2)
+    ax = axes[0]
+    if xs:
+        _plot_line(ax, xs, ys, "test accuracy")
+    ax.xaxis.set_major_locator(_auto_locator())
+    ax.tick_params(labelbottom=True)
+    ax.set_xlabel("virtual time (s)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(True, alpha=0.3)
+    if histogram:
+        keys = sorted(histogram)
+        axes[1].bar(keys, [histogram[k] for k in keys], color="C1")
+        axes[1].set_xlabel("staleness (server versions)")
+        axes[1].set_ylabel("updates")
+        axes[1].grid(True, alpha=0.3)
+    fig.suptitle(title)
+    return _save(fig, out)
+
+
+TIMELINE_ROUNDS = 20
+"""The Gantt plot shows the first 20 rounds (server steps)."""
+_PHASE_COLOURS = {"download_s": "#4c72b0", "compute_s": "#dd8452", "upload_s": "#55a868"}
+_LOST = {"dropout", "offline", "late", "cut"}
+
+
+def plot_timeline(records: Sequence[dict], out: Path, title: str) -> Path | None:
+    """``timeline.png``: a Gantt chart of the sampled clients (rows' ``timeline``: clients 0..15) over the first
+    :data:`TIMELINE_ROUNDS` rounds: download (latency included), compute and upload as bars, work lost to a
+    dropout, a missed deadline or over-selection in red, idle time as gaps; round ends as dotted lines."""
+    from matplotlib.patches import Patch
+
+    rows = [r for r in records if r.get("timeline") is not None][:TIMELINE_ROUNDS]
+    entries = [e for r in rows for e in r["timeline"]]
+    if not entries:
+        return None
+    clients = sorted({int(e[0]) for e in entries})
+    fig, axes = _new_figure(1, row_height=max(2.0, 0.3 * len(clients)))
+    ax = axes[0]
+    for y, client in enumerate(clients):
+        for phase, colour in _PHASE_COLOURS.items():
+            spans = []
+            for c, start, download, compute, upload, status in entries:
+                if c != client:
+                    continue
+                offset = {"download_s": 0.0, "compute_s": download, "upload_s": download + compute}[phase]
+                length = {"download_s": download, "compute_s": compute, "upload_s": upload}[phase]
+                if length > 0:
+                    lost = phase == "compute_s" and status in _LOST
+                    spans.append(((start + offset, length), "#c44e52" if lost else colour))
+            for span, shade in spans:
+                ax.broken_barh([span], (y - 0.35, 0.7), facecolors=shade, linewidth=0)
+    for r in rows:
+        ax.axvline(r["virtual_time_s"], color="#999999", linestyle=":", linewidth=0.8)
+    ax.set_yticks(range(len(clients)), [str(c) for c in clients])
+    ax.set_ylabel("client")
+    ax.set_xlabel("virtual time (s)")
+    ax.xaxis.set_major_locator(_auto_locator())
+    handles = [Patch(color=c, label=p[:-2]) for p, c in _PHASE_COLOURS.items()]
+    handles.append(Patch(color="#c44e52", label="lost (dropout, offline, late, cut)"))
+    ax.legend(handles=handles, fontsize=8, loc="upper right")
+    ax.set_title(f"client timeline, first {len(rows)} rounds (gaps: idle)", fontsize=10)
+    fig.suptitle(title)
+    return _save(fig, out)
 
 
 def _full_oscillation_windows(records: Sequence[dict]) -> list[dict]:

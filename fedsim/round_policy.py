@@ -37,7 +37,7 @@ import numpy as np
 
 from fedsim.core import rng
 from fedsim.core.errors import FedsimError
-from fedsim.system import ClientProfiles
+from fedsim.system import ClientProfiles, phases
 
 STREAM_DROPOUT = 8
 STREAM_OVERSELECTION = 9
@@ -83,6 +83,10 @@ class RoundSchedule:
     wasted_samples: float
     dropped: int
     candidates: int
+    phases: dict[str, np.ndarray] | None = None
+    """Per candidate (sorted ids): ``client``, ``download_s`` (latency included), ``compute_s`` and ``upload_s``
+    spent, and ``status`` (``trained``, ``dropout``, ``offline``, ``late``, ``cut``, ``idle``) for the client
+    timeline."""
 
 
 def extra_clients(selected: np.ndarray, pool: np.ndarray, fraction: float, seed: int, round_: int) -> np.ndarray:
@@ -97,10 +101,13 @@ def extra_clients(selected: np.ndarray, pool: np.ndarray, fraction: float, seed:
     return np.sort(others[np.argsort(keys, kind="stable")[:want]])
 
 
-def steps_within(fixed: np.ndarray, cumulative: np.ndarray, compute: np.ndarray, budget: float) -> np.ndarray:
-    """Per client, the most steps ``s`` (``0..S``) with ``fixed + cumulative[s] * compute <= budget``;
-    ``cumulative[C, S + 1]`` holds the samples after ``s`` steps (non-decreasing)."""
-    fits = fixed[:, None] + cumulative * compute[:, None] <= budget
+def steps_within(
+    fixed: np.ndarray, cumulative: np.ndarray, compute: np.ndarray, budget: float | np.ndarray
+) -> np.ndarray:
+    """Per client, the most steps ``s`` (``0..S``) with ``fixed + cumulative[s] * compute <= budget`` (one
+    budget, or one per client); ``cumulative[C, S + 1]`` holds the samples after ``s`` steps (non-decreasing)."""
+    budget = np.asarray(budget, dtype=np.float64)
+    fits = fixed[:, None] + cumulative * compute[:, None] <= (budget[:, None] if budget.ndim else budget)
     return fits.sum(axis=1) - 1  # cumulative[:, 0] = 0, so the fitting steps are a prefix
 
 
@@ -115,14 +122,16 @@ def schedule_round(
     *,
     seed: int,
     round_: int,
+    online_for: np.ndarray | None = None,
 ) -> RoundSchedule:
     """Apply ``policy`` to the sorted ``candidates`` (``target`` = K, the strategy's selection size) whose
-    planned steps process ``step_samples[C, S]`` samples (see the module docstring for the rules)."""
+    planned steps process ``step_samples[C, S]`` samples (see the module docstring for the rules).
+    ``online_for``: seconds each candidate stays online from the round's start (availability windows); one
+    that would finish later goes offline then, like a dropout."""
     ids = np.asarray(candidates, dtype=np.int64)
     n = len(ids)
     p = profiles
-    down = p.latency_s[ids] + bytes_down * 8 / (p.down_mbps[ids] * 1e6)
-    up = bytes_up * 8 / (p.up_mbps[ids] * 1e6)
+    down, _, up = phases(p, ids, np.full(n, float(bytes_down)), np.full(n, float(bytes_up)), np.zeros(n))
     compute = p.compute_s_per_sample[ids]
     cumulative = np.concatenate([np.zeros((n, 1)), np.cumsum(step_samples, axis=1, dtype=np.float64)], axis=1)
     planned = (step_samples > 0).sum(axis=1)
@@ -139,11 +148,19 @@ def schedule_round(
         u = rng.uniform(seed, STREAM_DROPOUT, round_, ids, 0)
         v = rng.uniform(seed, STREAM_DROPOUT, round_, ids, 1)
         drops = kept & (u < policy.dropout)
-        done = np.floor(v * steps).astype(np.int64)
-        wasted = np.where(drops, cumulative[rows, done], wasted)
-        end = np.where(drops, down + cumulative[rows, done] * compute, end)
+        done_dropout = np.floor(v * steps).astype(np.int64)
+        wasted = np.where(drops, cumulative[rows, done_dropout], wasted)
+        end = np.where(drops, down + cumulative[rows, done_dropout] * compute, end)
         kept &= ~drops
+    offline = gone_done = None
+    if online_for is not None:
+        offline = kept & (end > online_for)
+        gone_done = np.minimum(steps, steps_within(down, cumulative, compute, online_for))
+        wasted = np.where(offline, cumulative[rows, gone_done], wasted)
+        end = np.where(offline, np.minimum(end, online_for), end)
+        kept &= ~offline
     deadline = policy.deadline_s
+    late = by_deadline = cut = cut_done = None
     if deadline is not None:
         late = kept & (end > deadline)
         if policy.partial_work:
@@ -162,10 +179,28 @@ def schedule_round(
         stop = float(end[first[-1]])
         cut = kept.copy()
         cut[first] = False
-        done = np.minimum(steps, steps_within(down, cumulative, compute, stop))
-        wasted = np.where(cut, cumulative[rows, done], wasted)
+        cut_done = np.minimum(steps, steps_within(down, cumulative, compute, stop))
+        wasted = np.where(cut, cumulative[rows, cut_done], wasted)
         end = np.where(cut, stop, end)
         kept &= ~cut
+    computed = np.where(kept, cumulative[rows, steps], 0.0) * compute
+    status = np.full(n, "trained", dtype=object)
+    status[steps == 0] = "idle"
+    computed = np.where(status == "idle", 0.0, computed)
+    if policy.dropout > 0:
+        status[drops] = "dropout"
+        computed = np.where(drops, cumulative[rows, done_dropout] * compute, computed)
+    if offline is not None:
+        status[offline] = "offline"
+        computed = np.where(offline, cumulative[rows, gone_done] * compute, computed)
+    if deadline is not None:
+        status[late] = "late"
+        computed = np.where(late, cumulative[rows, by_deadline] * compute, computed)
+    if cut_done is not None:
+        status[cut] = "cut"
+        computed = np.where(cut, cumulative[rows, cut_done] * compute, computed)
+    spans = {"client": ids, "download_s": down, "compute_s": computed,
+             "upload_s": np.where(kept, up, 0.0), "status": status}  # fmt: skip
     limit = steps[kept]
     limited = bool((limit < planned[kept]).any())
     return RoundSchedule(
@@ -175,6 +210,7 @@ def schedule_round(
         wasted_samples=float(wasted.sum()),
         dropped=int(n - kept.sum()),
         candidates=n,
+        phases=spans,
     )
 
 

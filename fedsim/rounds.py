@@ -38,7 +38,7 @@ from fedsim.engine.evaluate import client_accuracy_spread, evaluate, per_client_
 from fedsim.engine.store import ClientStore
 from fedsim.results import SUMMARY_FILE, ResultsDir
 from fedsim.round_policy import RoundPolicy, RoundSchedule, check_reachable, extra_clients, schedule_round
-from fedsim.system import durations
+from fedsim.system import durations, phases
 from fedsim.threads import ThreadGovernor
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -125,11 +125,22 @@ class FederatedMode:
         state = self.strategy.init(sim.init_params)
         return len(self.strategy.configure(1, state, sim.store.num_clients, sim.config.seed).client_ids)
 
+    def available(self, sim: Simulation, round_: int) -> np.ndarray | None:
+        """Sorted ids of the clients that may take part in round ``round_``: the availability model's, and
+        those online at the round's start in the system model's windows (None: everyone)."""
+        n = sim.store.num_clients
+        available = self.availability.available(round_, n) if self.availability is not None else None
+        if sim.windows is not None:
+            online = sim.windows.online(sim.clock, n)
+            available = online if available is None else np.intersect1d(available, online)
+        return available
+
     def plan(self, sim: Simulation, round_: int, state: ServerState) -> RoundPlan:
         n, extra, before = sim.store.num_clients, {}, {}
-        if self.availability is not None:  # passed only when on, so strategies without the keyword still work
-            extra["available"] = self.availability.available(round_, n)
-            before["available_clients"] = len(extra["available"])
+        available = self.available(sim, round_)
+        if available is not None:  # passed only when on, so strategies without the keyword still work
+            extra["available"] = available
+            before["available_clients"] = len(available)
         plan = self.strategy.configure(round_, state, n, sim.config.seed, **extra)
         return RoundPlan(plan, state.params, metrics=before)
 
@@ -193,6 +204,13 @@ class Simulation:
         self.optimizer_state_bytes = parts.optimizer_state_bytes
         self.system = parts.system
         """The system model (:mod:`fedsim.system`): clients' speeds on the virtual clock."""
+        self._phases: dict[str, np.ndarray] | None = None
+        self.clock = 0.0
+        """Virtual time at the start of the next round (seconds)."""
+        self.windows = getattr(parts.system, "windows", None)
+        """The system model's availability windows in virtual time (:mod:`fedsim.windows`), or None."""
+        if self.windows is not None:
+            self.windows.check_clients(parts.store.num_clients)
         self.policy: RoundPolicy = config.round_policy
         """Synchronous round policies (deadline, over-selection, dropout, time budget)."""
         self.participation = np.zeros(parts.store.num_clients, dtype=np.int64)
@@ -246,16 +264,24 @@ class Simulation:
         step = getattr(self.mode, "step", None)
         if step is not None:  # the asynchronous event loop: events until the next server step
             return step(self, round_, state)
+        self._phases = None
+        new_state, record = self._synchronous_round(round_, state)
+        if self.clocked and self._phases is not None:
+            record["timeline"] = timeline(self._phases)
+        return new_state, record
+
+    def _synchronous_round(self, round_: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
         planned = self.mode.plan(self, round_, state)
         plan, before, lr = planned.plan, planned.metrics, self.lr(round_)
         schedule = None
-        if self.policy.active and len(plan.client_ids):
+        if (self.policy.active or self.windows is not None) and len(plan.client_ids):
             plan, schedule = self.schedule(round_, plan)
             before.update(dropped=schedule.dropped, wasted_samples=schedule.wasted_samples)
+            self._phases = schedule.phases
         if len(plan.client_ids) == 0:  # nobody available (or kept): the model and server state stay as they are
+            idle = schedule.round_time_s if schedule else self.wait_for_clients()
             record = {"round": round_, "lr": lr, "clients": 0, "train_loss": None, "drift": None,
-                      "update_norm": 0.0, "bytes_up": 0, "bytes_down": 0,
-                      "round_time_s": schedule.round_time_s if schedule else 0.0}  # fmt: skip
+                      "update_norm": 0.0, "bytes_up": 0, "bytes_down": 0, "round_time_s": idle}  # fmt: skip
             return state, {**record, **before}
         updates = self.executor.train(plan, planned.params, round_, lr, start=planned.start,
                                       opt_state=planned.opt_state)  # fmt: skip
@@ -270,7 +296,7 @@ class Simulation:
             "train_loss": float((updates.train_loss.double() * updates.weights.to(torch.float64)).sum()),
             "drift": updates.drift(),
             **metrics,
-            "round_time_s": schedule.round_time_s if schedule else self.round_time(round_, plan, updates),
+            "round_time_s": self.round_time(round_, plan, updates) if schedule is None else schedule.round_time_s,
             **before,
         }
         return new_state, record
@@ -282,9 +308,12 @@ class Simulation:
         ids = np.asarray(plan.client_ids, dtype=np.int64)
         candidates = ids
         if policy.over_selection > 0:
-            available = self.availability.available(round_, self.store.num_clients) if self.availability else None
+            available = self.mode.available(self, round_)
             pool = np.arange(self.store.num_clients) if available is None else available
             candidates = np.union1d(ids, extra_clients(ids, pool, policy.over_selection, c.seed, round_))
+        online_for = None
+        if self.windows is not None:
+            online_for = self.windows.online_until(candidates, self.clock) - self.clock
         batches, _ = self.sampler.sample(
             c.seed, round_, candidates, self.store.sizes[candidates], steps=None if c.local_epochs else c.local_steps,
             epochs=c.local_epochs, batch_size=c.batch_size, state=None,
@@ -292,7 +321,7 @@ class Simulation:
         down = self.model_bytes + nbytes(plan.broadcast)
         schedule = schedule_round(
             policy, self.system.profiles(self.store.num_clients), candidates, len(ids), batches.mask.sum(axis=2),
-            down, self.upload_bytes, seed=c.seed, round_=round_,
+            down, self.upload_bytes, seed=c.seed, round_=round_, online_for=online_for,
         )  # fmt: skip
         return replace(plan, client_ids=schedule.kept, step_limit=schedule.step_limit), schedule
 
@@ -303,9 +332,39 @@ class Simulation:
         samples = updates.samples_processed
         if samples is None:
             samples = updates.num_steps.double() * self.config.batch_size
+        samples = samples.double().cpu().numpy()
         profiles = self.system.profiles(self.store.num_clients)
-        seconds = durations(profiles, updates.client_ids, down, up, samples.double().cpu().numpy())
+        seconds = durations(profiles, updates.client_ids, down, up, samples)
+        if self.clocked:
+            ids = np.asarray(updates.client_ids, dtype=np.int64)
+            download, compute, upload = phases(profiles, ids, down, up, samples)
+            self._phases = {"client": ids, "download_s": download, "compute_s": compute, "upload_s": upload,
+                            "status": np.full(len(ids), "trained", dtype=object)}  # fmt: skip
         return float(seconds.max()) if len(seconds) else 0.0
+
+    def wait_for_clients(self) -> float:
+        """Virtual seconds of a round in which nobody could take part: 0, or with availability windows the wait
+        until the next window opens (a FedsimError when none opens again)."""
+        if self.windows is None or len(self.windows.online(self.clock, self.store.num_clients)):
+            return 0.0
+        opens = self.windows.next_start(self.clock)
+        if opens is None:
+            raise FedsimError(
+                f"no client is online after virtual time {self.clock:g} s: the availability windows "
+                f"({self.windows.path}) have all closed; lower --rounds or extend the windows"
+            )
+        return opens - self.clock
+
+    @property
+    def clocked(self) -> bool:
+        """Whether the run's clock is more than the default (a non-uniform system model, a round policy or an
+        asynchronous strategy): its rows then carry a client ``timeline`` and it gets the time plots."""
+        return (
+            getattr(self.system, "name", "") != "uniform"
+            or self.policy.active
+            or self.windows is not None
+            or hasattr(self.mode, "step")
+        )
 
     def evaluate_state(self, state: ServerState) -> dict[str, Any]:
         return self.mode.evaluate(self, state)
@@ -385,13 +444,17 @@ class Simulation:
 
     def _run_rounds(self, results, start_round, state, history, on_round, extend) -> dict[str, Any]:
         c = self.config
+        self.clock = (history[-1].get("virtual_time_s") if history else None) or 0.0
         for r in range(start_round, c.rounds + 1):
             if self.governor is not None:
                 self.governor.update()
             t0 = time.perf_counter()
             state, record = self.round(r, state)
-            before = history[-1].get("virtual_time_s") if history else None
-            record["virtual_time_s"] = (before or 0.0) + record["round_time_s"]
+            before = (history[-1].get("virtual_time_s") if history else None) or 0.0
+            record["virtual_time_s"] = before + record["round_time_s"]
+            self.clock = record["virtual_time_s"]
+            for entry in record.get("timeline", ()):  # from the round's start to virtual time
+                entry[1] += before
             loss = record["train_loss"]  # None in a round without clients
             diverged = (loss is not None and not math.isfinite(loss)) or not all_finite(state.params)
             if not diverged and (r % c.eval_every == 0 or r == c.rounds):
@@ -469,6 +532,22 @@ class Simulation:
         if self._sampler_report is None:
             self._sampler_report = chain_report(self.sampler, self.store.sizes, self.config.seed)
         return self._sampler_report
+
+
+TIMELINE_CLIENTS = 16
+"""Clients ``0..15`` are the timeline's sample (rows' ``timeline``, the Gantt plot)."""
+
+
+def timeline(phases: dict[str, np.ndarray], offset: np.ndarray | float = 0.0) -> list[list[Any]]:
+    """``[client, start_s, download_s, compute_s, upload_s, status]`` of the sampled clients among ``phases``
+    (``start_s``: seconds from the round's start, ``offset`` per client; the loop makes it absolute)."""
+    clients = np.asarray(phases["client"], dtype=np.int64)
+    starts = np.broadcast_to(np.asarray(offset, dtype=np.float64), clients.shape)
+    return [
+        [int(c), float(starts[i]), float(phases["download_s"][i]), float(phases["compute_s"][i]),
+         float(phases["upload_s"][i]), str(phases["status"][i])]
+        for i, c in enumerate(clients) if c < TIMELINE_CLIENTS
+    ]  # fmt: skip
 
 
 ACCURACY_TARGETS = (0.5, 0.7, 0.8, 0.9)

@@ -39,6 +39,7 @@ import numpy as np
 from fedsim.core import components, rng
 from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
+from fedsim.windows import Windows, read_windows
 
 QUANTITIES = ("compute_s_per_sample", "down_mbps", "up_mbps", "latency_s")
 """The per-client quantities, in the trace file's column order (after ``client``)."""
@@ -67,20 +68,28 @@ class ClientProfiles:
         return len(self.latency_s)
 
 
+def phases(
+    profiles: ClientProfiles, clients: np.ndarray, bytes_down: np.ndarray, bytes_up: np.ndarray, samples: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each client's ``(download_s, compute_s, upload_s)``: ``latency_s + bytes_down * 8 / (down_mbps * 1e6)``
+    (the latency counts with the download), ``samples * compute_s_per_sample`` and
+    ``bytes_up * 8 / (up_mbps * 1e6)``; float64."""
+    c = np.asarray(clients, dtype=np.int64)
+    p = profiles
+    download = p.latency_s[c] + np.asarray(bytes_down, dtype=np.float64) * 8 / (p.down_mbps[c] * 1e6)
+    compute = np.asarray(samples, dtype=np.float64) * p.compute_s_per_sample[c]
+    upload = np.asarray(bytes_up, dtype=np.float64) * 8 / (p.up_mbps[c] * 1e6)
+    return download, compute, upload
+
+
 def durations(
     profiles: ClientProfiles, clients: np.ndarray, bytes_down: np.ndarray, bytes_up: np.ndarray, samples: np.ndarray
 ) -> np.ndarray:
     """Virtual seconds of each client's round (see the module docstring), float64, one per entry of ``clients``:
     ``latency_s + bytes_down * 8 / (down_mbps * 1e6) + samples * compute_s_per_sample
-    + bytes_up * 8 / (up_mbps * 1e6)``."""
-    c = np.asarray(clients, dtype=np.int64)
-    p = profiles
-    return (
-        p.latency_s[c]
-        + np.asarray(bytes_down, dtype=np.float64) * 8 / (p.down_mbps[c] * 1e6)
-        + np.asarray(samples, dtype=np.float64) * p.compute_s_per_sample[c]
-        + np.asarray(bytes_up, dtype=np.float64) * 8 / (p.up_mbps[c] * 1e6)
-    )
+    + bytes_up * 8 / (up_mbps * 1e6)``, summed left to right (:func:`phases`)."""
+    download, compute, upload = phases(profiles, clients, bytes_down, bytes_up, samples)
+    return download + compute + upload
 
 
 class SystemModel:
@@ -88,8 +97,11 @@ class SystemModel:
 
     name = "system"
 
-    def __init__(self) -> None:
+    def __init__(self, availability: str | None = None) -> None:
         self._cache: dict[int, ClientProfiles] = {}
+        self.availability = availability
+        self.windows: Windows | None = read_windows(availability) if availability else None
+        """Online intervals in virtual time (:mod:`fedsim.windows`), or None: always online."""
 
     def profiles(self, num_clients: int) -> ClientProfiles:
         if num_clients not in self._cache:
@@ -105,8 +117,8 @@ class Uniform(SystemModel):
 
     name = "uniform"
 
-    def __init__(self, medians: dict[str, float]) -> None:
-        super().__init__()
+    def __init__(self, medians: dict[str, float], availability: str | None = None) -> None:
+        super().__init__(availability)
         self.medians = medians
 
     def draw(self, num_clients: int) -> dict[str, np.ndarray]:
@@ -119,8 +131,8 @@ class LogNormal(SystemModel):
 
     name = "lognormal"
 
-    def __init__(self, medians: dict[str, float], sigma: float, seed: int) -> None:
-        super().__init__()
+    def __init__(self, medians: dict[str, float], sigma: float, seed: int, availability: str | None = None) -> None:
+        super().__init__(availability)
         if not (sigma >= 0 and math.isfinite(sigma)):
             raise FedsimError(f"lognormal sigma must be a finite number >= 0, got {sigma}")
         self.medians, self.sigma, self.seed = medians, float(sigma), int(seed)
@@ -142,8 +154,8 @@ class Pareto(SystemModel):
 
     name = "pareto"
 
-    def __init__(self, medians: dict[str, float], shape: float, seed: int) -> None:
-        super().__init__()
+    def __init__(self, medians: dict[str, float], shape: float, seed: int, availability: str | None = None) -> None:
+        super().__init__(availability)
         if not (shape > 0 and math.isfinite(shape)):
             raise FedsimError(f"pareto shape must be a finite number > 0, got {shape}")
         self.medians, self.shape, self.seed = medians, float(shape), int(seed)
@@ -164,8 +176,8 @@ class Trace(SystemModel):
 
     name = "trace"
 
-    def __init__(self, path: str) -> None:
-        super().__init__()
+    def __init__(self, path: str, availability: str | None = None) -> None:
+        super().__init__(availability)
         self.path = path
         self.rows = read_trace(path)
 
@@ -233,6 +245,9 @@ Compute = Annotated[float, option("median seconds of local training per processe
 Down = Annotated[float, option("median downlink bandwidth, Mbit/s", gt=0)]
 Up = Annotated[float, option("median uplink bandwidth, Mbit/s", gt=0)]
 Latency = Annotated[float, option("median latency per round trip, seconds", ge=0)]
+Availability = Annotated[
+    str | None, option("CSV of online windows in virtual time: client,start_s,end_s (default: always online)")
+]
 
 
 def _medians(compute_s_per_sample: float, down_mbps: float, up_mbps: float, latency_s: float) -> dict[str, float]:
@@ -240,10 +255,14 @@ def _medians(compute_s_per_sample: float, down_mbps: float, up_mbps: float, late
 
 
 def uniform(
-    compute_s_per_sample: Compute = 1e-3, down_mbps: Down = 20.0, up_mbps: Up = 5.0, latency_s: Latency = 0.05
+    compute_s_per_sample: Compute = 1e-3,
+    down_mbps: Down = 20.0,
+    up_mbps: Up = 5.0,
+    latency_s: Latency = 0.05,
+    availability: Availability = None,
 ) -> Uniform:
     """Every client equal (the default: results are those of a run without a system model)."""
-    return Uniform(_medians(compute_s_per_sample, down_mbps, up_mbps, latency_s))
+    return Uniform(_medians(compute_s_per_sample, down_mbps, up_mbps, latency_s), availability)
 
 
 def lognormal(
@@ -252,11 +271,12 @@ def lognormal(
     down_mbps: Down = 20.0,
     up_mbps: Up = 5.0,
     latency_s: Latency = 0.05,
+    availability: Availability = None,
     *,
     seed: int = 0,
 ) -> LogNormal:
     """Each quantity log-normal per client around its median: ``median * exp(sigma * z)``."""
-    return LogNormal(_medians(compute_s_per_sample, down_mbps, up_mbps, latency_s), sigma, seed)
+    return LogNormal(_medians(compute_s_per_sample, down_mbps, up_mbps, latency_s), sigma, seed, availability)
 
 
 def pareto(
@@ -265,16 +285,20 @@ def pareto(
     down_mbps: Down = 20.0,
     up_mbps: Up = 5.0,
     latency_s: Latency = 0.05,
+    availability: Availability = None,
     *,
     seed: int = 0,
 ) -> Pareto:
     """Heavy-tailed slowdowns per client and quantity (median 1) around the medians."""
-    return Pareto(_medians(compute_s_per_sample, down_mbps, up_mbps, latency_s), shape, seed)
+    return Pareto(_medians(compute_s_per_sample, down_mbps, up_mbps, latency_s), shape, seed, availability)
 
 
-def trace(path: Annotated[str, option("CSV: client,compute_s_per_sample,down_mbps,up_mbps,latency_s")]) -> Trace:
+def trace(
+    path: Annotated[str, option("CSV: client,compute_s_per_sample,down_mbps,up_mbps,latency_s")],
+    availability: Availability = None,
+) -> Trace:
     """Per-client profiles from a trace file (one row per client of the run)."""
-    return Trace(path)
+    return Trace(path, availability)
 
 
 components.register("system", "uniform", uniform)

@@ -314,3 +314,45 @@ def test_plot_run_adds_regulator_and_oscillation_panels(tmp_path: Path) -> None:
     height = {p.parent.name + "/" + p.name: mpimg.imread(p).shape[0] for p in [*plain, *regulated]}
     assert height["regulated/drift.png"] > height["plain/drift.png"]
     assert height["regulated/convergence.png"] > height["plain/convergence.png"]
+
+
+# --------------------------------------------------------------------------------------- virtual clock
+
+
+def _clocked_run(tmp_path: Path, asynchronous: bool) -> Path:
+    """A results folder of a run on the virtual clock, written by hand: rows with a client timeline."""
+    run = tmp_path / ("async" if asynchronous else "sync")
+    run.mkdir()
+    rows, clock = [], 0.0
+    for r in range(1, 5):
+        clock += 1.0
+        timeline = [[0, clock - 1.0, 0.1, 0.5, 0.2, "trained"], [3, clock - 1.0, 0.2, 0.6, 0.0, "late"]]
+        rows.append({"round": r, "test_accuracy": 0.2 * r, "round_time_s": 1.0, "virtual_time_s": clock,
+                     "timeline": timeline})  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = {"staleness_histogram": {"0": 3, "1": 5, "4": 1}} if asynchronous else {}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_plot_run_draws_the_time_plots_of_a_clocked_run(tmp_path: Path, asynchronous: bool) -> None:
+    run = _clocked_run(tmp_path, asynchronous)
+    written = {p.name for p in plot_run(run)}
+    assert {"virtual_time.png", "timeline.png"} <= written
+    assert all((run / name).stat().st_size > 5000 for name in ("virtual_time.png", "timeline.png"))
+
+
+def test_plot_run_skips_the_time_plots_without_a_timeline(run_a: Path) -> None:
+    assert not {"virtual_time.png", "timeline.png"} & {p.name for p in plot_run(run_a)}
+
+
+def test_plot_runs_on_the_virtual_clock(tmp_path: Path) -> None:
+    from fedsim.plots import _series
+
+    run = _clocked_run(tmp_path, False)
+    assert plot_runs([run], ["test_accuracy"], tmp_path / "t.png", x="virtual_time_s").stat().st_size > 1000
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert _series(records, "test_accuracy", "virtual_time_s")[0] == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(FedsimError, match="unknown x axis 'time'"):
+        plot_runs([run], ["test_accuracy"], tmp_path / "u.png", x="time")

@@ -17,7 +17,7 @@ from fedsim.system import ClientProfiles, durations, lognormal, pareto, read_tra
 
 SMALL = dict(dataset="digits", clients=6, rounds=3, local_steps=3, batch_size=8, fraction=0.5, seed=2,
              model={"name": "mlp", "hidden": [16]}, checkpoint_every=0)  # fmt: skip
-TIME_FIELDS = {"round_time_s", "virtual_time_s", "time_s"}
+TIME_FIELDS = {"round_time_s", "virtual_time_s", "time_s", "timeline"}
 HEADER = "client,compute_s_per_sample,down_mbps,up_mbps,latency_s\n"
 
 

@@ -271,6 +271,7 @@ CATALOG = {
             'down_mbps': (Annotated[float, Field(gt=0)], 20.0),
             'up_mbps': (Annotated[float, Field(gt=0)], 5.0),
             'latency_s': (Annotated[float, Field(ge=0)], 0.05),
+            'availability': (str | None, None),
         }),
         'lognormal': (False, {
             'sigma': (Annotated[float, Field(ge=0)], 1.0),
@@ -278,6 +279,7 @@ CATALOG = {
             'down_mbps': (Annotated[float, Field(gt=0)], 20.0),
             'up_mbps': (Annotated[float, Field(gt=0)], 5.0),
             'latency_s': (Annotated[float, Field(ge=0)], 0.05),
+            'availability': (str | None, None),
         }),
         'pareto': (False, {
             'shape': (Annotated[float, Field(gt=0)], 1.5),
@@ -285,9 +287,11 @@ CATALOG = {
             'down_mbps': (Annotated[float, Field(gt=0)], 20.0),
             'up_mbps': (Annotated[float, Field(gt=0)], 5.0),
             'latency_s': (Annotated[float, Field(ge=0)], 0.05),
+            'availability': (str | None, None),
         }),
         'trace': (False, {
             'path': (str, ...),
+            'availability': (str | None, None),
         }),
     },
     'problem': {

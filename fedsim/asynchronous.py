@@ -31,6 +31,8 @@ refilled; when nobody is online and nobody is in flight, the clock jumps to the 
 
 from __future__ import annotations
 
+import heapq
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,10 +41,10 @@ import torch
 
 from fedsim.core import rng
 from fedsim.core.errors import FedsimError
-from fedsim.core.protocol import Plan, ServerState, client_drift
+from fedsim.core.protocol import Plan, ServerState
 from fedsim.core.pytree import Tree, flatten
-from fedsim.data.samplers import sample_by_key
-from fedsim.rounds import FederatedMode, timeline
+from fedsim.data.samplers import planned_samples
+from fedsim.rounds import TIMELINE_CLIENTS, FederatedMode, timeline
 from fedsim.system import durations, phases
 from strategies.asynchronous import Arrival
 
@@ -56,7 +58,7 @@ def pick_client(seed: int, dispatch: int, busy: np.ndarray) -> int:
     if all are busy, the idle client with the smallest hash key of (seed, dispatch, client)."""
     n = len(busy)
     for attempt in range(REJECTION_TRIES):
-        k = int(rng.randint(n, seed, STREAM_DISPATCH, dispatch, attempt))
+        k = rng.randint_scalar(n, seed, STREAM_DISPATCH, dispatch, attempt)
         if not busy[k]:
             return k
     idle = np.flatnonzero(~busy)
@@ -93,7 +95,12 @@ class AsyncMode(FederatedMode):
 
     def reset(self) -> None:
         self.clock, self.last_step_s = 0.0, 0.0
-        self.jobs: list[Job] = []
+        self.jobs: dict[int, Job] = {}
+        """In-flight jobs by client (a client is in flight at most once)."""
+        self.queue: list[tuple[float, int, Job]] = []
+        self.in_flight: np.ndarray | None = None
+        """``in_flight[k]``: client k has a job in flight (the complement of the dispatch pool)."""
+        """The in-flight jobs as a heap ordered by (arrival time, client)."""
         self.buffer: list[tuple[Job, int]] = []
         self.models: dict[int, Tree] = {}
         self.dispatched, self.arrived = 0, 0
@@ -117,22 +124,22 @@ class AsyncMode(FederatedMode):
             self.job_counts = np.zeros(sim.store.num_clients, dtype=np.int64)
         bytes_down = bytes_up = 0
         wasted = 0.0
+        capacity = self.clients_per_round(sim)
         while True:
-            upcoming = self._next_arrival()
-            if (upcoming is None or upcoming.end_s > self.clock) and len(self.jobs) < self.clients_per_round(sim):
+            upcoming = self.queue[0][2] if self.queue else None
+            if (upcoming is None or upcoming.end_s > self.clock) and len(self.jobs) < capacity:
                 bytes_down += self._dispatch(sim, version, state.params)
-                upcoming = self._next_arrival()
+                upcoming = self.queue[0][2] if self.queue else None
             if upcoming is None:  # nobody online and nobody in flight: wait for the next window
                 self.clock = self._next_window(sim)
                 continue
-            job = upcoming
+            job = heapq.heappop(self.queue)[2]
             self.clock = job.end_s
-            self.jobs = [j for j in self.jobs if j is not job]
+            del self.jobs[job.client]
+            self.in_flight[job.client] = False
             if job.lost:  # its window closed before it finished: its work so far is wasted
                 wasted += job.samples
                 continue
-            if job.result is None:
-                self._train_pending(sim, also=job)
             self.buffer.append((job, version - job.version))
             self.arrived += 1
             sim.participation[job.client] += 1
@@ -140,6 +147,9 @@ class AsyncMode(FederatedMode):
             if len(self.buffer) >= strategy.step_size:
                 break
         applied, self.buffer = self.buffer, []
+        untrained = [job for job, _ in applied if job.result is None]
+        if untrained:  # results are needed now, not at each arrival: more clients are trained together
+            self._train_pending(sim, untrained)
         arrivals = [
             Arrival(job.client, job.result["delta"], self.models[job.version], staleness, job.result["num_samples"])
             for job, staleness in applied
@@ -150,9 +160,6 @@ class AsyncMode(FederatedMode):
         record["wasted_samples"] = wasted
         self.last_step_s = self.clock
         return new, record
-
-    def _next_arrival(self) -> Job | None:
-        return min(self.jobs, key=lambda j: (j.end_s, j.client), default=None)
 
     def _next_window(self, sim) -> float:
         opens = sim.windows.next_start(self.clock) if sim.windows is not None else None
@@ -166,15 +173,20 @@ class AsyncMode(FederatedMode):
     def _dispatch(self, sim, version: int, params: Tree) -> int:
         """Fill the idle slots at the current time with clients starting from ``params`` (version
         ``version``); returns the bytes sent."""
-        busy = np.zeros(sim.store.num_clients, dtype=bool)
+        n = sim.store.num_clients
+        if self.in_flight is None:  # kept up to date from here on (rebuilt after a restore)
+            self.in_flight = np.zeros(n, dtype=bool)
+            self.in_flight[list(self.jobs)] = True
+        busy, idle = self.in_flight, n - len(self.jobs)
         if sim.windows is not None:  # offline clients cannot start
-            busy[:] = True
-            busy[sim.windows.online(self.clock, sim.store.num_clients)] = False
-        busy[[j.client for j in self.jobs]] = True
+            busy = np.ones(n, dtype=bool)
+            busy[sim.windows.online(self.clock, n)] = False
+            busy |= self.in_flight
+            idle = int((~busy).sum())
         picks = []
-        for _ in range(min(self.clients_per_round(sim) - len(self.jobs), int((~busy).sum()))):
+        for _ in range(min(self.clients_per_round(sim) - len(self.jobs), idle)):
             k = pick_client(sim.config.seed, self.dispatched, busy)
-            busy[k] = True
+            busy[k] = self.in_flight[k] = True
             self.dispatched += 1
             picks.append(k)
         if not picks:
@@ -196,23 +208,24 @@ class AsyncMode(FederatedMode):
             if u < job.end_s:  # goes offline first: lost at the end of its window, after this share of its work
                 job.lost, job.end_s = True, u
                 job.samples = s * max(0.0, min(1.0, (u - self.clock) / d))
-            self.jobs.append(job)
+            self.jobs[k] = job
+            heapq.heappush(self.queue, (job.end_s, k, job))
         return len(ids) * sim.model_bytes
 
     @staticmethod
     def planned_samples(sim, ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """Samples each job's planned local steps process (the sampler's mask; no sampler state is used)."""
         c = sim.config
-        batches, _ = sample_by_key(
+        return planned_samples(
             sim.sampler, c.seed, keys, ids, sim.store.sizes[ids], steps=None if c.local_epochs else c.local_steps,
             epochs=c.local_epochs, batch_size=c.batch_size,
         )  # fmt: skip
-        return batches.mask.sum(axis=(1, 2)).astype(np.float64)
 
-    def _train_pending(self, sim, also: Job) -> None:
-        """Train every in-flight job without a result (and ``also``, the arrival that asked), in one batched call
-        per learning rate; lost jobs are never trained."""
-        pending = sorted((j for j in [*self.jobs, also] if j.result is None and not j.lost), key=lambda j: j.client)
+    def _train_pending(self, sim, needed: list[Job]) -> None:
+        """Train every in-flight job without a result and the ``needed`` arrivals, in one batched call per
+        learning rate; lost jobs are never trained."""
+        waiting = [j for j in self.jobs.values() if j.result is None and not j.lost]
+        pending = sorted([*waiting, *needed], key=lambda j: j.client)
         for lr in sorted({j.lr for j in pending}):
             group = [j for j in pending if j.lr == lr]
             ids = np.asarray([j.client for j in group], dtype=np.int64)
@@ -233,7 +246,7 @@ class AsyncMode(FederatedMode):
             self.batches.append(len(group))
 
     def _forget_models(self) -> None:
-        needed = {j.version for j in self.jobs} | {j.version for j, _ in self.buffer}
+        needed = {j.version for j in self.jobs.values()} | {j.version for j, _ in self.buffer}
         self.models = {v: m for v, m in self.models.items() if v in needed}
 
     def _record(self, sim, round_, state, new, applied, bytes_up, bytes_down) -> dict[str, Any]:
@@ -242,8 +255,12 @@ class AsyncMode(FederatedMode):
         weights = np.asarray([r["num_samples"] for r in results], dtype=np.float64)
         losses = np.asarray([r["loss"] for r in results], dtype=np.float64)
         drift = None
-        if len(results) > 1:
-            drift = client_drift({k: torch.stack([r["delta"][k] for r in results]) for k in results[0]["delta"]})
+        if len(results) > 1:  # client_drift's definition on the few applied deltas, from one flattened copy
+            flat = torch.cat([torch.stack([r["delta"][k] for r in results]).reshape(len(results), -1)
+                              for k in results[0]["delta"]], dim=1).double()  # fmt: skip
+            mean = flat.mean(dim=0)
+            norm = float(mean.norm())
+            drift = float((flat - mean).norm(dim=1).mean()) / norm if norm > 0 and math.isfinite(norm) else None
         step = {k: new.params[k] - state.params[k] for k in new.params}
         for s in staleness:
             self.staleness_counts[s] = self.staleness_counts.get(s, 0) + 1
@@ -267,6 +284,9 @@ class AsyncMode(FederatedMode):
 
     def _timeline(self, sim, jobs: list[Job]) -> list[list[Any]]:
         """The sampled clients' jobs among ``jobs`` (:func:`fedsim.rounds.timeline`), from the step's start."""
+        jobs = [j for j in jobs if j.client < TIMELINE_CLIENTS]
+        if not jobs:
+            return []
         ids = np.asarray([j.client for j in jobs], dtype=np.int64)
         profiles = sim.system.profiles(sim.store.num_clients)
         processed = np.asarray([j.result["processed"] for j in jobs])
@@ -301,7 +321,7 @@ class AsyncMode(FederatedMode):
             "dispatched": self.dispatched,
             "arrived": self.arrived,
             "job_counts": torch.as_tensor(self.job_counts if self.job_counts is not None else np.zeros(0, np.int64)),
-            "jobs": [job_data(j) for j in self.jobs],
+            "jobs": [job_data(j) for j in self.jobs.values()],
             "buffer": [{"job": job_data(j), "staleness": s} for j, s in self.buffer],
             "models": {v: cpu(m) for v, m in self.models.items()},
             "batches": list(self.batches),
@@ -322,7 +342,9 @@ class AsyncMode(FederatedMode):
         self.dispatched, self.arrived = int(data["dispatched"]), int(data["arrived"])
         counts = data["job_counts"].numpy().astype(np.int64)
         self.job_counts = counts.copy() if len(counts) else None
-        self.jobs = [job_of(d) for d in data["jobs"]]
+        self.jobs = {job.client: job for job in map(job_of, data["jobs"])}
+        self.queue = [(job.end_s, job.client, job) for job in self.jobs.values()]
+        heapq.heapify(self.queue)
         self.buffer = [(job_of(b["job"]), int(b["staleness"])) for b in data["buffer"]]
         self.models = {int(v): on(m) for v, m in data["models"].items()}
         self.batches = [int(b) for b in data["batches"]]

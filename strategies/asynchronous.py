@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
+import torch
 from torch import Tensor
 
 from fedsim.core.components import option
@@ -203,19 +204,20 @@ class FedBuff(AsyncStrategy):
         return self.inner.init(params) if self.inner is not None else super().init(params)
 
     def buffer_mean(self, arrivals: list[Arrival]) -> Tree:
-        """``sum_i q_i s(t - tau_i) Delta_i`` (float64 accumulation, in arrival order)."""
+        """``sum_i q_i s(t - tau_i) Delta_i`` (in float64)."""
         if self.weighting == "samples":
             total = sum(x.num_samples for x in arrivals)
             q = [x.num_samples / total for x in arrivals]
         else:
             q = [1.0 / len(arrivals)] * len(arrivals)
+        first = arrivals[0].delta
+        scale = torch.tensor([qi * self.weight(x.staleness) for qi, x in zip(q, arrivals, strict=True)],
+                             dtype=torch.float64, device=next(iter(first.values())).device)  # fmt: skip
         out: dict[str, Tensor] = {}
-        for qi, x in zip(q, arrivals, strict=True):
-            scale = qi * self.weight(x.staleness)
-            for k, d in x.delta.items():
-                term = d.double() * scale
-                out[k] = out[k] + term if k in out else term
-        return {k: v.to(arrivals[0].delta[k].dtype) for k, v in out.items()}
+        for k, d in first.items():
+            stacked = torch.stack([x.delta[k] for x in arrivals]).double()
+            out[k] = torch.tensordot(scale, stacked, dims=1).to(d.dtype)
+        return out
 
     def server_step(self, version: int, state: ServerState, arrivals: list[Arrival]) -> ServerState:
         mean = self.buffer_mean(arrivals)

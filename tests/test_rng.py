@@ -39,3 +39,13 @@ def test_uniform_and_randint_distribution():
 def test_seed_for_is_a_valid_63_bit_seed():
     s = rng.seed_for(123, rng.STREAM_INIT)
     assert 0 <= s < 2**63 and s == rng.seed_for(123, rng.STREAM_INIT) != rng.seed_for(124, rng.STREAM_INIT)
+
+
+def test_scalar_hash_and_randint_match_the_vectorized_ones():
+    from fedsim.core import rng
+
+    keys = np.random.default_rng(0).integers(0, 2**40, size=(200, 4))
+    for row in keys:
+        k = [int(v) for v in row]
+        assert rng.hash_key(*k) == int(rng.hash_keys(*k))
+        assert rng.randint_scalar(997, *k) == int(rng.randint(997, *k))

@@ -69,3 +69,18 @@ def test_steps_per_client_and_errors():
         steps_per_client(np.array([3]), None, None, 4)
     with pytest.raises(FedsimError, match="did you mean 'shuffle'"):
         make_sampler("shufle")
+
+
+@pytest.mark.parametrize("name", ["iid", "shuffle", "markov-ring", "markov-regular"])
+@pytest.mark.parametrize("mode", [{"steps": 5, "epochs": None}, {"steps": None, "epochs": 2}])
+def test_planned_samples_are_the_valid_batch_entries(name, mode):
+    """The fast count (no batches drawn) equals the mask of the batches the sampler draws."""
+    from fedsim.core import components
+    from fedsim.data.samplers import planned_samples, sample_by_key
+
+    sampler = components.make("sampler", name)
+    ids, sizes = np.array([0, 3, 7, 9]), np.array([3, 8, 40, 17])
+    keys = np.array([1, 2, 2, 5])
+    fast = planned_samples(sampler, 0, keys, ids, sizes, batch_size=8, **mode)
+    batches, _ = sample_by_key(sampler, 0, keys, ids, sizes, batch_size=8, **mode)
+    assert fast.tolist() == batches.mask.sum(axis=(1, 2)).tolist()

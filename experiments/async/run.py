@@ -6,6 +6,7 @@ bandwidths and latency log-normal around phone-class medians with sigma 0 / 0.5 
 - ``fedavg``: synchronous FedAvg, 10 clients per round (waits for the slowest);
 - ``fedavg-deadline``: the same with ``deadline_s`` (clients slower than it are dropped);
 - ``fedavg-overselect``: the same with ``over_selection: 0.3`` (13 selected, the first 10 kept);
+- ``fedavg-all``: synchronous FedAvg with every client (100) each round, FedBuff's concurrency;
 - ``fedasync-constant`` / ``-polynomial`` / ``-hinge``: FedAsync, 10 clients in flight, alpha 0.6;
 - ``fedbuff``: FedBuff, K = 10, C = 100 (every client in flight), polynomial staleness weighting, server lr 1.
 
@@ -47,6 +48,7 @@ def methods(quick: bool = False) -> dict[str, dict[str, Any]]:
         "fedavg": sync,
         "fedavg-deadline": {**sync, "deadline_s": DEADLINE_S},
         "fedavg-overselect": {**sync, "over_selection": 0.3},
+        "fedavg-all": {**sync, "fraction": 1.0},
         **{
             f"fedasync-{s}": {**fedasync, "strategy": {"name": "fedasync", "concurrency": 10, "staleness": s}}
             for s in ("constant", "polynomial", "hinge")

@@ -1,7 +1,8 @@
 """``fedsim bench async``: wall time per client update of asynchronous FedBuff against synchronous FedAvg.
 
 Workload: digits, MLP 64-64-10, ``clients`` clients (Dirichlet 0.5), 10 SGD steps of batch 32 (i.i.d.
-sampler), log-normal system speeds (sigma 1). Synchronous FedAvg trains ``concurrency`` clients per round for
+sampler), log-normal system speeds (``sigma``, default 1: the spread of speeds sets how many in-flight clients
+wait to be trained together, ``mean_vectorized_batch``). Synchronous FedAvg trains ``concurrency`` clients per round for
 ``rounds`` rounds; FedBuff keeps ``concurrency`` clients in flight with a buffer of ``buffer_size`` and runs
 ``rounds * concurrency / buffer_size`` server steps: the same number of client updates. Both evaluate only
 at the end. Timed two ways: inside ``simulate`` (median of ``repeats`` calls after one untimed call of each)
@@ -23,12 +24,14 @@ from fedsim.core.errors import FedsimError
 from fedsim.simulation import simulate
 
 
-def workloads(clients: int, concurrency: int, buffer_size: int, rounds: int) -> dict[str, dict[str, Any]]:
+def workloads(
+    clients: int, concurrency: int, buffer_size: int, rounds: int, sigma: float = 1.0
+) -> dict[str, dict[str, Any]]:
     """The synchronous and asynchronous configs (same client updates)."""
     base = {
         "dataset": "digits", "model": {"name": "mlp", "hidden": [64, 64]}, "clients": clients, "local_steps": 10,
         "batch_size": 32, "sampler": "iid", "lr": 0.05, "partition": {"name": "dirichlet", "alpha": 0.5},
-        "system": {"name": "lognormal", "sigma": 1.0}, "checkpoint_every": 0, "seed": 0,
+        "system": {"name": "lognormal", "sigma": sigma}, "checkpoint_every": 0, "seed": 0,
     }  # fmt: skip
     steps = rounds * concurrency // buffer_size
     sync = {**base, "strategy": "fedavg", "fraction": concurrency / clients, "rounds": rounds, "eval_every": rounds}
@@ -37,13 +40,13 @@ def workloads(clients: int, concurrency: int, buffer_size: int, rounds: int) -> 
 
 
 def bench_async(
-    clients: int = 1000, concurrency: int = 100, buffer_size: int = 10, rounds: int = 20, repeats: int = 3,
-    processes: bool = True,
+    clients: int = 200, concurrency: int = 100, buffer_size: int = 10, rounds: int = 20, repeats: int = 3,
+    processes: bool = True, sigma: float = 1.0,
 ) -> dict[str, Any]:  # fmt: skip
     """Seconds per client update of each, and FedBuff's ratio to FedAvg (see the module docstring)."""
     if concurrency > clients:
         raise FedsimError(f"--concurrency {concurrency} exceeds --clients {clients}")
-    configs = workloads(clients, concurrency, buffer_size, rounds)
+    configs = workloads(clients, concurrency, buffer_size, rounds, sigma)
     updates = rounds * concurrency
     result: dict[str, Any] = {"workloads": configs, "client_updates": updates, "repeats": repeats}
     for config in configs.values():

@@ -149,19 +149,20 @@ def bench_flower_cmd(
 
 @bench_app.command("async")
 def bench_async_cmd(
-    clients: Annotated[int, Opt(min=2, help="Simulated clients.")] = 1000,
+    clients: Annotated[int, Opt(min=2, help="Simulated clients.")] = 200,
     concurrency: Annotated[int, Opt(min=1, help="FedBuff's clients in flight; FedAvg's clients per round.")] = 100,
     buffer_size: Annotated[int, Opt(min=1, help="FedBuff's buffer K.")] = 10,
     rounds: Annotated[int, Opt(min=1, help="FedAvg rounds (FedBuff runs the same client updates).")] = 20,
     repeats: Annotated[int, Opt(min=1, help="Timed calls and processes of each (median).")] = 3,
     processes: Annotated[bool, Opt(help="Also time whole fedsim simulate processes.")] = True,
+    sigma: Annotated[float, Opt(min=0, help="Log-normal sigma of the clients' speeds.")] = 1.0,
     out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
 ) -> None:
     """Wall time per client update: asynchronous FedBuff against synchronous FedAvg (same client updates)."""
     from fedsim.benchmarks.asynchronous import bench_async
 
     result = bench_async(clients=clients, concurrency=concurrency, buffer_size=buffer_size, rounds=rounds,
-                         repeats=repeats, processes=processes)  # fmt: skip
+                         repeats=repeats, processes=processes, sigma=sigma)  # fmt: skip
     _emit_json(result, out)
 
 

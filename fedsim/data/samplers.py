@@ -89,6 +89,20 @@ def sample_by_key(
     return Batches(positions, mask), state
 
 
+def planned_samples(
+    sampler: Sampler, seed: int, round_keys: np.ndarray, client_ids: np.ndarray, sizes: np.ndarray, *,
+    steps: int | None, epochs: int | None, batch_size: int,
+) -> np.ndarray:  # fmt: skip
+    """Samples each client's planned local steps process (float64): the sampler's ``samples_per_client`` when
+    it has one (no batches are drawn), else the valid entries of its batches (drawn without sampler state)."""
+    fast = getattr(sampler, "samples_per_client", None)
+    if fast is not None:
+        return np.asarray(fast(sizes, steps=steps, epochs=epochs, batch_size=batch_size), dtype=np.float64)
+    batches, _ = sample_by_key(sampler, seed, round_keys, client_ids, sizes, steps=steps, epochs=epochs,
+                               batch_size=batch_size)  # fmt: skip
+    return batches.mask.sum(axis=(1, 2)).astype(np.float64)
+
+
 def steps_per_client(sizes: np.ndarray, steps: int | None, epochs: int | None, batch_size: int) -> np.ndarray:
     """Local steps of each client: ``steps`` for all, or ``epochs * ceil(n_c / batch_size)``."""
     sizes = np.asarray(sizes, dtype=np.int64)
@@ -104,6 +118,11 @@ class IIDSampler:
     Every step uses a full batch of ``B``; in epoch mode a client takes ``E * ceil(n_c / B)`` steps."""
 
     name = "iid"
+
+    @staticmethod
+    def samples_per_client(sizes, *, steps, epochs, batch_size) -> np.ndarray:
+        """Samples each client's planned steps process: ``B`` per step (the mask of :meth:`sample`)."""
+        return steps_per_client(sizes, steps, epochs, batch_size) * batch_size
 
     def sample(self, seed, round_, client_ids, sizes, *, steps, epochs, batch_size, state=None):
         sizes = np.asarray(sizes, dtype=np.int64)
@@ -133,6 +152,15 @@ class ShuffleSampler:
     """
 
     name = "shuffle"
+
+    @staticmethod
+    def samples_per_client(sizes, *, steps, epochs, batch_size) -> np.ndarray:
+        """Samples each client's planned steps process: ``E n_c`` in epoch mode, ``K min(B, n_c)`` in step
+        mode (the mask of :meth:`sample`)."""
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if epochs is not None:
+            return epochs * sizes
+        return steps_per_client(sizes, steps, epochs, batch_size) * np.minimum(batch_size, sizes)
 
     def sample(self, seed, round_, client_ids, sizes, *, steps, epochs, batch_size, state=None):
         sizes = np.asarray(sizes, dtype=np.int64)
@@ -198,6 +226,11 @@ class _MarkovSampler:
     name: str
     _key: int
     STATE_KEY = "markov_position"
+
+    @staticmethod
+    def samples_per_client(sizes, *, steps, epochs, batch_size) -> np.ndarray:
+        """Samples each client's planned steps process: ``B`` chain states per step."""
+        return steps_per_client(sizes, steps, epochs, batch_size) * batch_size
 
     def __init__(self, laziness: float):
         if not 0.0 <= float(laziness) < 1.0:

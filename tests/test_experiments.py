@@ -149,11 +149,12 @@ def test_async_experiment_runs_tabulates_and_plots(tmp_path):
     assert [(r["method"], r["sigma"]) for r in result["table"]] == [("fedavg", 1.0), ("fedbuff", 1.0)]
     assert all(r["virtual_time_s"] > 0 for r in result["runs"])
     assert script.markdown(result).startswith("| method | sigma 1 |")
-    fake = {"target": "0.8", "table": [
-        {"sigma": 1.0, "method": "fedavg", "time_to_target_s": {"median": 4.0, "min": 3.0, "max": 5.0,
-                                                                "reached": 2, "of": 2}, "speedup_vs_fedavg": 1.0},
-        {"sigma": 1.0, "method": "fedbuff", "time_to_target_s": {"median": 1.0, "min": 1.0, "max": 2.0,
-                                                                 "reached": 1, "of": 2}, "speedup_vs_fedavg": 4.0}]}  # fmt: skip
+
+    def row(method, median, low, high, reached, speedup):
+        spread = {"median": median, "min": low, "max": high, "reached": reached, "of": 2}
+        return {"sigma": 1.0, "method": method, "time_to_target_s": spread, "speedup_vs_fedavg": speedup}
+
+    fake = {"target": "0.8", "table": [row("fedavg", 4.0, 3.0, 5.0, 2, 1.0), row("fedbuff", 1.0, 1.0, 2.0, 1, 4.0)]}
     table = script.markdown(fake)
     assert "| fedbuff | 1.0 [1.0-2.0] (1/2), 4.0x |" in table
     assert script.plot(fake, tmp_path / "t.png").stat().st_size > 1000

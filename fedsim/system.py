@@ -28,7 +28,6 @@ quantity, client), so a client's profile does not depend on the number of client
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 
 from fedsim.core import components, rng
 from fedsim.core.components import option
+from fedsim.core.csv_table import numeric_rows, where
 from fedsim.core.errors import FedsimError
 from fedsim.windows import Windows, read_windows
 
@@ -194,42 +194,21 @@ def read_trace(path: str | Path) -> dict[str, np.ndarray]:
     the line and the column: a missing file or column, a non-number, a non-finite, negative or zero speed or
     bandwidth, a negative latency, a repeated or missing client."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise FedsimError(f"system trace {path}: cannot read it ({err.strerror or err})") from None
-    reader = csv.reader(text.splitlines())
-    header = [h.strip() for h in next(reader, [])]
-    expected = ["client", *QUANTITIES]
-    missing = [c for c in expected if c not in header]
-    if missing:
-        needs = ",".join(expected)
-        raise FedsimError(f"system trace {path}, line 1: missing column(s) {', '.join(missing)} (needs {needs})")
-    index = {c: header.index(c) for c in expected}
+    expected = ("client", *QUANTITIES)
     values: dict[str, list[float]] = {c: [] for c in expected}
     seen: dict[int, int] = {}
-    for line, row in enumerate(reader, start=2):
-        if not row or all(not cell.strip() for cell in row):
-            continue
+    for line, row in numeric_rows(path, expected, "system trace"):
         for column in expected:
-            where = f"system trace {path}, line {line}, column {column}"
-            try:
-                cell = row[index[column]].strip()
-            except IndexError:
-                raise FedsimError(f"{where}: missing value") from None
-            try:
-                value = float(cell)
-            except ValueError:
-                raise FedsimError(f"{where}: {cell!r} is not a number") from None
+            value, at = row[column], where("system trace", path, line, column)
             if column == "client":
                 if not value.is_integer() or value < 0:
-                    raise FedsimError(f"{where}: client ids are integers >= 0, got {cell!r}")
+                    raise FedsimError(f"{at}: client ids are integers >= 0, got {value:g}")
                 if int(value) in seen:
-                    raise FedsimError(f"{where}: client {int(value)} already on line {seen[int(value)]}")
+                    raise FedsimError(f"{at}: client {int(value)} already on line {seen[int(value)]}")
                 seen[int(value)] = line
             elif not math.isfinite(value) or value < 0 or (value == 0 and column != "latency_s"):
                 rule = ">= 0" if column == "latency_s" else "> 0"
-                raise FedsimError(f"{where}: must be finite and {rule}, got {cell!r}")
+                raise FedsimError(f"{at}: must be finite and {rule}, got {value:g}")
             values[column].append(value)
     if not seen:
         raise FedsimError(f"system trace {path}: no client rows")

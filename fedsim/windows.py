@@ -9,12 +9,12 @@ in a synchronous round, it does not hold the round up past that moment.
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import numpy as np
 
+from fedsim.core.csv_table import numeric_rows, where
 from fedsim.core.errors import FedsimError
 
 COLUMNS = ("client", "start_s", "end_s")
@@ -63,43 +63,18 @@ def read_windows(path: str | Path) -> Windows:
     """The windows of a CSV file (see the module docstring). Refuses in one line naming the file, the line and
     the column: a missing file or column, a non-number, a negative or non-integer client, a negative or
     non-finite start, an end not after its start; and a file without rows."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise FedsimError(f"availability windows {path}: cannot read it ({err.strerror or err})") from None
-    reader = csv.reader(text.splitlines())
-    header = [h.strip() for h in next(reader, [])]
-    missing = [c for c in COLUMNS if c not in header]
-    if missing:
-        raise FedsimError(
-            f"availability windows {path}, line 1: missing column(s) {', '.join(missing)} (needs {','.join(COLUMNS)})"
-        )
-    index = {c: header.index(c) for c in COLUMNS}
+    what = "availability windows"
     values: dict[str, list[float]] = {c: [] for c in COLUMNS}
-    for line, row in enumerate(reader, start=2):
-        if not row or all(not cell.strip() for cell in row):
-            continue
-        parsed = {}
+    for line, row in numeric_rows(path, COLUMNS, what):
+        client, start, end = row["client"], row["start_s"], row["end_s"]
+        if not client.is_integer() or client < 0:
+            raise FedsimError(f"{where(what, path, line, 'client')}: client ids are integers >= 0, got {client:g}")
+        if not (math.isfinite(start) and start >= 0):
+            raise FedsimError(f"{where(what, path, line, 'start_s')}: must be finite and >= 0, got {start:g}")
+        if not end > start:
+            raise FedsimError(f"{where(what, path, line, 'end_s')}: must be after start_s ({start:g}), got {end:g}")
         for column in COLUMNS:
-            where = f"availability windows {path}, line {line}, column {column}"
-            try:
-                cell = row[index[column]].strip()
-            except IndexError:
-                raise FedsimError(f"{where}: missing value") from None
-            try:
-                value = float(cell)
-            except ValueError:
-                raise FedsimError(f"{where}: {cell!r} is not a number") from None
-            if column == "client" and (not value.is_integer() or value < 0):
-                raise FedsimError(f"{where}: client ids are integers >= 0, got {cell!r}")
-            if column == "start_s" and not (math.isfinite(value) and value >= 0):
-                raise FedsimError(f"{where}: must be finite and >= 0, got {cell!r}")
-            if column == "end_s" and not value > parsed["start_s"]:
-                raise FedsimError(f"{where}: must be after start_s ({parsed['start_s']:g}), got {cell!r}")
-            parsed[column] = value
-        for column in COLUMNS:
-            values[column].append(parsed[column])
+            values[column].append(row[column])
     if not values["client"]:
         raise FedsimError(f"availability windows {path}: no rows")
     return Windows(np.asarray(values["client"], dtype=np.int64), np.asarray(values["start_s"]),

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -234,14 +234,19 @@ class AsyncMode(FederatedMode):
             plan = Plan(ids, round_keys=keys)
             updates = sim.executor.train(plan, self.models[group[0].version], group[0].key, lr, start=start)
             deltas = updates.deltas
+            flat = flatten(deltas)
+            losses, steps = updates.train_loss.tolist(), updates.num_steps.tolist()
+            sizes = updates.num_samples.tolist()
             processed = updates.samples_processed
+            processed = processed.tolist() if processed is not None else [j.samples for j in group]
             for i, job in enumerate(group):
                 job.result = {
                     "delta": {k: v[i] for k, v in deltas.items()},
-                    "loss": float(updates.train_loss[i]),
-                    "steps": int(updates.num_steps[i]),
-                    "processed": float(processed[i]) if processed is not None else job.samples,
-                    "num_samples": float(updates.num_samples[i]),
+                    "flat": flat[i],
+                    "loss": float(losses[i]),
+                    "steps": int(steps[i]),
+                    "processed": float(processed[i]),
+                    "num_samples": float(sizes[i]),
                 }
             self.batches.append(len(group))
 
@@ -256,8 +261,7 @@ class AsyncMode(FederatedMode):
         losses = np.asarray([r["loss"] for r in results], dtype=np.float64)
         drift = None
         if len(results) > 1:  # client_drift's definition on the few applied deltas, from one flattened copy
-            flat = torch.cat([torch.stack([r["delta"][k] for r in results]).reshape(len(results), -1)
-                              for k in results[0]["delta"]], dim=1).double()  # fmt: skip
+            flat = torch.stack([r["flat"] for r in results]).double()
             mean = flat.mean(dim=0)
             norm = float(mean.norm())
             drift = float((flat - mean).norm(dim=1).mean()) / norm if norm > 0 and math.isfinite(norm) else None
@@ -308,11 +312,14 @@ class AsyncMode(FederatedMode):
     def state_dict(self) -> dict[str, Any]:
         """Everything the event loop needs to continue exactly (plain data for ``torch.load(weights_only=True)``)."""
         cpu = lambda tree: {k: v.detach().cpu() for k, v in tree.items()}  # noqa: E731
+        copy = lambda tree: {k: v.detach().cpu().clone() for k, v in tree.items()}  # noqa: E731
 
         def job_data(job: Job) -> dict[str, Any]:
-            data = asdict(job)
-            if job.result is not None:
-                data["result"] = {**job.result, "delta": cpu(job.result["delta"])}
+            data = {f.name: getattr(job, f.name) for f in fields(job) if f.name != "result"}
+            data["result"] = None
+            if job.result is not None:  # the delta alone (a copy, not a view of its batch); flat is rebuilt
+                kept = {k: v for k, v in job.result.items() if k not in ("delta", "flat")}
+                data["result"] = {**kept, "delta": copy(job.result["delta"])}
             return data
 
         return {
@@ -334,7 +341,8 @@ class AsyncMode(FederatedMode):
         def job_of(d: dict[str, Any]) -> Job:
             job = Job(**{k: v for k, v in d.items() if k != "result"})
             if d["result"] is not None:
-                job.result = {**d["result"], "delta": on(d["result"]["delta"])}
+                delta = on(d["result"]["delta"])
+                job.result = {**d["result"], "delta": delta, "flat": flatten(delta, stacked=False)}
             return job
 
         self.reset()

@@ -84,3 +84,26 @@ def test_planned_samples_are_the_valid_batch_entries(name, mode):
     fast = planned_samples(sampler, 0, keys, ids, sizes, batch_size=8, **mode)
     batches, _ = sample_by_key(sampler, 0, keys, ids, sizes, batch_size=8, **mode)
     assert fast.tolist() == batches.mask.sum(axis=(1, 2)).tolist()
+
+
+@pytest.mark.parametrize("name", ["iid", "shuffle", "markov-ring", "markov-regular"])
+@pytest.mark.parametrize("mode", [{"steps": 5, "epochs": None}, {"steps": None, "epochs": 2}])
+def test_per_client_rounds_in_one_call_equal_one_call_per_round(name, mode):
+    """A built-in sampler given one round per client draws what one call per round draws (the asynchronous
+    engine trains clients of different rounds together)."""
+    from fedsim.core import components
+
+    sampler = components.make("sampler", name)
+    ids, sizes, keys = np.array([0, 3, 7, 9, 12]), np.array([3, 8, 40, 17, 5]), np.array([1, 2, 2, 5, 1])
+    state = {"markov_position": np.array([-1, -1, -1, 4, -1, -1, -1, 30, -1, -1, -1, -1, 2])}
+    together, state_a = sampler.sample(0, keys, ids, sizes, batch_size=8, state=dict(state), **mode)
+    for key in np.unique(keys):
+        rows = np.flatnonzero(keys == key)
+        alone, state = sampler.sample(0, int(key), ids[rows], sizes[rows], batch_size=8, state=state, **mode)
+        width = alone.positions.shape[1]
+        assert (together.mask[rows, :width] == alone.mask).all() and not together.mask[rows, width:].any()
+        assert (
+            np.where(alone.mask, together.positions[rows, :width], 0) == np.where(alone.mask, alone.positions, 0)
+        ).all()
+    if state_a is not None:
+        assert (state_a["markov_position"] == state["markov_position"]).all()

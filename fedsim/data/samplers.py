@@ -72,6 +72,9 @@ def sample_by_key(
     steps. One key is a plain :meth:`Sampler.sample` call."""
     keys = np.asarray(round_keys, dtype=np.int64)
     client_ids, sizes = np.asarray(client_ids, dtype=np.int64), np.asarray(sizes)
+    if getattr(sampler, "keyed_rounds", False) and len(keys) and keys.min() != keys.max():
+        return sampler.sample(seed, keys, client_ids, sizes, steps=steps, epochs=epochs, batch_size=batch_size,
+                              state=state)  # fmt: skip
     parts = []
     for key in np.unique(keys):
         rows = np.flatnonzero(keys == key)
@@ -87,6 +90,12 @@ def sample_by_key(
         positions[rows, : got.positions.shape[1]] = got.positions
         mask[rows, : got.mask.shape[1]] = got.mask
     return Batches(positions, mask), state
+
+
+def _per_client(round_: int | np.ndarray, dims: int) -> int | np.ndarray:
+    """A round, or per-client rounds shaped to broadcast along the client axis of ``dims``-dimensional keys."""
+    rounds = np.asarray(round_)
+    return rounds.reshape(-1, *([1] * (dims - 1))) if rounds.ndim else round_
 
 
 def planned_samples(
@@ -118,6 +127,8 @@ class IIDSampler:
     Every step uses a full batch of ``B``; in epoch mode a client takes ``E * ceil(n_c / B)`` steps."""
 
     name = "iid"
+    keyed_rounds = True
+    """``sample`` also takes one round per client (an array): the same batches as one call per round."""
 
     @staticmethod
     def samples_per_client(sizes, *, steps, epochs, batch_size) -> np.ndarray:
@@ -131,7 +142,7 @@ class IIDSampler:
         c = np.asarray(client_ids, dtype=np.int64)[:, None, None]
         k = np.arange(k_max)[None, :, None]
         b = np.arange(batch_size)[None, None, :]
-        positions = rng.randint(sizes[:, None, None], seed, rng.STREAM_SAMPLER, round_, c, k, b)
+        positions = rng.randint(sizes[:, None, None], seed, rng.STREAM_SAMPLER, _per_client(round_, 3), c, k, b)
         mask = np.broadcast_to(k < n_steps[:, None, None], positions.shape).copy()
         return Batches(positions, mask), state
 
@@ -152,6 +163,7 @@ class ShuffleSampler:
     """
 
     name = "shuffle"
+    keyed_rounds = True
 
     @staticmethod
     def samples_per_client(sizes, *, steps, epochs, batch_size) -> np.ndarray:
@@ -203,7 +215,10 @@ def _segment_permutations(
     owner = np.repeat(np.arange(len(sizes)), lengths)
     local = np.arange(total) - seg_offset[owner]
     epoch, j = local // sizes[owner], local % sizes[owner]
-    keys = rng.hash_keys(seed, rng.STREAM_SAMPLER, round_, client_ids[owner], epoch, j)
+    rounds = np.asarray(round_)
+    keys = rng.hash_keys(
+        seed, rng.STREAM_SAMPLER, rounds[owner] if rounds.ndim else rounds, client_ids[owner], epoch, j
+    )
     segment = seg_offset[owner] + epoch * sizes[owner]
     order = np.lexsort((keys, segment))
     return j[order], seg_offset
@@ -226,6 +241,7 @@ class _MarkovSampler:
     name: str
     _key: int
     STATE_KEY = "markov_position"
+    keyed_rounds = True
 
     @staticmethod
     def samples_per_client(sizes, *, steps, epochs, batch_size) -> np.ndarray:
@@ -252,7 +268,7 @@ class _MarkovSampler:
         started = current >= 0
         start = np.where(started, current, markov.start_positions(seed, client_ids, sizes))
         t = np.arange(k_max * batch_size)[None, :]
-        u = rng.uniform(seed, rng.STREAM_SAMPLER, self._key, round_, client_ids[:, None], t)
+        u = rng.uniform(seed, rng.STREAM_SAMPLER, self._key, _per_client(round_, 2), client_ids[:, None], t)
         # A chain that has not started consumes its uniform first state as is; past its last step it stays.
         moves = (t < (n_steps * batch_size)[:, None]) & ((t > 0) | started[:, None])
         path = self._walk(seed, client_ids, sizes, start, u, moves)

@@ -10,9 +10,11 @@ planned local steps process). Events run in virtual-time order, ties broken by c
 2. the earliest arrival is handed to the strategy (its staleness is ``t - tau``, ``t`` the server version);
    when the strategy has ``step_size`` arrivals (FedAsync 1, FedBuff K) the server steps: one metrics row.
 
-**Vectorized.** A client's start model is known when it is dispatched and its result is needed only when it
-arrives. When an arrival has not been trained yet, every in-flight client not yet trained is trained in one
-batched call, each from its own start model (the executor's stacked ``start`` rows, per-client sampler keys).
+**Vectorized.** A client's start model is known when it is dispatched and its result is needed only by the
+server step that applies it. When a server step needs a result not trained yet, every in-flight client not yet
+trained is trained in one batched call, each from its own start model (the executor's stacked ``start`` rows,
+per-client sampler keys). The schedule never waits for training: arrival times depend only on the planned
+samples and counter-based draws.
 Results equal a per-client event loop (tested). ``mean_vectorized_batch`` in ``summary.json`` is the mean
 size of these calls; it approaches C when clients' speeds differ moderately.
 

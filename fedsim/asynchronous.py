@@ -122,8 +122,12 @@ class AsyncMode(FederatedMode):
     def step(self, sim, round_: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
         """Events until the next server step (version ``round_ - 1`` -> ``round_``); the step's metrics row."""
         version, strategy = round_ - 1, self.strategy
+        n = sim.store.num_clients
         if self.job_counts is None:
-            self.job_counts = np.zeros(sim.store.num_clients, dtype=np.int64)
+            self.job_counts = np.zeros(n, dtype=np.int64)
+        if self.in_flight is None:  # kept up to date from here on (rebuilt after a restore)
+            self.in_flight = np.zeros(n, dtype=bool)
+            self.in_flight[list(self.jobs)] = True
         bytes_down = bytes_up = 0
         wasted = 0.0
         capacity = self.clients_per_round(sim)
@@ -176,9 +180,6 @@ class AsyncMode(FederatedMode):
         """Fill the idle slots at the current time with clients starting from ``params`` (version
         ``version``); returns the bytes sent."""
         n = sim.store.num_clients
-        if self.in_flight is None:  # kept up to date from here on (rebuilt after a restore)
-            self.in_flight = np.zeros(n, dtype=bool)
-            self.in_flight[list(self.jobs)] = True
         busy, idle = self.in_flight, n - len(self.jobs)
         if sim.windows is not None:  # offline clients cannot start
             busy = np.ones(n, dtype=bool)

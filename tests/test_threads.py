@@ -188,6 +188,10 @@ def test_no_plots_then_plot_standard(tmp_path, cli):
     assert {"convergence.png", "drift.png"} <= {p.name for p in out.glob("*.png")}
     code, _, err = cli(["plot", str(out), "--standard", "--metric", "drift"])
     assert code == 2 and "drop --metric/--out" in err
+    code, _, err = cli(["plot", str(out), "--standard", "--x", "virtual_time_s"])
+    assert code == 2 and "drop --metric/--out/--x" in err
+    code, _, err = cli(["plot", str(out), "--x", "time", "--out", str(tmp_path / "x.png")])
+    assert code == 2 and "unknown x axis 'time'" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli(["plot", str(tmp_path), "--standard"])
     assert code == 2 and "not a results folder" in err
     seeds = tmp_path / "seeds"

@@ -70,6 +70,14 @@ def _check_staleness(options: dict) -> None:
             raise FedsimError(f"strategy option '{name}' does not apply to staleness '{kind}'; drop it")
 
 
+Concurrency = Annotated[
+    int | None, option("clients in flight at any time, C (default: FedAsync min(10, N), FedBuff min(100, N))", ge=1)
+]
+StalenessOption = Annotated[Staleness, option("staleness function s: constant | polynomial | hinge")]
+AOption = Annotated[float | None, option("staleness exponent/slope a (polynomial default 0.5, hinge 10)", ge=0)]
+BOption = Annotated[float | None, option("hinge: staleness up to b is not discounted (default 4)", ge=0)]
+
+
 class AsyncStrategy(Strategy):
     """Base of the asynchronous strategies: ``concurrency`` clients in flight, :meth:`step_size` arrivals per
     server step, :meth:`server_step` from those arrivals."""
@@ -79,7 +87,14 @@ class AsyncStrategy(Strategy):
 
     default_concurrency: ClassVar[int] = 10
 
-    def __init__(self, concurrency: int | None, staleness: str, a: float | None, b: float | None, **kwargs) -> None:
+    def __init__(
+        self,
+        concurrency: Concurrency = None,
+        staleness: StalenessOption = "constant",
+        a: AOption = None,
+        b: BOption = None,
+        **kwargs,
+    ) -> None:
         if kwargs.get("aggregator") is not None:
             raise FedsimError(f"strategy '{self.name}' applies arrivals one buffer at a time; drop the aggregator")
         if kwargs.get("fraction", 1.0) != 1.0 or kwargs.get("min_clients", 1) != 1:
@@ -118,14 +133,6 @@ class AsyncStrategy(Strategy):
 
     def reductions(self):
         return None
-
-
-Concurrency = Annotated[
-    int | None, option("clients in flight at any time, C (default: FedAsync min(10, N), FedBuff min(100, N))", ge=1)
-]
-StalenessOption = Annotated[Staleness, option("staleness function s: constant | polynomial | hinge")]
-AOption = Annotated[float | None, option("staleness exponent/slope a (polynomial default 0.5, hinge 10)", ge=0)]
-BOption = Annotated[float | None, option("hinge: staleness up to b is not discounted (default 4)", ge=0)]
 
 
 class FedAsync(AsyncStrategy):

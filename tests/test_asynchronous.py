@@ -183,3 +183,31 @@ def test_bad_asynchronous_settings_exit_2_in_one_line(tmp_path, cli, flags, mess
     code, _, err = cli(["simulate", "--rounds", "1", "--clients", "4", "--quiet", "--out", str(tmp_path / "r"),
                         *flags])  # fmt: skip
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_plugin_asynchronous_strategy_runs_on_the_event_loop(monkeypatch):
+    """A rule of one's own (here: the server takes the latest arrival's model) runs on the event loop."""
+    from fedsim.core import components
+    from fedsim.core.protocol import ServerState
+    from strategies.asynchronous import AsyncStrategy
+
+    class Latest(AsyncStrategy):
+        name = "latest-test"
+
+        def __init__(self, concurrency: int | None = 4, **kwargs):
+            super().__init__(concurrency=concurrency, **kwargs)
+
+        @property
+        def step_size(self) -> int:
+            return 1
+
+        def server_step(self, version, state, arrivals):
+            (x,) = arrivals
+            return ServerState({k: x.start[k] - x.delta[k] for k in state.params}, state.extras)
+
+    monkeypatch.setitem(components._REGISTRY["strategy"], "latest-test", None)  # restored after the test
+    components.register("strategy", "latest-test", Latest)
+    got, rows, sim = states({**BASE, "system": HETERO, "strategy": "latest-test"}, 5)
+    assert [r["arrived"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["in_flight"] == 3
+    first = next(iter(got[-1]))
+    assert not torch.equal(got[-1][first], sim.init_params[first])

@@ -209,10 +209,10 @@ class RunConfig(BaseModel):
                 raise FedsimError(f"option '{added[0]}' applies to federated strategies, not to decentralized training")
             if self.fraction != 1.0 or self.min_clients != 1:
                 raise FedsimError("fraction/min_clients select federated clients; every node trains over a topology")
-            if self.round_policy.active:
+            if self.round_policy.active or self.system.get("availability"):
                 raise FedsimError(
-                    "deadline_s/over_selection/dropout/time_budget_s apply to federated rounds, not to training "
-                    "over a topology"
+                    "deadline_s/over_selection/dropout/time_budget_s and system.availability apply to federated "
+                    "rounds, not to training over a topology"
                 )
         if self.problem is not None and not self.minimax:
             raise FedsimError(
@@ -291,7 +291,8 @@ class RunConfig(BaseModel):
         if self.backend.name == "flower":
             for bad, why in ((self.executor.name != "local", f"--executor {self.executor.name}"),
                              (bool(self.topology), "--topology"),
-                             (self.round_policy.active, "deadline_s/over_selection/dropout/time_budget_s"),
+                             (self.round_policy.active or bool(self.system.get("availability")),
+                              "deadline_s/over_selection/dropout/time_budget_s/system.availability"),
                              (self.flower_hosted, f"strategy '{self.strategy.name}'")):  # fmt: skip
                 if bad:
                     raise FedsimError(f"--backend flower runs federated fedsim strategies; drop {why}")

@@ -114,3 +114,18 @@ def test_asynchronous_dispatch_only_online_clients_and_resume_exactly(tmp_path, 
             assert client in windows.online(start, 6)  # started while online
             assert start + download + compute + upload <= windows.online_until(np.array([client]), start)[0]
     assert sum(r["wasted_samples"] for r in full) > 0  # clients 1 and 4 go offline in flight
+
+
+def test_windows_are_refused_where_they_would_be_ignored(tmp_path, cli):
+    import networkx as nx
+
+    path = write(tmp_path, [(0, 0, "inf")])
+    ring = tmp_path / "ring.edgelist"
+    nx.write_edgelist(nx.cycle_graph(4), ring, data=False)
+    for flags, message in (
+        (["--topology", str(ring)], "apply to federated rounds, not to training over a topology"),
+        (["--backend", "flower"], "--backend flower runs federated fedsim strategies"),
+    ):
+        code, _, err = cli(["simulate", "--rounds", "1", "--clients", "4", "--set", f"system.availability={path}",
+                            "--quiet", "--out", str(tmp_path / "r"), *flags])  # fmt: skip
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -37,14 +37,16 @@ else:  # pragma: no cover
 COMPONENT_KEYS: dict[str, str] = {
     "dataset": "dataset", "partition": "partitioner", "model": "model", "strategy": "strategy",
     "aggregator": "aggregator", "regulator": "regulator", "client_filter": "client_filter",
-    "availability": "availability", "system": "system", "sampler": "sampler", "optimizer": "optimizer",
+    "availability": "availability", "system": "system", "attack": "attack", "sampler": "sampler",
+    "optimizer": "optimizer",
     "lr_schedule": "lr_schedule", "problem": "problem", "executor": "executor", "backend": "backend",
 }  # fmt: skip
 """Config key -> component kind (``strategy`` is a ``decentralized`` strategy when a topology is given)."""
 
 DEFAULTS: dict[str, str | None] = {
     "dataset": "digits", "partition": "dirichlet", "model": "mlp", "strategy": None, "aggregator": "mean",
-    "regulator": "none", "client_filter": "none", "availability": "always", "system": "uniform", "sampler": "shuffle",
+    "regulator": "none", "client_filter": "none", "availability": "always", "system": "uniform", "attack": "none",
+    "sampler": "shuffle",
     "optimizer": "sgd", "lr_schedule": "constant", "problem": None, "executor": "local", "backend": "fedsim",
 }  # fmt: skip
 
@@ -117,6 +119,7 @@ class RunConfig(BaseModel):
     client_filter: Spec
     availability: Spec
     system: Spec
+    attack: Spec
     deadline_s: float | None = Field(
         None, gt=0, description="Synchronous rounds: clients that would take longer are dropped (virtual seconds)."
     )
@@ -203,7 +206,7 @@ class RunConfig(BaseModel):
                 stacklevel=2,
             )
         if self.topology:
-            added = [k for k in ("regulator", "aggregator", "client_filter", "availability")
+            added = [k for k in ("regulator", "aggregator", "client_filter", "availability", "attack")
                      if getattr(self, k).name != DEFAULTS[k]]  # fmt: skip
             if added:
                 raise FedsimError(f"option '{added[0]}' applies to federated strategies, not to decentralized training")
@@ -271,6 +274,7 @@ class RunConfig(BaseModel):
             (self.aggregator.name != DEFAULTS["aggregator"], f"aggregator '{self.aggregator.name}'"),
             (self.round_policy.active, "deadline_s/over_selection/dropout/time_budget_s"),
             (self.backend.name != "fedsim", f"--backend {self.backend.name}"),
+            (self.attack.name != DEFAULTS["attack"], f"attack '{self.attack.name}'"),
         )
         for bad, what in checks:
             if bad:
@@ -293,6 +297,7 @@ class RunConfig(BaseModel):
                              (bool(self.topology), "--topology"),
                              (self.round_policy.active or bool(self.system.get("availability")),
                               "deadline_s/over_selection/dropout/time_budget_s/system.availability"),
+                             (self.attack.name != DEFAULTS["attack"], f"--attack {self.attack.name}"),
                              (self.flower_hosted, f"strategy '{self.strategy.name}'")):  # fmt: skip
                 if bad:
                     raise FedsimError(f"--backend flower runs federated fedsim strategies; drop {why}")

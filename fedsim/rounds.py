@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedsim.attacks import attack_uploads
 from fedsim.core.errors import DivergenceError, FedsimError, OutOfMemory, RunInterrupted
 from fedsim.core.protocol import ClientUpdates, Executor, Plan, ServerState
 from fedsim.core.pytree import Tree, all_finite, flatten, nbytes
@@ -189,6 +190,7 @@ class Parts:
     executor: Executor
     optimizer_state_bytes: int
     system: Any = None
+    attack: Any = None
 
 
 class Simulation:
@@ -211,6 +213,12 @@ class Simulation:
         """The system model's availability windows in virtual time (:mod:`fedsim.windows`), or None."""
         if self.windows is not None:
             self.windows.check_clients(parts.store.num_clients)
+        self.attack = parts.attack
+        """The Byzantine attack (:mod:`fedsim.attacks`), or None."""
+        self.byzantine = np.zeros(parts.store.num_clients, dtype=bool)
+        """``byzantine[k]``: client k is Byzantine (fixed for the run by the attack's fraction and the seed)."""
+        if self.attack is not None:
+            self.byzantine[self.attack.clients(parts.store.num_clients, config.seed)] = True
         self.policy: RoundPolicy = config.round_policy
         """Synchronous round policies (deadline, over-selection, dropout, time budget)."""
         self.participation = np.zeros(parts.store.num_clients, dtype=np.int64)
@@ -283,8 +291,15 @@ class Simulation:
             record = {"round": round_, "lr": lr, "clients": 0, "train_loss": None, "drift": None,
                       "update_norm": 0.0, "bytes_up": 0, "bytes_down": 0, "round_time_s": idle}  # fmt: skip
             return state, {**record, **before}
+        attacked = self.attack is not None and self.attack.model_attack
+        if attacked:  # the attack reads the round's stacked updates: no streamed means
+            plan = replace(plan, reductions=None)
         updates = self.executor.train(plan, planned.params, round_, lr, start=planned.start,
                                       opt_state=planned.opt_state)  # fmt: skip
+        if self.attack is not None:
+            before["byzantine"] = int(self.byzantine[np.asarray(updates.client_ids, dtype=np.int64)].sum())
+        if attacked:
+            updates = self.attacked(round_, updates)
         new_state, metrics = self.mode.combine(self, round_, state, plan, updates)
         np.add.at(self.participation, np.asarray(updates.client_ids, dtype=np.int64), 1)
         stats = {name: float(v.double().mean()) for name, v in updates.stats.items()}
@@ -300,6 +315,14 @@ class Simulation:
             **before,
         }
         return new_state, record
+
+    def attacked(self, round_: int, updates: ClientUpdates) -> ClientUpdates:
+        """The round's updates with the Byzantine clients' uploads replaced by the model attack."""
+        rows = torch.as_tensor(self.byzantine[np.asarray(updates.client_ids, dtype=np.int64)])
+        deltas = attack_uploads(self.attack, updates.deltas, rows, self.config.seed, round_)
+        u = updates
+        return ClientUpdates(u.client_ids, deltas, u.num_samples, u.num_steps, u.train_loss, u.extras, u.opt_state,
+                             u.stats, u.lr, u.num_clients, u.samples_processed)  # fmt: skip
 
     def schedule(self, round_: int, plan: Plan) -> tuple[Plan, RoundSchedule]:
         """The round's clients after the synchronous policies (:mod:`fedsim.round_policy`): over-selected
@@ -459,6 +482,8 @@ class Simulation:
             diverged = (loss is not None and not math.isfinite(loss)) or not all_finite(state.params)
             if not diverged and (r % c.eval_every == 0 or r == c.rounds):
                 record.update(self.evaluate_state(state))
+                if self.attack is not None:
+                    record["honest_accuracy"] = record["test_accuracy"]
                 record["oscillation"] = oscillation(history, record["test_accuracy"])
             else:
                 record.update({"test_accuracy": None, "test_loss": None})

@@ -89,6 +89,9 @@ def assemble(config: RunConfig) -> Simulation:
     if any(len(p) == 0 for p in train_parts):
         raise FedsimError("a client has no training samples; raise --min-client-size or lower the test fraction")
     store = ClientStore.build(ds.x_train, ds.y_train, train_parts, test_parts, device)
+    attack = components.build("attack", c.attack)
+    if attack is not None:  # a data attack relabels the Byzantine clients' training samples, once
+        poison(attack, store, attack.clients(store.num_clients, c.seed), ds.num_classes)
     system = components.build("system", c.system, seed=c.seed)
     system.profiles(store.num_clients)  # a trace that does not fit the run fails here, before training
     if c.batch_size > int(store.sizes.max()):
@@ -128,7 +131,7 @@ def assemble(config: RunConfig) -> Simulation:
         y_test=torch.as_tensor(ds.y_test, dtype=torch.int64, device=device),
         task=task, model=model, mode=mode, sampler=sampler,
         lr_schedule=components.build("lr_schedule", c.lr_schedule), executor=local,
-        optimizer_state_bytes=state_bytes(optimizer.init(stack(init_params, 1))), system=system,
+        optimizer_state_bytes=state_bytes(optimizer.init(stack(init_params, 1))), system=system, attack=attack,
     ))  # fmt: skip
     itself.target = sim
     # Resolved once per run (not per round from free memory): float32 results of convolutional models
@@ -137,6 +140,16 @@ def assemble(config: RunConfig) -> Simulation:
     # A remote executor copies the local one's settings, data shards and client state.
     sim.executor = components.build("executor", c.executor, local=local)
     return sim
+
+
+def poison(attack, store: ClientStore, byzantine, num_classes: int) -> None:
+    """Let ``attack`` change the labels of the ``byzantine`` clients' training samples (a copy of the store's
+    labels, so the caller's data set is untouched)."""
+    rows = [store.order[store.offsets[c] : store.offsets[c + 1]] for c in byzantine]
+    if not rows:
+        return
+    store.y = store.y.clone()
+    attack.poison_labels(store.y, torch.cat(rows), num_classes)
 
 
 def _federated_strategy(c: RunConfig, simulation: _SimulationRef):

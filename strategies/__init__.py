@@ -27,7 +27,7 @@ from .fednova import FedNova
 from .fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
 from .fedprox import FedProx, ProximalClient
 from .gaf import GAF, GAFClientFilter
-from .robust import Krum, Median, TrimmedMean, make_aggregator
+from .robust import RFA, CenteredClipping, Krum, Median, SignVote, TrimmedMean, make_aggregator
 from .scaffold import SCAFFOLD
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -45,7 +45,7 @@ for _cls in (ECGR, BHerd):
     components.register("regulator", _cls.name, _cls)
 components.register("client_filter", "gaf", GAFClientFilter)
 
-for _cls in (Median, TrimmedMean, Krum, GAF):
+for _cls in (Median, TrimmedMean, Krum, GAF, CenteredClipping, RFA, SignVote):
     components.register("aggregator", _cls.name, _cls)
 
 

@@ -1,4 +1,5 @@
-"""Robust aggregation of client updates: coordinate-wise median, trimmed mean and (Multi-)Krum.
+"""Robust aggregation of client updates: coordinate-wise median, trimmed mean, (Multi-)Krum, centered clipping,
+the geometric median (RFA) and the sign majority vote.
 
 Each aggregator replaces the sample-weighted mean ``sum_k p_k Delta_k`` wherever a strategy reduces updates
 over the client axis (:meth:`strategies.Strategy.reduce`). They act on the flattened stack ``[S, D]`` and are
@@ -8,7 +9,7 @@ against). GAF's agreement filter lives in :mod:`strategies.gaf`.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Protocol
+from typing import Annotated, ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -107,6 +108,85 @@ class Krum:
 
     def __call__(self, tree: Tree, weights: Tensor) -> Tree:
         return unflatten(krum(flatten(tree), self.byzantine, self.select), _first(tree))
+
+
+def centered_clipping(flat: Tensor, tau: float, iterations: int, start: Tensor) -> Tensor:
+    """Centered clipping (Karimireddy, He & Jaggi, ICML 2021): ``v <- v + (1/S) sum_i clip_tau(x_i - v)`` with
+    ``clip_tau(d) = d min(1, tau / ||d||)``, ``iterations`` times from ``start`` (float64)."""
+    x, v = flat.double(), start.double()
+    for _ in range(iterations):
+        diff = x - v
+        scale = (tau / diff.norm(dim=1, keepdim=True).clamp_min(1e-300)).clamp(max=1.0)
+        v = v + (diff * scale).mean(0)
+    return v.to(flat.dtype)
+
+
+def geometric_median(flat: Tensor, weights: Tensor, iterations: int, nu: float) -> Tensor:
+    """The weighted geometric median by the smoothed Weiszfeld algorithm of RFA (Pillutla, Kakade & Harchaoui,
+    2022): from the weighted mean, ``z <- sum_i b_i x_i / sum_i b_i`` with ``b_i = w_i / max(nu, ||x_i - z||)``
+    (float64)."""
+    x, w = flat.double(), weights.double().to(flat.device)
+    z = (w @ x) / w.sum()
+    for _ in range(iterations):
+        b = w / (x - z).norm(dim=1).clamp_min(nu)
+        z = (b @ x) / b.sum()
+    return z.to(flat.dtype)
+
+
+def sign_vote(flat: Tensor, scale: float) -> Tensor:
+    """signSGD with majority vote (Bernstein et al., ICLR 2019): ``scale * sign(sum_i sign(x_i))``."""
+    return scale * torch.sign(torch.sign(flat).sum(0))
+
+
+class CenteredClipping:
+    """Centered clipping: iterations of clipped corrections around a robust start (the coordinate median, or
+    zero). The paper starts from the previous round's aggregate with server momentum; a stateless start is our
+    choice (``start``), so that the aggregator needs no checkpointed state."""
+
+    name: ClassVar[str] = "centered_clipping"
+
+    def __init__(
+        self,
+        tau: Annotated[float, option("clipping radius (in the updates' units)", gt=0)] = 1.0,
+        iterations: Annotated[int, option("clipping iterations L", ge=1)] = 3,
+        start: Annotated[Literal["median", "zero"], option("start of the iterations: coordinate median or 0")] = (
+            "median"
+        ),
+    ):
+        self.tau, self.iterations, self.start = float(tau), int(iterations), start
+
+    def __call__(self, tree: Tree, weights: Tensor) -> Tree:
+        flat = flatten(tree)
+        start = coordinate_median(flat) if self.start == "median" else torch.zeros_like(flat[0])
+        return unflatten(centered_clipping(flat, self.tau, self.iterations, start), _first(tree))
+
+
+class RFA:
+    """RFA: the weighted (sample weights, as in the paper) geometric median by smoothed Weiszfeld."""
+
+    name: ClassVar[str] = "rfa"
+
+    def __init__(
+        self,
+        iterations: Annotated[int, option("Weiszfeld iterations", ge=1)] = 10,
+        nu: Annotated[float, option("smoothing: distances below nu count as nu", gt=0)] = 1e-6,
+    ):
+        self.iterations, self.nu = int(iterations), float(nu)
+
+    def __call__(self, tree: Tree, weights: Tensor) -> Tree:
+        return unflatten(geometric_median(flatten(tree), weights, self.iterations, self.nu), _first(tree))
+
+
+class SignVote:
+    """Majority vote of the update signs, times ``scale`` (each coordinate moves by at most ``scale``)."""
+
+    name: ClassVar[str] = "sign_vote"
+
+    def __init__(self, scale: Annotated[float, option("step per coordinate", gt=0)] = 1e-3):
+        self.scale = float(scale)
+
+    def __call__(self, tree: Tree, weights: Tensor) -> Tree:
+        return unflatten(sign_vote(flatten(tree), self.scale), _first(tree))
 
 
 def _first(tree: Tree) -> Tree:

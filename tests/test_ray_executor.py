@@ -152,8 +152,18 @@ def ray_session():
             "fraction": 0.5,
         },
         {"strategy": {"name": "fedbuff", "buffer_size": 3, "concurrency": 6}, "system": {"name": "lognormal"}},
+        {"strategy": "fedavg", "attack": {"name": "alie", "fraction": 0.25}, "aggregator": "rfa"},
     ],
-    ids=["fedavg", "scaffold", "fednova-ragged", "fedcm-median", "ecgr-markov", "deadline-partial", "fedbuff"],
+    ids=[
+        "fedavg",
+        "scaffold",
+        "fednova-ragged",
+        "fedcm-median",
+        "ecgr-markov",
+        "deadline-partial",
+        "fedbuff",
+        "alie-rfa",
+    ],
 )
 def test_same_metrics_as_the_local_executor(ray_session, options):
     config = {**BASE, **{k: v for k, v in options.items() if v is not None}}

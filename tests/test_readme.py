@@ -220,3 +220,15 @@ def test_list_command_runs(argv, cli, monkeypatch):
             components._REGISTRY[kind] = registered
     assert code == 0, err
     assert argv[-1] in out
+
+
+def test_virtual_clock_examples_run_in_order(tmp_path, monkeypatch, capsys):
+    """The virtual-clock block (two runs, then ``fedsim plot ... --x virtual_time_s`` over them) runs as written,
+    line after line, in an empty folder."""
+    block = next(b for b in code_blocks("bash") if "--x virtual_time_s" in b)
+    monkeypatch.chdir(tmp_path)
+    for line in block.splitlines():
+        argv = shlex.split(line, comments=True)
+        if argv:
+            assert main(argv[1:]) == 0, f"{line}: {capsys.readouterr().err}"
+    assert (tmp_path / "by-time.png").is_file() and (tmp_path / "runs/dropouts/timeline.png").is_file()

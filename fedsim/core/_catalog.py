@@ -193,6 +193,18 @@ CATALOG = {
         'gaf': (False, {
             'tau': (Annotated[float, Field(ge=0, le=2)], 0.97),
         }),
+        'centered_clipping': (False, {
+            'tau': (Annotated[float, Field(gt=0)], 1.0),
+            'iterations': (Annotated[int, Field(ge=1)], 3),
+            'start': (Literal['median', 'zero'], 'median'),
+        }),
+        'rfa': (False, {
+            'iterations': (Annotated[int, Field(ge=1)], 10),
+            'nu': (Annotated[float, Field(gt=0)], 1e-06),
+        }),
+        'sign_vote': (False, {
+            'scale': (Annotated[float, Field(gt=0)], 0.001),
+        }),
     },
     'optimizer': {
         'sgd': (False, {
@@ -292,6 +304,35 @@ CATALOG = {
         'trace': (False, {
             'path': (str, ...),
             'availability': (str | None, None),
+        }),
+    },
+    'attack': {
+        'label_flip': (False, {
+            'fraction': (Annotated[float, Field(ge=0, lt=0.5)], 0.2),
+        }),
+        'sign_flip': (False, {
+            'fraction': (Annotated[float, Field(ge=0, lt=0.5)], 0.2),
+            'scale': (Annotated[float, Field(gt=0)], 1.0),
+        }),
+        'gaussian': (False, {
+            'fraction': (Annotated[float, Field(ge=0, lt=0.5)], 0.2),
+            'std': (Annotated[float, Field(gt=0)], 1.0),
+        }),
+        'ipm': (False, {
+            'fraction': (Annotated[float, Field(ge=0, lt=0.5)], 0.2),
+            'eps': (Annotated[float, Field(gt=0)], 0.1),
+        }),
+        'alie': (False, {
+            'fraction': (Annotated[float, Field(ge=0, lt=0.5)], 0.2),
+            'z': (float | None, None),
+        }),
+        'minmax': (False, {
+            'fraction': (Annotated[float, Field(ge=0, lt=0.5)], 0.2),
+            'perturbation': (Literal['std', 'unit', 'sign'], 'std'),
+        }),
+        'minsum': (False, {
+            'fraction': (Annotated[float, Field(ge=0, lt=0.5)], 0.2),
+            'perturbation': (Literal['std', 'unit', 'sign'], 'std'),
         }),
     },
     'problem': {

@@ -560,6 +560,8 @@ for _kind in (
          frozenset({"seed"}), none="always"),
     Kind("system", "system", "clients' compute speed, bandwidths and latency on the virtual clock", "fedsim.system",
          frozenset({"seed"}), required=("profiles",)),
+    Kind("attack", "attack", "Byzantine clients: a data attack or an (omniscient) model attack on their uploads",
+         "fedsim.attacks", required=("malicious", "poison_labels"), none="none"),
     Kind("problem", "problem", "min-max problem of the decentralized SGDA strategies", "fedsim.minimax",
          required=("loss", "wrap")),
     Kind("executor", "executor", "where client training runs", "fedsim.engine.executors",

@@ -4,8 +4,9 @@ A ``fraction`` of the clients is Byzantine, fixed for the run: the ``round(fract
 smallest counter-based hash keys of (seed, client) (:func:`byzantine_clients`). Every round the Byzantine
 clients among the selected ones attack:
 
-- **data attack** ``label_flip``: they train on flipped labels ``y -> C - 1 - y`` (their training samples are
-  relabelled once, before training);
+- **data attacks** (their training samples are changed once, before training): ``label_flip`` trains on
+  flipped labels ``y -> C - 1 - y``; ``backdoor`` stamps a pixel-pattern trigger on a share of their samples
+  and labels them ``target`` (:class:`Backdoor`; evaluated rows report ``attack_success_rate``);
 - **model attacks** replace what they upload, computed from the round's updates in one tensor operation
   (omniscient attacks see the honest updates ``H`` of the round: mean ``mu``, coordinate-wise std ``sigma``):
 
@@ -71,8 +72,8 @@ class Attack:
     def clients(self, num_clients: int, seed: int) -> np.ndarray:
         return byzantine_clients(num_clients, self.fraction, seed)
 
-    def poison_labels(self, y: Tensor, rows: Tensor, num_classes: int) -> None:
-        """Change the labels ``y[rows]`` of the Byzantine clients' training samples in place (data attacks)."""
+    def poison_samples(self, x: Tensor, y: Tensor, rows: Tensor, num_classes: int, seed: int) -> None:
+        """Change the Byzantine clients' training samples ``x[rows]``, ``y[rows]`` in place (data attacks)."""
 
     def malicious(self, flat: Tensor, byzantine: Tensor, seed: int, round_: int) -> Tensor:
         """The uploads ``[S, D]`` with the Byzantine rows (``byzantine[S]``, boolean) replaced."""
@@ -101,8 +102,64 @@ class LabelFlip(Attack):
     def __init__(self, fraction: Fraction = 0.2) -> None:
         super().__init__(fraction)
 
-    def poison_labels(self, y: Tensor, rows: Tensor, num_classes: int) -> None:
+    def poison_samples(self, x: Tensor, y: Tensor, rows: Tensor, num_classes: int, seed: int) -> None:
         y[rows] = num_classes - 1 - y[rows]
+
+
+def stamp(x: Tensor, size: int) -> Tensor:
+    """``x`` (samples first) with the backdoor trigger: the bottom-right ``size x size`` patch of every image set
+    to the data's maximum. Images are the trailing two dimensions; a flat sample of a square length (digits:
+    64 = 8 x 8) is read as a square image; other flat samples get their last ``size^2`` features set."""
+    out = x.clone()
+    top = x.max()
+    if x.dim() >= 3:
+        out[..., -size:, -size:] = top
+        return out
+    side = math.isqrt(x.shape[1])
+    if side * side == x.shape[1] and side >= size:
+        out.view(len(x), side, side)[:, -size:, -size:] = top
+    else:
+        out[:, -size * size :] = top
+    return out
+
+
+class Backdoor(Attack):
+    """Pixel-pattern backdoor (Gu, Dolan-Gavitt & Garg 2017, BadNets): a share ``poison`` of every Byzantine
+    client's training samples gets the trigger (:func:`stamp`) and the label ``target``. Evaluated rows report
+    ``attack_success_rate``: the share of triggered test samples of other classes classified as ``target``."""
+
+    name = "backdoor"
+
+    def __init__(
+        self,
+        fraction: Fraction = 0.2,
+        target: Annotated[int, option("label the trigger should cause", ge=0)] = 0,
+        poison: Annotated[float, option("share of a Byzantine client's samples poisoned", gt=0, le=1)] = 0.5,
+        size: Annotated[int, option("side of the square trigger patch, pixels", ge=1)] = 2,
+    ) -> None:
+        super().__init__(fraction)
+        self.target, self.poison, self.size = int(target), float(poison), int(size)
+
+    def poison_rows(self, rows: Tensor, seed: int) -> Tensor:
+        """The ``ceil(poison * len(rows))`` rows with the smallest hash keys of (seed, row): the poisoned ones."""
+        keys = rng.hash_keys(seed, STREAM_ATTACK, 1, rows.cpu().numpy())
+        count = math.ceil(self.poison * len(rows) - 1e-12)
+        return rows[torch.as_tensor(np.sort(np.argsort(keys, kind="stable")[:count]), device=rows.device)]
+
+    def poison_samples(self, x: Tensor, y: Tensor, rows: Tensor, num_classes: int, seed: int) -> None:
+        if self.target >= num_classes:
+            raise FedsimError(f"backdoor target {self.target} is not a class of the data set (0..{num_classes - 1})")
+        chosen = self.poison_rows(rows, seed)
+        x[chosen] = stamp(x[chosen], self.size)
+        y[chosen] = self.target
+
+    def success_rate(self, predict, x_test: Tensor, y_test: Tensor) -> float | None:
+        """The share of triggered test samples (labels other than ``target``) that ``predict`` labels
+        ``target``."""
+        others = y_test != self.target
+        if not bool(others.any()):
+            return None
+        return float((predict(stamp(x_test[others], self.size)) == self.target).double().mean())
 
 
 class SignFlip(Attack):
@@ -250,5 +307,5 @@ def attack_uploads(attack: Attack, deltas: Tree, byzantine: Tensor, seed: int, r
     return unflatten(attack.malicious(flat, byzantine.to(flat.device), seed, round_), deltas)
 
 
-for _cls in (LabelFlip, SignFlip, Gaussian, IPM, ALIE, MinMax, MinSum):
+for _cls in (LabelFlip, Backdoor, SignFlip, Gaussian, IPM, ALIE, MinMax, MinSum):
     components.register("attack", _cls.name, _cls)

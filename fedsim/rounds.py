@@ -316,6 +316,16 @@ class Simulation:
         }
         return new_state, record
 
+    def predictor(self, state: ServerState) -> Callable[[Tensor], Tensor]:
+        """The global model's predicted labels of a batch (a backdoor's success rate)."""
+        from torch.func import functional_call
+
+        def predict(x: Tensor) -> Tensor:
+            with torch.no_grad():
+                return functional_call(self.model, state.params, (x,)).argmax(dim=-1)
+
+        return predict
+
     def attacked(self, round_: int, updates: ClientUpdates) -> ClientUpdates:
         """The round's updates with the Byzantine clients' uploads replaced by the model attack."""
         rows = torch.as_tensor(self.byzantine[np.asarray(updates.client_ids, dtype=np.int64)])
@@ -484,6 +494,9 @@ class Simulation:
                 record.update(self.evaluate_state(state))
                 if self.attack is not None:
                     record["honest_accuracy"] = record["test_accuracy"]
+                    rate = getattr(self.attack, "success_rate", None)
+                    if rate is not None:
+                        record["attack_success_rate"] = rate(self.predictor(state), self.x_test, self.y_test)
                 record["oscillation"] = oscillation(history, record["test_accuracy"])
             else:
                 record.update({"test_accuracy": None, "test_loss": None})

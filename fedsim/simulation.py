@@ -91,7 +91,7 @@ def assemble(config: RunConfig) -> Simulation:
     store = ClientStore.build(ds.x_train, ds.y_train, train_parts, test_parts, device)
     attack = components.build("attack", c.attack)
     if attack is not None:  # a data attack relabels the Byzantine clients' training samples, once
-        poison(attack, store, attack.clients(store.num_clients, c.seed), ds.num_classes)
+        poison(attack, store, attack.clients(store.num_clients, c.seed), ds.num_classes, c.seed)
     system = components.build("system", c.system, seed=c.seed)
     system.profiles(store.num_clients)  # a trace that does not fit the run fails here, before training
     if c.batch_size > int(store.sizes.max()):
@@ -142,14 +142,14 @@ def assemble(config: RunConfig) -> Simulation:
     return sim
 
 
-def poison(attack, store: ClientStore, byzantine, num_classes: int) -> None:
-    """Let ``attack`` change the labels of the ``byzantine`` clients' training samples (a copy of the store's
+def poison(attack, store: ClientStore, byzantine, num_classes: int, seed: int) -> None:
+    """Let ``attack`` change the ``byzantine`` clients' training samples (copies of the store's samples and
     labels, so the caller's data set is untouched)."""
     rows = [store.order[store.offsets[c] : store.offsets[c + 1]] for c in byzantine]
     if not rows:
         return
-    store.y = store.y.clone()
-    attack.poison_labels(store.y, torch.cat(rows), num_classes)
+    store.x, store.y = store.x.clone(), store.y.clone()
+    attack.poison_samples(store.x, store.y, torch.cat(rows), num_classes, seed)
 
 
 def _federated_strategy(c: RunConfig, simulation: _SimulationRef):

@@ -186,3 +186,33 @@ def test_attacks_over_a_topology_are_refused(tmp_path):
     nx.write_edgelist(nx.cycle_graph(4), path, data=False)
     with pytest.raises(FedsimError, match="'attack' applies to federated strategies"):
         make_config({"topology": str(path), "clients": 4, "attack": "sign_flip"})
+
+
+def test_the_backdoor_trigger_and_its_poisoned_share():
+    from fedsim.attacks import Backdoor, stamp
+
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    stamped = stamp(x, 2)
+    assert (stamped[..., -2:, -2:] == x.max()).all() and torch.equal(stamped[..., :2, :], x[..., :2, :])
+    flat = torch.zeros(3, 16)
+    assert (stamp(flat, 2).view(3, 4, 4)[:, -2:, -2:] == 0).all()  # the max of zeros: still 0
+    ones = torch.rand(3, 16)
+    assert torch.equal(stamp(ones, 2).view(3, 4, 4)[:, -2:, -2:], torch.full((3, 2, 2), float(ones.max())))
+    rows = torch.arange(10, 30)
+    chosen = Backdoor(0.2, poison=0.25).poison_rows(rows, seed=1)
+    assert len(chosen) == 5 and set(chosen.tolist()) <= set(rows.tolist())
+
+
+def test_a_backdoor_succeeds_where_the_clean_model_does_not(tmp_path):
+    from fedsim.attacks import Backdoor
+
+    config = {**SMALL, "rounds": 6, "attack": {"name": "backdoor", "fraction": 0.3, "target": 3}}
+    simulate(config, tmp_path / "bd", plots=False)
+    rows = metrics(tmp_path / "bd")
+    assert all(r["attack_success_rate"] is not None for r in rows)
+    clean = make_simulation(make_config({**SMALL, "rounds": 6}))
+    state = clean.initial_state()
+    for r in range(1, 7):
+        state, _ = clean.round(r, state)
+    clean_rate = Backdoor(0.3, target=3).success_rate(clean.predictor(state), clean.x_test, clean.y_test)
+    assert rows[-1]["attack_success_rate"] > clean_rate + 0.3

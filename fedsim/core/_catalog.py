@@ -310,6 +310,12 @@ CATALOG = {
         'label_flip': (False, {
             'fraction': (Annotated[float, Field(ge=0, lt=0.5)], 0.2),
         }),
+        'backdoor': (False, {
+            'fraction': (Annotated[float, Field(ge=0, lt=0.5)], 0.2),
+            'target': (Annotated[int, Field(ge=0)], 0),
+            'poison': (Annotated[float, Field(gt=0, le=1)], 0.5),
+            'size': (Annotated[int, Field(ge=1)], 2),
+        }),
         'sign_flip': (False, {
             'fraction': (Annotated[float, Field(ge=0, lt=0.5)], 0.2),
             'scale': (Annotated[float, Field(gt=0)], 1.0),

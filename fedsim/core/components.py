@@ -561,7 +561,7 @@ for _kind in (
     Kind("system", "system", "clients' compute speed, bandwidths and latency on the virtual clock", "fedsim.system",
          frozenset({"seed"}), required=("profiles",)),
     Kind("attack", "attack", "Byzantine clients: a data attack or an (omniscient) model attack on their uploads",
-         "fedsim.attacks", required=("malicious", "poison_labels"), none="none"),
+         "fedsim.attacks", required=("malicious", "poison_samples"), none="none"),
     Kind("problem", "problem", "min-max problem of the decentralized SGDA strategies", "fedsim.minimax",
          required=("loss", "wrap")),
     Kind("executor", "executor", "where client training runs", "fedsim.engine.executors",

@@ -367,6 +367,41 @@ def _standard_plots(run_dir: Path) -> None:
         plot_stability(run_dir)
 
 
+@app.command("privacy")
+def privacy_cmd(
+    q: Annotated[float, Opt("--q", help="Client sampling rate per round (fraction).")],
+    rounds: Annotated[int, Opt(help="Rounds composed.")],
+    noise_multiplier: Annotated[float | None, Opt(help="Noise multiplier z: print epsilon.")] = None,
+    target_epsilon: Annotated[float | None, Opt(help="Instead: print the z that reaches this epsilon.")] = None,
+    delta: Annotated[float, Opt(help="Delta of (epsilon, delta).")] = 1e-5,
+    accountant: Annotated[str, Opt(help="rdp (dp-accounting's default orders) or pld.")] = "rdp",
+) -> None:
+    """Epsilon of DP-FedAvg's Poisson-sampled Gaussian rounds (dp-accounting), or the noise for a target."""
+    from fedsim.privacy import epsilon, noise_for
+
+    if not 0 < q <= 1:
+        raise FedsimError(f"--q must be in (0, 1], got {q}")
+    if rounds < 1:
+        raise FedsimError(f"--rounds must be >= 1, got {rounds}")
+    if not 0 < delta < 1:
+        raise FedsimError(f"--delta must be in (0, 1), got {delta}")
+    if accountant not in ("rdp", "pld"):
+        raise FedsimError(f"--accountant must be rdp or pld, got {accountant!r}")
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise FedsimError("give exactly one of --noise-multiplier (prints epsilon) or --target-epsilon (prints z)")
+    if noise_multiplier is not None:
+        if noise_multiplier < 0:
+            raise FedsimError(f"--noise-multiplier must be >= 0, got {noise_multiplier}")
+        typer.echo(f"epsilon {epsilon(q, noise_multiplier, rounds, delta, accountant):.6g} at delta {delta:g} "
+                   f"(q {q:g}, z {noise_multiplier:g}, {rounds} rounds, {accountant})")  # fmt: skip
+        return
+    if target_epsilon <= 0:
+        raise FedsimError(f"--target-epsilon must be > 0, got {target_epsilon}")
+    z = noise_for(target_epsilon, q, rounds, delta, accountant)
+    typer.echo(f"noise multiplier {z:.6g} reaches epsilon {target_epsilon:g} at delta {delta:g} "
+               f"(q {q:g}, {rounds} rounds, {accountant})")  # fmt: skip
+
+
 @app.command("list")
 def list_components(
     kind: Annotated[str | None, typer.Argument(help="A component kind (strategy, optimizer, ...).")] = None,

@@ -37,7 +37,8 @@ else:  # pragma: no cover
 COMPONENT_KEYS: dict[str, str] = {
     "dataset": "dataset", "partition": "partitioner", "model": "model", "strategy": "strategy",
     "aggregator": "aggregator", "regulator": "regulator", "client_filter": "client_filter",
-    "availability": "availability", "system": "system", "attack": "attack", "sampler": "sampler",
+    "availability": "availability", "system": "system", "attack": "attack", "privacy": "privacy",
+    "sampler": "sampler",
     "optimizer": "optimizer",
     "lr_schedule": "lr_schedule", "problem": "problem", "executor": "executor", "backend": "backend",
 }  # fmt: skip
@@ -46,7 +47,7 @@ COMPONENT_KEYS: dict[str, str] = {
 DEFAULTS: dict[str, str | None] = {
     "dataset": "digits", "partition": "dirichlet", "model": "mlp", "strategy": None, "aggregator": "mean",
     "regulator": "none", "client_filter": "none", "availability": "always", "system": "uniform", "attack": "none",
-    "sampler": "shuffle",
+    "privacy": "none", "sampler": "shuffle",
     "optimizer": "sgd", "lr_schedule": "constant", "problem": None, "executor": "local", "backend": "fedsim",
 }  # fmt: skip
 
@@ -120,6 +121,7 @@ class RunConfig(BaseModel):
     availability: Spec
     system: Spec
     attack: Spec
+    privacy: Spec
     deadline_s: float | None = Field(
         None, gt=0, description="Synchronous rounds: clients that would take longer are dropped (virtual seconds)."
     )
@@ -206,7 +208,7 @@ class RunConfig(BaseModel):
                 stacklevel=2,
             )
         if self.topology:
-            added = [k for k in ("regulator", "aggregator", "client_filter", "availability", "attack")
+            added = [k for k in ("regulator", "aggregator", "client_filter", "availability", "attack", "privacy")
                      if getattr(self, k).name != DEFAULTS[k]]  # fmt: skip
             if added:
                 raise FedsimError(f"option '{added[0]}' applies to federated strategies, not to decentralized training")
@@ -244,6 +246,7 @@ class RunConfig(BaseModel):
         self._check_microbatches()
         self._check_flower()
         self._check_asynchronous()
+        self._check_privacy()
         self.round_policy  # noqa: B018 (validates partial_work against deadline_s)
         return self
 
@@ -275,6 +278,7 @@ class RunConfig(BaseModel):
             (self.round_policy.active, "deadline_s/over_selection/dropout/time_budget_s"),
             (self.backend.name != "fedsim", f"--backend {self.backend.name}"),
             (self.attack.name != DEFAULTS["attack"], f"attack '{self.attack.name}'"),
+            (self.privacy.name != DEFAULTS["privacy"], f"privacy '{self.privacy.name}'"),
         )
         for bad, what in checks:
             if bad:
@@ -284,6 +288,21 @@ class RunConfig(BaseModel):
         concurrency = self.strategy.get("concurrency")
         if concurrency is not None and concurrency > self.clients:
             raise FedsimError(f"strategy.concurrency {concurrency} exceeds the {self.clients} clients; lower it")
+
+    def _check_privacy(self) -> None:
+        """DP-FedAvg samples its own clients (Poisson, rate ``fraction``) and replaces the strategy's mean."""
+        if self.privacy.name == DEFAULTS["privacy"] or self.topology:
+            return
+        checks = (
+            (self.aggregator.name != DEFAULTS["aggregator"], f"aggregator '{self.aggregator.name}'"),
+            (self.availability.name != DEFAULTS["availability"], f"availability '{self.availability.name}'"),
+            (self.round_policy.active or bool(self.system.get("availability")),
+             "deadline_s/over_selection/dropout/time_budget_s/system.availability"),
+            (self.min_clients != 1, "min_clients (clients are Poisson-sampled with rate fraction)"),
+        )  # fmt: skip
+        for bad, what in checks:
+            if bad:
+                raise FedsimError(f"privacy '{self.privacy.name}' does not combine with {what} yet; drop it")
 
     def _check_flower(self) -> None:
         """``flwr:`` strategies aggregate themselves; the Flower backend runs federated fedsim strategies with
@@ -298,6 +317,7 @@ class RunConfig(BaseModel):
                              (self.round_policy.active or bool(self.system.get("availability")),
                               "deadline_s/over_selection/dropout/time_budget_s/system.availability"),
                              (self.attack.name != DEFAULTS["attack"], f"--attack {self.attack.name}"),
+                             (self.privacy.name != DEFAULTS["privacy"], f"--privacy {self.privacy.name}"),
                              (self.flower_hosted, f"strategy '{self.strategy.name}'")):  # fmt: skip
                 if bad:
                     raise FedsimError(f"--backend flower runs federated fedsim strategies; drop {why}")

@@ -33,10 +33,12 @@ from fedsim.attacks import attack_uploads
 from fedsim.core.errors import DivergenceError, FedsimError, OutOfMemory, RunInterrupted
 from fedsim.core.protocol import ClientUpdates, Executor, Plan, ServerState
 from fedsim.core.pytree import Tree, all_finite, flatten, nbytes
+from fedsim.core.reduction import Reduction
 from fedsim.data.datasets import Dataset
 from fedsim.data.markov import chain_report
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate, per_client_accuracy
 from fedsim.engine.store import ClientStore
+from fedsim.privacy import poisson_clients
 from fedsim.results import SUMMARY_FILE, ResultsDir
 from fedsim.round_policy import RoundPolicy, RoundSchedule, check_reachable, extra_clients, schedule_round
 from fedsim.system import durations, phases
@@ -191,6 +193,7 @@ class Parts:
     optimizer_state_bytes: int
     system: Any = None
     attack: Any = None
+    privacy: Any = None
 
 
 class Simulation:
@@ -219,6 +222,16 @@ class Simulation:
         """``byzantine[k]``: client k is Byzantine (fixed for the run by the attack's fraction and the seed)."""
         if self.attack is not None:
             self.byzantine[self.attack.clients(parts.store.num_clients, config.seed)] = True
+        self.privacy = parts.privacy
+        """Differential privacy (:mod:`fedsim.privacy`), or None."""
+        if self.privacy is not None and self.strategy.reductions() != {"mean": Reduction()}:
+            raise FedsimError(
+                f"privacy '{self.privacy.name}' replaces the strategy's one weighted mean; strategy "
+                f"'{config.strategy.name}' reads other means or the stacked updates (use fedavg, fedprox, fedavgm, "
+                "fedadam, fedyogi or fedadagrad)"
+            )
+        self.stopped: str | None = None
+        """Why the run stopped before its last round (a privacy budget), or None."""
         self.policy: RoundPolicy = config.round_policy
         """Synchronous round policies (deadline, over-selection, dropout, time budget)."""
         self.participation = np.zeros(parts.store.num_clients, dtype=np.int64)
@@ -273,6 +286,8 @@ class Simulation:
         if step is not None:  # the asynchronous event loop: events until the next server step
             return step(self, round_, state)
         self._phases = None
+        if self.privacy is not None:
+            return self._private_round(round_, state)
         new_state, record = self._synchronous_round(round_, state)
         if self.clocked and self._phases is not None:
             record["timeline"] = timeline(self._phases)
@@ -315,6 +330,37 @@ class Simulation:
             **before,
         }
         return new_state, record
+
+    def _private_round(self, round_: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
+        """A DP-FedAvg round (:mod:`fedsim.privacy`): Poisson-sampled clients, clipped and noised mean, the
+        strategy's server step, ``epsilon`` after this round."""
+        c, privacy, n = self.config, self.privacy, self.store.num_clients
+        lr, q = self.lr(round_), c.fraction
+        plan = self.mode.plan(self, round_, state).plan
+        ids = poisson_clients(n, q, c.seed, round_)
+        plan = replace(plan, client_ids=ids, reductions=None)
+        sizes = torch.as_tensor(self.store.sizes, dtype=torch.float64)
+        uniform = privacy.weighting == "uniform"
+        total, largest = (float(n), 1.0) if uniform else (float(sizes.sum()), float(sizes.max()))
+        record: dict[str, Any] = {"round": round_, "lr": lr, "clients": len(ids)}
+        updates = None
+        if len(ids):
+            updates = self.executor.train(plan, state.params, round_, lr)
+            np.add.at(self.participation, ids, 1)
+        mean, clipped = privacy.mean(updates, total, largest, n, q, c.seed, round_, state.params)
+        new = self.strategy.server_update(round_, state, mean)
+        step = {k: new.params[k] - state.params[k] for k in new.params}
+        record.update({
+            "train_loss": None if updates is None else float((updates.train_loss.double() * updates.weights).sum()),
+            "drift": None if updates is None else updates.drift(),
+            "update_norm": float(flatten(step, stacked=False).norm()),
+            "bytes_up": len(ids) * self.model_bytes,
+            "bytes_down": len(ids) * self.model_bytes,
+            "round_time_s": 0.0 if updates is None else self.round_time(round_, plan, updates),
+            "clipped_fraction": clipped,
+            "epsilon": privacy.epsilon(q, round_),
+        })  # fmt: skip
+        return new, record
 
     def predictor(self, state: ServerState) -> Callable[[Tensor], Tensor]:
         """The global model's predicted labels of a batch (a backdoor's success rate)."""
@@ -479,6 +525,9 @@ class Simulation:
         c = self.config
         self.clock = (history[-1].get("virtual_time_s") if history else None) or 0.0
         for r in range(start_round, c.rounds + 1):
+            if self.over_budget(r):
+                self.stopped = f"privacy budget: round {r} would exceed target_epsilon {self.privacy.target_epsilon:g}"
+                break
             if self.governor is not None:
                 self.governor.update()
             t0 = time.perf_counter()
@@ -526,6 +575,14 @@ class Simulation:
             results.write_json(SUMMARY_FILE, summary)
         return summary
 
+    def over_budget(self, round_: int) -> bool:
+        """Whether running round ``round_`` would take epsilon past the privacy's ``target_epsilon``."""
+        target = getattr(self.privacy, "target_epsilon", None)
+        if target is None:
+            return False
+        value = self.privacy.epsilon(self.config.fraction, round_)
+        return value is None or value > target
+
     def summary(
         self, history: list[dict[str, Any]], diverged: bool = False, interrupted: bool = False
     ) -> dict[str, Any]:
@@ -561,8 +618,17 @@ class Simulation:
             "strategy": self.config.strategy.name,
             **self.sampler_report(),
             **(self.mode.report() if hasattr(self.mode, "report") else {}),
+            **self.privacy_report(history),
+            **({"stopped": self.stopped} if self.stopped else {}),
             **({"interrupted": True} if interrupted else {}),
         }
+
+    def privacy_report(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """``epsilon`` (after the rounds run) and ``delta`` of a private run; nothing otherwise."""
+        if self.privacy is None:
+            return {}
+        rounds = history[-1]["round"] if history else 0
+        return {"epsilon": self.privacy.epsilon(self.config.fraction, rounds), "delta": self.privacy.delta}
 
     def sampler_report(self) -> dict[str, Any]:
         """``sampler_spectral_gap`` (slowest client chain) and ``sampler_mixing_time`` (largest bound

@@ -132,6 +132,7 @@ def assemble(config: RunConfig) -> Simulation:
         task=task, model=model, mode=mode, sampler=sampler,
         lr_schedule=components.build("lr_schedule", c.lr_schedule), executor=local,
         optimizer_state_bytes=state_bytes(optimizer.init(stack(init_params, 1))), system=system, attack=attack,
+        privacy=components.build("privacy", c.privacy),
     ))  # fmt: skip
     itself.target = sim
     # Resolved once per run (not per round from free memory): float32 results of convolutional models
@@ -345,6 +346,11 @@ def _resume(
         else:
             last, state = sim.restore(payload)
             start = last + 1
+        if start <= cfg.rounds and sim.over_budget(start):
+            raise FedsimError(
+                f"cannot resume {results.path}: its privacy budget is spent (round {start} would take epsilon past "
+                f"target_epsilon {sim.privacy.target_epsilon:g}); raise privacy.target_epsilon in config.yaml"
+            )
         results.truncate_metrics(start - 1)
         if start > cfg.rounds:
             summary = sim.summary(results.read_metrics())

@@ -341,6 +341,17 @@ CATALOG = {
             'perturbation': (Literal['std', 'unit', 'sign'], 'std'),
         }),
     },
+    'privacy': {
+        'dp-fedavg': (False, {
+            'clip': (Annotated[float, Field(gt=0, allow_inf_nan=True)], 1.0),
+            'noise_multiplier': (Annotated[float, Field(ge=0)], 1.0),
+            'delta': (Annotated[float, Field(gt=0, lt=1)], 1e-05),
+            'mode': (Literal['central', 'local'], 'central'),
+            'accountant': (Literal['rdp', 'pld'], 'rdp'),
+            'target_epsilon': (Annotated[float | None, Field(gt=0)], None),
+            'weighting': (Literal['uniform', 'samples'], 'uniform'),
+        }),
+    },
     'problem': {
         'auc': (False, {
             'positive_classes': (list[int] | None, None),

@@ -29,7 +29,7 @@ from ._catalog import CATALOG
 from .components import Component, kind_of, owners_hint, schema_model, unknown_component
 
 GENERATED = Path(__file__).with_name("_catalog.py")
-_FIELD_ARGUMENTS = ("ge", "gt", "le", "lt", "multiple_of", "min_length", "max_length")
+_FIELD_ARGUMENTS = ("ge", "gt", "le", "lt", "multiple_of", "min_length", "max_length", "allow_inf_nan")
 
 
 @dataclass

@@ -562,6 +562,8 @@ for _kind in (
          frozenset({"seed"}), required=("profiles",)),
     Kind("attack", "attack", "Byzantine clients: a data attack or an (omniscient) model attack on their uploads",
          "fedsim.attacks", required=("malicious", "poison_samples"), none="none"),
+    Kind("privacy", "privacy", "differential privacy of the clients' updates, with its accountant", "fedsim.privacy",
+         required=("mean", "epsilon"), none="none"),
     Kind("problem", "problem", "min-max problem of the decentralized SGDA strategies", "fedsim.minimax",
          required=("loss", "wrap")),
     Kind("executor", "executor", "where client training runs", "fedsim.engine.executors",

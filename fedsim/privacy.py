@@ -1,0 +1,159 @@
+"""Differential privacy (component kind ``privacy``): client-level DP-FedAvg with a real accountant.
+
+**DP-FedAvg** (McMahan, Ramage, Talwar & Zhang, ICLR 2018). Every round each client takes part independently
+with probability ``q = fraction`` (Poisson sampling, counter-based on (seed, round, client); the round has a
+random number of clients, possibly zero). Each update is clipped to L2 norm ``C``,
+``clip(Delta_k) = Delta_k min(1, C / ||Delta_k||)``, and the server's mean is
+
+    Delta = (sum_{k in S} w_k clip(Delta_k) + N(0, (z C w_max)^2 I)) / (q W)
+
+with weights ``w_k = 1`` and ``W = N`` (``weighting: uniform``, the paper's estimator with uncapped unit
+weights) or ``w_k = n_k`` and ``W = sum_k n_k`` over all N clients (``weighting: samples``), ``w_max`` the
+largest weight, so the noise is calibrated to one client's largest contribution. ``mode: central`` adds the
+noise at the server; ``mode: local`` lets every sampled client add ``N(0, (z C w_max)^2 / (q N) I)`` to its
+weighted update, which sums to the central noise in expectation over the sampling (Flower's local-DP
+wrapper does likewise). The strategy's server step (FedAvg, FedProx, FedAvgM, FedAdam, ...) then applies
+``Delta``. With ``C = inf`` and ``z = 0``, ``weighting: samples`` and ``fraction: 1`` it is FedAvg exactly.
+
+**Accounting** through ``dp-accounting``: every round is
+``PoissonSampledDpEvent(q, GaussianDpEvent(z))``, composed over the rounds run, with the RDP accountant
+(default orders) or the PLD accountant; ``epsilon`` at ``delta`` is in every metrics row (null without noise:
+no privacy) and in ``summary.json``. ``target_epsilon`` stops the run cleanly before a round that would
+exceed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import cache
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+
+from fedsim.core import components, rng
+from fedsim.core.components import option
+from fedsim.core.errors import FedsimError
+from fedsim.core.pytree import Tree, flatten, unflatten
+from fedsim.core.reduction import Reduction, mean_of
+
+STREAM_POISSON = 12
+STREAM_DP_NOISE = 13
+
+
+@cache
+def _accounting():
+    """dp-accounting, imported on first use (with its absl warnings about RDP orders silenced)."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        import dp_accounting
+        from dp_accounting import pld, rdp
+    except ImportError:
+        raise FedsimError('differential privacy needs dp-accounting: pip install "fedsim[privacy]"') from None
+
+    return dp_accounting, rdp, pld
+
+
+def epsilon(q: float, noise_multiplier: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` of ``rounds`` Poisson-sampled Gaussian rounds (``inf`` without noise)."""
+    if rounds == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    dp_accounting, rdp, pld = _accounting()
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier))
+    account = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
+    account.compose(event, int(rounds))
+    return float(account.get_epsilon(delta))
+
+
+def noise_for(target: float, q: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
+    """The smallest noise multiplier (to 1e-4 relative) whose epsilon after ``rounds`` is at most ``target``."""
+    low, high = 0.0, 1.0
+    while epsilon(q, high, rounds, delta, accountant) > target:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise FedsimError(f"no noise multiplier reaches epsilon {target} in {rounds} rounds")
+    while high - low > 1e-4 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if epsilon(q, mid, rounds, delta, accountant) <= target else (mid, high)
+    return high
+
+
+def poisson_clients(num_clients: int, q: float, seed: int, round_: int, pool: np.ndarray | None = None) -> np.ndarray:
+    """Sorted ids of the clients sampled this round: each independently with probability ``q``."""
+    ids = np.arange(num_clients) if pool is None else np.asarray(pool, dtype=np.int64)
+    return ids[rng.uniform(seed, STREAM_POISSON, round_, ids) < q]
+
+
+class DPFedAvg:
+    """Client-level DP-FedAvg (see the module docstring)."""
+
+    name = "dp-fedavg"
+
+    def __init__(
+        self,
+        clip: Annotated[float, option("L2 clipping norm C of each client's update", gt=0, allow_inf_nan=True)] = 1.0,
+        noise_multiplier: Annotated[float, option("noise multiplier z (std z C of the summed noise)", ge=0)] = 1.0,
+        delta: Annotated[float, option("delta of the reported (epsilon, delta)", gt=0, lt=1)] = 1e-5,
+        mode: Annotated[Literal["central", "local"], option("noise added by the server or by every client")] = (
+            "central"
+        ),
+        accountant: Annotated[Literal["rdp", "pld"], option("dp-accounting accountant: RDP or PLD")] = "rdp",
+        target_epsilon: Annotated[float | None, option("stop before a round that would exceed it", gt=0)] = None,
+        weighting: Annotated[Literal["uniform", "samples"], option("client weights w_k: 1, or sample counts")] = (
+            "uniform"
+        ),
+    ) -> None:
+        if not (clip > 0) or math.isnan(clip):
+            raise FedsimError(f"privacy clip must be > 0, got {clip}")
+        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise FedsimError(f"privacy noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+        if not 0 < delta < 1:
+            raise FedsimError(f"privacy delta must be in (0, 1), got {delta}")
+        self.clip, self.noise_multiplier, self.delta = float(clip), float(noise_multiplier), float(delta)
+        self.mode, self.accountant, self.target_epsilon, self.weighting = mode, accountant, target_epsilon, weighting
+
+    def epsilon(self, q: float, rounds: int) -> float | None:
+        """Epsilon after ``rounds`` rounds (None without noise: no privacy)."""
+        value = epsilon(q, self.noise_multiplier, rounds, self.delta, self.accountant)
+        return None if math.isinf(value) else value
+
+    def mean(
+        self, updates, total_weight: float, max_weight: float, num_clients: int, q: float, seed: int, round_: int,
+        template: Tree,
+    ) -> tuple[Tree, float | None]:  # fmt: skip
+        """The private mean update of the sampled clients' ``updates`` (None: nobody sampled), ``W =
+        total_weight``, ``w_max = max_weight``; and the fraction of the clients clipped (None without clients).
+
+        The clipped weighted sum goes through the engine's own weighted mean (:func:`~fedsim.core.reduction.
+        mean_of`, times ``sum_{k in S} w_k / (q W)``), so without clipping or noise it has FedAvg's bits."""
+        sigma = self.noise_multiplier * self.clip * max_weight
+        generator = torch.Generator(device="cpu").manual_seed(rng.seed_for(seed, STREAM_DP_NOISE, round_))
+        flat_template = flatten(template, stacked=False)
+        clipped = None
+        if updates is None:
+            mean = torch.zeros_like(flat_template)
+        else:
+            flat = flatten(updates.deltas).double()
+            scale = (self.clip / flat.norm(dim=1).clamp_min(1e-300)).clamp(max=1.0)
+            clipped = float((scale < 1).double().mean())
+            weights = updates.num_samples.double() if self.weighting == "samples" else torch.ones_like(scale)
+            if self.mode == "local" and sigma > 0:  # every sampled client adds its share of the noise
+                share = sigma / math.sqrt(q * num_clients)
+                noisy = flat * (scale * weights.to(flat.device)).unsqueeze(1)
+                draw = torch.randn(noisy.shape, generator=generator, dtype=torch.float64)
+                noisy = noisy + share * draw.to(flat.device)
+                mean = (noisy.sum(0) / (q * total_weight)).to(flat_template.dtype)
+            else:
+                reduction = Reduction(weight=self.weighting, scale=lambda _: scale)
+                part = flatten(mean_of(reduction, updates, updates.deltas), stacked=False)
+                mean = part * (float(weights.sum()) / (q * total_weight))
+        if self.mode == "central" and sigma > 0:
+            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float64) * (sigma / (q * total_weight))
+            mean = (mean.double() + noise.to(mean.device)).to(flat_template.dtype)
+        return unflatten(mean, template), clipped
+
+
+components.register("privacy", "dp-fedavg", DPFedAvg)

@@ -1,0 +1,153 @@
+"""Client-level DP-FedAvg (fedsim.privacy): FedAvg exactly without clipping or noise, clipping and noise by
+hand, Poisson sampling (zero clients included), epsilon against a direct dp-accounting computation, the
+target-epsilon stop, exact resume, ``fedsim privacy``, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedsim.config import make_config
+from fedsim.core.protocol import Plan
+from fedsim.privacy import STREAM_POISSON, epsilon, noise_for, poisson_clients
+from fedsim.simulation import make_simulation, simulate
+
+SMALL = dict(dataset="digits", clients=8, rounds=3, local_steps=3, batch_size=8, seed=2,
+             model={"name": "mlp", "hidden": [16]}, checkpoint_every=0)  # fmt: skip
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_states(config, rounds):
+    sim = make_simulation(make_config(config))
+    state, out = sim.initial_state(), []
+    for r in range(1, rounds + 1):
+        state, row = sim.round(r, state)
+        out.append(({k: v.clone() for k, v in state.params.items()}, row))
+    return out, sim
+
+
+def test_without_clipping_or_noise_it_is_fedavg_exactly():
+    private = {**SMALL, "privacy": {"name": "dp-fedavg", "clip": math.inf, "noise_multiplier": 0.0,
+                                    "weighting": "samples"}}  # fmt: skip
+    dp, _ = run_states(private, 3)
+    plain, _ = run_states(SMALL, 3)
+    for (a, row), (b, _) in zip(dp, plain, strict=True):
+        for k in a:
+            assert torch.equal(a[k], b[k])
+        assert row["clients"] == 8 and row["clipped_fraction"] == 0.0 and row["epsilon"] is None
+
+
+def test_clipping_and_noise_follow_the_formula():
+    """One round written by hand: clip each delta to C, sum, add N(0, (z C)^2), divide by q N."""
+    config = {**SMALL, "fraction": 0.5, "privacy": {"name": "dp-fedavg", "clip": 0.05, "noise_multiplier": 0.7}}
+    [(params, row)], sim = run_states(config, 1)
+    ids = poisson_clients(8, 0.5, SMALL["seed"], 1)
+    assert row["clients"] == len(ids) > 0
+    w0 = sim.init_params
+    updates = sim.executor.train(Plan(ids), w0, 1, sim.lr(1))
+    flat = torch.cat([updates.deltas[k].reshape(len(ids), -1) for k in updates.deltas], 1).double()
+    clipped = torch.stack([d * min(1.0, 0.05 / float(d.norm())) for d in flat])
+    from fedsim.core import rng
+    from fedsim.privacy import STREAM_DP_NOISE
+
+    generator = torch.Generator().manual_seed(rng.seed_for(SMALL["seed"], STREAM_DP_NOISE, 1))
+    noise = torch.randn(flat.shape[1], generator=generator, dtype=torch.float64) * (0.7 * 0.05)
+    mean = (clipped.sum(0) + noise) / (0.5 * 8)
+    expected = torch.cat([w0[k].reshape(-1) for k in w0]).double() - mean
+    got = torch.cat([params[k].reshape(-1) for k in params]).double()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert row["clipped_fraction"] == pytest.approx(float((flat.norm(dim=1) > 0.05).double().mean()))
+
+
+def test_poisson_sampling_is_counter_based_and_a_round_may_have_no_client(tmp_path):
+    from fedsim.core import rng
+
+    for round_ in range(1, 20):
+        u = rng.uniform(3, STREAM_POISSON, round_, np.arange(50))
+        assert poisson_clients(50, 0.2, 3, round_).tolist() == np.flatnonzero(u < 0.2).tolist()
+    config = {**SMALL, "rounds": 6, "fraction": 0.05, "privacy": {"name": "dp-fedavg", "noise_multiplier": 1.0}}
+    simulate(config, tmp_path / "run", plots=False)
+    rows = metrics(tmp_path / "run")
+    empty = [r for r in rows if r["clients"] == 0]
+    assert empty and all(r["update_norm"] > 0 and r["clipped_fraction"] is None for r in empty)  # noise only
+    assert [r["epsilon"] for r in rows] == sorted(r["epsilon"] for r in rows)
+
+
+def test_epsilon_is_dp_accounting_directly():
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    event = dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.1))
+    direct = rdp.RdpAccountant()
+    direct.compose(event, 40)
+    assert epsilon(0.05, 1.1, 40, 1e-5) == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
+    direct = pld.PLDAccountant()
+    direct.compose(event, 40)
+    assert epsilon(0.05, 1.1, 40, 1e-5, "pld") == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
+    z = noise_for(4.0, 0.05, 40, 1e-5)
+    assert epsilon(0.05, z, 40, 1e-5) <= 4.0 < epsilon(0.05, z * 0.999, 40, 1e-5)
+
+
+def test_rows_and_summary_carry_epsilon_and_the_target_stops_cleanly(tmp_path):
+    config = {**SMALL, "rounds": 10, "fraction": 0.5,
+              "privacy": {"name": "dp-fedavg", "noise_multiplier": 1.0, "target_epsilon": 6.0}}  # fmt: skip
+    summary = simulate(config, tmp_path / "run", plots=False)
+    rows = metrics(tmp_path / "run")
+    expected = [epsilon(0.5, 1.0, r, 1e-5) for r in range(1, len(rows) + 1)]
+    assert [r["epsilon"] for r in rows] == pytest.approx(expected, rel=1e-12)
+    assert rows[-1]["epsilon"] <= 6.0 < epsilon(0.5, 1.0, len(rows) + 1, 1e-5) and len(rows) < 10
+    assert summary["epsilon"] == rows[-1]["epsilon"] and "privacy budget" in summary["stopped"]
+    assert summary["rounds_completed"] == len(rows)
+
+
+def test_resume_is_exact(tmp_path, cli):
+    flags = ["--clients", "8", "--local-steps", "2", "--fraction", "0.5", "--privacy", "dp-fedavg",
+             "--set", "privacy.noise_multiplier=0.8", "--quiet", "--no-plots", "--checkpoint-every", "2"]  # fmt: skip
+    assert cli(["simulate", *flags, "--rounds", "6", "--out", str(tmp_path / "full")])[0] == 0
+    assert cli(["simulate", *flags, "--rounds", "2", "--out", str(tmp_path / "part")])[0] == 0
+    assert cli(["simulate", "--resume", str(tmp_path / "part"), "--rounds", "6", "--quiet", "--no-plots"])[0] == 0
+    for a, b in zip(metrics(tmp_path / "full"), metrics(tmp_path / "part"), strict=True):
+        a.pop("time_s"), b.pop("time_s")
+        assert a == b
+
+
+def test_fedsim_privacy_prints_epsilon_or_the_noise(cli):
+    code, out, _ = cli(["privacy", "--q", "0.1", "--noise-multiplier", "1.0", "--rounds", "100"])
+    assert code == 0 and f"epsilon {epsilon(0.1, 1.0, 100, 1e-5):.6g}" in out
+    code, out, _ = cli(["privacy", "--q", "0.1", "--target-epsilon", "8", "--rounds", "100"])
+    assert code == 0 and out.startswith("noise multiplier ")
+    code, _, err = cli(["privacy", "--q", "0.1", "--rounds", "100"])
+    assert code == 2 and "exactly one of" in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--set", "privacy.noise_multiplier=-1"], "noise_multiplier"),
+        (["--set", "privacy.clip=0"], "clip"),
+        (["--set", "privacy.delta=1"], "delta"),
+        (["--aggregator", "median"], "does not combine with aggregator 'median'"),
+        (["--strategy", "scaffold"], "replaces the strategy's one weighted mean"),
+        (["--strategy", "fedbuff"], "is asynchronous"),
+        (["--backend", "flower"], "--backend flower runs federated fedsim strategies"),
+    ],
+)
+def test_bad_privacy_settings_exit_2_in_one_line(tmp_path, cli, flags, message):
+    code, _, err = cli(["simulate", "--rounds", "1", "--clients", "4", "--privacy", "dp-fedavg", "--quiet",
+                        "--out", str(tmp_path / "r"), *flags])  # fmt: skip
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_resuming_with_a_spent_budget_exits_2(tmp_path, cli):
+    flags = ["--clients", "8", "--local-steps", "2", "--fraction", "0.5", "--privacy", "dp-fedavg",
+             "--set", "privacy.target_epsilon=6", "--quiet", "--no-plots", "--checkpoint-every", "1"]  # fmt: skip
+    assert cli(["simulate", *flags, "--rounds", "20", "--out", str(tmp_path / "run")])[0] == 0
+    code, _, err = cli(["simulate", "--resume", str(tmp_path / "run"), "--rounds", "30", "--quiet", "--no-plots"])
+    assert code == 2 and "privacy budget is spent" in err and len(err.strip().splitlines()) == 1, err

@@ -31,12 +31,13 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from fedsim.core import components, rng
 from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
 from fedsim.core.pytree import Tree, flatten, unflatten
-from fedsim.core.reduction import Reduction, mean_of
+from fedsim.core.reduction import Reduction
 
 STREAM_POISSON = 12
 STREAM_DP_NOISE = 13
@@ -120,40 +121,57 @@ class DPFedAvg:
         value = epsilon(q, self.noise_multiplier, rounds, self.delta, self.accountant)
         return None if math.isinf(value) else value
 
+    def clip_reduction(self) -> Reduction:
+        """The clipped weighted mean ``sum_k w_k s_k Delta_k / sum_k w_k`` with ``s_k = min(1, C / ||Delta_k||)``
+        as a declared reduction: the executor folds it chunk by chunk (the scale is computed from each chunk's
+        deltas), so DP-FedAvg keeps FedAvg's memory and speed. Counts the clipped clients of the round."""
+
+        def clip_scale(clients) -> Tensor:
+            norms = flatten(clients.deltas).double().norm(dim=1)
+            scale = (self.clip / norms.clamp_min(1e-300)).clamp(max=1.0)
+            self._clipped += int((scale < 1).sum())
+            self._seen += len(scale)
+            return scale
+
+        self._clipped = self._seen = 0
+        return Reduction(weight=self.weighting, scale=clip_scale)
+
+    def clipped_fraction(self) -> float | None:
+        """The share of the round's clients whose update was clipped (None before any)."""
+        return self._clipped / self._seen if getattr(self, "_seen", 0) else None
+
     def mean(
         self, updates, total_weight: float, max_weight: float, num_clients: int, q: float, seed: int, round_: int,
-        template: Tree,
-    ) -> tuple[Tree, float | None]:  # fmt: skip
+        template: Tree, reduction: Reduction | None = None,
+    ) -> Tree:  # fmt: skip
         """The private mean update of the sampled clients' ``updates`` (None: nobody sampled), ``W =
-        total_weight``, ``w_max = max_weight``; and the fraction of the clients clipped (None without clients).
-
-        The clipped weighted sum goes through the engine's own weighted mean (:func:`~fedsim.core.reduction.
-        mean_of`, times ``sum_{k in S} w_k / (q W)``), so without clipping or noise it has FedAvg's bits."""
+        total_weight``, ``w_max = max_weight``. ``reduction``: the :meth:`clip_reduction` the executor folded
+        (central mode); its clipped mean times ``sum_{k in S} w_k / (q W)`` is the clipped sum over ``q W``,
+        so without clipping or noise the result has FedAvg's bits."""
         sigma = self.noise_multiplier * self.clip * max_weight
         generator = torch.Generator(device="cpu").manual_seed(rng.seed_for(seed, STREAM_DP_NOISE, round_))
         flat_template = flatten(template, stacked=False)
-        clipped = None
         if updates is None:
             mean = torch.zeros_like(flat_template)
-        else:
+        elif self.mode == "local":  # every sampled client adds its share of the noise to its weighted update
             flat = flatten(updates.deltas).double()
             scale = (self.clip / flat.norm(dim=1).clamp_min(1e-300)).clamp(max=1.0)
-            clipped = float((scale < 1).double().mean())
+            self._clipped, self._seen = int((scale < 1).sum()), len(scale)
             weights = updates.num_samples.double() if self.weighting == "samples" else torch.ones_like(scale)
-            if self.mode == "local" and sigma > 0:  # every sampled client adds its share of the noise
-                share = sigma / math.sqrt(q * num_clients)
-                noisy = flat * (scale * weights.to(flat.device)).unsqueeze(1)
+            noisy = flat * (scale * weights.to(flat.device)).unsqueeze(1)
+            if sigma > 0:
                 draw = torch.randn(noisy.shape, generator=generator, dtype=torch.float64)
-                noisy = noisy + share * draw.to(flat.device)
-                mean = (noisy.sum(0) / (q * total_weight)).to(flat_template.dtype)
-            else:
-                reduction = Reduction(weight=self.weighting, scale=lambda _: scale)
-                part = flatten(mean_of(reduction, updates, updates.deltas), stacked=False)
-                mean = part * (float(weights.sum()) / (q * total_weight))
+                noisy = noisy + sigma / math.sqrt(q * num_clients) * draw.to(flat.device)
+            mean = (noisy.sum(0) / (q * total_weight)).to(flat_template.dtype)
+        else:
+            part = flatten(updates.mean("mean", reduction), stacked=False)
+            weights = updates.num_samples.double() if self.weighting == "samples" else None
+            selected = float(weights.sum()) if weights is not None else float(len(updates.client_ids))
+            mean = part * (selected / (q * total_weight))
         if self.mode == "central" and sigma > 0:
             noise = torch.randn(mean.shape, generator=generator, dtype=torch.float64) * (sigma / (q * total_weight))
             mean = (mean.double() + noise.to(mean.device)).to(flat_template.dtype)
-        return unflatten(mean, template), clipped
+        return unflatten(mean, template)
 
 
 components.register("privacy", "dp-fedavg", DPFedAvg)

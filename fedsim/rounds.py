@@ -338,7 +338,8 @@ class Simulation:
         lr, q = self.lr(round_), c.fraction
         plan = self.mode.plan(self, round_, state).plan
         ids = poisson_clients(n, q, c.seed, round_)
-        plan = replace(plan, client_ids=ids, reductions=None)
+        reduction = privacy.clip_reduction() if privacy.mode == "central" else None
+        plan = replace(plan, client_ids=ids, reductions={"mean": reduction} if reduction is not None else None)
         sizes = torch.as_tensor(self.store.sizes, dtype=torch.float64)
         uniform = privacy.weighting == "uniform"
         total, largest = (float(n), 1.0) if uniform else (float(sizes.sum()), float(sizes.max()))
@@ -347,7 +348,7 @@ class Simulation:
         if len(ids):
             updates = self.executor.train(plan, state.params, round_, lr)
             np.add.at(self.participation, ids, 1)
-        mean, clipped = privacy.mean(updates, total, largest, n, q, c.seed, round_, state.params)
+        mean = privacy.mean(updates, total, largest, n, q, c.seed, round_, state.params, reduction)
         new = self.strategy.server_update(round_, state, mean)
         step = {k: new.params[k] - state.params[k] for k in new.params}
         record.update({
@@ -357,7 +358,7 @@ class Simulation:
             "bytes_up": len(ids) * self.model_bytes,
             "bytes_down": len(ids) * self.model_bytes,
             "round_time_s": 0.0 if updates is None else self.round_time(round_, plan, updates),
-            "clipped_fraction": clipped,
+            "clipped_fraction": privacy.clipped_fraction() if updates is not None else None,
             "epsilon": privacy.epsilon(q, round_),
         })  # fmt: skip
         return new, record

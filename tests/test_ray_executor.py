@@ -153,6 +153,7 @@ def ray_session():
         },
         {"strategy": {"name": "fedbuff", "buffer_size": 3, "concurrency": 6}, "system": {"name": "lognormal"}},
         {"strategy": "fedavg", "attack": {"name": "alie", "fraction": 0.25}, "aggregator": "rfa"},
+        {"strategy": "fedadam", "fraction": 0.5, "privacy": {"name": "dp-fedavg", "clip": 0.1}},
     ],
     ids=[
         "fedavg",
@@ -163,6 +164,7 @@ def ray_session():
         "deadline-partial",
         "fedbuff",
         "alie-rfa",
+        "dp-fedavg",
     ],
 )
 def test_same_metrics_as_the_local_executor(ray_session, options):

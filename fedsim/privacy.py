@@ -57,16 +57,32 @@ def _accounting():
 
 
 def epsilon(q: float, noise_multiplier: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
-    """Epsilon at ``delta`` of ``rounds`` Poisson-sampled Gaussian rounds (``inf`` without noise)."""
+    """Epsilon at ``delta`` of ``rounds`` Poisson-sampled Gaussian rounds (``inf`` without noise).
+
+    RDP: the accountant's own ``compute_epsilon`` on ``rounds`` times the RDP of one round, which is what
+    ``RdpAccountant().compose(event, rounds).get_epsilon(delta)`` computes, with the one-round RDP (the costly
+    part, about 60 ms at q = 0.1) computed once per (q, z). PLD: a fresh ``PLDAccountant`` each time."""
     if rounds == 0:
         return 0.0
     if noise_multiplier == 0:
         return math.inf
     dp_accounting, rdp, pld = _accounting()
+    if accountant == "rdp":
+        orders, one_round = _rdp_of_one_round(float(q), float(noise_multiplier))
+        return float(rdp.rdp_privacy_accountant.compute_epsilon(orders, int(rounds) * one_round, delta)[0])
     event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier))
-    account = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
+    account = pld.PLDAccountant()
     account.compose(event, int(rounds))
     return float(account.get_epsilon(delta))
+
+
+@cache
+def _rdp_of_one_round(q: float, noise_multiplier: float) -> tuple[np.ndarray, np.ndarray]:
+    """The default RDP orders and the RDP of one Poisson-sampled Gaussian round at them."""
+    dp_accounting, rdp, _ = _accounting()
+    account = rdp.RdpAccountant()
+    account.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier)), 1)
+    return np.asarray(account._orders), np.asarray(account._rdp)  # dp-accounting 0.6.0 keeps them there
 
 
 def noise_for(target: float, q: float, rounds: int, delta: float, accountant: str = "rdp") -> float:

@@ -98,9 +98,9 @@ def noise_for(target: float, q: float, rounds: int, delta: float, accountant: st
     return high
 
 
-def poisson_clients(num_clients: int, q: float, seed: int, round_: int, pool: np.ndarray | None = None) -> np.ndarray:
+def poisson_clients(num_clients: int, q: float, seed: int, round_: int) -> np.ndarray:
     """Sorted ids of the clients sampled this round: each independently with probability ``q``."""
-    ids = np.arange(num_clients) if pool is None else np.asarray(pool, dtype=np.int64)
+    ids = np.arange(num_clients)
     return ids[rng.uniform(seed, STREAM_POISSON, round_, ids) < q]
 
 
@@ -142,15 +142,15 @@ class DPFedAvg:
         as a declared reduction: the executor folds it chunk by chunk (the scale is computed from each chunk's
         deltas), so DP-FedAvg keeps FedAvg's memory and speed. Counts the clipped clients of the round."""
 
-        def clip_scale(clients) -> Tensor:
-            norms = flatten(clients.deltas).double().norm(dim=1)
-            scale = (self.clip / norms.clamp_min(1e-300)).clamp(max=1.0)
-            self._clipped += int((scale < 1).sum())
-            self._seen += len(scale)
-            return scale
-
         self._clipped = self._seen = 0
-        return Reduction(weight=self.weighting, scale=clip_scale)
+        return Reduction(weight=self.weighting, scale=lambda clients: self.clip_scale(flatten(clients.deltas)))
+
+    def clip_scale(self, flat: Tensor) -> Tensor:
+        """``s_k = min(1, C / ||Delta_k||)`` of the flattened updates ``[S, D]`` (float64); counts the clipped."""
+        scale = (self.clip / flat.double().norm(dim=1).clamp_min(1e-300)).clamp(max=1.0)
+        self._clipped += int((scale < 1).sum())
+        self._seen += len(scale)
+        return scale
 
     def clipped_fraction(self) -> float | None:
         """The share of the round's clients whose update was clipped (None before any)."""
@@ -171,8 +171,8 @@ class DPFedAvg:
             mean = torch.zeros_like(flat_template)
         elif self.mode == "local":  # every sampled client adds its share of the noise to its weighted update
             flat = flatten(updates.deltas).double()
-            scale = (self.clip / flat.norm(dim=1).clamp_min(1e-300)).clamp(max=1.0)
-            self._clipped, self._seen = int((scale < 1).sum()), len(scale)
+            self._clipped = self._seen = 0
+            scale = self.clip_scale(flat)
             weights = updates.num_samples.double() if self.weighting == "samples" else torch.ones_like(scale)
             noisy = flat * (scale * weights.to(flat.device)).unsqueeze(1)
             if sigma > 0:

@@ -339,7 +339,9 @@ class Simulation:
         plan = self.mode.plan(self, round_, state).plan
         ids = poisson_clients(n, q, c.seed, round_)
         reduction = privacy.clip_reduction() if privacy.mode == "central" else None
-        plan = replace(plan, client_ids=ids, reductions={"mean": reduction} if reduction is not None else None)
+        attacked = self.attack is not None and self.attack.model_attack
+        streamed = reduction is not None and not attacked  # a model attack reads the round's stacked updates
+        plan = replace(plan, client_ids=ids, reductions={"mean": reduction} if streamed else None)
         sizes = torch.as_tensor(self.store.sizes, dtype=torch.float64)
         uniform = privacy.weighting == "uniform"
         total, largest = (float(n), 1.0) if uniform else (float(sizes.sum()), float(sizes.max()))
@@ -348,6 +350,10 @@ class Simulation:
         if len(ids):
             updates = self.executor.train(plan, state.params, round_, lr)
             np.add.at(self.participation, ids, 1)
+            if self.attack is not None:
+                record["byzantine"] = int(self.byzantine[ids].sum())
+            if attacked:
+                updates = self.attacked(round_, updates)
         mean = privacy.mean(updates, total, largest, n, q, c.seed, round_, state.params, reduction)
         new = self.strategy.server_update(round_, state, mean)
         step = {k: new.params[k] - state.params[k] for k in new.params}

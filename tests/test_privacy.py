@@ -151,3 +151,15 @@ def test_resuming_with_a_spent_budget_exits_2(tmp_path, cli):
     assert cli(["simulate", *flags, "--rounds", "20", "--out", str(tmp_path / "run")])[0] == 0
     code, _, err = cli(["simulate", "--resume", str(tmp_path / "run"), "--rounds", "30", "--quiet", "--no-plots"])
     assert code == 2 and "privacy budget is spent" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_attacks_reach_private_rounds(tmp_path):
+    """A model attack replaces the Byzantine uploads before DP-FedAvg clips them (not silently skipped)."""
+    private = {**SMALL, "fraction": 0.5, "privacy": {"name": "dp-fedavg", "noise_multiplier": 0.5}}
+    clean = simulate(private, tmp_path / "clean", plots=False)
+    attacked = {**private, "attack": {"name": "sign_flip", "fraction": 0.4, "scale": 10.0}}
+    summary = simulate(attacked, tmp_path / "attacked", plots=False)
+    rows = metrics(tmp_path / "attacked")
+    assert all("byzantine" in r for r in rows if r["clients"]) and any(r["byzantine"] for r in rows)
+    assert summary["final_test_accuracy"] != clean["final_test_accuracy"]
+    assert rows[-1]["honest_accuracy"] == rows[-1]["test_accuracy"]

@@ -44,6 +44,8 @@ COMPONENT_KEYS: dict[str, str] = {
 }  # fmt: skip
 """Config key -> component kind (``strategy`` is a ``decentralized`` strategy when a topology is given)."""
 
+RECORD_LEVEL_PRIVACY = ("dp-sgd",)
+"""Privacy components that clip and noise every local step (they draw Poisson batches)."""
 DEFAULTS: dict[str, str | None] = {
     "dataset": "digits", "partition": "dirichlet", "model": "mlp", "strategy": None, "aggregator": "mean",
     "regulator": "none", "client_filter": "none", "availability": "always", "system": "uniform", "attack": "none",
@@ -166,6 +168,10 @@ class RunConfig(BaseModel):
         if not isinstance(data, Mapping):
             return data
         data = nest(data)
+        if data.get("sampler") is None and data.get("privacy") is not None:
+            privacy, _ = components.split_spec("privacy", data["privacy"])
+            if privacy in RECORD_LEVEL_PRIVACY:  # record-level DP draws Poisson batches unless told otherwise
+                data["sampler"] = "poisson"
         for key, default in DEFAULTS.items():
             if data.get(key) is None:
                 data[key] = default
@@ -290,8 +296,27 @@ class RunConfig(BaseModel):
             raise FedsimError(f"strategy.concurrency {concurrency} exceeds the {self.clients} clients; lower it")
 
     def _check_privacy(self) -> None:
-        """DP-FedAvg samples its own clients (Poisson, rate ``fraction``) and replaces the strategy's mean."""
+        """DP-FedAvg samples its own clients (Poisson, rate ``fraction``) and replaces the strategy's mean;
+        DP-SGD needs Poisson batches and clients whose local steps are plain (clipped, noised) gradient steps."""
         if self.privacy.name == DEFAULTS["privacy"] or self.topology:
+            return
+        if self.privacy.name in RECORD_LEVEL_PRIVACY:
+            if self.sampler.name != "poisson":
+                raise FedsimError(
+                    f"privacy '{self.privacy.name}' accounts for Poisson-sampled records; use --sampler poisson "
+                    f"(the default with it), not '{self.sampler.name}'"
+                )
+            for name in ("regulator", "client_filter"):
+                if getattr(self, name).name != DEFAULTS[name]:
+                    raise FedsimError(
+                        f"privacy '{self.privacy.name}' clips and noises every local gradient; {name} "
+                        f"'{getattr(self, name).name}' reads the raw per-step gradients; drop it"
+                    )
+            if self.round_policy.active:
+                raise FedsimError(
+                    f"privacy '{self.privacy.name}' does not combine with deadline_s/over_selection/dropout/"
+                    "time_budget_s yet; drop them"
+                )
             return
         checks = (
             (self.aggregator.name != DEFAULTS["aggregator"], f"aggregator '{self.aggregator.name}'"),

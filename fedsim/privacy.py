@@ -1,4 +1,5 @@
-"""Differential privacy (component kind ``privacy``): client-level DP-FedAvg with a real accountant.
+"""Differential privacy (component kind ``privacy``): client-level DP-FedAvg and record-level DP-SGD with a real
+accountant.
 
 **DP-FedAvg** (McMahan, Ramage, Talwar & Zhang, ICLR 2018). Every round each client takes part independently
 with probability ``q = fraction`` (Poisson sampling, counter-based on (seed, round, client); the round has a
@@ -38,6 +39,7 @@ from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
 from fedsim.core.pytree import Tree, flatten, unflatten
 from fedsim.core.reduction import Reduction
+from fedsim.engine.sample_clipping import SampleClipping
 
 STREAM_POISSON = 12
 STREAM_DP_NOISE = 13
@@ -108,6 +110,8 @@ class DPFedAvg:
     """Client-level DP-FedAvg (see the module docstring)."""
 
     name = "dp-fedavg"
+    record_level = False
+    """Client-level: the round replaces the strategy's mean by :meth:`mean` (``epsilon(q, rounds)``)."""
 
     def __init__(
         self,
@@ -123,12 +127,7 @@ class DPFedAvg:
             "uniform"
         ),
     ) -> None:
-        if not (clip > 0) or math.isnan(clip):
-            raise FedsimError(f"privacy clip must be > 0, got {clip}")
-        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-            raise FedsimError(f"privacy noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
-        if not 0 < delta < 1:
-            raise FedsimError(f"privacy delta must be in (0, 1), got {delta}")
+        _check(clip, noise_multiplier, delta)
         self.clip, self.noise_multiplier, self.delta = float(clip), float(noise_multiplier), float(delta)
         self.mode, self.accountant, self.target_epsilon, self.weighting = mode, accountant, target_epsilon, weighting
 
@@ -190,4 +189,94 @@ class DPFedAvg:
         return unflatten(mean, template)
 
 
+class DPSGD:
+    """Record-level DP-SGD on every client (Abadi et al. 2016).
+
+    Each local step draws a Poisson batch (every record of client ``c`` with probability ``p_c = min(1, B /
+    n_c)``, the ``poisson`` sampler, which ``dp-sgd`` uses), clips every per-sample gradient to ``clip``, sums,
+    adds ``N(0, (z clip)^2 I)`` and divides by the expected batch ``B`` (:mod:`fedsim.engine.sample_clipping`).
+    The strategy and its aggregator then combine the clients' updates as they would without privacy (any
+    aggregation is post-processing).
+
+    **Accounting, per client:** client ``c``'s record-level guarantee composes
+    ``PoissonSampledDpEvent(p_c, GaussianDpEvent(z))`` over the local steps it has taken; ``epsilon`` in the
+    rows and the summary is the largest over the clients. The client sampling of the rounds would amplify it
+    further; that is not counted (the figure is an upper bound). ``target_epsilon`` stops before a round in
+    which some client could pass it (counting every client's planned steps).
+    """
+
+    name = "dp-sgd"
+    record_level = True
+
+    def __init__(
+        self,
+        clip: Annotated[float, option("L2 clipping norm C of every per-sample gradient", gt=0)] = 1.0,
+        noise_multiplier: Annotated[float, option("noise multiplier z (std z C on each step's sum)", ge=0)] = 1.0,
+        delta: Annotated[float, option("delta of the reported (epsilon, delta)", gt=0, lt=1)] = 1e-5,
+        accountant: Annotated[Literal["rdp", "pld"], option("dp-accounting accountant: RDP or PLD")] = "rdp",
+        target_epsilon: Annotated[float | None, option("stop before a round that could exceed it", gt=0)] = None,
+    ) -> None:
+        _check(clip, noise_multiplier, delta)
+        if math.isinf(clip):
+            raise FedsimError("privacy clip must be finite for dp-sgd (it bounds every record's contribution)")
+        self.clip, self.noise_multiplier, self.delta = float(clip), float(noise_multiplier), float(delta)
+        self.accountant, self.target_epsilon = accountant, target_epsilon
+        self.steps: np.ndarray | None = None
+        """Local steps each client has taken (the accountant's state)."""
+
+    def sample_clipping(self, batch_size: int, seed: int) -> SampleClipping:
+        """What the trainer applies at every step."""
+        return SampleClipping(self.clip, self.noise_multiplier, float(batch_size), seed)
+
+    def start(self, rates: np.ndarray, planned: np.ndarray) -> None:
+        """Every client's sampling rate ``p_c`` and planned steps per round, before the first round."""
+        self.rates, self.planned = np.asarray(rates, dtype=np.float64), np.asarray(planned, dtype=np.int64)
+        self.steps = np.zeros(len(self.rates), dtype=np.int64)
+
+    def record(self, client_ids: np.ndarray, steps: np.ndarray) -> None:
+        """Count the steps the round's clients took."""
+        np.add.at(self.steps, np.asarray(client_ids, dtype=np.int64), np.asarray(steps, dtype=np.int64))
+
+    def epsilon_of(self, steps: np.ndarray) -> float | None:
+        """The largest client epsilon after ``steps`` (None without noise). Only the clients not dominated in
+        (rate, steps) are accounted (epsilon grows with both)."""
+        if self.noise_multiplier == 0:
+            return None
+        pairs = sorted({(float(p), int(k)) for p, k in zip(self.rates, steps, strict=True) if k > 0}, reverse=True)
+        front, most = [], -1
+        for rate, k in pairs:  # by decreasing rate: keep those with more steps than every higher-rate client
+            if k > most:
+                front.append((rate, k))
+                most = k
+        values = [epsilon(rate, self.noise_multiplier, k, self.delta, self.accountant) for rate, k in front]
+        return max(values, default=0.0)
+
+    def spent(self) -> float | None:
+        """The largest client epsilon so far."""
+        return self.epsilon_of(self.steps)
+
+    def would_exceed(self) -> bool:
+        """Whether one more round of every client's planned steps could pass ``target_epsilon``."""
+        value = self.epsilon_of(self.steps + self.planned)
+        return value is None or value > self.target_epsilon
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"steps": torch.as_tensor(self.steps)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if "steps" not in state or len(state["steps"]) != len(self.steps):
+            raise FedsimError("checkpoint has no dp-sgd accountant state for this run's clients")
+        self.steps = state["steps"].numpy().astype(np.int64).copy()
+
+
+def _check(clip: float, noise_multiplier: float, delta: float) -> None:
+    if not (clip > 0) or math.isnan(clip):
+        raise FedsimError(f"privacy clip must be > 0, got {clip}")
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise FedsimError(f"privacy noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+    if not 0 < delta < 1:
+        raise FedsimError(f"privacy delta must be in (0, 1), got {delta}")
+
+
 components.register("privacy", "dp-fedavg", DPFedAvg)
+components.register("privacy", "dp-sgd", DPSGD)

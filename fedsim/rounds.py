@@ -224,7 +224,9 @@ class Simulation:
             self.byzantine[self.attack.clients(parts.store.num_clients, config.seed)] = True
         self.privacy = parts.privacy
         """Differential privacy (:mod:`fedsim.privacy`), or None."""
-        if self.privacy is not None and self.strategy.reductions() != {"mean": Reduction()}:
+        self.record_level = bool(getattr(self.privacy, "record_level", False))
+        """Record-level privacy (DP-SGD): the trainer clips and noises every local step."""
+        if self.privacy is not None and not self.record_level and self.strategy.reductions() != {"mean": Reduction()}:
             raise FedsimError(
                 f"privacy '{self.privacy.name}' replaces the strategy's one weighted mean; strategy "
                 f"'{config.strategy.name}' reads other means or the stacked updates (use fedavg, fedprox, fedavgm, "
@@ -286,7 +288,7 @@ class Simulation:
         if step is not None:  # the asynchronous event loop: events until the next server step
             return step(self, round_, state)
         self._phases = None
-        if self.privacy is not None:
+        if self.privacy is not None and not self.record_level:
             return self._private_round(round_, state)
         new_state, record = self._synchronous_round(round_, state)
         if self.clocked and self._phases is not None:
@@ -305,6 +307,8 @@ class Simulation:
             idle = schedule.round_time_s if schedule else self.wait_for_clients()
             record = {"round": round_, "lr": lr, "clients": 0, "train_loss": None, "drift": None,
                       "update_norm": 0.0, "bytes_up": 0, "bytes_down": 0, "round_time_s": idle}  # fmt: skip
+            if self.record_level:
+                record["epsilon"] = self.privacy.spent()
             return state, {**record, **before}
         attacked = self.attack is not None and self.attack.model_attack
         if attacked:  # the attack reads the round's stacked updates: no streamed means
@@ -317,7 +321,9 @@ class Simulation:
             updates = self.attacked(round_, updates)
         new_state, metrics = self.mode.combine(self, round_, state, plan, updates)
         np.add.at(self.participation, np.asarray(updates.client_ids, dtype=np.int64), 1)
-        stats = {name: float(v.double().mean()) for name, v in updates.stats.items()}
+        stats = {name: float(v.double().mean()) for name, v in updates.stats.items() if name != "clipped_samples"}
+        if self.record_level:
+            before.update(self.record_level_metrics(updates))
         record = {
             **stats,
             "round": round_,
@@ -368,6 +374,14 @@ class Simulation:
             "epsilon": privacy.epsilon(q, round_),
         })  # fmt: skip
         return new, record
+
+    def record_level_metrics(self, updates: ClientUpdates) -> dict[str, Any]:
+        """DP-SGD's row entries: the share of the round's samples whose gradient was clipped, and ``epsilon``
+        after counting the clients' steps."""
+        self.privacy.record(updates.client_ids, updates.num_steps.cpu().numpy())
+        samples = float(updates.samples_processed.double().sum())
+        clipped = float(updates.stats["clipped_samples"].double().sum())
+        return {"clipped_fraction": clipped / samples if samples else None, "epsilon": self.privacy.spent()}
 
     def predictor(self, state: ServerState) -> Callable[[Tensor], Tensor]:
         """The global model's predicted labels of a batch (a backdoor's success rate)."""
@@ -466,6 +480,7 @@ class Simulation:
             "sampler_state": {k: torch.as_tensor(v) for k, v in sampler_state.items()},
             "participation": torch.as_tensor(self.participation),
             **({"event_loop": self.mode.state_dict()} if hasattr(self.mode, "state_dict") else {}),
+            **({"privacy": self.privacy.state_dict()} if hasattr(self.privacy, "state_dict") else {}),
         }
 
     def restore(self, payload: dict[str, Any]) -> tuple[int, ServerState]:
@@ -482,6 +497,10 @@ class Simulation:
             if "event_loop" not in payload:
                 raise FedsimError("checkpoint has no asynchronous event-loop state (in-flight clients, clock)")
             self.mode.load_state_dict(payload["event_loop"], self.device)
+        if hasattr(self.privacy, "load_state_dict"):
+            if "privacy" not in payload:
+                raise FedsimError(f"checkpoint has no accountant state for privacy '{self.privacy.name}'")
+            self.privacy.load_state_dict(payload["privacy"])
         return int(payload["round"]), state
 
     def _check_checkpoint(self, payload: Any) -> None:
@@ -587,6 +606,8 @@ class Simulation:
         target = getattr(self.privacy, "target_epsilon", None)
         if target is None:
             return False
+        if self.record_level:
+            return self.privacy.would_exceed()
         value = self.privacy.epsilon(self.config.fraction, round_)
         return value is None or value > target
 
@@ -634,6 +655,8 @@ class Simulation:
         """``epsilon`` (after the rounds run) and ``delta`` of a private run; nothing otherwise."""
         if self.privacy is None:
             return {}
+        if self.record_level:
+            return {"epsilon": self.privacy.spent(), "delta": self.privacy.delta}
         rounds = history[-1]["round"] if history else 0
         return {"epsilon": self.privacy.epsilon(self.config.fraction, rounds), "delta": self.privacy.delta}
 

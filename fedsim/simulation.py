@@ -18,6 +18,7 @@ from fedsim.core import components, rng
 from fedsim.core.errors import DivergenceError, FedsimError, FedsimWarning, OutOfMemory, RunInterrupted, unknown
 from fedsim.core.pytree import stack
 from fedsim.data import label_histogram, split_clients, subsample_train
+from fedsim.data.samplers import steps_per_client
 from fedsim.decentralized import DecentralizedMode, mixing_schedule
 from fedsim.engine.executor import LocalExecutor
 from fedsim.engine.store import ClientStore
@@ -118,11 +119,15 @@ def assemble(config: RunConfig) -> Simulation:
     optimizer = components.build("optimizer", c.optimizer, model=model)
     init_params = parameters_of(model)
     sampler = components.build("sampler", c.sampler)
+    privacy = components.build("privacy", c.privacy)
+    clipping = None
+    if getattr(privacy, "record_level", False):
+        clipping = record_level_privacy(privacy, mode.strategy.client_algorithm, store, sampler, c)
     local = LocalExecutor(
         model, store, sampler, optimizer, mode.strategy.client_algorithm,
         seed=c.seed, local_steps=None if c.local_epochs else c.local_steps, local_epochs=c.local_epochs,
         batch_size=c.batch_size, chunk_size=c.chunk_size, grad_mode=c.grad_mode, sequential=c.sequential,
-        loss_fn=task.loss_fn,
+        loss_fn=task.loss_fn, clipping=clipping,
     )  # fmt: skip
     local.init_client_state(init_params)
     sim = Simulation(c, Parts(
@@ -132,7 +137,7 @@ def assemble(config: RunConfig) -> Simulation:
         task=task, model=model, mode=mode, sampler=sampler,
         lr_schedule=components.build("lr_schedule", c.lr_schedule), executor=local,
         optimizer_state_bytes=state_bytes(optimizer.init(stack(init_params, 1))), system=system, attack=attack,
-        privacy=components.build("privacy", c.privacy),
+        privacy=privacy,
     ))  # fmt: skip
     itself.target = sim
     # Resolved once per run (not per round from free memory): float32 results of convolutional models
@@ -141,6 +146,19 @@ def assemble(config: RunConfig) -> Simulation:
     # A remote executor copies the local one's settings, data shards and client state.
     sim.executor = components.build("executor", c.executor, local=local)
     return sim
+
+
+def record_level_privacy(privacy, algorithm, store: ClientStore, sampler, c: RunConfig):
+    """DP-SGD's per-step clipping for the executor; starts the privacy's per-client accountant (every
+    client's Poisson rate and planned steps per round)."""
+    if algorithm.trajectory is not None or algorithm.microbatches > 1:
+        raise FedsimError(
+            f"privacy '{privacy.name}' clips and noises every local gradient; strategy '{c.strategy.name}' reads the "
+            "raw per-step gradients; use another strategy"
+        )
+    steps = steps_per_client(store.sizes, None if c.local_epochs else c.local_steps, c.local_epochs, c.batch_size)
+    privacy.start(sampler.rates(store.sizes, c.batch_size), steps)
+    return privacy.sample_clipping(c.batch_size, c.seed)
 
 
 def poison(attack, store: ClientStore, byzantine, num_classes: int, seed: int) -> None:

@@ -154,6 +154,7 @@ def ray_session():
         {"strategy": {"name": "fedbuff", "buffer_size": 3, "concurrency": 6}, "system": {"name": "lognormal"}},
         {"strategy": "fedavg", "attack": {"name": "alie", "fraction": 0.25}, "aggregator": "rfa"},
         {"strategy": "fedadam", "fraction": 0.5, "privacy": {"name": "dp-fedavg", "clip": 0.1}},
+        {"strategy": "fedavg", "aggregator": "median", "privacy": {"name": "dp-sgd", "clip": 0.5}},
     ],
     ids=[
         "fedavg",
@@ -165,6 +166,7 @@ def ray_session():
         "fedbuff",
         "alie-rfa",
         "dp-fedavg",
+        "dp-sgd-median",
     ],
 )
 def test_same_metrics_as_the_local_executor(ray_session, options):

@@ -166,6 +166,20 @@ def bench_async_cmd(
     _emit_json(result, out)
 
 
+@bench_app.command("privacy")
+def bench_privacy_cmd(
+    clients: Annotated[int, Opt(min=2, help="Simulated clients (all train every round).")] = 100,
+    rounds: Annotated[int, Opt(min=1, help="Rounds per run.")] = 5,
+    repeats: Annotated[int, Opt(min=1, help="Timed calls and processes of each (median).")] = 3,
+    processes: Annotated[bool, Opt(help="Also time whole fedsim simulate processes.")] = True,
+    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
+) -> None:
+    """What privacy costs: DP-SGD against the plain local step, DP-FedAvg against FedAvg."""
+    from fedsim.benchmarks.privacy import bench_privacy
+
+    _emit_json(bench_privacy(clients=clients, rounds=rounds, repeats=repeats, processes=processes), out)
+
+
 @bench_app.command("optimizer")
 def bench_optimizer_cmd(
     workload: Annotated[str, Opt(help="char_transformer | llama_block")] = "char_transformer",

@@ -44,6 +44,8 @@ CATALOG = {
         }),
         'shuffle': (False, {
         }),
+        'poisson': (False, {
+        }),
         'markov-ring': (False, {
             'laziness': (Annotated[float, Field(ge=0, lt=1)], 0.5),
         }),
@@ -350,6 +352,13 @@ CATALOG = {
             'accountant': (Literal['rdp', 'pld'], 'rdp'),
             'target_epsilon': (Annotated[float | None, Field(gt=0)], None),
             'weighting': (Literal['uniform', 'samples'], 'uniform'),
+        }),
+        'dp-sgd': (False, {
+            'clip': (Annotated[float, Field(gt=0)], 1.0),
+            'noise_multiplier': (Annotated[float, Field(ge=0)], 1.0),
+            'delta': (Annotated[float, Field(gt=0, lt=1)], 1e-05),
+            'accountant': (Literal['rdp', 'pld'], 'rdp'),
+            'target_epsilon': (Annotated[float | None, Field(gt=0)], None),
         }),
     },
     'problem': {

@@ -201,6 +201,38 @@ class ShuffleSampler:
         return Batches(positions.astype(np.int64), valid), state
 
 
+class PoissonSampler:
+    """Poisson sampling (DP-SGD's, Abadi et al. 2016): at every step each of client ``c``'s ``n_c`` samples
+    joins the batch independently with probability ``p_c = min(1, B / n_c)``, so batches have a random size
+    (expected ``B``, possibly 0: the step then sees a zero gradient). A client takes ``K`` steps, or
+    ``E * ceil(n_c / B)`` in epoch mode (E expected passes). The batch axis is as wide as the round's largest
+    draw; the draw of (client, step, sample) is a pure function of (seed, round, client, step, sample)."""
+
+    name = "poisson"
+    keyed_rounds = True
+
+    @staticmethod
+    def rates(sizes: np.ndarray, batch_size: int) -> np.ndarray:
+        """Each client's sampling rate ``p_c = min(1, B / n_c)``."""
+        return np.minimum(1.0, batch_size / np.maximum(np.asarray(sizes, dtype=np.float64), 1.0))
+
+    def sample(self, seed, round_, client_ids, sizes, *, steps, epochs, batch_size, state=None):
+        sizes = np.asarray(sizes, dtype=np.int64)
+        client_ids = np.asarray(client_ids, dtype=np.int64)
+        n_steps = steps_per_client(sizes, steps, epochs, batch_size)
+        k_max, n_max = int(n_steps.max(initial=0)), int(sizes.max(initial=0))
+        c = client_ids[:, None, None]
+        k = np.arange(k_max)[None, :, None]
+        s = np.arange(n_max)[None, None, :]
+        rate = self.rates(sizes, batch_size)[:, None, None]
+        live = (s < sizes[:, None, None]) & (k < n_steps[:, None, None])
+        drawn = live & (rng.uniform(seed, rng.STREAM_SAMPLER, _per_client(round_, 3), c, k, s) < rate)
+        width = max(int(drawn.sum(axis=2).max(initial=0)), 1)
+        order = np.argsort(~drawn, axis=2, kind="stable")[:, :, :width]  # drawn samples first, in index order
+        mask = np.take_along_axis(drawn, order, axis=2)
+        return Batches(np.where(mask, order, 0).astype(np.int64), mask), state
+
+
 def _segment_permutations(
     seed: int, round_: int, client_ids: np.ndarray, sizes: np.ndarray, n_epochs: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -390,6 +422,7 @@ class MarkovRegularSampler(_MarkovSampler):
 SAMPLERS: dict[str, type] = {
     "iid": IIDSampler,
     "shuffle": ShuffleSampler,
+    "poisson": PoissonSampler,
     "markov-ring": MarkovRingSampler,
     "markov-regular": MarkovRegularSampler,
 }

@@ -14,8 +14,9 @@ from torch import nn
 
 from fedsim.core.protocol import ClientAlgorithm, ClientUpdates, Plan
 from fedsim.core.pytree import Tree, stack
-from fedsim.data.samplers import Batches, Sampler, sample_by_key
+from fedsim.data.samplers import Batches, Sampler, sample_by_key, steps_per_client
 
+from .sample_clipping import SampleClipping
 from .store import ClientStore
 from .streamed import StreamingRound, chunk_updates
 from .trainer import LossFn, VectorizedTrainer, cross_entropy, train_sequential
@@ -107,6 +108,7 @@ class LocalExecutor:
         sequential: bool = False,
         loss_fn: LossFn = cross_entropy,
         clients: np.ndarray | None = None,
+        clipping: SampleClipping | None = None,
     ):
         self.model, self.store, self.sampler = model, store, sampler
         self.optimizer, self.algorithm = optimizer, algorithm
@@ -118,6 +120,8 @@ class LocalExecutor:
         self.clients = np.arange(store.num_clients) if clients is None else np.asarray(clients, dtype=np.int64)
         """Sorted global ids of the clients this executor trains and keeps state for (a Ray actor's shard)."""
         self.client_state: Tree = {}
+        self.clipping = clipping
+        """DP-SGD's per-sample clipping and noise at every local step (:mod:`.sample_clipping`), or None."""
 
     @property
     def device(self) -> torch.device:
@@ -140,6 +144,8 @@ class LocalExecutor:
         if self.chunk_size:
             return self.chunk_size
         extra = self.trajectory_bytes(params)
+        if self.clipping is not None:  # per-sample gradients, and their clipped copy, of a Poisson batch (< 2B)
+            extra += 2 * 2 * self.batch_size * sum(v.numel() * v.element_size() for v in params.values())
         auto = auto_chunk_size(self.model, params, self.store.x[:1], self.batch_size, self.device, extra_bytes=extra)
         return max(1, min(num_selected, auto))
 
@@ -233,10 +239,17 @@ class LocalExecutor:
         rows = self.state_rows(chunk_ids)
         state = {k: v[rows].to(self.device) for k, v in self.client_state.items()}
         args = (params, self.store.x, self.store.y, index, mask, self.optimizer, lr, self.algorithm)
+        private = {}
+        if self.clipping is not None:
+            steps = steps_per_client(self.store.sizes[chunk_ids], self.local_steps, self.local_epochs, self.batch_size)
+            private = {"clipping": self.clipping, "keys": (round_, chunk_ids),
+                       "planned": torch.as_tensor(steps, device=self.device)}  # fmt: skip
         if self.sequential:
-            result = train_sequential(self.model, *args, plan.broadcast, state, start, opt_state, self.loss_fn)
+            result = train_sequential(
+                self.model, *args, plan.broadcast, state, start, opt_state, self.loss_fn, **private
+            )
         else:
-            result = self.trainer.train(*args, plan.broadcast, state, start, opt_state)
+            result = self.trainer.train(*args, plan.broadcast, state, start, opt_state, **private)
         for k, v in result.client_state.items():
             self.client_state[k][rows] = v.detach().cpu()
         result.samples_processed = mask.sum(dim=(1, 2))

@@ -299,6 +299,7 @@ class RayExecutor:
             "algorithm": local.algorithm, "seed": local.seed, "local_steps": local.local_steps,
             "local_epochs": local.local_epochs, "batch_size": local.batch_size, "chunk_size": local.chunk_size,
             "grad_mode": local.trainer.grad_mode, "sequential": local.sequential, "loss_fn": local.loss_fn,
+            "clipping": local.clipping,
         })  # fmt: skip
         local.model.to(self.device)
         self.data_refs = [ray.put(shard_arrays(local.store, owned)) for owned in self.shards]

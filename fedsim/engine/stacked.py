@@ -26,6 +26,49 @@ def stacked_forward(model: nn.Module) -> Callable[[Tree, Tensor], Tensor] | None
     """``forward(params, x)`` for stacked ``params`` (``{name: [C, ...]}``) and ``x[C, B, ...]``, or None
     when ``model`` is not a plain ``nn.Sequential`` of a ``Flatten`` (default dims), then ``Linear`` and
     :data:`ELEMENTWISE` layers (the ``Flatten`` first, so every ``Linear`` sees ``[C, B, features]``)."""
+    steps = _steps(model)
+    if steps is None:
+        return None
+
+    def forward(params: Tree, x: Tensor) -> Tensor:
+        h = x
+        for step in steps:
+            h = step(params, h)
+        return h
+
+    return forward
+
+
+def stacked_linear_layers(model: nn.Module) -> list[tuple[str, bool]] | None:
+    """The ``(name, has_bias)`` of every ``Linear`` of a model :func:`stacked_forward` runs, in order (None for
+    another model): the layers whose per-sample gradients are outer products (ghost clipping)."""
+    if _steps(model) is None:
+        return None
+    return [(name, layer.bias is not None) for name, layer in model.named_children() if type(layer) is nn.Linear]
+
+
+def traced_forward(model: nn.Module) -> Callable[[Tree, Tensor], tuple[Tensor, list[Tensor], list[Tensor]]]:
+    """Like :func:`stacked_forward`, also returning every ``Linear``'s input ``a_l[C, B, in]`` and output
+    ``z_l[C, B, out]`` (for a model :func:`stacked_linear_layers` accepts)."""
+    linear = {name for name, _ in stacked_linear_layers(model) or ()}
+    steps = _steps(model)
+    names = [name for name, _ in model.named_children()]
+
+    def forward(params: Tree, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        h, inputs, outputs = x, [], []
+        for name, step in zip(names, steps, strict=True):
+            if name in linear:
+                inputs.append(h)
+                h = step(params, h)
+                outputs.append(h)
+            else:
+                h = step(params, h)
+        return h, inputs, outputs
+
+    return forward
+
+
+def _steps(model: nn.Module) -> list[Callable[[Tree, Tensor], Tensor]] | None:
     if type(model) is not nn.Sequential:
         return None
     steps: list[Callable[[Tree, Tensor], Tensor]] = []
@@ -40,14 +83,7 @@ def stacked_forward(model: nn.Module) -> Callable[[Tree, Tensor], Tensor] | None
             steps.append(lambda params, h, layer=layer: layer(h))
         else:
             return None
-
-    def forward(params: Tree, x: Tensor) -> Tensor:
-        h = x
-        for step in steps:
-            h = step(params, h)
-        return h
-
-    return forward
+    return steps
 
 
 def _linear(name: str, bias: bool) -> Callable[[Tree, Tensor], Tensor]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,7 +37,8 @@ from fedsim.core.errors import FedsimError, unknown
 from fedsim.core.protocol import ClientAlgorithm, LocalContext, TrajectorySpec
 from fedsim.core.pytree import Tree, flatten, stack
 
-from .stacked import stacked_forward
+from .sample_clipping import SampleClipping
+from .stacked import stacked_forward, stacked_linear_layers, traced_forward
 from .trajectory import Trajectory, num_units
 
 GRAD_MODES = ("sum", "vmap")
@@ -179,6 +181,9 @@ class VectorizedTrainer:
         self._vmapped_grad = vmap(grad_and_value(client_loss))
         self._vmapped_forward = stacked_forward(model) or vmap(self._forward)  # same numbers; see engine.stacked
         self._per_sample_grad = vmap(vmap(grad(sample_loss), in_dims=(None, 0, 0)))
+        self._per_sample_grad_and_loss = vmap(vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0)))
+        self._linear_layers = stacked_linear_layers(model)
+        self._traced_forward = traced_forward(model) if self._linear_layers is not None else None
 
     def _forward(self, params: Tree, x: Tensor) -> Tensor:
         return functional_call(self.model, params, (x,))
@@ -223,9 +228,49 @@ class VectorizedTrainer:
         over samples)."""
         return self._per_sample_grad({k: v.detach() for k, v in params.items()}, x, y)
 
+    def private_grads(
+        self, params: Tree, x: Tensor, y: Tensor, m: Tensor, clipping: SampleClipping, keys: tuple[int, np.ndarray],
+        step: int,
+    ) -> tuple[Tree, Tensor, Tensor]:  # fmt: skip
+        """DP-SGD's step gradients (:mod:`fedsim.engine.sample_clipping`), masked mean losses and clipped counts
+        of stacked ``params``; ``keys``: the round and the clients' ids (the noise's keys)."""
+        if self._linear_layers is not None:
+            return self._ghost_private_grads(params, x, y, m, clipping, keys, step)
+        g_s, losses = self._per_sample_grad_and_loss({k: v.detach() for k, v in params.items()}, x, y)
+        grads, clipped = clipping.gradient(g_s, m, keys[0], keys[1], step)
+        return grads, _masked_mean(losses.detach(), m), clipped
+
+    def _ghost_private_grads(
+        self, params: Tree, x: Tensor, y: Tensor, m: Tensor, clipping: SampleClipping, keys: tuple[int, np.ndarray],
+        step: int,
+    ) -> tuple[Tree, Tensor, Tensor]:  # fmt: skip
+        """:meth:`private_grads` of a ``Linear``-layer model without per-sample gradients (ghost clipping: see
+        :mod:`fedsim.engine.sample_clipping`)."""
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            logits, inputs, outputs = self._traced_forward(leaves, x)
+            c, b = y.shape
+            losses = self.loss_fn(logits.reshape(c * b, -1), y.reshape(-1)).reshape(c, b)
+            deltas = torch.autograd.grad((losses * m).sum(), outputs)
+        squares = 0
+        for (_, bias), a, d in zip(self._linear_layers, inputs, deltas, strict=True):
+            d_sq = d.pow(2).sum(-1)
+            squares = squares + a.detach().pow(2).sum(-1) * d_sq + (d_sq if bias else 0)
+        norms = squares.sqrt()
+        scale = clipping.scales(norms, m)
+        sums = {}
+        for (name, bias), a, d in zip(self._linear_layers, inputs, deltas, strict=True):
+            weighted = d * scale.unsqueeze(-1).to(d.dtype)
+            sums[f"{name}.weight"] = torch.bmm(weighted.transpose(1, 2), a.detach())
+            if bias:
+                sums[f"{name}.bias"] = weighted.sum(1)
+        grads = clipping.finish({k: sums[k] for k in params}, keys[0], keys[1], step)
+        return grads, _masked_mean(losses.detach(), m), clipping.clipped(norms, m)
+
     def _step_grads(
         self, params: Tree, x: Tensor, y: Tensor, m: Tensor, active: Tensor, everyone: bool,
         algorithm: ClientAlgorithm, recorder: _Recorder | None, k: int, origin: Tree,
+        clipping: SampleClipping | None = None, keys: tuple[int, np.ndarray] | None = None,
     ) -> tuple[Tree, Tensor, Tensor | None]:  # fmt: skip
         """Step gradients (``[C, ...]``, zero for inactive clients), losses and which clients take the step
         (``None``: the active ones), computed on the active clients only."""
@@ -235,7 +280,11 @@ class VectorizedTrainer:
         sub = params if rows is None else {key: v[rows] for key, v in params.items()}
         xs, ys, ms = pick(x), pick(y), pick(m)
         keep = None
-        if algorithm.microbatches > 1:
+        if clipping is not None:
+            ids = keys[1] if rows is None else keys[1][rows.cpu().numpy()]
+            grads, losses, clipped = self.private_grads(sub, xs, ys, ms, clipping, (keys[0], ids), k)
+            self.clipped += clipped if rows is None else _scatter_rows(rows, {"n": clipped}, num)["n"]
+        elif algorithm.microbatches > 1:
             g_mb, counts, losses = self.microbatch_grads(sub, xs, ys, ms, algorithm.microbatches)
             grads, keep = algorithm.combine_microbatches(g_mb, counts)
             if recorder is not None and recorder.spec.unit == "microbatch":
@@ -271,12 +320,17 @@ class VectorizedTrainer:
         client_state: Tree | None = None,
         start: Tree | None = None,
         opt_state: Tree | None = None,
+        clipping: SampleClipping | None = None,
+        keys: tuple[int, np.ndarray] | None = None,
+        planned: Tensor | None = None,
     ) -> ChunkResult:
         """Run local training for a chunk: ``sample_index[C, K, B]`` global sample ids, ``mask[C, K, B]``.
 
         Clients start from ``global_params`` (federated) or from their own stacked ``start`` parameters
         (decentralized nodes); ``deltas = start - final``. ``opt_state`` continues a previous call's local
-        optimizer state (returned in the result) instead of a fresh one.
+        optimizer state (returned in the result) instead of a fresh one. ``clipping``: DP-SGD steps with
+        noise keyed by ``keys = (round, client ids)``; a client takes each of its ``planned[c]`` steps even
+        when its Poisson batch is empty (the step's gradient is then noise only).
         """
         num_clients, num_steps_max, batch = sample_index.shape
         ctx = LocalContext(global_params, broadcast or {}, client_state or {}, lr)
@@ -285,6 +339,9 @@ class VectorizedTrainer:
         opt_state = {k: v.clone() for k, v in opt_state.items()} if opt_state is not None else optimizer.init(params)
         maskf = mask.to(next(iter(params.values())).dtype)
         step_active = mask.any(dim=2)  # [C, K]
+        if planned is not None:
+            step_active = torch.arange(num_steps_max, device=mask.device)[None, :] < planned[:, None]
+        self.clipped = torch.zeros(num_clients, dtype=torch.long, device=mask.device)
         all_active = step_active.all(dim=0).tolist()
         spec = algorithm.trajectory
         recorder = None
@@ -297,7 +354,18 @@ class VectorizedTrainer:
             idx = sample_index[:, k]
             active = step_active[:, k]
             grads, losses, keep = self._step_grads(
-                params, x[idx], y[idx], maskf[:, k], active, all_active[k], algorithm, recorder, k, origin
+                params,
+                x[idx],
+                y[idx],
+                maskf[:, k],
+                active,
+                all_active[k],
+                algorithm,
+                recorder,
+                k,
+                origin,
+                clipping,
+                keys,
             )
             everyone = all_active[k]
             if keep is not None:  # a filter rejected some clients' steps: they see a zero gradient, like masked ones
@@ -325,6 +393,8 @@ class VectorizedTrainer:
         trajectory = recorder.finish(origin) if recorder is not None else None
         deltas, stats = algorithm.regulate(deltas, trajectory, taken)
         train_loss = (loss_sum / batches.clamp_min(1)).float()
+        if clipping is not None:
+            stats = {**stats, "clipped_samples": self.clipped}
         return ChunkResult(deltas, taken, train_loss, extras, new_client_state, opt_state, stats)
 
 
@@ -353,10 +423,13 @@ def train_sequential(
     start: Tree | None = None,
     opt_state: Tree | None = None,
     loss_fn: LossFn = cross_entropy,
+    clipping: SampleClipping | None = None,
+    keys: tuple[int, np.ndarray] | None = None,
+    planned: Tensor | None = None,
 ) -> ChunkResult:
     """Reference path: every client trained alone, one after another, through the unbatched model
-    (same ``start``/``opt_state`` semantics as :meth:`VectorizedTrainer.train`); microbatch and per-sample
-    gradients are plain loops over slices and samples."""
+    (same ``start``/``opt_state``/``clipping`` semantics as :meth:`VectorizedTrainer.train`); microbatch and
+    per-sample gradients are plain loops over slices and samples."""
     results = []
     num_steps_max, batch = sample_index.shape[1], sample_index.shape[2]
     microbatches = algorithm.microbatches
@@ -372,9 +445,20 @@ def train_sequential(
             opt_state_c = optimizer.init(params)
         spec = algorithm.trajectory
         recorder = _Recorder(spec, params, num_steps_max, batch, lr) if spec is not None else None
-        loss_sum, steps, taken = 0.0, 0, 0
+        loss_sum, steps, taken, clipped = 0.0, 0, 0, 0
         for k in range(num_steps_max):
             m = mask[c, k].to(next(iter(params.values())).dtype)
+            if clipping is not None and k < int(planned[c]):
+                grads, loss, n_clipped = _sequential_private_grads(
+                    model, loss_fn, params, x[sample_index[c, k]], y[sample_index[c, k]], m, clipping,
+                    (keys[0], keys[1][c : c + 1]), k,
+                )  # fmt: skip
+                clipped += n_clipped
+                grads = algorithm.grad_transform(grads, params, ctx)
+                updates, opt_state_c = optimizer.update(grads, opt_state_c, params, lr)
+                params = algorithm.project(algorithm.after_step({n: p + updates[n] for n, p in params.items()}, ctx))
+                loss_sum, steps, taken = loss_sum + float(loss), steps + 1, taken + 1
+                continue
             if not bool(m.any()):
                 if recorder is not None:
                     recorder.after_step(k, params, torch.zeros(1, dtype=torch.bool))
@@ -416,6 +500,8 @@ def train_sequential(
         deltas, extras, new_state = algorithm.finish(deltas, steps_t, ctx)
         trajectory = recorder.finish(origin) if recorder is not None else None
         deltas, stats = algorithm.regulate(deltas, trajectory, steps_t)
+        if clipping is not None:
+            stats = {**stats, "clipped_samples": torch.tensor([clipped])}
         results.append((deltas, taken, loss_sum / max(steps, 1), extras, new_state, opt_state_c, stats))
     cat = lambda i: {k: torch.cat([r[i][k] for r in results]) for k in results[0][i]}  # noqa: E731
     return ChunkResult(
@@ -427,3 +513,25 @@ def train_sequential(
         cat(5),
         cat(6),
     )
+
+
+def _sequential_private_grads(
+    model, loss_fn, params: Tree, xb: Tensor, yb: Tensor, m: Tensor, clipping: SampleClipping,
+    keys: tuple[int, np.ndarray], step: int,
+) -> tuple[Tree, Tensor, int]:  # fmt: skip
+    """One client's DP-SGD step gradient by a loop over its valid samples (the reference of
+    :meth:`VectorizedTrainer.private_grads`): clip each sample's gradient, sum, add noise, divide."""
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    losses, clipped = [], 0
+    for s in m.nonzero().squeeze(1).tolist():
+        g, loss = _sequential_grads(model, loss_fn, params, xb[s : s + 1], yb[s : s + 1], m[s : s + 1])
+        norm = float(torch.stack([v.pow(2).sum() for v in g.values()]).sum().sqrt())
+        scale = min(1.0, clipping.clip / max(norm, 1e-12))
+        clipped += norm > clipping.clip
+        total = {n: total[n] + g[n] * scale for n in total}
+        losses.append(loss)
+    if clipping.noise_multiplier > 0:
+        noise = clipping.noise(total, keys[0], keys[1], step)
+        total = {n: v + noise[n] for n, v in total.items()}
+    loss = torch.stack(losses).mean() if losses else torch.zeros(())
+    return {n: v / clipping.expected_batch for n, v in total.items()}, loss, clipped

@@ -45,7 +45,9 @@ COMPONENT_KEYS: dict[str, str] = {
 """Config key -> component kind (``strategy`` is a ``decentralized`` strategy when a topology is given)."""
 
 RECORD_LEVEL_PRIVACY = ("dp-sgd",)
-"""Privacy components that clip and noise every local step (they draw Poisson batches)."""
+"""Privacy components that clip and noise every local step."""
+POISSON_BATCH_PRIVACY = ("dp-sgd", "dp-brem")
+"""Privacy components whose accountant needs Poisson batches (the ``poisson`` sampler is their default)."""
 DEFAULTS: dict[str, str | None] = {
     "dataset": "digits", "partition": "dirichlet", "model": "mlp", "strategy": None, "aggregator": "mean",
     "regulator": "none", "client_filter": "none", "availability": "always", "system": "uniform", "attack": "none",
@@ -170,7 +172,7 @@ class RunConfig(BaseModel):
         data = nest(data)
         if data.get("sampler") is None and data.get("privacy") is not None:
             privacy, _ = components.split_spec("privacy", data["privacy"])
-            if privacy in RECORD_LEVEL_PRIVACY:  # record-level DP draws Poisson batches unless told otherwise
+            if privacy in POISSON_BATCH_PRIVACY:  # record-level DP draws Poisson batches unless told otherwise
                 data["sampler"] = "poisson"
         for key, default in DEFAULTS.items():
             if data.get(key) is None:
@@ -300,6 +302,14 @@ class RunConfig(BaseModel):
         DP-SGD needs Poisson batches and clients whose local steps are plain (clipped, noised) gradient steps."""
         if self.privacy.name == DEFAULTS["privacy"] or self.topology:
             return
+        if self.privacy.name in POISSON_BATCH_PRIVACY and self.sampler.name != "poisson":
+            raise FedsimError(
+                f"privacy '{self.privacy.name}' accounts for Poisson-sampled records; use --sampler poisson "
+                f"(the default with it), not '{self.sampler.name}'"
+            )
+        if self.privacy.name == "dp-brem":
+            self._check_dp_brem()
+            return
         if self.privacy.name in RECORD_LEVEL_PRIVACY:
             if self.sampler.name != "poisson":
                 raise FedsimError(
@@ -328,6 +338,31 @@ class RunConfig(BaseModel):
         for bad, what in checks:
             if bad:
                 raise FedsimError(f"privacy '{self.privacy.name}' does not combine with {what} yet; drop it")
+
+    def _check_dp_brem(self) -> None:
+        """DP-BREM runs its own round: one clipped gradient per client, its own server momentum and step."""
+        plain = components.resolve_spec("optimizer", "sgd")
+        checks = (
+            (self.strategy.name != "fedavg", f"strategy '{self.strategy.name}' (its server step is DP-BREM's own)"),
+            (self.local_epochs is not None or self.local_steps != 1,
+             "local work other than --local-steps 1 (a client computes one gradient per round)"),
+            (self.optimizer != plain, f"optimizer '{self.optimizer.name}' with options (clients take no local step)"),
+            (self.lr_schedule.name != DEFAULTS["lr_schedule"],
+             f"lr_schedule '{self.lr_schedule.name}' (lr decays by privacy.lr_decay_final_ratio)"),
+            (self.aggregator.name != DEFAULTS["aggregator"], f"aggregator '{self.aggregator.name}'"),
+            (self.regulator.name != DEFAULTS["regulator"], f"regulator '{self.regulator.name}'"),
+            (self.client_filter.name != DEFAULTS["client_filter"], f"client_filter '{self.client_filter.name}'"),
+            (self.availability.name != DEFAULTS["availability"], f"availability '{self.availability.name}'"),
+            (self.round_policy.active or bool(self.system.get("availability")),
+             "deadline_s/over_selection/dropout/time_budget_s/system.availability"),
+            (self.min_clients != 1, "min_clients (clients are Poisson-sampled with rate fraction)"),
+            (self.executor.name != "local", f"--executor {self.executor.name}"),
+            (self.system.name != DEFAULTS["system"], f"system '{self.system.name}' (no virtual clock yet)"),
+            (self.sequential, "sequential"),
+        )  # fmt: skip
+        for bad, what in checks:
+            if bad:
+                raise FedsimError(f"privacy 'dp-brem' does not combine with {what}; drop it")
 
     def _check_flower(self) -> None:
         """``flwr:`` strategies aggregate themselves; the Flower backend runs federated fedsim strategies with

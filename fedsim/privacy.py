@@ -280,3 +280,5 @@ def _check(clip: float, noise_multiplier: float, delta: float) -> None:
 
 components.register("privacy", "dp-fedavg", DPFedAvg)
 components.register("privacy", "dp-sgd", DPSGD)
+
+from fedsim import dp_brem  # noqa: E402, F401  (registers dp-brem, which builds on this module)

@@ -253,6 +253,8 @@ class Simulation:
             down = self.model_bytes  # plus a broadcast, known per round
             check_reachable(self.policy, self.system.profiles(self.store.num_clients), down, self.upload_bytes)
         self.num_params = sum(v.numel() for v in self.init_params.values())
+        if hasattr(self.privacy, "attach"):  # DP-BREM: client and server momenta for this run
+            self.privacy.attach(self)
         self._sampler_report: dict[str, Any] | None = None
 
     @property
@@ -288,6 +290,8 @@ class Simulation:
         if step is not None:  # the asynchronous event loop: events until the next server step
             return step(self, round_, state)
         self._phases = None
+        if getattr(self.privacy, "owns_round", False):  # DP-BREM
+            return self.privacy.round(self, round_, state)
         if self.privacy is not None and not self.record_level:
             return self._private_round(round_, state)
         new_state, record = self._synchronous_round(round_, state)

@@ -360,6 +360,18 @@ CATALOG = {
             'accountant': (Literal['rdp', 'pld'], 'rdp'),
             'target_epsilon': (Annotated[float | None, Field(gt=0)], None),
         }),
+        'dp-brem': (False, {
+            'clip': (Annotated[float, Field(gt=0)], 5.0),
+            'record_clip': (Annotated[float, Field(gt=0)], 10.0),
+            'noise_multiplier': (Annotated[float, Field(ge=0)], 0.02),
+            'momentum': (Annotated[float, Field(ge=0, lt=1)], 0.9),
+            'clip_decay_final_ratio': (Annotated[float, Field(gt=0, le=1)], 0.3),
+            'lr_decay_final_ratio': (Annotated[float, Field(gt=0, le=1)], 0.1),
+            'secure_aggregation': (bool, False),
+            'delta': (Annotated[float, Field(gt=0, lt=1)], 1e-05),
+            'accountant': (Literal['rdp', 'pld'], 'rdp'),
+            'target_epsilon': (Annotated[float | None, Field(gt=0)], None),
+        }),
     },
     'problem': {
         'auc': (False, {

@@ -328,8 +328,15 @@ class RunConfig(BaseModel):
                     "time_budget_s yet; drop them"
                 )
             return
+        if self.aggregator.name != DEFAULTS["aggregator"]:
+            p = self.privacy
+            if p.get("mode") != "local" or p.get("local_noise") != "full" or p.get("weighting") != "uniform":
+                raise FedsimError(
+                    f"aggregator '{self.aggregator.name}' reads every client's update: with privacy "
+                    f"'{p.name}' each client must add all the noise itself (privacy.mode=local, "
+                    "privacy.local_noise=full, privacy.weighting=uniform)"
+                )
         checks = (
-            (self.aggregator.name != DEFAULTS["aggregator"], f"aggregator '{self.aggregator.name}'"),
             (self.availability.name != DEFAULTS["availability"], f"availability '{self.availability.name}'"),
             (self.round_policy.active or bool(self.system.get("availability")),
              "deadline_s/over_selection/dropout/time_budget_s/system.availability"),

@@ -128,8 +128,8 @@ class DPBREM:
     def state_dict(self) -> dict[str, Tensor]:
         return {"client_momentum": self.client_momentum.clone(), "server_momentum": self.server_momentum.clone()}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        momenta = state.get("client_momentum")
+    def load_state_dict(self, state: dict[str, Tensor] | None) -> None:
+        momenta = (state or {}).get("client_momentum")
         if momenta is None or momenta.shape != self.client_momentum.shape:
             raise FedsimError("checkpoint has no dp-brem momenta for this run's clients and model")
         self.client_momentum = momenta.clone()

@@ -43,6 +43,7 @@ from fedsim.engine.sample_clipping import SampleClipping
 
 STREAM_POISSON = 12
 STREAM_DP_NOISE = 13
+STREAM_DP_COUNT = 17
 
 
 @cache
@@ -126,10 +127,74 @@ class DPFedAvg:
         weighting: Annotated[Literal["uniform", "samples"], option("client weights w_k: 1, or sample counts")] = (
             "uniform"
         ),
-    ) -> None:
+        local_noise: Annotated[Literal["share", "full"], option(
+            "mode local: each client adds 1/(qN) of the noise (private in the sum), or all of it (robust aggregators)"
+        )] = "share",
+        target_quantile: Annotated[float | None, option(
+            "adaptive clipping: the share of unclipped clients C tracks (None: fixed C)", gt=0, lt=1
+        )] = None,
+        clip_lr: Annotated[float, option("adaptive clipping: geometric learning rate eta_C", gt=0)] = 0.2,
+        count_noise: Annotated[float | None, option(
+            "adaptive clipping: std sigma_b of the noise on the unclipped count (None: q N / 20)", gt=0
+        )] = None,
+    ) -> None:  # fmt: skip
         _check(clip, noise_multiplier, delta)
         self.clip, self.noise_multiplier, self.delta = float(clip), float(noise_multiplier), float(delta)
         self.mode, self.accountant, self.target_epsilon, self.weighting = mode, accountant, target_epsilon, weighting
+        self.local_noise = local_noise
+        if local_noise == "full" and mode != "local":
+            raise FedsimError("privacy local_noise applies to mode local; set privacy.mode=local or drop it")
+        self.target_quantile, self.clip_lr, self.count_noise = target_quantile, float(clip_lr), count_noise
+        if target_quantile is None and count_noise is not None:
+            raise FedsimError("privacy count_noise applies to adaptive clipping; set privacy.target_quantile")
+        if target_quantile is not None and math.isinf(clip):
+            raise FedsimError("adaptive clipping starts from a finite privacy clip")
+        self.initial_clip = self.clip
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target_quantile is not None
+
+    def count_std(self, q: float, num_clients: int) -> float:
+        """``sigma_b``: the option, or ``q N / 20`` (Andrew et al.'s suggestion for the expected clients)."""
+        return self.count_noise if self.count_noise is not None else q * num_clients / 20
+
+    def update_noise_multiplier(self, q: float, num_clients: int) -> float:
+        """The noise multiplier of the update: ``z``, or with adaptive clipping ``z_Delta = (z^-2 - (2
+        sigma_b)^-2)^(-1/2)`` so that the update and the count together spend what ``z`` alone would
+        (Andrew et al. 2021, Theorem 1)."""
+        z = self.noise_multiplier
+        if not self.adaptive or z == 0:
+            return z
+        rest = z**-2 - (2 * self.count_std(q, num_clients)) ** -2
+        if rest <= 0:
+            raise FedsimError(
+                f"adaptive clipping: count_noise {self.count_std(q, num_clients):g} is too small for noise_multiplier "
+                f"{z:g} (needs 2 sigma_b > 1/z); raise privacy.count_noise"
+            )
+        return rest**-0.5
+
+    def adapt(self, q: float, num_clients: int, seed: int, round_: int) -> None:
+        """``C <- C exp(-eta_C (b - gamma))`` with ``b = (sum_k 1[||Delta_k|| <= C] + N(0, sigma_b^2)) / (q N)``,
+        the noised share of the round's clients that were not clipped (none sampled: ``b`` is the noise)."""
+        if not self.adaptive:
+            return
+        unclipped = getattr(self, "_seen", 0) - getattr(self, "_clipped", 0)
+        generator = torch.Generator().manual_seed(rng.seed_for(seed, STREAM_DP_COUNT, round_))
+        noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * self.count_std(q, num_clients)
+        share = (unclipped + noise) / (q * num_clients)
+        self.clip = self.clip * math.exp(-self.clip_lr * (share - self.target_quantile))
+        self._clipped = self._seen = 0
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"clip": torch.tensor(self.clip, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, Tensor] | None) -> None:
+        if state is None or "clip" not in state:
+            if self.adaptive:
+                raise FedsimError("checkpoint has no adaptive clipping norm for privacy 'dp-fedavg'")
+            return
+        self.clip = float(state["clip"])
 
     def epsilon(self, q: float, rounds: int) -> float | None:
         """Epsilon after ``rounds`` rounds (None without noise: no privacy)."""
@@ -157,13 +222,14 @@ class DPFedAvg:
 
     def mean(
         self, updates, total_weight: float, max_weight: float, num_clients: int, q: float, seed: int, round_: int,
-        template: Tree, reduction: Reduction | None = None,
+        template: Tree, reduction: Reduction | None = None, aggregator=None,
     ) -> Tree:  # fmt: skip
         """The private mean update of the sampled clients' ``updates`` (None: nobody sampled), ``W =
         total_weight``, ``w_max = max_weight``. ``reduction``: the :meth:`clip_reduction` the executor folded
         (central mode); its clipped mean times ``sum_{k in S} w_k / (q W)`` is the clipped sum over ``q W``,
-        so without clipping or noise the result has FedAvg's bits."""
-        sigma = self.noise_multiplier * self.clip * max_weight
+        so without clipping or noise the result has FedAvg's bits. ``aggregator``: a robust aggregator
+        (``local_noise: full``) combines the clipped, noised updates instead of the sum over ``q W``."""
+        sigma = self.update_noise_multiplier(q, num_clients) * self.clip * max_weight
         generator = torch.Generator(device="cpu").manual_seed(rng.seed_for(seed, STREAM_DP_NOISE, round_))
         flat_template = flatten(template, stacked=False)
         if updates is None:
@@ -174,10 +240,16 @@ class DPFedAvg:
             scale = self.clip_scale(flat)
             weights = updates.num_samples.double() if self.weighting == "samples" else torch.ones_like(scale)
             noisy = flat * (scale * weights.to(flat.device)).unsqueeze(1)
+            share = 1.0 if self.local_noise == "full" else 1.0 / math.sqrt(q * num_clients)
             if sigma > 0:
                 draw = torch.randn(noisy.shape, generator=generator, dtype=torch.float64)
-                noisy = noisy + sigma / math.sqrt(q * num_clients) * draw.to(flat.device)
-            mean = (noisy.sum(0) / (q * total_weight)).to(flat_template.dtype)
+                noisy = noisy + sigma * share * draw.to(flat.device)
+            if aggregator is not None:
+                ones = torch.full((len(noisy),), 1.0 / len(noisy), dtype=torch.float64, device=noisy.device)
+                combined = aggregator(unflatten(noisy.to(flat_template.dtype), updates.deltas), ones.float())
+                mean = flatten(combined, stacked=False)
+            else:
+                mean = (noisy.sum(0) / (q * total_weight)).to(flat_template.dtype)
         else:
             part = flatten(updates.mean("mean", reduction), stacked=False)
             weights = updates.num_samples.double() if self.weighting == "samples" else None
@@ -263,8 +335,8 @@ class DPSGD:
     def state_dict(self) -> dict[str, Tensor]:
         return {"steps": torch.as_tensor(self.steps)}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if "steps" not in state or len(state["steps"]) != len(self.steps):
+    def load_state_dict(self, state: dict[str, Tensor] | None) -> None:
+        if state is None or "steps" not in state or len(state["steps"]) != len(self.steps):
             raise FedsimError("checkpoint has no dp-sgd accountant state for this run's clients")
         self.steps = state["steps"].numpy().astype(np.int64).copy()
 
@@ -280,5 +352,3 @@ def _check(clip: float, noise_multiplier: float, delta: float) -> None:
 
 components.register("privacy", "dp-fedavg", DPFedAvg)
 components.register("privacy", "dp-sgd", DPSGD)
-
-from fedsim import dp_brem  # noqa: E402, F401  (registers dp-brem, which builds on this module)

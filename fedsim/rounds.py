@@ -364,7 +364,11 @@ class Simulation:
                 record["byzantine"] = int(self.byzantine[ids].sum())
             if attacked:
                 updates = self.attacked(round_, updates)
-        mean = privacy.mean(updates, total, largest, n, q, c.seed, round_, state.params, reduction)
+        aggregator = self.strategy.aggregator
+        mean = privacy.mean(updates, total, largest, n, q, c.seed, round_, state.params, reduction, aggregator)
+        clipped_fraction = privacy.clipped_fraction() if updates is not None else None
+        clip = privacy.clip
+        privacy.adapt(q, n, c.seed, round_)
         new = self.strategy.server_update(round_, state, mean)
         step = {k: new.params[k] - state.params[k] for k in new.params}
         record.update({
@@ -374,8 +378,9 @@ class Simulation:
             "bytes_up": len(ids) * self.model_bytes,
             "bytes_down": len(ids) * self.model_bytes,
             "round_time_s": 0.0 if updates is None else self.round_time(round_, plan, updates),
-            "clipped_fraction": privacy.clipped_fraction() if updates is not None else None,
+            "clipped_fraction": clipped_fraction,
             "epsilon": privacy.epsilon(q, round_),
+            **({"clip": clip} if privacy.adaptive else {}),
         })  # fmt: skip
         return new, record
 
@@ -502,9 +507,7 @@ class Simulation:
                 raise FedsimError("checkpoint has no asynchronous event-loop state (in-flight clients, clock)")
             self.mode.load_state_dict(payload["event_loop"], self.device)
         if hasattr(self.privacy, "load_state_dict"):
-            if "privacy" not in payload:
-                raise FedsimError(f"checkpoint has no accountant state for privacy '{self.privacy.name}'")
-            self.privacy.load_state_dict(payload["privacy"])
+            self.privacy.load_state_dict(payload.get("privacy"))
         return int(payload["round"]), state
 
     def _check_checkpoint(self, payload: Any) -> None:

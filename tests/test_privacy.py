@@ -133,7 +133,10 @@ def test_fedsim_privacy_prints_epsilon_or_the_noise(cli):
         (["--set", "privacy.noise_multiplier=-1"], "noise_multiplier"),
         (["--set", "privacy.clip=0"], "clip"),
         (["--set", "privacy.delta=1"], "delta"),
-        (["--aggregator", "median"], "does not combine with aggregator 'median'"),
+        (["--aggregator", "median"], "privacy.mode=local, privacy.local_noise=full"),
+        (["--set", "privacy.local_noise=full"], "local_noise applies to mode local"),
+        (["--set", "privacy.count_noise=2"], "count_noise applies to adaptive clipping"),
+        (["--set", "privacy.target_quantile=0.5", "--set", "privacy.count_noise=0.1"], "count_noise 0.1 is too small"),
         (["--strategy", "scaffold"], "replaces the strategy's one weighted mean"),
         (["--strategy", "fedbuff"], "is asynchronous"),
         (["--backend", "flower"], "--backend flower runs federated fedsim strategies"),
@@ -163,3 +166,67 @@ def test_attacks_reach_private_rounds(tmp_path):
     assert all("byzantine" in r for r in rows if r["clients"]) and any(r["byzantine"] for r in rows)
     assert summary["final_test_accuracy"] != clean["final_test_accuracy"]
     assert rows[-1]["honest_accuracy"] == rows[-1]["test_accuracy"]
+
+
+def test_adaptive_clipping_tracks_the_quantile_with_a_noised_count():
+    """C_{t+1} = C_t exp(-eta_C (b_t - gamma)), b_t = (unclipped + N(0, sigma_b^2)) / (q N); the update's noise
+    multiplier is z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)."""
+    from fedsim.core import rng
+    from fedsim.privacy import STREAM_DP_COUNT
+
+    dp = {"name": "dp-fedavg", "clip": 0.01, "noise_multiplier": 1.0, "target_quantile": 0.5, "clip_lr": 0.3,
+          "count_noise": 1.0}  # fmt: skip
+    rows = [row for _, row in run_states({**SMALL, "rounds": 4, "privacy": dp}, 4)[0]]
+    clip = 0.01
+    for r, row in enumerate(rows, start=1):
+        assert row["clip"] == pytest.approx(clip, rel=1e-12)
+        unclipped = row["clients"] * (1 - row["clipped_fraction"])
+        generator = torch.Generator().manual_seed(rng.seed_for(SMALL["seed"], STREAM_DP_COUNT, r))
+        noise = float(torch.randn((), generator=generator, dtype=torch.float64))
+        clip *= math.exp(-0.3 * ((unclipped + noise) / 8 - 0.5))
+    assert rows[-1]["clip"] > rows[0]["clip"]  # every update was clipped at first: C grows
+    from fedsim.privacy import DPFedAvg
+
+    z = DPFedAvg(noise_multiplier=1.0, target_quantile=0.5, count_noise=1.0).update_noise_multiplier(1.0, 8)
+    assert z == pytest.approx((1.0 - 0.25) ** -0.5)
+
+
+def test_adaptive_clipping_resumes_exactly(tmp_path, cli):
+    flags = ["--clients", "8", "--local-steps", "2", "--fraction", "0.5", "--privacy", "dp-fedavg",
+             "--set", "privacy.target_quantile=0.5", "--set", "privacy.count_noise=2", "--quiet", "--no-plots",
+             "--checkpoint-every", "2"]  # fmt: skip
+    assert cli(["simulate", *flags, "--rounds", "5", "--out", str(tmp_path / "full")])[0] == 0
+    assert cli(["simulate", *flags, "--rounds", "2", "--out", str(tmp_path / "part")])[0] == 0
+    assert cli(["simulate", "--resume", str(tmp_path / "part"), "--rounds", "5", "--quiet", "--no-plots"])[0] == 0
+    full = metrics(tmp_path / "full")
+    assert len({r["clip"] for r in full}) == 5
+    for a, b in zip(full, metrics(tmp_path / "part"), strict=True):
+        a.pop("time_s"), b.pop("time_s")
+        assert a == b
+
+
+def test_robust_aggregators_combine_locally_noised_updates():
+    """With every client adding the whole noise, a robust aggregator sees each clipped, noised update: without
+    clipping or noise DP-FedAvg + median is the median run; with noise it is the median of noised updates."""
+    local = {"name": "dp-fedavg", "mode": "local", "local_noise": "full", "clip": math.inf, "noise_multiplier": 0.0}
+    private, _ = run_states({**SMALL, "aggregator": "median", "privacy": local}, 2)
+    plain, _ = run_states({**SMALL, "aggregator": "median"}, 2)
+    for (a, _), (b, _) in zip(private, plain, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-7, rtol=0)
+    noisy = {**local, "clip": 0.05, "noise_multiplier": 0.5}
+    [(params, row)], sim = run_states({**SMALL, "rounds": 1, "aggregator": "median", "privacy": noisy}, 1)
+    w0 = sim.init_params
+    ids = np.arange(8)
+    updates = sim.executor.train(Plan(ids), w0, 1, sim.lr(1))
+    flat = torch.cat([updates.deltas[k].reshape(8, -1) for k in updates.deltas], 1).double()
+    clipped = torch.stack([d * min(1.0, 0.05 / float(d.norm())) for d in flat])
+    from fedsim.core import rng
+    from fedsim.privacy import STREAM_DP_NOISE
+
+    generator = torch.Generator().manual_seed(rng.seed_for(SMALL["seed"], STREAM_DP_NOISE, 1))
+    noised = clipped + 0.5 * 0.05 * torch.randn(clipped.shape, generator=generator, dtype=torch.float64)
+    middle = noised.float().sort(dim=0).values[3:5].mean(dim=0)  # the median of 8: the mean of the middle two
+    expected = torch.cat([w0[k].reshape(-1) for k in w0]).double() - middle.double()
+    got = torch.cat([params[k].reshape(-1) for k in params]).double()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

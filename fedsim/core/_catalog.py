@@ -352,6 +352,10 @@ CATALOG = {
             'accountant': (Literal['rdp', 'pld'], 'rdp'),
             'target_epsilon': (Annotated[float | None, Field(gt=0)], None),
             'weighting': (Literal['uniform', 'samples'], 'uniform'),
+            'local_noise': (Literal['share', 'full'], 'share'),
+            'target_quantile': (Annotated[float | None, Field(gt=0, lt=1)], None),
+            'clip_lr': (Annotated[float, Field(gt=0)], 0.2),
+            'count_noise': (Annotated[float | None, Field(gt=0)], None),
         }),
         'dp-sgd': (False, {
             'clip': (Annotated[float, Field(gt=0)], 1.0),

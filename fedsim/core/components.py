@@ -563,7 +563,7 @@ for _kind in (
     Kind("attack", "attack", "Byzantine clients: a data attack or an (omniscient) model attack on their uploads",
          "fedsim.attacks", required=("malicious", "poison_samples"), none="none"),
     Kind("privacy", "privacy", "differential privacy of the clients' updates or records, with its accountant",
-         "fedsim.privacy", required=("record_level",), none="none"),
+         ("fedsim.privacy", "fedsim.dp_brem"), required=("record_level",), none="none"),
     Kind("problem", "problem", "min-max problem of the decentralized SGDA strategies", "fedsim.minimax",
          required=("loss", "wrap")),
     Kind("executor", "executor", "where client training runs", "fedsim.engine.executors",

@@ -13,13 +13,10 @@ cost per client update.
 from __future__ import annotations
 
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from fedsim.benchmarks.versus_flower import _timed_process, cli_flags
+from fedsim.benchmarks.versus_flower import median_processes
 from fedsim.core.errors import FedsimError
 from fedsim.simulation import simulate
 
@@ -66,14 +63,8 @@ def bench_async(
         result[f"{name}_s_per_update"] = result[f"{name}_call_s"] / updates
     result["ratio_call"] = result["fedbuff_call_s"] / result["fedavg_call_s"]
     if processes:
-        walls: dict[str, list[float]] = {name: [] for name in configs}
-        with tempfile.TemporaryDirectory() as folder:
-            for i in range(repeats):
-                for name, config in configs.items():
-                    argv = [sys.executable, "-m", "fedsim.cli", "simulate", *cli_flags(config), "--quiet",
-                            "--no-plots", "--out", str(Path(folder) / f"{name}-{i}")]  # fmt: skip
-                    walls[name].append(_timed_process(argv)[0])
+        walls = median_processes(configs, repeats)
         for name in configs:
-            result[f"{name}_process_s"] = statistics.median(walls[name])
+            result[f"{name}_process_s"] = walls[name]
         result["ratio_process"] = result["fedbuff_process_s"] / result["fedavg_process_s"]
     return result

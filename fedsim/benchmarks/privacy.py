@@ -16,13 +16,10 @@ whole ``fedsim simulate --no-plots`` processes.
 from __future__ import annotations
 
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from fedsim.benchmarks.versus_flower import _timed_process, cli_flags
+from fedsim.benchmarks.versus_flower import median_processes
 from fedsim.simulation import simulate
 
 
@@ -64,15 +61,9 @@ def bench_privacy(clients: int = 100, rounds: int = 5, repeats: int = 3, process
     for private, plain in PAIRS.items():
         result[f"{private}_ratio_call"] = result[f"{private}_call_s"] / result[f"{plain}_call_s"]
     if processes:
-        walls: dict[str, list[float]] = {name: [] for name in configs}
-        with tempfile.TemporaryDirectory() as folder:
-            for i in range(repeats):
-                for name, config in configs.items():
-                    argv = [sys.executable, "-m", "fedsim.cli", "simulate", *cli_flags(config), "--quiet",
-                            "--no-plots", "--out", str(Path(folder) / f"{name}-{i}")]  # fmt: skip
-                    walls[name].append(_timed_process(argv)[0])
+        walls = median_processes(configs, repeats)
         for name in configs:
-            result[f"{name}_process_s"] = statistics.median(walls[name])
+            result[f"{name}_process_s"] = walls[name]
         for private, plain in PAIRS.items():
             result[f"{private}_ratio_process"] = result[f"{private}_process_s"] / result[f"{plain}_process_s"]
     return result

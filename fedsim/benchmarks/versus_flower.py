@@ -63,6 +63,19 @@ def _timed_process(argv: list[str]) -> tuple[float, str]:
     return wall, done.stdout
 
 
+def median_processes(configs: dict[str, dict[str, Any]], repeats: int) -> dict[str, float]:
+    """Median wall seconds of whole ``fedsim simulate --quiet --no-plots`` processes of each config, the
+    configs alternating in every repeat (so all see the same machine)."""
+    walls: dict[str, list[float]] = {name: [] for name in configs}
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(repeats):
+            for name, config in configs.items():
+                argv = [sys.executable, "-m", "fedsim.cli", "simulate", *cli_flags(config), "--quiet", "--no-plots",
+                        "--out", str(Path(folder) / f"{name}-{i}")]  # fmt: skip
+                walls[name].append(_timed_process(argv)[0])
+    return {name: statistics.median(values) for name, values in walls.items()}
+
+
 def bench_flower(repeats: int = 3, flower: bool = True, cpus_per_client: float = 1.0,
                  workload: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Both ratios (Flower's time over fedsim's) on ``workload`` (default :data:`WORKLOAD`). ``flower=False``

@@ -91,6 +91,11 @@ def test_epsilon_is_dp_accounting_directly():
     direct = pld.PLDAccountant()
     direct.compose(event, 40)
     assert epsilon(0.05, 1.1, 40, 1e-5, "pld") == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
+    from opacus.accountants import RDPAccountant
+
+    opacus = RDPAccountant()
+    opacus.history = [(1.1, 0.05, 40)]  # (noise multiplier, sample rate, steps)
+    assert epsilon(0.05, 1.1, 40, 1e-5) == pytest.approx(opacus.get_epsilon(1e-5), rel=0.05)  # its coarser orders
     z = noise_for(4.0, 0.05, 40, 1e-5)
     assert epsilon(0.05, z, 40, 1e-5) <= 4.0 < epsilon(0.05, z * 0.999, 40, 1e-5)
 

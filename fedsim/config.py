@@ -311,11 +311,6 @@ class RunConfig(BaseModel):
             self._check_dp_brem()
             return
         if self.privacy.name in RECORD_LEVEL_PRIVACY:
-            if self.sampler.name != "poisson":
-                raise FedsimError(
-                    f"privacy '{self.privacy.name}' accounts for Poisson-sampled records; use --sampler poisson "
-                    f"(the default with it), not '{self.sampler.name}'"
-                )
             for name in ("regulator", "client_filter"):
                 if getattr(self, name).name != DEFAULTS[name]:
                     raise FedsimError(

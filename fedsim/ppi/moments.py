@@ -1,0 +1,138 @@
+"""Per-client summaries that pool exactly: counts, means and centered scatter (the parallel-variance formula),
+PPI++'s power-tuning parameter from pooled summaries, and normal intervals and p-values.
+
+Pooling (Chan, Golub and LeVeque 1979; the formula of the Fed-PPI paper, applied to all parts at once):
+``n = sum n_i``, ``m = sum n_i m_i / n``, ``S = sum S_i + sum n_i (m_i - m)(m_i - m)^T``, so that
+``S / (n - ddof)`` is the covariance of the concatenated data. Pairwise this is
+``v = (n1 v1 + n2 v2 + n1 n2 (m1 - m2)^2 / (n1 + n2)) / (n1 + n2)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+from fedsim.core.errors import FedsimError
+
+
+@dataclass(frozen=True)
+class Moments:
+    """``count`` rows with mean ``mean`` (d,) and centered scatter ``scatter``: (d, d), or (d,) when
+    ``diagonal`` (per-coordinate sums of squares only, for wide vectors such as a CDF on a grid)."""
+
+    count: int
+    mean: np.ndarray
+    scatter: np.ndarray
+    diagonal: bool = False
+
+    @classmethod
+    def of(cls, values: np.ndarray, diagonal: bool = False) -> Moments:
+        """The moments of the rows of ``values`` (n, d)."""
+        values = np.asarray(values, dtype=np.float64)
+        mean = values.mean(axis=0)
+        centered = values - mean
+        scatter = (centered * centered).sum(axis=0) if diagonal else centered.T @ centered
+        return cls(len(values), mean, scatter, diagonal)
+
+    @classmethod
+    def from_mean_and_variance(cls, count: int, mean: np.ndarray, variance: np.ndarray) -> Moments:
+        """Diagonal moments from a mean and a (ddof 0) variance per coordinate."""
+        return cls(int(count), np.asarray(mean, dtype=np.float64), count * np.asarray(variance, np.float64), True)
+
+    def covariance(self, ddof: int = 0) -> np.ndarray:
+        """``scatter / (count - ddof)``: the covariance (or the variances, when diagonal)."""
+        return self.scatter / (self.count - ddof)
+
+    def variance(self, ddof: int = 0) -> np.ndarray:
+        """Per-coordinate variances."""
+        cov = self.covariance(ddof)
+        return cov if self.diagonal else np.diag(cov).copy()
+
+    @property
+    def size(self) -> int:
+        """Numbers carried (what a client sends)."""
+        return int(self.mean.size + self.scatter.size + 1)
+
+
+def pool(parts: Sequence[Moments]) -> Moments:
+    """The moments of the concatenation of the parts' rows, from the parts' moments alone."""
+    parts = [p for p in parts if p.count > 0]
+    if not parts:
+        raise FedsimError("nothing to pool: every part is empty")
+    diagonal = parts[0].diagonal
+    count = sum(p.count for p in parts)
+    mean = sum(p.count * p.mean for p in parts) / count
+    scatter = sum(p.scatter for p in parts)
+    for p in parts:
+        gap = p.mean - mean
+        scatter = scatter + p.count * (gap * gap if diagonal else np.outer(gap, gap))
+    return Moments(count, mean, scatter, diagonal)
+
+
+def weighted_covariance(parts: Sequence[Moments], weights: np.ndarray, ddof: int = 0) -> np.ndarray:
+    """``sum_i p_i S_i / n_i``, rescaled by ``n / (n - ddof)`` (n = sum n_i): the clients' own (within)
+    covariances averaged by the weights p_i, with no between-client term. One part gives its covariance
+    with ``ddof``."""
+    count = sum(p.count for p in parts)
+    within = sum(w * p.scatter / p.count for w, p in zip(weights, parts, strict=True))
+    return within * count / (count - ddof)
+
+
+@dataclass(frozen=True)
+class TuningMoments:
+    """What power tuning needs from one client at the current point estimate: the joint moments of the
+    labelled gradients ``[g, g_hat]`` (2d) and the moments of the unlabelled ``g_hat``."""
+
+    labelled: Moments
+    unlabelled: Moments
+
+    @classmethod
+    def of(cls, grads: np.ndarray, grads_hat: np.ndarray, grads_hat_unlabelled: np.ndarray) -> TuningMoments:
+        return cls(Moments.of(np.concatenate([grads, grads_hat], axis=1)), Moments.of(grads_hat_unlabelled))
+
+
+def tuned_lam(parts: Sequence[TuningMoments], inv_hessian: np.ndarray) -> float:
+    """PPI++'s power-tuning parameter (Angelopoulos, Duchi and Zrnic 2023, ppi_py's ``_calc_lam_glm``,
+    clipped to [0, 1]) from pooled moments:
+
+    ``lam = tr(H^-1 (C + C^T) H^-1) / (2 (1 + n/N) tr(H^-1 V H^-1))``, with C the (ddof 0) cross-covariance
+    of g and g_hat on the labelled rows and V the (ddof 1) covariance of g_hat on all rows. When V is zero
+    (constant predictions) lam is 0: the predictions carry no information.
+    """
+    labelled = pool([p.labelled for p in parts])
+    unlabelled = pool([p.unlabelled for p in parts])
+    d = inv_hessian.shape[0]
+    n, big_n = labelled.count, unlabelled.count
+    cross = labelled.scatter[:d, d:] / n
+    hat_only = Moments(n, labelled.mean[d:], labelled.scatter[d:, d:])
+    v = pool([hat_only, unlabelled]).covariance(ddof=1)
+    num = np.trace(inv_hessian @ (cross + cross.T) @ inv_hessian)
+    denom = 2 * (1 + n / big_n) * np.trace(inv_hessian @ v @ inv_hessian)
+    if not denom > 0:
+        return 0.0
+    return float(np.clip(num / denom, 0.0, 1.0))
+
+
+def z_value(alpha: float) -> float:
+    """``z_{1 - alpha/2}``."""
+    return float(ndtri(1 - alpha / 2))
+
+
+def normal_interval(center: np.ndarray, std: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """``center -+ z_{1-alpha/2} std``."""
+    z = z_value(alpha)
+    return center - z * std, center + z * std
+
+
+def two_sided_p_value(estimate: np.ndarray, std: np.ndarray, null: float) -> np.ndarray:
+    """``2 (1 - Phi(|estimate - null| / std))``, std floored at 1e-16 (as ppi_py's rectified p-value)."""
+    return 2 * ndtr(-np.abs(estimate - null) / np.maximum(std, 1e-16))
+
+
+def check_alpha(alpha: float) -> float:
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise FedsimError(f"alpha must be in (0, 1), got {alpha!r}")
+    return float(alpha)

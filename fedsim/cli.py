@@ -1,4 +1,4 @@
-"""The ``fedsim`` command line: simulate, plot, list, bench.
+"""The ``fedsim`` command line: simulate, plot, list, bench, privacy, ppi.
 
 Bad input (unknown names, out-of-range values, missing files) ends with a one-line ``error:`` message and
 exit code 2; a diverging run ends with exit code 3 after keeping everything it wrote.
@@ -400,6 +400,54 @@ def privacy_cmd(
     z = noise_for(target_epsilon, q, rounds, delta, accountant)
     typer.echo(f"noise multiplier {z:.6g} reaches epsilon {target_epsilon:g} at delta {delta:g} "
                f"(q {q:g}, {rounds} rounds, {accountant})")  # fmt: skip
+
+
+@app.command("ppi")
+def ppi_cmd(
+    run: Annotated[Path, Opt("--run", help="Results folder of fedsim simulate (config.yaml, checkpoint.pt).")],
+    estimand: Annotated[str, Opt(help="mean (class prevalences), quantile (of the label), ols or logistic.")] = "mean",
+    labelled_fraction: Annotated[float, Opt(help="Fraction of each client's labels kept; the rest are hidden.")] = 0.05,
+    alpha: Annotated[float, Opt(help="Error level: 1 - alpha intervals.")] = 0.1,
+    target_class: Annotated[
+        int | None, Opt("--class", help="Class K: estimate for 1{y = K} (needed by ols, logistic).")
+    ] = None,
+    prediction: Annotated[str, Opt(help="Yhat: score (predicted probabilities) or label (predicted class).")] = "score",
+    q: Annotated[float | None, Opt("--q", help="Quantile level for --estimand quantile [default: 0.5].")] = None,
+    features: Annotated[
+        str | None, Opt(help="Comma-separated input indices used as covariates (ols, logistic).")
+    ] = None,
+    lam_mode: Annotated[
+        str | None, Opt(help="Fed-PPI power tuning: client (default) or global (one more round).")
+    ] = None,
+    seed: Annotated[int | None, Opt(help="Seed of the labelled draw [default: the run's seed].")] = None,
+    out: Annotated[Path | None, Opt(help="Folder for ppi.json and ppi.png [default: the run folder].")] = None,
+    overwrite: Annotated[bool, Opt(help="Replace an existing ppi.json / ppi.png.")] = False,
+) -> None:
+    """Fed-PPI on a trained run: intervals from a few labels per client plus the model's predictions."""
+    from fedsim.ppi.run import federated_ppi, write_report
+
+    try:
+        indices = [int(f) for f in features.split(",") if f.strip()] if features else None
+    except ValueError:
+        raise FedsimError(f"--features must be comma-separated integers, got {features!r}") from None
+    target = out or run
+    for name in ("ppi.json", "ppi.png"):  # before any work: nothing already written is replaced
+        if (target / name).exists() and not overwrite:
+            raise FedsimError(f"{target / name} exists; pass --overwrite to replace it, or --out DIR")
+    result = federated_ppi(run, estimand, labelled_fraction, alpha, seed=seed, target_class=target_class,
+                           prediction=prediction, q=q, features=indices, lam_mode=lam_mode)  # fmt: skip
+    json_path, png_path = write_report(result, target, overwrite=overwrite)
+    typer.echo(f"{result['estimand']}: {result['labelled']} labelled, {result['unlabelled']} unlabelled, "
+               f"{result['clients']} clients, {1 - alpha:.0%} intervals")  # fmt: skip
+    for j, name in enumerate(result["coordinates"]):
+        cells = []
+        for method, row in result["methods"].items():
+            cells.append(f"{method} [{row['lower'][j]:.4g}, {row['upper'][j]:.4g}] width {row['width'][j]:.3g}")
+        typer.echo(f"  {name} (truth {result['truth'][j]:.4g}): " + "; ".join(cells))
+    ratio = result["width_ratio"]
+    typer.echo(f"median width: fed_ppi / classical {ratio['classical']:.3f}, "
+               f"fed_ppi / centralized {ratio['centralized']:.3f}")  # fmt: skip
+    typer.echo(f"wrote {json_path} and {png_path}")
 
 
 @app.command("list")

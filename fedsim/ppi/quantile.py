@@ -138,7 +138,12 @@ def fed_ppi_quantile_ci(
     data = _checked(clients, q, method, grid_size)
     if method == "centralized":
         whole = pooled(data)
-        lower, upper = ppi_py().ppi_quantile_ci(whole.y[:, 0], whole.yhat[:, 0], whole.yhat_unlabeled[:, 0], q, alpha)
+        try:
+            lower, upper = ppi_py().ppi_quantile_ci(
+                whole.y[:, 0], whole.yhat[:, 0], whole.yhat_unlabeled[:, 0], q, alpha
+            )
+        except IndexError:  # no grid point has p > alpha (discrete data): the one-client rule on the pooled data
+            _, lower, upper = quantile_server(*_federated([whole], False, grid_size), q, alpha)
         return float(lower), float(upper)
     if method == "per_client":
         rows = [quantile_server(*_federated([c], False, grid_size), q, alpha)[1:] for c in data]

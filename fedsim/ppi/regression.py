@@ -28,6 +28,7 @@ inverse Hessians; their clients use the pooled unlabelled predictions; they pool
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -292,8 +293,10 @@ def _centralized(family: Family, data: Sequence[ClientData], name: str, lam: flo
     whole = pooled(data)
     extra = {"optimizer_options": dict(CENTRAL_OPTIONS)} if family is LOGISTIC else {}
     fn = getattr(ppi_py(), f"ppi_{family.name}_{name}")
-    return fn(whole.x, whole.y[:, 0], whole.yhat[:, 0], whole.x_unlabeled, whole.yhat_unlabeled[:, 0], lam=lam,
-              **kw, **extra)  # fmt: skip
+    with warnings.catch_warnings():  # ppi_py's scikit-learn call warns about a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        y, yhat, yhat_u = whole.y[:, 0], whole.yhat[:, 0], whole.yhat_unlabeled[:, 0]
+        return fn(whole.x, y, yhat, whole.x_unlabeled, yhat_u, lam=lam, **kw, **extra)
 
 
 def _ci(family: Family, clients, alpha, lam, method, lam_mode) -> tuple[np.ndarray, np.ndarray]:

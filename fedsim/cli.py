@@ -435,7 +435,8 @@ def ppi_cmd(
         if (target / name).exists() and not overwrite:
             raise FedsimError(f"{target / name} exists; pass --overwrite to replace it, or --out DIR")
     result = federated_ppi(run, estimand, labelled_fraction, alpha, seed=seed, target_class=target_class,
-                           prediction=prediction, q=q, features=indices, lam_mode=lam_mode)  # fmt: skip
+                           prediction=prediction, q=q, features=indices, lam_mode=lam_mode,
+                           imputed_variance=imputed_variance)  # fmt: skip
     json_path, png_path = write_report(result, target, overwrite=overwrite)
     typer.echo(f"{result['estimand']}: {result['labelled']} labelled, {result['unlabelled']} unlabelled, "
                f"{result['clients']} clients, {1 - alpha:.0%} intervals")  # fmt: skip

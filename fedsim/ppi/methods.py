@@ -14,13 +14,20 @@ import warnings
 from typing import Any
 
 from fedsim.core.errors import FedsimError, did_you_mean
+from fedsim.ppi.moments import IMPUTED_VARIANCES
 
 METHODS = ("fed_ppi", "classical", "per_client", "centralized")
 LAM_MODES = ("client", "global")
 
 
-def check_method(method: str, lam: float | None, lam_mode: str | None, tunable: bool = True) -> str:
+def check_method(
+    method: str, lam: float | None, lam_mode: str | None, tunable: bool = True, imputed_variance: str = "averaged"
+) -> str:
     """The lam mode to use (``"client"`` unless given); refuses options the method would ignore."""
+    if imputed_variance not in IMPUTED_VARIANCES:
+        raise FedsimError(f"imputed_variance must be 'averaged' or 'pooled', got {imputed_variance!r}")
+    if imputed_variance != "averaged" and method != "fed_ppi":
+        raise FedsimError(f"imputed_variance applies to method 'fed_ppi' only, not {method!r}; drop it")
     if method not in METHODS:
         raise FedsimError(f"unknown method {method!r}{did_you_mean(str(method), METHODS)}; one of {', '.join(METHODS)}")
     if lam is not None:

@@ -81,6 +81,20 @@ def weighted_covariance(parts: Sequence[Moments], weights: np.ndarray, ddof: int
     return within * count / (count - ddof)
 
 
+IMPUTED_VARIANCES = ("averaged", "pooled")
+
+
+def imputed_covariance(parts: Sequence[Moments], weights: np.ndarray, rule: str, ddof: int = 0) -> np.ndarray:
+    """The imputed terms' covariance: ``"averaged"`` (the issue's rule) is the clients' own covariances
+    averaged by p_i, right when clients are fixed populations (strata) with their own distributions;
+    ``"pooled"`` (the authors' code) adds the between-client differences of the means (the covariance of the
+    concatenated terms), right when the clients' data are one population split unevenly (label skew), where
+    "averaged" is too small. With one client the two agree."""
+    if rule == "pooled":
+        return pool(parts).covariance(ddof)
+    return weighted_covariance(parts, weights, ddof)
+
+
 @dataclass(frozen=True)
 class TuningMoments:
     """What power tuning needs from one client at the current point estimate: the joint moments of the

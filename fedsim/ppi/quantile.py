@@ -27,7 +27,7 @@ import numpy as np
 from fedsim.core.errors import FedsimError
 from fedsim.ppi.clients import ClientData, check_clients, client_weights, pooled
 from fedsim.ppi.methods import check_method, ppi_py
-from fedsim.ppi.moments import Moments, check_alpha, pool, two_sided_p_value
+from fedsim.ppi.moments import Moments, check_alpha, imputed_covariance, pool, two_sided_p_value
 
 GRID_SIZE = 5000
 
@@ -80,24 +80,26 @@ def quantile_summary(client: ClientData, grid: np.ndarray, classical: bool = Fal
     )
 
 
-def quantile_p_values(summaries: Sequence[QuantileSummary], q: float) -> tuple[np.ndarray, np.ndarray]:
+def quantile_p_values(
+    summaries: Sequence[QuantileSummary], q: float, imputed_variance: str = "averaged"
+) -> tuple[np.ndarray, np.ndarray]:
     """Server side: the combined rectified CDF and the p-value of ``F(t) = q`` at each grid point."""
     p = client_weights(summaries)
     cdf = sum(w * (s.imputed.mean + s.rectifier.mean) for w, s in zip(p, summaries, strict=True))
     unlabelled = sum(s.imputed.count for s in summaries)
     labelled = sum(s.rectifier.count for s in summaries)
-    v_imp = sum(w * s.imputed.variance() for w, s in zip(p, summaries, strict=True)) / unlabelled
+    v_imp = imputed_covariance([s.imputed for s in summaries], p, imputed_variance) / unlabelled
     v_rect = pool([s.rectifier for s in summaries]).variance() / labelled
     return cdf, two_sided_p_value(cdf, np.sqrt(v_imp + v_rect), q)
 
 
 def quantile_server(
-    summaries: Sequence[QuantileSummary], grid: np.ndarray, q: float, alpha: float
+    summaries: Sequence[QuantileSummary], grid: np.ndarray, q: float, alpha: float, imputed_variance: str = "averaged"
 ) -> tuple[float, float, float]:
     """Server side: ``(point estimate, lower, upper)``. When no grid point has ``p > alpha`` (discrete data
     whose CDF jumps across q at one value with little uncertainty; ppi_py fails there) the interval is that
     value alone: the first grid point where the combined CDF reaches q."""
-    cdf, p_values = quantile_p_values(summaries, q)
+    cdf, p_values = quantile_p_values(summaries, q, imputed_variance)
     kept = grid[p_values > alpha]
     if len(kept) == 0:
         kept = grid[np.argmax(cdf >= q)] if np.any(cdf >= q) else grid[-1:]
@@ -105,10 +107,12 @@ def quantile_server(
     return float(grid[np.argmin(np.abs(cdf - q))]), float(kept[0]), float(kept[-1])
 
 
-def _checked(clients: Sequence[Mapping[str, Any]], q: float, method: str, grid_size: int) -> list[ClientData]:
+def _checked(
+    clients: Sequence[Mapping[str, Any]], q: float, method: str, grid_size: int, imputed_variance: str = "averaged"
+) -> list[ClientData]:
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q < 1:
         raise FedsimError(f"q must be in (0, 1), got {q!r}")
-    check_method(method, None, None, tunable=False)
+    check_method(method, None, None, tunable=False, imputed_variance=imputed_variance)
     if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 2:
         raise FedsimError(f"grid_size must be an integer >= 2, got {grid_size!r}")
     if method == "centralized" and grid_size != GRID_SIZE:
@@ -131,11 +135,13 @@ def fed_ppi_quantile_ci(
     *,
     method: str = "fed_ppi",
     grid_size: int = GRID_SIZE,
+    imputed_variance: str = "averaged",
 ) -> tuple[Any, Any]:
     """``(lower, upper)`` of the 1 - alpha interval for the q-quantile of Y across the clients (arrays of
-    one row per client for ``method="per_client"``; ppi_py's ``ppi_quantile_ci`` for ``"centralized"``)."""
+    one row per client for ``method="per_client"``; ppi_py's ``ppi_quantile_ci`` for ``"centralized"``);
+    ``imputed_variance`` as for the mean."""
     alpha = check_alpha(alpha)
-    data = _checked(clients, q, method, grid_size)
+    data = _checked(clients, q, method, grid_size, imputed_variance)
     if method == "centralized":
         whole = pooled(data)
         try:
@@ -148,7 +154,7 @@ def fed_ppi_quantile_ci(
     if method == "per_client":
         rows = [quantile_server(*_federated([c], False, grid_size), q, alpha)[1:] for c in data]
         return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
-    _, lower, upper = quantile_server(*_federated(data, method == "classical", grid_size), q, alpha)
+    _, lower, upper = quantile_server(*_federated(data, method == "classical", grid_size), q, alpha, imputed_variance)
     return lower, upper
 
 

@@ -42,10 +42,10 @@ from fedsim.ppi.moments import (
     Moments,
     TuningMoments,
     check_alpha,
+    imputed_covariance,
     normal_interval,
     pool,
     tuned_lam,
-    weighted_covariance,
 )
 
 SINGULAR_CONDITION = 1e14
@@ -116,7 +116,7 @@ def pooled_hessian(summaries: Sequence[RegressionSummary], unlabelled: bool) -> 
 
 
 def regression_server(
-    summaries: Sequence[RegressionSummary], theta: np.ndarray, alpha: float
+    summaries: Sequence[RegressionSummary], theta: np.ndarray, alpha: float, imputed_variance: str = "averaged"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Server side: the sandwich interval ``(lower, upper)`` around ``theta`` from the summaries alone."""
     unlabelled = any(s.lam != 0 for s in summaries)
@@ -124,7 +124,7 @@ def regression_server(
     n = sum(s.rectifier.count for s in summaries)
     big_n = sum(s.imputed.count for s in summaries)
     v_l = pool([s.rectifier for s in summaries]).covariance(ddof=1)
-    v_u = weighted_covariance([s.imputed for s in summaries], client_weights(summaries), ddof=1)
+    v_u = imputed_covariance([s.imputed for s in summaries], client_weights(summaries), imputed_variance, ddof=1)
     sigma = inv_h @ (n / big_n * v_u + v_l) @ inv_h
     return normal_interval(theta, np.sqrt(np.diag(sigma) / n), alpha)
 
@@ -255,10 +255,10 @@ def _lams(family: Family, data: Sequence[ClientData], lam: float | None, lam_mod
     return tuned_lams(family, data, stages, lam_mode) if lam is None else [float(lam)] * len(data)
 
 
-def _federated_ci(family, data, lam, lam_mode, alpha) -> tuple[np.ndarray, np.ndarray]:
+def _federated_ci(family, data, lam, lam_mode, alpha, imputed_variance="averaged") -> tuple[np.ndarray, np.ndarray]:
     lams = _lams(family, data, lam, lam_mode, 2)
     theta = solve(family, data, lams)
-    return regression_server(_summaries(family, data, theta, lams), theta, alpha)
+    return regression_server(_summaries(family, data, theta, lams), theta, alpha, imputed_variance)
 
 
 def _per_client(fn: Callable[[list[ClientData]], Any], data: Sequence[ClientData]) -> list[Any]:
@@ -271,8 +271,8 @@ def _per_client(fn: Callable[[list[ClientData]], Any], data: Sequence[ClientData
     return rows
 
 
-def _checked(family: Family, clients, lam, lam_mode, method) -> tuple[list[ClientData], str]:
-    lam_mode = check_method(method, lam, lam_mode)
+def _checked(family: Family, clients, lam, lam_mode, method, imputed_variance="averaged"):
+    lam_mode = check_method(method, lam, lam_mode, imputed_variance=imputed_variance)
     if family is LOGISTIC and lam is not None and not 0 <= lam <= 1:
         raise FedsimError(f"logistic lam must be in [0, 1] (the rectified loss is convex only there), got {lam}")
     data = check_clients(clients, covariates=True)
@@ -299,16 +299,16 @@ def _centralized(family: Family, data: Sequence[ClientData], name: str, lam: flo
         return fn(whole.x, y, yhat, whole.x_unlabeled, yhat_u, lam=lam, **kw, **extra)
 
 
-def _ci(family: Family, clients, alpha, lam, method, lam_mode) -> tuple[np.ndarray, np.ndarray]:
+def _ci(family: Family, clients, alpha, lam, method, lam_mode, imputed_variance) -> tuple[np.ndarray, np.ndarray]:
     alpha = check_alpha(alpha)
-    data, lam_mode = _checked(family, clients, lam, lam_mode, method)
+    data, lam_mode = _checked(family, clients, lam, lam_mode, method, imputed_variance)
     if method == "centralized":
         lower, upper = _centralized(family, data, "ci", lam, alpha=alpha)
         return np.asarray(lower), np.asarray(upper)
     if method == "per_client":
         rows = _per_client(lambda one: _federated_ci(family, one, lam, "global", alpha), data)
         return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
-    return _federated_ci(family, data, 0.0 if method == "classical" else lam, lam_mode, alpha)
+    return _federated_ci(family, data, 0.0 if method == "classical" else lam, lam_mode, alpha, imputed_variance)
 
 
 def _pointestimate(family: Family, clients, lam, method, lam_mode) -> np.ndarray:
@@ -330,10 +330,12 @@ def fed_ppi_ols_ci(
     *,
     method: str = "fed_ppi",
     lam_mode: str | None = None,
+    imputed_variance: str = "averaged",
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(lower[d], upper[d])`` of the 1 - alpha intervals for the OLS coefficients of Y on x across the
-    clients (no intercept is added: put a column of ones in x). Methods and lam as :func:`fed_ppi_mean_ci`."""
-    return _ci(OLS, clients, alpha, lam, method, lam_mode)
+    clients (no intercept is added: put a column of ones in x). Methods, lam and ``imputed_variance`` (V_u) as
+    :func:`fed_ppi_mean_ci`."""
+    return _ci(OLS, clients, alpha, lam, method, lam_mode, imputed_variance)
 
 
 def fed_ppi_ols_pointestimate(
@@ -351,10 +353,11 @@ def fed_ppi_logistic_ci(
     *,
     method: str = "fed_ppi",
     lam_mode: str | None = None,
+    imputed_variance: str = "averaged",
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(lower[d], upper[d])`` of the 1 - alpha intervals for the logistic-regression coefficients of a
     binary Y on x (Yhat may be a probability); lam in [0, 1]."""
-    return _ci(LOGISTIC, clients, alpha, lam, method, lam_mode)
+    return _ci(LOGISTIC, clients, alpha, lam, method, lam_mode, imputed_variance)
 
 
 def fed_ppi_logistic_pointestimate(

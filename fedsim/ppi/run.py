@@ -19,6 +19,7 @@ centralized intervals, their widths and whether they cover the truth; ``ppi.png`
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from fedsim.ppi import (
 )
 from fedsim.ppi.clients import ClientData
 from fedsim.ppi.methods import ppi_py
+from fedsim.ppi.moments import IMPUTED_VARIANCES
 from fedsim.ppi.regression import LOGISTIC, solve
 
 ESTIMANDS = ("mean", "quantile", "ols", "logistic")
@@ -126,9 +128,9 @@ def _targets(estimand, labels, probs, target_class, prediction, num_classes):
     return y, (predicted == target_class).astype(float) if prediction == "label" else probs[:, target_class]
 
 
-def _truth(estimand: str, clients: list[dict[str, np.ndarray]], q: float) -> np.ndarray:
+def _truth(estimand: str, clients: list[dict[str, np.ndarray]], hidden: list[np.ndarray], q: float) -> np.ndarray:
     """The estimand from every client's labels (labelled and hidden)."""
-    y = np.concatenate([np.concatenate([c["y"], c["y_hidden"]]) for c in clients])
+    y = np.concatenate([np.concatenate([c["y"], h]) for c, h in zip(clients, hidden, strict=True)])
     if estimand == "mean":
         return np.atleast_1d(y.mean(axis=0))
     if estimand == "quantile":
@@ -140,8 +142,69 @@ def _truth(estimand: str, clients: list[dict[str, np.ndarray]], q: float) -> np.
     return solve(LOGISTIC, [whole], [0.0])
 
 
+@dataclass(frozen=True)
+class RunPredictions:
+    """A trained run's clients: labels, predicted probabilities and (flattened) inputs of each client."""
+
+    run: str
+    labels: list[np.ndarray]
+    probabilities: list[np.ndarray]
+    inputs: torch.Tensor
+    rows: list[torch.Tensor]
+    num_classes: int
+    seed: int
+
+    def features(self, client: int, columns: list[int]) -> np.ndarray:
+        """An intercept and the chosen input columns of one client's points."""
+        x = self.inputs[self.rows[client]][:, columns].cpu().double().numpy()
+        return np.c_[np.ones(len(x)), x]
+
+
+def load_predictions(run_dir: str | Path) -> RunPredictions:
+    """Rebuild a run from its results folder and predict on every client's training points."""
+    sim, params = _load(Path(run_dir))
+    store = sim.store
+    rows = [store.order[store.offsets[c] : store.offsets[c + 1]] for c in range(store.num_clients)]
+    return RunPredictions(
+        str(run_dir), [store.y[r].cpu().numpy() for r in rows], _probabilities(sim, params),
+        store.x.reshape(len(store.x), -1), rows, sim.dataset.num_classes, sim.config.seed,
+    )  # fmt: skip
+
+
+def hide_labels(
+    predictions: RunPredictions,
+    estimand: str,
+    labelled_fraction: float,
+    seed: int,
+    target_class: int | None = None,
+    prediction: str = "score",
+    features: list[int] | None = None,
+) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+    """Every client keeps ``floor(labelled_fraction * size)`` random labels: the Fed-PPI client dicts, and each
+    client's hidden Y (for the truth)."""
+    rng = np.random.default_rng(seed)
+    clients, hidden = [], []
+    for c, (labels, probs) in enumerate(zip(predictions.labels, predictions.probabilities, strict=True)):
+        size, labelled = len(labels), int(np.floor(labelled_fraction * len(labels)))
+        if labelled == 0 or labelled == size:
+            raise FedsimError(
+                f"--labelled-fraction {labelled_fraction} leaves client {c} ({size} samples) "
+                f"{'no labels' if labelled == 0 else 'no unlabelled points'}"
+            )
+        mask = np.zeros(size, dtype=bool)
+        mask[rng.choice(size, labelled, replace=False)] = True
+        y, yhat = _targets(estimand, labels, probs, target_class, prediction, predictions.num_classes)
+        client = {"y": y[mask], "yhat": yhat[mask], "yhat_unlabeled": yhat[~mask]}
+        if estimand in ("ols", "logistic"):
+            x = predictions.features(c, features or [])
+            client.update(x=x[mask], x_unlabeled=x[~mask])
+        clients.append(client)
+        hidden.append(y[~mask])
+    return clients, hidden
+
+
 def federated_ppi(
-    run_dir: str | Path,
+    run_dir: str | Path | RunPredictions,
     estimand: str = "mean",
     labelled_fraction: float = 0.05,
     alpha: float = 0.1,
@@ -152,53 +215,39 @@ def federated_ppi(
     q: float | None = None,
     features: list[int] | None = None,
     lam_mode: str | None = None,
+    imputed_variance: str = "averaged",
 ) -> dict[str, Any]:
-    """Fed-PPI, classical and centralized intervals for ``estimand`` on a trained run (see the module
-    docstring); returns what ``ppi.json`` holds. ``seed`` draws the labelled points (default: the run's)."""
+    """Fed-PPI, classical and centralized intervals for ``estimand`` on a trained run (its folder, or its
+    :func:`load_predictions` to draw many labelled sets from one load; see the module docstring); returns what
+    ``ppi.json`` holds. ``seed`` draws the labelled points (default: the run's)."""
     _check(estimand, labelled_fraction, alpha, target_class, prediction, q, features, lam_mode)
+    if imputed_variance not in IMPUTED_VARIANCES:
+        raise FedsimError(f"--imputed-variance must be averaged or pooled, got {imputed_variance!r}")
     ppi_py()  # the centralized oracle: fail before loading anything
-    sim, params = _load(Path(run_dir))
-    num_classes = sim.dataset.num_classes
+    run = run_dir if isinstance(run_dir, RunPredictions) else load_predictions(run_dir)
+    num_classes = run.num_classes
     if target_class is not None and not 0 <= target_class < num_classes:
         raise FedsimError(f"--class must be in [0, {num_classes - 1}], got {target_class}")
-    flat = sim.store.x.reshape(len(sim.store.x), -1)
-    if features and not all(0 <= f < flat.shape[1] for f in features):
-        raise FedsimError(f"--features must be input indices in [0, {flat.shape[1] - 1}], got {features}")
+    if features and not all(0 <= f < run.inputs.shape[1] for f in features):
+        raise FedsimError(f"--features must be input indices in [0, {run.inputs.shape[1] - 1}], got {features}")
     q = 0.5 if estimand == "quantile" and q is None else q
-    seed = sim.config.seed if seed is None else seed
-    rng = np.random.default_rng(seed)
-    store, clients = sim.store, []
-    for c, probs in enumerate(_probabilities(sim, params)):
-        rows = store.order[store.offsets[c] : store.offsets[c + 1]]
-        labels = store.y[rows].cpu().numpy()
-        size, labelled = len(labels), int(np.floor(labelled_fraction * len(labels)))
-        if labelled == 0 or labelled == size:
-            raise FedsimError(
-                f"--labelled-fraction {labelled_fraction} leaves client {c} ({size} samples) "
-                f"{'no labels' if labelled == 0 else 'no unlabelled points'}"
-            )
-        mask = np.zeros(size, dtype=bool)
-        mask[rng.choice(size, labelled, replace=False)] = True
-        y, yhat = _targets(estimand, labels, probs, target_class, prediction, num_classes)
-        client = {"y": y[mask], "yhat": yhat[mask], "yhat_unlabeled": yhat[~mask], "y_hidden": y[~mask]}
-        if estimand in ("ols", "logistic"):
-            x = np.c_[np.ones(size), flat[rows].cpu().double().numpy()[:, features or []]]
-            client.update(x=x[mask], x_unlabeled=x[~mask])
-        clients.append(client)
-    truth = _truth(estimand, clients, q)
-    visible = [{k: v for k, v in c.items() if k != "y_hidden"} for c in clients]
+    seed = run.seed if seed is None else seed
+    clients, hidden = hide_labels(run, estimand, labelled_fraction, seed, target_class, prediction, features)
+    truth = _truth(estimand, clients, hidden, q)
     rows = {}
     for method in REPORTED:
-        tuning = {"lam_mode": lam_mode} if method == "fed_ppi" and lam_mode else {}
-        lower, upper, point = _estimate(estimand, visible, alpha, q, method, tuning)
+        tuning = {"imputed_variance": imputed_variance} if method == "fed_ppi" else {}
+        if method == "fed_ppi" and lam_mode:
+            tuning["lam_mode"] = lam_mode
+        lower, upper, point = _estimate(estimand, clients, alpha, q, method, tuning)
         rows[method] = {
             "lower": lower.tolist(), "upper": upper.tolist(), "point": point.tolist(),
             "width": (upper - lower).tolist(), "covers": ((lower <= truth) & (truth <= upper)).tolist(),
         }  # fmt: skip
     names = _coordinates(estimand, target_class, num_classes, features, q)
     result = {
-        "run": str(run_dir), "estimand": estimand, "coordinates": names, "labelled_fraction": labelled_fraction,
-        "alpha": alpha, "seed": seed, "prediction": prediction, "lam_mode": lam_mode or "client",
+        "run": run.run, "estimand": estimand, "coordinates": names, "labelled_fraction": labelled_fraction,
+        "alpha": alpha, "seed": seed, "prediction": prediction, "lam_mode": lam_mode or "client", "imputed_variance": imputed_variance,
         "clients": len(clients), "labelled": int(sum(len(c["y"]) for c in clients)),
         "unlabelled": int(sum(len(c["yhat_unlabeled"]) for c in clients)), "truth": truth.tolist(),
         "methods": rows,
@@ -210,7 +259,8 @@ def federated_ppi(
 
 def _estimate(estimand, clients, alpha, q, method, tuning) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if estimand == "quantile":
-        lower, upper = fed_ppi_quantile_ci(clients, q, alpha, method=method)
+        tuning.pop("lam_mode", None)
+        lower, upper = fed_ppi_quantile_ci(clients, q, alpha, method=method, **tuning)
         point = fed_ppi_quantile_pointestimate(clients, q, method=method)
     else:
         ci, pointestimate = {
@@ -219,7 +269,7 @@ def _estimate(estimand, clients, alpha, q, method, tuning) -> tuple[np.ndarray, 
             "logistic": (fed_ppi_logistic_ci, fed_ppi_logistic_pointestimate),
         }[estimand]
         lower, upper = ci(clients, alpha, method=method, **tuning)
-        point = pointestimate(clients, method=method, **tuning)
+        point = pointestimate(clients, method=method, **{k: v for k, v in tuning.items() if k == "lam_mode"})
     return tuple(np.atleast_1d(np.asarray(v, dtype=float)) for v in (lower, upper, point))
 
 

@@ -419,6 +419,7 @@ def ppi_cmd(
     lam_mode: Annotated[
         str | None, Opt(help="Fed-PPI power tuning: client (default) or global (one more round).")
     ] = None,
+    imputed_variance: Annotated[str, Opt(help="Fed-PPI imputed variance: averaged or pooled.")] = "averaged",
     seed: Annotated[int | None, Opt(help="Seed of the labelled draw [default: the run's seed].")] = None,
     out: Annotated[Path | None, Opt(help="Folder for ppi.json and ppi.png [default: the run folder].")] = None,
     overwrite: Annotated[bool, Opt(help="Replace an existing ppi.json / ppi.png.")] = False,

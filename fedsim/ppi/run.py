@@ -247,7 +247,8 @@ def federated_ppi(
     names = _coordinates(estimand, target_class, num_classes, features, q)
     result = {
         "run": run.run, "estimand": estimand, "coordinates": names, "labelled_fraction": labelled_fraction,
-        "alpha": alpha, "seed": seed, "prediction": prediction, "lam_mode": lam_mode or "client", "imputed_variance": imputed_variance,
+        "alpha": alpha, "seed": seed, "prediction": prediction, "lam_mode": lam_mode or "client",
+        "imputed_variance": imputed_variance,
         "clients": len(clients), "labelled": int(sum(len(c["y"]) for c in clients)),
         "unlabelled": int(sum(len(c["yhat_unlabeled"]) for c in clients)), "truth": truth.tolist(),
         "methods": rows,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.config import load_config
 from fedsim.core.errors import FedsimError
 from fedsim.ppi import (
     fed_ppi_logistic_ci,
@@ -41,6 +42,8 @@ from fedsim.ppi.clients import ClientData
 from fedsim.ppi.methods import ppi_py
 from fedsim.ppi.moments import IMPUTED_VARIANCES
 from fedsim.ppi.regression import LOGISTIC, solve
+from fedsim.results import CHECKPOINT_FILE, CONFIG_FILE, ResultsDir
+from fedsim.simulation import make_simulation
 
 ESTIMANDS = ("mean", "quantile", "ols", "logistic")
 PREDICTIONS = ("score", "label")
@@ -76,10 +79,6 @@ def _check(estimand, fraction, alpha, target_class, prediction, q, features, lam
 
 def _load(run_dir: Path) -> tuple[Any, dict[str, Any]]:
     """The run's rebuilt simulation (local executor) and its trained parameters."""
-    from fedsim.config import load_config
-    from fedsim.results import CHECKPOINT_FILE, CONFIG_FILE, ResultsDir
-    from fedsim.simulation import make_simulation
-
     if not run_dir.is_dir():
         raise FedsimError(f"{run_dir} is not a folder")
     if not (run_dir / CONFIG_FILE).is_file():

@@ -86,9 +86,9 @@ def test_a_decentralized_run_predicts_with_each_nodes_model(tmp_path):
     graph = tmp_path / "ring.graphml"
     assert main(["topology", "build", "ring", "--n", "4", "--output", str(graph)]) == 0
     out = tmp_path / "dsgd"
-    simulate({**RUN, "strategy": "dsgd", "topology": str(graph)}, out=out, plots=False)
+    simulate({**RUN, "topology": str(graph)}, out=out, plots=False)  # D-SGD (ATC), the default over a graph
     predictions = load_predictions(out)
-    sim = make_simulation(make_config({**RUN, "strategy": "dsgd", "topology": str(graph)}))
+    sim = make_simulation(make_config({**RUN, "topology": str(graph)}))
     assert [len(p) for p in predictions.probabilities] == sim.store.sizes.tolist()
     result = federated_ppi(predictions, "mean", 0.2)
     assert result["clients"] == 4

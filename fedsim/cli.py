@@ -446,9 +446,8 @@ def ppi_cmd(
         for method, row in result["methods"].items():
             cells.append(f"{method} [{row['lower'][j]:.4g}, {row['upper'][j]:.4g}] width {row['width'][j]:.3g}")
         typer.echo(f"  {name} (truth {result['truth'][j]:.4g}): " + "; ".join(cells))
-    ratio = result["width_ratio"]
-    typer.echo(f"median width: fed_ppi / classical {ratio['classical']:.3f}, "
-               f"fed_ppi / centralized {ratio['centralized']:.3f}")  # fmt: skip
+    ratio = {k: "n/a" if v is None else f"{v:.3f}" for k, v in result["width_ratio"].items()}
+    typer.echo(f"median width: fed_ppi / classical {ratio['classical']}, fed_ppi / centralized {ratio['centralized']}")
     typer.echo(f"wrote {json_path} and {png_path}")
 
 

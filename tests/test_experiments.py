@@ -182,3 +182,38 @@ def test_privacy_experiment_runs_tabulates_and_plots(tmp_path, monkeypatch):
     assert all(r["epsilon"] is None for r in utility if r["target_epsilon"] == float("inf"))
     for name in ("robustness.png", "privacy_utility.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_ppi_experiment_runs_tabulates_and_plots(tmp_path):
+    """The Fed-PPI experiment script end to end in quick mode (two synthetic cells, a few reps, a 3-round digits
+    run, a few seeds): its JSON (cells, methods, coverages in [0, 1]), tables and plots."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ppi_run", ROOT / "experiments" / "ppi" / "run.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--quick", "--out", str(tmp_path)])
+    coverage = json.loads((tmp_path / "coverage.json").read_text())
+    assert coverage["config"]["theta"] == pytest.approx(1.5)
+    assert len(coverage["cells"]) >= 2 and coverage["factors"]
+    for cell in coverage["cells"]:
+        assert set(cell["methods"]) == set(script.METHODS)
+        for name, row in cell["methods"].items():
+            truths = {"client"} if name == "per_client" else {"population", "stratified"}
+            assert set(row["coverage"]) == truths
+            assert all(0 <= stats["coverage"] <= 1 and stats["se"] >= 0 for stats in row["coverage"].values())
+            assert row["median_width"] > 0 and row["ratio_classical"] > 0
+        assert cell["methods"]["classical"]["ratio_classical"] == pytest.approx(1.0)
+    assert "| fed_ppi client/averaged (default) |" in (tmp_path / "coverage.md").read_text()
+    real = json.loads((tmp_path / "real.json").read_text())
+    assert 0 <= real["test_accuracy"] <= 1 and real["config"]["dataset"] == "digits"
+    blocks = [b for b in real["fractions"].values() if "skipped" not in b]
+    assert blocks
+    for block in blocks:
+        assert set(block["methods"]) == set(script.REAL_METHODS)
+        for row in block["methods"].values():
+            assert len(row["coverage"]) == len(real["classes"]) == 10
+            assert all(0 <= c <= 1 for c in row["coverage"])
+    assert "## labelled fraction" in (tmp_path / "real.md").read_text()
+    for name in ("coverage.png", "widths.png", "intervals.png", "real.png"):
+        assert (tmp_path / name).stat().st_size > 1000

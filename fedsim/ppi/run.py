@@ -251,10 +251,17 @@ def federated_ppi(
         "clients": len(clients), "labelled": int(sum(len(c["y"]) for c in clients)),
         "unlabelled": int(sum(len(c["yhat_unlabeled"]) for c in clients)), "truth": truth.tolist(),
         "methods": rows,
-        "width_ratio": {m: float(np.median(np.array(rows["fed_ppi"]["width"]) / np.array(rows[m]["width"])))
+        "width_ratio": {m: _median_ratio(rows["fed_ppi"]["width"], rows[m]["width"])
                         for m in ("classical", "centralized")},
     }  # fmt: skip
     return result
+
+
+def _median_ratio(widths: list[float], others: list[float]) -> float | None:
+    """Median of ``widths / others`` over the coordinates where ``others`` is positive (a class with no
+    labelled example has a classical width of 0); None when there is none."""
+    ratios = [w / o for w, o in zip(widths, others, strict=True) if o > 0]
+    return float(np.median(ratios)) if ratios else None
 
 
 def _estimate(estimand, clients, alpha, q, method, tuning) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

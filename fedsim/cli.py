@@ -432,6 +432,8 @@ def ppi_cmd(
     except ValueError:
         raise FedsimError(f"--features must be comma-separated integers, got {features!r}") from None
     target = out or run
+    if target.exists() and not target.is_dir():
+        raise FedsimError(f"--out {target} is a file, not a folder")
     for name in ("ppi.json", "ppi.png"):  # before any work: nothing already written is replaced
         if (target / name).exists() and not overwrite:
             raise FedsimError(f"{target / name} exists; pass --overwrite to replace it, or --out DIR")

@@ -281,3 +281,54 @@ def test_a_singular_hessian_names_the_client():
     # a global lam needs no client's own solution
     lower, upper = fed_ppi_ols_ci([ok, few], lam_mode="global")
     assert np.all(lower < upper)
+
+
+def test_unequal_labelled_fractions_warn_and_the_stratified_variance_is_exact():
+    """The combined variance assumes every client labels the same fraction; otherwise fedsim warns, and
+    ``variance="stratified"`` is ``sum p_i^2 (v_imp,i / N_i + v_rect,i / n_i)``."""
+    from fedsim.core.errors import FedsimWarning
+
+    rng = np.random.default_rng(13)
+    clients = [mean_client(rng, 500, 500), mean_client(rng, 5, 995)]
+    with pytest.warns(FedsimWarning, match="label different fractions"):
+        fed_ppi_mean_ci(clients, lam=0.5)
+    lower, upper = fed_ppi_mean_ci(clients, lam=0.5, variance="stratified")
+    p = np.array([0.5, 0.5])
+    own = [(0.5 * c["yhat_unlabeled"]).var() / len(c["yhat_unlabeled"]) + (c["y"] - 0.5 * c["yhat"]).var() / len(c["y"])
+           for c in clients]  # fmt: skip
+    v = sum(w**2 * o for w, o in zip(p, own, strict=True))
+    assert (upper - lower) / 2 == pytest.approx(1.6448536269514722 * np.sqrt(v), rel=1e-12)
+    one = [mean_client(rng, 30, 300)]  # one client: the two variances agree
+    assert fed_ppi_mean_ci(one, variance="stratified") == pytest.approx(fed_ppi_mean_ci(one), rel=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # equal fractions: no warning
+        fed_ppi_mean_ci([mean_client(rng, 10, 90), mean_client(rng, 20, 180)])
+    _one_line(fed_ppi_mean_ci, clients, variance="stratified", imputed_variance="pooled", match="drop imputed_variance")
+    _one_line(fed_ppi_mean_ci, clients, method="classical", variance="stratified", match="variance applies")
+    strat = fed_ppi_quantile_ci(clients, 0.5, variance="stratified", grid_size=500)
+    assert strat[0] < strat[1]
+
+
+def test_degenerate_input_is_refused_in_one_line():
+    rng = np.random.default_rng(14)
+    good = mean_client(rng, 10, 50)
+    _one_line(fed_ppi_mean_ci, [{**good, "y": np.zeros((10, 0)), "yhat": np.zeros((10, 0)),
+                                 "yhat_unlabeled": np.zeros((50, 0))}], match="y has no columns")  # fmt: skip
+    _one_line(fed_ppi_mean_ci, [{**good, "y": np.array(["1"] * 10)}], match="must hold real numbers")
+    _one_line(fed_ppi_mean_ci, [{**good, "yhat": good["yhat"] + 1j}], match="must hold real numbers")
+    _one_line(fed_ppi_mean_ci, [good], lam=1e308, match="lam must be")
+    assert fed_ppi_mean_ci([good], lam=np.float32(0.5), alpha=np.float32(0.1))  # numpy scalars are numbers
+    reg = regression_client(rng, 20, 100)
+    _one_line(fed_ppi_ols_ci, [{**reg, "x": reg["x"][:, :0], "x_unlabeled": reg["x_unlabeled"][:, :0]}],
+              match="x has no columns")  # fmt: skip
+    ones = {"x": np.ones((20, 1)), "y": np.ones(20), "yhat": np.ones(20), "x_unlabeled": np.ones((50, 1)),
+            "yhat_unlabeled": np.ones(50)}  # fmt: skip
+    _one_line(fed_ppi_logistic_ci, [ones], match="separable")
+    single = {
+        **reg,
+        "x": reg["x"][:1, :1],
+        "y": reg["y"][:1],
+        "yhat": reg["yhat"][:1],
+        "x_unlabeled": reg["x_unlabeled"][:, :1],
+    }
+    _one_line(fed_ppi_ols_ci, [single], lam=0.5, match="2 labelled and 2 unlabelled")

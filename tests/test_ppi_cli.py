@@ -159,3 +159,9 @@ def test_readme_python_example_runs():
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["lower"].shape == (2,) and np.all(namespace["lower"] < namespace["upper"])
     assert len(namespace["lowers"]) == 5
+
+
+def test_out_must_be_a_folder(trained, tmp_path, cli):
+    (tmp_path / "file").write_text("x")
+    _refused(cli, ["ppi", "--run", str(trained), "--out", str(tmp_path / "file")], "is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "x"

@@ -46,6 +46,9 @@ class ClientData:
 def _array(value: Any, key: str, i: int) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu().numpy()
+    kind = np.asarray(value).dtype.kind
+    if kind not in "biuf":
+        raise FedsimError(f"client {i}: {key} must hold real numbers, got dtype {np.asarray(value).dtype}")
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -81,6 +84,8 @@ def check_clients(clients: Sequence[Mapping[str, Any]], covariates: bool = False
             raise FedsimError(f"client {i}: {', '.join(extra)} is not used here (only by {what}); drop it")
         arrays = {k: _array(client[k], k, i) for k in keys}
         y, yhat, yhat_u = (_as_2d(arrays[k]) for k in PREDICTION_KEYS)
+        if y.shape[1] == 0:
+            raise FedsimError(f"client {i}: y has no columns")
         if len(y) == 0:
             raise FedsimError(f"client {i} has no labelled points (y is empty)")
         if len(yhat_u) == 0:
@@ -101,6 +106,8 @@ def check_clients(clients: Sequence[Mapping[str, Any]], covariates: bool = False
                 raise FedsimError(f"client {i}: y has {len(y)} rows but x has {len(x)}")
             if len(x_u) != len(yhat_u):
                 raise FedsimError(f"client {i}: yhat_unlabeled has {len(yhat_u)} rows but x_unlabeled has {len(x_u)}")
+            if x.shape[1] == 0:
+                raise FedsimError(f"client {i}: x has no columns (put a column of ones in x for an intercept)")
             if x_u.shape[1] != x.shape[1]:
                 raise FedsimError(f"client {i}: x has {x.shape[1]} columns but x_unlabeled has {x_u.shape[1]}")
         checked.append(ClientData(y, yhat, yhat_u, x, x_u))

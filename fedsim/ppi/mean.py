@@ -30,7 +30,7 @@ import numpy as np
 
 from fedsim.ppi.clients import ClientData, check_clients, client_weights, pooled
 from fedsim.ppi.methods import check_method, ppi_py
-from fedsim.ppi.moments import Moments, TuningMoments, check_alpha, imputed_covariance, normal_interval, pool, tuned_lam
+from fedsim.ppi.moments import Moments, TuningMoments, check_alpha, estimator_variance, normal_interval, tuned_lam
 
 
 @dataclass(frozen=True)
@@ -71,16 +71,14 @@ def mean_summary(client: ClientData, lam: float | None) -> MeanSummary:
 
 
 def mean_server(
-    summaries: Sequence[MeanSummary], alpha: float, imputed_variance: str = "averaged"
+    summaries: Sequence[MeanSummary], alpha: float, imputed_variance: str = "averaged", variance: str = "combined"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Server side: ``(theta, lower, upper)`` from the summaries alone."""
     p = client_weights(summaries)
     theta = sum(w * s.theta for w, s in zip(p, summaries, strict=True))
-    unlabelled = sum(s.imputed.count for s in summaries)
-    labelled = sum(s.rectifier.count for s in summaries)
-    v_imp = imputed_covariance([s.imputed for s in summaries], p, imputed_variance) / unlabelled
-    v_rect = pool([s.rectifier for s in summaries]).variance() / labelled
-    lower, upper = normal_interval(theta, np.sqrt(v_imp + v_rect), alpha)
+    imputed, rectifier = [s.imputed for s in summaries], [s.rectifier for s in summaries]
+    v = estimator_variance(imputed, rectifier, p, imputed_variance, variance)
+    lower, upper = normal_interval(theta, np.sqrt(v), alpha)
     return theta, lower, upper
 
 
@@ -103,17 +101,19 @@ def fed_ppi_mean_ci(
     method: str = "fed_ppi",
     lam_mode: str | None = None,
     imputed_variance: str = "averaged",
+    variance: str = "combined",
 ) -> tuple[Any, Any]:
     """``(lower, upper)`` of the 1 - alpha interval for the mean of Y across the clients.
 
     ``lam``: None tunes it (per client, or with ``lam_mode="global"`` one for all); 0 gives the classical
     interval, 1 plain PPI. ``method``: fed_ppi, classical, per_client (one row per client) or centralized
     (ppi_py on the pooled data). ``imputed_variance``: averaged (default) or pooled
-    (:func:`fedsim.ppi.moments.imputed_covariance`). Floats for a 1-D y, arrays (d,) otherwise ((k,) / (k, d)
-    per client).
+    (:func:`fedsim.ppi.moments.imputed_covariance`); ``variance``: combined (default, the issue's rule, for
+    equal labelled fractions) or stratified (any fractions; :func:`fedsim.ppi.moments.estimator_variance`).
+    Floats for a 1-D y, arrays (d,) otherwise ((k,) / (k, d) per client).
     """
     alpha = check_alpha(alpha)
-    lam_mode = check_method(method, lam, lam_mode, imputed_variance=imputed_variance)
+    lam_mode = check_method(method, lam, lam_mode, imputed_variance=imputed_variance, variance=variance)
     data = check_clients(clients)
     if method == "centralized":
         whole = pooled(data)
@@ -124,7 +124,7 @@ def fed_ppi_mean_ci(
         lower, upper = np.array([r[1] for r in rows]), np.array([r[2] for r in rows])
         return (lower[:, 0], upper[:, 0]) if all(np.ndim(c["y"]) == 1 for c in clients) else (lower, upper)
     summaries = _federated(data, 0.0 if method == "classical" else lam, lam_mode)
-    _, lower, upper = mean_server(summaries, alpha, imputed_variance)
+    _, lower, upper = mean_server(summaries, alpha, imputed_variance, variance)
     return _shape(clients, lower), _shape(clients, upper)
 
 

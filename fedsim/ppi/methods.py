@@ -10,35 +10,47 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any
 
 from fedsim.core.errors import FedsimError, did_you_mean
-from fedsim.ppi.moments import IMPUTED_VARIANCES
+from fedsim.ppi.moments import IMPUTED_VARIANCES, VARIANCES
 
 METHODS = ("fed_ppi", "classical", "per_client", "centralized")
 LAM_MODES = ("client", "global")
 
 
 def check_method(
-    method: str, lam: float | None, lam_mode: str | None, tunable: bool = True, imputed_variance: str = "averaged"
+    method: str,
+    lam: float | None,
+    lam_mode: str | None,
+    tunable: bool = True,
+    imputed_variance: str = "averaged",
+    variance: str = "combined",
 ) -> str:
     """The lam mode to use (``"client"`` unless given); refuses options the method would ignore."""
-    if imputed_variance not in IMPUTED_VARIANCES:
+    if not isinstance(variance, str) or variance not in VARIANCES:
+        raise FedsimError(f"variance must be 'combined' or 'stratified', got {variance!r}")
+    if variance != "combined" and method != "fed_ppi":
+        raise FedsimError(f"variance applies to method 'fed_ppi' only, not {method!r}; drop it")
+    if variance == "stratified" and imputed_variance != "averaged":
+        raise FedsimError("the stratified variance uses each client's own variances; drop imputed_variance")
+    if not isinstance(imputed_variance, str) or imputed_variance not in IMPUTED_VARIANCES:
         raise FedsimError(f"imputed_variance must be 'averaged' or 'pooled', got {imputed_variance!r}")
     if imputed_variance != "averaged" and method != "fed_ppi":
         raise FedsimError(f"imputed_variance applies to method 'fed_ppi' only, not {method!r}; drop it")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise FedsimError(f"unknown method {method!r}{did_you_mean(str(method), METHODS)}; one of {', '.join(METHODS)}")
     if lam is not None:
         if not tunable:
             raise FedsimError("this estimand has no power-tuning parameter; drop lam")
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-            raise FedsimError(f"lam must be a finite number or None (tuned), got {lam!r}")
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or abs(lam) > 1e6:
+            raise FedsimError(f"lam must be a number with |lam| <= 1e6, or None (tuned), got {lam!r}")
         if method == "classical":
             raise FedsimError("the classical method uses the labels only (lam = 0); drop lam")
     if lam_mode is not None:
-        if lam_mode not in LAM_MODES:
+        if not isinstance(lam_mode, str) or lam_mode not in LAM_MODES:
             raise FedsimError(f"lam_mode must be 'client' or 'global', got {lam_mode!r}")
         if method != "fed_ppi":
             raise FedsimError(f"lam_mode applies to method 'fed_ppi' only, not {method!r}; drop it")

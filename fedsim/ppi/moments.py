@@ -9,13 +9,15 @@ Pooling (Chan, Golub and LeVeque 1979; the formula of the Fed-PPI paper, applied
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from fedsim.core.errors import FedsimError
+from fedsim.core.errors import FedsimError, FedsimWarning
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,43 @@ def imputed_covariance(parts: Sequence[Moments], weights: np.ndarray, rule: str,
     return weighted_covariance(parts, weights, ddof)
 
 
+VARIANCES = ("combined", "stratified")
+UNEQUAL_FRACTIONS = 2.0  # max / min of the clients' labelled fractions that draws a warning
+
+
+def warn_if_fractions_differ(labelled: Sequence[int], unlabelled: Sequence[int], remedy: str) -> None:
+    """A :class:`FedsimWarning` when the clients label very different fractions of their data (max / min of
+    ``n_i / D_i`` above 2): the combined variance assumes ``n_i / n = N_i / N = p_i``."""
+    fractions = [n / (n + big_n) for n, big_n in zip(labelled, unlabelled, strict=True)]
+    if max(fractions) > UNEQUAL_FRACTIONS * min(fractions):
+        warnings.warn(
+            f"the clients label different fractions of their data ({min(fractions):.3g} to {max(fractions):.3g}); "
+            f"the interval assumes equal fractions and can under-cover: {remedy}",
+            FedsimWarning,
+            stacklevel=4,
+        )
+
+
+def estimator_variance(
+    imputed: Sequence[Moments], rectifier: Sequence[Moments], weights: np.ndarray, imputed_variance: str,
+    variance: str = "combined",
+) -> np.ndarray:  # fmt: skip
+    """The variance of ``theta = sum p_i theta_i``.
+
+    ``combined`` (the issue's rule, Luo et al.): ``v_imp / N + v_rect / n``, v_imp by ``imputed_variance``
+    and v_rect the pooled (parallel-formula) variance of the rectifiers. It assumes every client labels the
+    same fraction (``n_i / n = N_i / N = p_i``) and warns otherwise. ``stratified`` (our inference): the exact
+    variance of the weighted sum of independent clients' estimates, ``sum p_i^2 (v_imp,i / N_i + v_rect,i /
+    n_i)``, with each client's own (ddof 0) variances, for any fractions (no between-client terms).
+    """
+    if variance == "stratified":
+        return sum(w * w * (i.variance() / i.count + r.variance() / r.count)
+                   for w, i, r in zip(weights, imputed, rectifier, strict=True))  # fmt: skip
+    warn_if_fractions_differ([r.count for r in rectifier], [i.count for i in imputed], "pass variance='stratified'")
+    big_n, n = sum(i.count for i in imputed), sum(r.count for r in rectifier)
+    return imputed_covariance(imputed, weights, imputed_variance) / big_n + pool(rectifier).variance() / n
+
+
 @dataclass(frozen=True)
 class TuningMoments:
     """What power tuning needs from one client at the current point estimate: the joint moments of the
@@ -138,6 +177,8 @@ def z_value(alpha: float) -> float:
 def normal_interval(center: np.ndarray, std: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """``center -+ z_{1-alpha/2} std``."""
     z = z_value(alpha)
+    if not (np.all(np.isfinite(center)) and np.all(np.isfinite(std))):
+        raise FedsimError("the interval is not finite (degenerate data: too few points, or an extreme lam)")
     return center - z * std, center + z * std
 
 
@@ -147,6 +188,6 @@ def two_sided_p_value(estimate: np.ndarray, std: np.ndarray, null: float) -> np.
 
 
 def check_alpha(alpha: float) -> float:
-    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
         raise FedsimError(f"alpha must be in (0, 1), got {alpha!r}")
     return float(alpha)

@@ -18,6 +18,7 @@ runs the same test on the labels' CDF alone.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 from fedsim.core.errors import FedsimError
 from fedsim.ppi.clients import ClientData, check_clients, client_weights, pooled
 from fedsim.ppi.methods import check_method, ppi_py
-from fedsim.ppi.moments import Moments, check_alpha, imputed_covariance, pool, two_sided_p_value
+from fedsim.ppi.moments import Moments, check_alpha, estimator_variance, two_sided_p_value
 
 GRID_SIZE = 5000
 
@@ -81,25 +82,28 @@ def quantile_summary(client: ClientData, grid: np.ndarray, classical: bool = Fal
 
 
 def quantile_p_values(
-    summaries: Sequence[QuantileSummary], q: float, imputed_variance: str = "averaged"
+    summaries: Sequence[QuantileSummary], q: float, imputed_variance: str = "averaged", variance: str = "combined"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Server side: the combined rectified CDF and the p-value of ``F(t) = q`` at each grid point."""
     p = client_weights(summaries)
     cdf = sum(w * (s.imputed.mean + s.rectifier.mean) for w, s in zip(p, summaries, strict=True))
-    unlabelled = sum(s.imputed.count for s in summaries)
-    labelled = sum(s.rectifier.count for s in summaries)
-    v_imp = imputed_covariance([s.imputed for s in summaries], p, imputed_variance) / unlabelled
-    v_rect = pool([s.rectifier for s in summaries]).variance() / labelled
-    return cdf, two_sided_p_value(cdf, np.sqrt(v_imp + v_rect), q)
+    imputed, rectifier = [s.imputed for s in summaries], [s.rectifier for s in summaries]
+    v = estimator_variance(imputed, rectifier, p, imputed_variance, variance)
+    return cdf, two_sided_p_value(cdf, np.sqrt(v), q)
 
 
 def quantile_server(
-    summaries: Sequence[QuantileSummary], grid: np.ndarray, q: float, alpha: float, imputed_variance: str = "averaged"
+    summaries: Sequence[QuantileSummary],
+    grid: np.ndarray,
+    q: float,
+    alpha: float,
+    imputed_variance: str = "averaged",
+    variance: str = "combined",
 ) -> tuple[float, float, float]:
     """Server side: ``(point estimate, lower, upper)``. When no grid point has ``p > alpha`` (discrete data
     whose CDF jumps across q at one value with little uncertainty; ppi_py fails there) the interval is that
     value alone: the first grid point where the combined CDF reaches q."""
-    cdf, p_values = quantile_p_values(summaries, q, imputed_variance)
+    cdf, p_values = quantile_p_values(summaries, q, imputed_variance, variance)
     kept = grid[p_values > alpha]
     if len(kept) == 0:
         kept = grid[np.argmax(cdf >= q)] if np.any(cdf >= q) else grid[-1:]
@@ -108,11 +112,16 @@ def quantile_server(
 
 
 def _checked(
-    clients: Sequence[Mapping[str, Any]], q: float, method: str, grid_size: int, imputed_variance: str = "averaged"
+    clients: Sequence[Mapping[str, Any]],
+    q: float,
+    method: str,
+    grid_size: int,
+    imputed_variance: str = "averaged",
+    variance: str = "combined",
 ) -> list[ClientData]:
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q < 1:
+    if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 < q < 1:
         raise FedsimError(f"q must be in (0, 1), got {q!r}")
-    check_method(method, None, None, tunable=False, imputed_variance=imputed_variance)
+    check_method(method, None, None, tunable=False, imputed_variance=imputed_variance, variance=variance)
     if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 2:
         raise FedsimError(f"grid_size must be an integer >= 2, got {grid_size!r}")
     if method == "centralized" and grid_size != GRID_SIZE:
@@ -136,12 +145,13 @@ def fed_ppi_quantile_ci(
     method: str = "fed_ppi",
     grid_size: int = GRID_SIZE,
     imputed_variance: str = "averaged",
+    variance: str = "combined",
 ) -> tuple[Any, Any]:
     """``(lower, upper)`` of the 1 - alpha interval for the q-quantile of Y across the clients (arrays of
     one row per client for ``method="per_client"``; ppi_py's ``ppi_quantile_ci`` for ``"centralized"``);
-    ``imputed_variance`` as for the mean."""
+    ``imputed_variance`` and ``variance`` as for the mean."""
     alpha = check_alpha(alpha)
-    data = _checked(clients, q, method, grid_size, imputed_variance)
+    data = _checked(clients, q, method, grid_size, imputed_variance, variance)
     if method == "centralized":
         whole = pooled(data)
         try:
@@ -154,7 +164,8 @@ def fed_ppi_quantile_ci(
     if method == "per_client":
         rows = [quantile_server(*_federated([c], False, grid_size), q, alpha)[1:] for c in data]
         return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
-    _, lower, upper = quantile_server(*_federated(data, method == "classical", grid_size), q, alpha, imputed_variance)
+    summaries, grid = _federated(data, method == "classical", grid_size)
+    _, lower, upper = quantile_server(summaries, grid, q, alpha, imputed_variance, variance)
     return lower, upper
 
 

@@ -46,6 +46,7 @@ from fedsim.ppi.moments import (
     normal_interval,
     pool,
     tuned_lam,
+    warn_if_fractions_differ,
 )
 
 SINGULAR_CONDITION = 1e14
@@ -123,6 +124,12 @@ def regression_server(
     inv_h = _inverse(pooled_hessian(summaries, unlabelled), "the pooled Hessian")
     n = sum(s.rectifier.count for s in summaries)
     big_n = sum(s.imputed.count for s in summaries)
+    if n < 2 or big_n < 2:
+        raise FedsimError(
+            f"a regression interval needs at least 2 labelled and 2 unlabelled points, got {n} and {big_n}"
+        )
+    warn_if_fractions_differ([s.rectifier.count for s in summaries], [s.imputed.count for s in summaries],
+                             "the pooled estimate then weights the clients unlike the mean's p_i")  # fmt: skip
     v_l = pool([s.rectifier for s in summaries]).covariance(ddof=1)
     v_u = imputed_covariance([s.imputed for s in summaries], client_weights(summaries), imputed_variance, ddof=1)
     sigma = inv_h @ (n / big_n * v_u + v_l) @ inv_h
@@ -203,8 +210,8 @@ def logistic_server(round_: Callable[[np.ndarray], Sequence[NewtonSummary]], dim
     theta = np.zeros(dim)
     value, grad, hess = _objective(round_(theta))
     for _ in range(NEWTON_STEPS):
-        step = _inverse(hess, "the Hessian of the rectified logistic loss") @ grad
-        if np.max(np.abs(grad)) < 1e-13:
+        step = _inverse(hess, "the Hessian of the rectified logistic loss (or the classes are separable)") @ grad
+        if float(grad @ step) < 1e-26:  # the Newton decrement: scale-free, so separable data never stops here
             return theta
         size, decrease = 1.0, float(grad @ step)
         while True:
@@ -213,7 +220,7 @@ def logistic_server(round_: Callable[[np.ndarray], Sequence[NewtonSummary]], dim
                 break
             size /= 2
         theta, (value, grad, hess) = theta - size * step, trial
-        if np.max(np.abs(size * step)) <= 1e-15 * (1 + np.max(np.abs(theta))):
+        if np.max(np.abs(size * step)) <= 1e-15 * (1 + np.max(np.abs(theta))) and float(grad @ step) < 1e-20:
             return theta
     raise FedsimError("the logistic estimate did not converge (are the classes separable by the covariates?)")
 
@@ -247,7 +254,8 @@ def tuned_lams(family: Family, data: Sequence[ClientData], stages: int, lam_mode
         try:
             lams.append(tuned_lams(family, [client], stages, "global")[0])
         except FedsimError as e:
-            raise FedsimError(f"client {i}: {e} (lam_mode='global' tunes lam on all clients' summaries)") from None
+            hint = " (lam_mode='global' tunes lam on all clients' summaries)" if len(data) > 1 else ""
+            raise FedsimError(f"client {i}: {e}{hint}") from None
     return lams
 
 

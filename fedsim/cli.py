@@ -324,7 +324,9 @@ def plot(
     metric: Annotated[str | None, Opt(help="Comma-separated metrics [default: test_accuracy].")] = None,
     out: Annotated[Path | None, Opt(help="Output PNG (a folder: plot.png in it) [default: plot.png].")] = None,
     standard: Annotated[bool, Opt(help="Draw each folder's own plots into it (a run made with --no-plots).")] = False,
-    x: Annotated[str, Opt("--x", help="x axis: round, or virtual_time_s (the virtual clock).")] = "round",
+    x: Annotated[
+        str, Opt("--x", help="x axis: round, virtual_time_s (the virtual clock), uplink_mb or total_mb (log).")
+    ] = "round",
 ) -> None:
     """Overlay runs' metrics in one PNG, or (--standard) draw each results folder's own plots into it."""
     from fedsim.plots import plot_runs

@@ -139,8 +139,25 @@ def _series(records: Sequence[dict], key: str, x: str = "round") -> tuple[list[f
     return xs, ys
 
 
-X_AXES = {"round": "round", "virtual_time_s": "virtual time (s)"}
-"""The x axes of :func:`plot_runs`: the round (server step), or the virtual clock."""
+X_AXES = {
+    "round": "round",
+    "virtual_time_s": "virtual time (s)",
+    "uplink_mb": "cumulative uplink (MB, log scale)",
+    "total_mb": "cumulative uplink + downlink (MB, log scale)",
+}
+"""The x axes of :func:`plot_runs`: the round (server step), the virtual clock, or the cumulative megabytes
+(10^6 bytes) the run sent up (``bytes_up``), or up and down, by the end of each round."""
+CUMULATIVE_BYTES = {"uplink_mb": ("bytes_up",), "total_mb": ("bytes_up", "bytes_down")}
+
+
+def with_cumulative_mb(records: Sequence[dict], x: str) -> list[dict]:
+    """The records with ``x`` (a key of :data:`CUMULATIVE_BYTES`) added: the running sum of the round's byte
+    counts, in MB; a record without them carries the sum so far."""
+    total, out = 0.0, []
+    for record in records:
+        total += sum(float(record.get(key) or 0) for key in CUMULATIVE_BYTES[x])
+        out.append({**record, x: total / 1e6})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +251,7 @@ def plot_runs(run_dirs: Sequence[str | Path], metrics: Sequence[str], out: str |
     others. Returns the path written; parent folders of ``out`` are created.
     """
     if x not in X_AXES:
-        raise FedsimError(f"unknown x axis {x!r}; choose {' or '.join(X_AXES)}")
+        raise FedsimError(f"unknown x axis {x!r}; choose {', '.join(X_AXES)}")
     if isinstance(metrics, str):
         metrics = [metrics]
     metrics = list(dict.fromkeys(metrics))  # drop duplicates, keep order
@@ -246,6 +263,8 @@ def plot_runs(run_dirs: Sequence[str | Path], metrics: Sequence[str], out: str |
     if not dirs:
         raise FedsimError("no run directories to plot")
     runs = [read_metrics(d) for d in dirs]
+    if x in CUMULATIVE_BYTES:
+        runs = [with_cumulative_mb(records, x) for records in runs]
 
     available = sorted({key for records in runs for key in available_metrics(records)})
     for metric in metrics:
@@ -274,7 +293,10 @@ def plot_runs(run_dirs: Sequence[str | Path], metrics: Sequence[str], out: str |
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     axes[-1].set_xlabel(X_AXES[x])
-    if x != "round":
+    if x in CUMULATIVE_BYTES:
+        for ax in axes:
+            ax.set_xscale("log")
+    elif x != "round":
         for ax in axes:
             ax.xaxis.set_major_locator(_auto_locator())
     if len(dirs) == 1:

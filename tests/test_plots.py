@@ -356,3 +356,18 @@ def test_plot_runs_on_the_virtual_clock(tmp_path: Path) -> None:
     assert _series(records, "test_accuracy", "virtual_time_s")[0] == [1.0, 2.0, 3.0, 4.0]
     with pytest.raises(FedsimError, match="unknown x axis 'time'"):
         plot_runs([run], ["test_accuracy"], tmp_path / "u.png", x="time")
+
+
+def test_plot_runs_against_cumulative_megabytes(run_a: Path, tmp_path: Path) -> None:
+    """``x="uplink_mb"`` / ``"total_mb"``: the running sum of the rounds' bytes in MB, on a log axis."""
+    from fedsim.plots import _series, with_cumulative_mb
+    from fedsim.results import read_metrics
+
+    records = read_metrics(run_a)
+    up = np.cumsum([r["bytes_up"] for r in records]) / 1e6
+    both = np.cumsum([r["bytes_up"] + r["bytes_down"] for r in records]) / 1e6
+    xs, _ = _series(with_cumulative_mb(records, "uplink_mb"), "test_accuracy", "uplink_mb")
+    np.testing.assert_allclose(xs, [u for u, r in zip(up, records, strict=True) if r.get("test_accuracy") is not None])
+    np.testing.assert_allclose([r["total_mb"] for r in with_cumulative_mb(records, "total_mb")], both)
+    for x in ("uplink_mb", "total_mb"):
+        assert plot_runs([run_a], ["test_accuracy"], tmp_path / f"{x}.png", x=x).stat().st_size > 1000

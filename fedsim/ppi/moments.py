@@ -53,11 +53,6 @@ class Moments:
         cov = self.covariance(ddof)
         return cov if self.diagonal else np.diag(cov).copy()
 
-    @property
-    def size(self) -> int:
-        """Numbers carried (what a client sends)."""
-        return int(self.mean.size + self.scatter.size + 1)
-
 
 def pool(parts: Sequence[Moments]) -> Moments:
     """The moments of the concatenation of the parts' rows, from the parts' moments alone."""

@@ -6,9 +6,8 @@ decodes, ``C(x)`` of the same shape; ``bits(n)`` is what one client sends for on
 coding). Randomness is counter-based (:mod:`fedsim.core.rng`): entry j of client c in a call keyed ``keys`` gets
 ``uniform(*keys, c, j)``, so a result never depends on how clients are chunked.
 
-Step 1 of issue 21 (the operators, their bytes and error feedback); the ``compressor`` component kind, the
-``--uplink``/``--downlink`` flags, per-client residual state in the engine, CHOCO-SGD and 8-bit optimizer
-state build on it.
+The engine's channels (component kind ``compressor``, per-client state, bytes of a message) are in
+:mod:`fedsim.compression`; CHOCO-SGD gossip in :mod:`fedsim.choco`.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from fedsim.core.errors import FedsimError
 
 FLOAT_BITS = 32
 INDEX_BITS = 32
-STREAM_COMPRESSION = 8
+STREAM_COMPRESSION = 18
 
 
 def _uniform(x: Tensor, clients: np.ndarray, keys: tuple[int, ...]) -> Tensor:
@@ -52,6 +51,11 @@ class Compressor:
     def bits(self, n: int) -> int:
         """``32 n``: every entry as a float32."""
         return FLOAT_BITS * n
+
+    def contraction(self, n: int) -> float:
+        """The factor that turns an unbiased compressor into a contraction, ``E||a C(x) - x||^2 <= (1 - delta)
+        ||x||^2``, as CHOCO-SGD needs (Koloskova et al. 2019, section 3): 1 for the biased ones."""
+        return 1.0
 
 
 class NoCompression(Compressor):
@@ -94,6 +98,10 @@ class RandK(TopK):
         index = _uniform(x, clients, keys).topk(k, dim=1).indices  # the k largest of iid uniforms: k random entries
         return torch.zeros_like(x).scatter(1, index, x.gather(1, index) * (n / k))
 
+    def contraction(self, n: int) -> float:
+        """``k / n``: rand-k without its rescaling (delta = k / n)."""
+        return self.k(n) / n
+
 
 @dataclass
 class QSGD(Compressor):
@@ -117,6 +125,10 @@ class QSGD(Compressor):
 
     def bits(self, n: int) -> int:
         return n * (1 + math.ceil(math.log2(self.levels + 1))) + FLOAT_BITS
+
+    def contraction(self, n: int) -> float:
+        """``1 / tau`` with ``tau = 1 + min(n / s^2, sqrt(n) / s)``, QSGD's variance bound (the paper's rescaling)."""
+        return 1.0 / (1.0 + min(n / self.levels**2, math.sqrt(n) / self.levels))
 
 
 class Sign(Compressor):

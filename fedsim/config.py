@@ -38,7 +38,7 @@ COMPONENT_KEYS: dict[str, str] = {
     "dataset": "dataset", "partition": "partitioner", "model": "model", "strategy": "strategy",
     "aggregator": "aggregator", "regulator": "regulator", "client_filter": "client_filter",
     "availability": "availability", "system": "system", "attack": "attack", "privacy": "privacy",
-    "sampler": "sampler",
+    "sampler": "sampler", "uplink": "compressor", "downlink": "compressor",
     "optimizer": "optimizer",
     "lr_schedule": "lr_schedule", "problem": "problem", "executor": "executor", "backend": "backend",
 }  # fmt: skip
@@ -51,7 +51,7 @@ POISSON_BATCH_PRIVACY = ("dp-sgd", "dp-brem")
 DEFAULTS: dict[str, str | None] = {
     "dataset": "digits", "partition": "dirichlet", "model": "mlp", "strategy": None, "aggregator": "mean",
     "regulator": "none", "client_filter": "none", "availability": "always", "system": "uniform", "attack": "none",
-    "privacy": "none", "sampler": "shuffle",
+    "privacy": "none", "sampler": "shuffle", "uplink": "none", "downlink": "none",
     "optimizer": "sgd", "lr_schedule": "constant", "problem": None, "executor": "local", "backend": "fedsim",
 }  # fmt: skip
 
@@ -126,6 +126,11 @@ class RunConfig(BaseModel):
     system: Spec
     attack: Spec
     privacy: Spec
+    uplink: Spec
+    downlink: Spec
+    choco_gamma: float | None = Field(
+        None, gt=0, le=1, description="CHOCO-SGD consensus step size (with --topology and --uplink; default 0.5)."
+    )
     deadline_s: float | None = Field(
         None, gt=0, description="Synchronous rounds: clients that would take longer are dropped (virtual seconds)."
     )
@@ -252,6 +257,7 @@ class RunConfig(BaseModel):
                 "drop it, or use the local executor"
             )
         self._check_microbatches()
+        self._check_compression()
         self._check_flower()
         self._check_asynchronous()
         self._check_privacy()
@@ -272,6 +278,37 @@ class RunConfig(BaseModel):
                 f"client_filter.microbatches and regulator.microbatches must agree (both split the same minibatch); "
                 f"got {counts['client_filter.microbatches']} and {counts['regulator.microbatches']}"
             )
+
+    def _check_compression(self) -> None:
+        """Uplink and downlink compression apply to synchronous federated rounds; over a topology the uplink
+        compresses the gossip (CHOCO-SGD, step size ``choco_gamma``) and there is no downlink."""
+        up, down = self.uplink.name != DEFAULTS["uplink"], self.downlink.name != DEFAULTS["downlink"]
+        if self.topology:
+            if down:
+                raise FedsimError(
+                    "downlink compresses a server's broadcast; over a topology there is none (--uplink compresses "
+                    "the gossip messages, CHOCO-SGD)"
+                )
+            if self.choco_gamma is not None and not up:
+                raise FedsimError("choco_gamma is CHOCO-SGD's consensus step size; it needs --uplink NAME")
+            if up and self.schedule != "static":
+                raise FedsimError(
+                    f"CHOCO-SGD keeps public copies of the neighbours' models, which needs a fixed graph; drop "
+                    f"schedule '{self.schedule}' or --uplink"
+                )
+            return
+        if self.choco_gamma is not None:
+            raise FedsimError(
+                "choco_gamma applies to compressed gossip over a topology (--topology FILE, --uplink NAME)"
+            )
+        if not (up or down):
+            return
+        asynchronous = getattr(_strategy_class(self.strategy.name, False), "asynchronous", False)
+        for bad, what in ((asynchronous, f"asynchronous strategy '{self.strategy.name}'"),
+                          (self.privacy.name != DEFAULTS["privacy"], f"privacy '{self.privacy.name}'"),
+                          (self.backend.name != "fedsim", f"--backend {self.backend.name}")):  # fmt: skip
+            if bad:
+                raise FedsimError(f"--uplink/--downlink compression does not combine with {what} yet; drop one")
 
     def _check_asynchronous(self) -> None:
         """FedAsync and FedBuff keep ``strategy.concurrency`` clients in flight on the virtual clock: round-based

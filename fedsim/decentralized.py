@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 import topologies
+from fedsim.choco import DEFAULT_GAMMA, ChocoGossip
 from fedsim.core.protocol import ClientUpdates, Plan, ServerState
 from fedsim.core.pytree import Tree, flatten, stack
 from fedsim.engine.evaluate import client_accuracy_spread, evaluate
@@ -106,28 +107,40 @@ class DecentralizedMode:
         self, sim: Simulation, round_: int, state: ServerState, plan: Plan, updates: ClientUpdates
     ) -> tuple[ServerState, dict[str, Any]]:
         w, gap, messages = self._static or self._gossip_step(round_ - 1)
+        choco = None
+        if sim.uplink is not None:  # compressed gossip (CHOCO-SGD) with the nodes' public copies
+            gamma = DEFAULT_GAMMA if sim.config.choco_gamma is None else sim.config.choco_gamma
+            public = _unprefixed("choco.", state.extras)
+            w = choco = ChocoGossip(w, sim.uplink, gamma, sim.config.seed, round_, public)
         new_params, strategy_state = self.strategy.update(
             w, state.params, updates.deltas, sim.lr(round_), _unprefixed("strategy.", state.extras)
         )
+        sent = messages * self.message_bytes(sim) if choco is None else messages * sim.uplink_bytes * choco.calls
         mean_step = {k: new_params[k].mean(0) - state.params[k].mean(0) for k in new_params}
         metrics = {
             "update_norm": float(flatten(mean_step, stacked=False).norm()),
             "consensus_distance": consensus_distance(new_params),
             "spectral_gap": gap,
-            "bytes_up": messages * sim.model_bytes,
-            "bytes_down": messages * sim.model_bytes,
+            "bytes_up": sent,
+            "bytes_down": sent,
         }
         extras = {**_prefixed("opt.", updates.opt_state), **_prefixed("strategy.", strategy_state)}
+        if choco is not None:
+            extras.update(_prefixed("choco.", choco.public))
         return ServerState(new_params, extras), metrics
+
+    def message_bytes(self, sim: Simulation) -> int:
+        """Bytes one node sends one neighbour per round: a (compressed) model per gossip step of the strategy."""
+        return getattr(self.strategy, "gossips", 1) * sim.uplink_bytes
 
     def client_bytes(
         self, sim: Simulation, round_: int, plan: Plan, updates: ClientUpdates
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Bytes each node receives (a model from every in-neighbour of W_t) and sends (one to every
+        """Bytes each node receives (its messages from every in-neighbour of W_t) and sends (to every
         out-neighbour) in this round's gossip."""
         w = self.schedule.matrix(round_ - 1) if self._static is None else self._matrix
         links = (np.asarray(w) != 0) & ~np.eye(len(w), dtype=bool)  # links[i, j]: i receives from j
-        return links.sum(1) * sim.model_bytes, links.sum(0) * sim.model_bytes
+        return links.sum(1) * self.message_bytes(sim), links.sum(0) * self.message_bytes(sim)
 
     def evaluate(self, sim: Simulation, state: ServerState) -> dict[str, Any]:
         return sim.task.evaluate_nodes(sim, state.params)

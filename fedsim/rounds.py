@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fedsim.attacks import attack_uploads
+from fedsim.compression import UPLINK, Downlink
 from fedsim.core.errors import DivergenceError, FedsimError, OutOfMemory, RunInterrupted
 from fedsim.core.protocol import ClientUpdates, Executor, Plan, ServerState
 from fedsim.core.pytree import Tree, all_finite, flatten, nbytes
@@ -155,14 +156,14 @@ class FederatedMode:
         step = {k: new.params[k] - state.params[k] for k in new.params}
         return new, {
             "update_norm": float(flatten(step, stacked=False).norm()),
-            "bytes_up": selected * (sim.model_bytes + updates.extras_bytes()),
-            "bytes_down": selected * (sim.model_bytes + nbytes(plan.broadcast)),
+            "bytes_up": selected * (sim.uplink_bytes + updates.extras_bytes()),
+            "bytes_down": selected * (sim.downlink_bytes + nbytes(plan.broadcast)),
         }
 
     def client_bytes(self, sim: Simulation, round_: int, plan: Plan, updates: ClientUpdates) -> tuple[int, int]:
         """Bytes each selected client downloads (the model and the broadcast) and uploads (the model and its
         extras) this round."""
-        return sim.model_bytes + nbytes(plan.broadcast), sim.model_bytes + updates.extras_bytes()
+        return sim.downlink_bytes + nbytes(plan.broadcast), sim.uplink_bytes + updates.extras_bytes()
 
     def evaluate(self, sim: Simulation, state: ServerState) -> dict[str, Any]:
         params = state.params
@@ -194,6 +195,8 @@ class Parts:
     system: Any = None
     attack: Any = None
     privacy: Any = None
+    uplink: Any = None
+    downlink: Any = None
 
 
 class Simulation:
@@ -245,12 +248,24 @@ class Simulation:
         self.saved_threads: int | None = None
         """The caller's torch thread count, restored by :meth:`close`."""
         self.model_bytes = nbytes(self.init_params)
+        self.uplink = parts.uplink
+        """The uplink channel (:mod:`fedsim.compression`; over a topology: the gossip's), or None."""
+        self.downlink = None if parts.downlink is None else Downlink(parts.downlink, self.init_params)
+        """The compressed broadcast (:class:`fedsim.compression.Downlink`), or None."""
+        for channel in (self.uplink, parts.downlink):
+            if channel is not None:
+                channel.check_model(self.init_params)
+        self.uplink_bytes = self.model_bytes if self.uplink is None else self.uplink.message_bytes(self.init_params)
+        """Bytes of one client's model-sized upload (one node's gossip message), after compression."""
+        self.downlink_bytes = self.model_bytes if parts.downlink is None else \
+            parts.downlink.message_bytes(self.init_params)  # fmt: skip
+        """Bytes of the model broadcast to one client, after compression."""
         declared = getattr(getattr(self.strategy, "client_algorithm", None), "extra_uploads", None)
         extras = declared(self.init_params) if declared is not None else {}
-        self.upload_bytes = self.model_bytes + nbytes(extras)
+        self.upload_bytes = self.uplink_bytes + nbytes(extras)
         """Bytes one client uploads per round (the model-sized delta and its algorithm's extras)."""
         if self.policy.active:
-            down = self.model_bytes  # plus a broadcast, known per round
+            down = self.downlink_bytes  # plus a broadcast, known per round
             check_reachable(self.policy, self.system.profiles(self.store.num_clients), down, self.upload_bytes)
         self.num_params = sum(v.numel() for v in self.init_params.values())
         if hasattr(self.privacy, "attach"):  # DP-BREM: client and server momenta for this run
@@ -315,14 +330,19 @@ class Simulation:
                 record["epsilon"] = self.privacy.spent()
             return state, {**record, **before}
         attacked = self.attack is not None and self.attack.model_attack
-        if attacked:  # the attack reads the round's stacked updates: no streamed means
+        compressed = self.uplink is not None and isinstance(self.mode, FederatedMode)  # gossip: fedsim.choco
+        if attacked or compressed:  # the attack and the uplink read the round's stacked updates: no streamed means
             plan = replace(plan, reductions=None)
-        updates = self.executor.train(plan, planned.params, round_, lr, start=planned.start,
-                                      opt_state=planned.opt_state)  # fmt: skip
+        params = planned.params
+        if self.downlink is not None:
+            params = self.downlink.broadcast(params, self.config.seed, round_)
+        updates = self.executor.train(plan, params, round_, lr, start=planned.start, opt_state=planned.opt_state)
         if self.attack is not None:
             before["byzantine"] = int(self.byzantine[np.asarray(updates.client_ids, dtype=np.int64)].sum())
         if attacked:
             updates = self.attacked(round_, updates)
+        if compressed:
+            updates = self.compressed(round_, updates)
         new_state, metrics = self.mode.combine(self, round_, state, plan, updates)
         np.add.at(self.participation, np.asarray(updates.client_ids, dtype=np.int64), 1)
         stats = {name: float(v.double().mean()) for name, v in updates.stats.items() if name != "clipped_samples"}
@@ -405,10 +425,13 @@ class Simulation:
     def attacked(self, round_: int, updates: ClientUpdates) -> ClientUpdates:
         """The round's updates with the Byzantine clients' uploads replaced by the model attack."""
         rows = torch.as_tensor(self.byzantine[np.asarray(updates.client_ids, dtype=np.int64)])
-        deltas = attack_uploads(self.attack, updates.deltas, rows, self.config.seed, round_)
-        u = updates
-        return ClientUpdates(u.client_ids, deltas, u.num_samples, u.num_steps, u.train_loss, u.extras, u.opt_state,
-                             u.stats, u.lr, u.num_clients, u.samples_processed)  # fmt: skip
+        return with_deltas(updates, attack_uploads(self.attack, updates.deltas, rows, self.config.seed, round_))
+
+    def compressed(self, round_: int, updates: ClientUpdates) -> ClientUpdates:
+        """The round's updates as the server decodes them from the compressed uplink (:mod:`fedsim.compression`)."""
+        deltas = self.uplink.compress(updates.deltas, updates.client_ids, self.store.num_clients, self.config.seed,
+                                      UPLINK, round_)  # fmt: skip
+        return with_deltas(updates, deltas)
 
     def schedule(self, round_: int, plan: Plan) -> tuple[Plan, RoundSchedule]:
         """The round's clients after the synchronous policies (:mod:`fedsim.round_policy`): over-selected
@@ -427,7 +450,7 @@ class Simulation:
             c.seed, round_, candidates, self.store.sizes[candidates], steps=None if c.local_epochs else c.local_steps,
             epochs=c.local_epochs, batch_size=c.batch_size, state=None,
         )  # fmt: skip
-        down = self.model_bytes + nbytes(plan.broadcast)
+        down = self.downlink_bytes + nbytes(plan.broadcast)
         schedule = schedule_round(
             policy, self.system.profiles(self.store.num_clients), candidates, len(ids), batches.mask.sum(axis=2),
             down, self.upload_bytes, seed=c.seed, round_=round_, online_for=online_for,
@@ -490,7 +513,17 @@ class Simulation:
             "participation": torch.as_tensor(self.participation),
             **({"event_loop": self.mode.state_dict()} if hasattr(self.mode, "state_dict") else {}),
             **({"privacy": self.privacy.state_dict()} if hasattr(self.privacy, "state_dict") else {}),
+            **({"compression": self.compression_state()} if self.compressing else {}),
         }
+
+    @property
+    def compressing(self) -> bool:
+        return self.uplink is not None or self.downlink is not None
+
+    def compression_state(self) -> dict[str, dict[str, Tensor]]:
+        """The channels' per-client state (error-feedback residuals, EF21 estimates, PowerSGD's Q)."""
+        channels = {"uplink": self.uplink, "downlink": getattr(self.downlink, "compression", None)}
+        return {name: c.state_dict() for name, c in channels.items() if c is not None}
 
     def restore(self, payload: dict[str, Any]) -> tuple[int, ServerState]:
         """Server state, client state and sampler state from a checkpoint payload (validated first)."""
@@ -508,6 +541,14 @@ class Simulation:
             self.mode.load_state_dict(payload["event_loop"], self.device)
         if hasattr(self.privacy, "load_state_dict"):
             self.privacy.load_state_dict(payload.get("privacy"))
+        if self.compressing:
+            if "compression" not in payload:
+                raise FedsimError("checkpoint has no compression state (error-feedback residuals) for the channels")
+            saved = payload["compression"]
+            if self.uplink is not None:
+                self.uplink.load_state_dict(saved.get("uplink"))
+            if self.downlink is not None:
+                self.downlink.compression.load_state_dict(saved.get("downlink"))
         return int(payload["round"]), state
 
     def _check_checkpoint(self, payload: Any) -> None:
@@ -639,6 +680,7 @@ class Simulation:
             "participation": participation_stats(self.participation),
             "total_bytes_up": int(sum(h["bytes_up"] for h in history)),
             "total_bytes_down": int(sum(h["bytes_down"] for h in history)),
+            **self.compression_report(history),
             "num_params": self.num_params,
             "num_clients": self.store.num_clients,
             "device": str(self.device),
@@ -658,6 +700,24 @@ class Simulation:
             **({"interrupted": True} if interrupted else {}),
         }
 
+    def compression_report(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """``total_mb_up``/``total_mb_down`` (10^6 bytes), and with compression the channels, their compression
+        ratios (model bytes over message bytes) and the host memory of their state."""
+        report: dict[str, Any] = {
+            "total_mb_up": sum(h["bytes_up"] for h in history) / 1e6,
+            "total_mb_down": sum(h["bytes_down"] for h in history) / 1e6,
+        }
+        if self.compressing:
+            down = getattr(self.downlink, "compression", None)
+            report["compression"] = {
+                "uplink": self.config.uplink.name,
+                "downlink": self.config.downlink.name,
+                "uplink_ratio": self.model_bytes / self.uplink_bytes,
+                "downlink_ratio": self.model_bytes / self.downlink_bytes,
+                "state_bytes": sum(c.state_bytes() for c in (self.uplink, down) if c is not None),
+            }
+        return report
+
     def privacy_report(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         """``epsilon`` (after the rounds run) and ``delta`` of a private run; nothing otherwise."""
         if self.privacy is None:
@@ -673,6 +733,13 @@ class Simulation:
         if self._sampler_report is None:
             self._sampler_report = chain_report(self.sampler, self.store.sizes, self.config.seed)
         return self._sampler_report
+
+
+def with_deltas(updates: ClientUpdates, deltas: Tree) -> ClientUpdates:
+    """``updates`` with its stacked deltas replaced (an attack's or the uplink's)."""
+    u = updates
+    return ClientUpdates(u.client_ids, deltas, u.num_samples, u.num_steps, u.train_loss, u.extras, u.opt_state,
+                         u.stats, u.lr, u.num_clients, u.samples_processed)  # fmt: skip
 
 
 TIMELINE_CLIENTS = 16

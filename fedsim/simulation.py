@@ -137,7 +137,8 @@ def assemble(config: RunConfig) -> Simulation:
         task=task, model=model, mode=mode, sampler=sampler,
         lr_schedule=components.build("lr_schedule", c.lr_schedule), executor=local,
         optimizer_state_bytes=state_bytes(optimizer.init(stack(init_params, 1))), system=system, attack=attack,
-        privacy=privacy,
+        privacy=privacy, uplink=components.build("compressor", c.uplink),
+        downlink=components.build("compressor", c.downlink),
     ))  # fmt: skip
     itself.target = sim
     # Resolved once per run (not per round from free memory): float32 results of convolutional models

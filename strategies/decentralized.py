@@ -36,7 +36,10 @@ def gossip_matrix(w: np.ndarray, device: torch.device, dtype: torch.dtype = torc
 
 
 def gossip(w: Tensor, x: Tree) -> Tree:
-    """``X <- W X`` on every stacked leaf ``[m, ...]``: one sparse matmul on the flattened parameters."""
+    """``X <- W X`` on every stacked leaf ``[m, ...]``: one sparse matmul on the flattened parameters. ``w`` may
+    also be a compressed gossip operator with ``mix(x)`` (CHOCO-SGD, :mod:`fedsim.choco`), which replaces it."""
+    if not isinstance(w, Tensor):
+        return w.mix(x)
     out = {}
     for k, v in x.items():
         flat = v.reshape(v.shape[0], -1)
@@ -48,6 +51,8 @@ class DSGD:
     """Combine-then-adapt D-SGD: ``x_i <- sum_j W_ij x_j - Delta_i`` (see the module docstring)."""
 
     name: ClassVar[str] = "dsgd"
+    gossips: ClassVar[int] = 1
+    """Gossip steps ``X <- W X`` per round (what each node sends every neighbour)."""
 
     def __init__(self, client_algorithm: ClientAlgorithm | None = None) -> None:
         self.client_algorithm = client_algorithm or ClientAlgorithm()
@@ -91,6 +96,7 @@ class DSGT(DSGD):
     """
 
     name: ClassVar[str] = "dsgt"
+    gossips: ClassVar[int] = 2
 
     def init(self, x: Tree) -> Tree:
         zeros = {k: torch.zeros_like(v) for k, v in x.items()}

@@ -377,6 +377,44 @@ CATALOG = {
             'target_epsilon': (Annotated[float | None, Field(gt=0)], None),
         }),
     },
+    'compressor': {
+        'identity': (False, {
+            'feedback': (Literal['none', 'ef', 'ef21'], 'none'),
+        }),
+        'topk': (False, {
+            'ratio': (Annotated[float, Field(gt=0, le=1)], 0.01),
+            'feedback': (Literal['none', 'ef', 'ef21'], 'none'),
+        }),
+        'randk': (False, {
+            'ratio': (Annotated[float, Field(gt=0, le=1)], 0.01),
+            'feedback': (Literal['none', 'ef', 'ef21'], 'none'),
+        }),
+        'qsgd': (False, {
+            'levels': (Annotated[int, Field(ge=1)], 16),
+            'feedback': (Literal['none', 'ef', 'ef21'], 'none'),
+        }),
+        'sign': (False, {
+            'feedback': (Literal['none', 'ef', 'ef21'], 'none'),
+        }),
+        'int8': (False, {
+            'block': (Annotated[int, Field(ge=1)], 64),
+            'feedback': (Literal['none', 'ef', 'ef21'], 'none'),
+        }),
+        'int4': (False, {
+            'block': (Annotated[int, Field(ge=1)], 64),
+            'feedback': (Literal['none', 'ef', 'ef21'], 'none'),
+        }),
+        'blockwise': (False, {
+            'bits': (int, 8),
+            'block': (Annotated[int, Field(ge=1)], 64),
+            'feedback': (Literal['none', 'ef', 'ef21'], 'none'),
+        }),
+        'powersgd': (False, {
+            'rank': (Annotated[int, Field(ge=1)], 4),
+            'fallback': (Literal['none', 'int8', 'int4', 'sign'], 'none'),
+            'feedback': (Literal['none', 'ef', 'ef21'], 'ef'),
+        }),
+    },
     'problem': {
         'auc': (False, {
             'positive_classes': (list[int] | None, None),

@@ -31,7 +31,7 @@ from fedsim.core import components
 from fedsim.core.errors import FedsimError
 from fedsim.simulation import make_simulation, simulate
 from strategies import gossip_matrix
-from strategies.decentralized import DSGD, DSGT, DSGDATC
+from strategies.decentralized import DSGD, DSGDATC, DSGT
 
 SMALL = dict(dataset="digits", clients=8, rounds=3, local_steps=3, batch_size=8, seed=2,
              model={"name": "mlp", "hidden": [16]}, checkpoint_every=0)  # fmt: skip
@@ -85,7 +85,7 @@ def test_vectorized_channel_equals_a_per_client_loop(make):
         x = stacked(seed=round_)
         ids = np.array([0, 3, 4, 6, 9])
         out = together.compress(x, ids, 10, 7, UPLINK, round_)
-        for row, c in enumerate(ids):
+        for row in range(len(ids)):
             one = alone.compress({k: v[row : row + 1] for k, v in x.items()}, ids[row : row + 1], 10, 7, UPLINK, round_)
             for k in x:
                 torch.testing.assert_close(out[k][row], one[k][0], rtol=1e-6, atol=1e-6)
@@ -172,8 +172,12 @@ def test_choco_keeps_the_network_average_and_reaches_consensus():
 
 
 @pytest.mark.parametrize(
-    "uplink", [{"name": "topk", "ratio": 0.05, "feedback": "ef"}, {"name": "qsgd", "levels": 4, "feedback": "ef21"},
-               {"name": "powersgd", "rank": 2}],  # fmt: skip
+    "uplink",
+    [
+        {"name": "topk", "ratio": 0.05, "feedback": "ef"},
+        {"name": "qsgd", "levels": 4, "feedback": "ef21"},
+        {"name": "powersgd", "rank": 2},
+    ],  # fmt: skip
     ids=["topk-ef", "qsgd-ef21", "powersgd"],
 )
 def test_runs_are_chunk_independent_and_count_compressed_bytes(tmp_path, uplink):
@@ -203,10 +207,22 @@ def test_uplink_with_full_ratio_is_the_uncompressed_run(tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--uplink", "topk", "--set", "uplink.feedback=ef", "--set", "uplink.ratio=0.1", "--fraction", "0.5"],
-     ["--uplink", "powersgd", "--downlink", "topk", "--set", "downlink.feedback=ef21", "--fraction", "0.5"],
-     ["--topology", "RING", "--uplink", "qsgd", "--set", "choco_gamma=0.3", "--strategy", "dsgt",
-      "--local-steps", "1"]],  # fmt: skip
+    [
+        ["--uplink", "topk", "--set", "uplink.feedback=ef", "--set", "uplink.ratio=0.1", "--fraction", "0.5"],
+        ["--uplink", "powersgd", "--downlink", "topk", "--set", "downlink.feedback=ef21", "--fraction", "0.5"],
+        [
+            "--topology",
+            "RING",
+            "--uplink",
+            "qsgd",
+            "--set",
+            "choco_gamma=0.3",
+            "--strategy",
+            "dsgt",
+            "--local-steps",
+            "1",
+        ],
+    ],  # fmt: skip
     ids=["uplink-ef", "powersgd-downlink-ef21", "choco-dsgt"],
 )
 def test_resume_is_exact_with_residuals(tmp_path, cli, flags):

@@ -59,8 +59,20 @@ FeedbackOption = Annotated[Feedback, option("error feedback: none, ef (residual 
 Ratio = Annotated[float, option("share of the entries sent, k = max(1, floor(ratio n))", gt=0, le=1)]
 Block = Annotated[int, option("entries per block, each with its own 32-bit scale", ge=1)]
 
+CACHE_ENTRIES = 2**18
+"""Entries an operator processes at once (rows of clients): 1 MB of float32, so its temporaries stay in cache
+(QSGD on 100 clients of a 50k-parameter model: 45 ms -> 33 ms)."""
+
 UPLINK, DOWNLINK, GOSSIP = 0, 1, 2
 """Channel numbers in the randomness keys (gossip slot s uses ``GOSSIP + s``)."""
+
+
+def _index(clients: np.ndarray) -> slice | Tensor:
+    """Rows ``clients`` of a state tensor: a slice when they are consecutive (a chunk of a full round: no
+    gather), else an index tensor."""
+    if len(clients) and clients[-1] - clients[0] == len(clients) - 1 and (np.diff(clients) == 1).all():
+        return slice(int(clients[0]), int(clients[-1]) + 1)
+    return torch.as_tensor(clients)
 
 
 class Compression:
@@ -109,30 +121,41 @@ class Compression:
         clients = np.asarray(clients, dtype=np.int64)
         out = {}
         for i, (key, x) in enumerate(stack.items()):
-
-            def encode(v: Tensor, key: str = key, i: int = i) -> Tensor:
-                return self.encode(key, v, clients, population, (seed, channel, i, round_))
-
-            if self.feedback == "none":
-                out[key] = encode(x)
-            elif self.feedback == "ef":
-                sent, residual = error_feedback(x, self.rows(f"residual.{key}", x, clients, population), encode)
-                self.store(f"residual.{key}", clients, residual)
-                out[key] = sent
-            else:
-                _, estimate = ef21(x, self.rows(f"estimate.{key}", x, clients, population), encode)
-                self.store(f"estimate.{key}", clients, estimate)
-                out[key] = estimate
+            keys = (seed, channel, i, round_)
+            rows = max(1, CACHE_ENTRIES // max(1, x[0].numel()))
+            if rows >= len(x):
+                out[key] = self._received(key, x, clients, population, keys)
+                continue
+            out[key] = torch.empty_like(x)  # a few clients at a time: temporaries stay in cache (rows are independent)
+            for first in range(0, len(x), rows):
+                part = slice(first, first + rows)
+                out[key][part] = self._received(key, x[part], clients[part], population, keys)
         return out
+
+    def _received(self, key: str, x: Tensor, clients: np.ndarray, population: int, keys: tuple[int, ...]) -> Tensor:
+        """What the receiver uses for tensor ``key`` of these clients, after the feedback rule."""
+
+        def encode(v: Tensor) -> Tensor:
+            return self.encode(key, v, clients, population, keys)
+
+        if self.feedback == "none":
+            return encode(x)
+        if self.feedback == "ef":
+            sent, residual = error_feedback(x, self.rows(f"residual.{key}", x, clients, population), encode)
+            self.store(f"residual.{key}", clients, residual)
+            return sent
+        _, estimate = ef21(x, self.rows(f"estimate.{key}", x, clients, population), encode)
+        self.store(f"estimate.{key}", clients, estimate)
+        return estimate
 
     def rows(self, name: str, like: Tensor, clients: np.ndarray, population: int) -> Tensor:
         """The clients' rows of state ``name`` on ``like``'s device (zeros the first time)."""
         if name not in self.state:
             self.state[name] = torch.zeros((population, *like.shape[1:]), dtype=like.dtype)
-        return self.state[name][torch.as_tensor(clients)].to(like.device)
+        return self.state[name][_index(clients)].to(like.device)
 
     def store(self, name: str, clients: np.ndarray, value: Tensor) -> None:
-        self.state[name][torch.as_tensor(clients)] = value.detach().to("cpu", self.state[name].dtype)
+        self.state[name][_index(clients)] = value.detach().to("cpu", self.state[name].dtype)
 
     def state_bytes(self) -> int:
         """Host memory of the channel's state."""

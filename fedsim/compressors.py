@@ -28,9 +28,10 @@ STREAM_COMPRESSION = 18
 
 
 def _uniform(x: Tensor, clients: np.ndarray, keys: tuple[int, ...]) -> Tensor:
-    """Counter-based U(0, 1) of ``x``'s shape: entry (c, j) from ``(*keys, clients[c], j)``."""
-    u = rng.uniform(*keys, STREAM_COMPRESSION, np.asarray(clients)[:, None], np.arange(x.shape[1])[None, :])
-    return torch.as_tensor(u, dtype=x.dtype, device=x.device)
+    """Counter-based U(0, 1) of ``x``'s shape (24 random bits): entry (c, j) from ``(*keys, clients[c], j // 2)``
+    (:func:`fedsim.core.rng.uniform32`)."""
+    u = rng.uniform32(*keys, STREAM_COMPRESSION, rows=np.asarray(clients), count=x.shape[1])
+    return torch.from_numpy(u).to(x.device, x.dtype)
 
 
 def _check_ratio(ratio: float) -> float:
@@ -118,10 +119,10 @@ class QSGD(Compressor):
 
     def compress(self, x: Tensor, clients: np.ndarray, keys: tuple[int, ...] = ()) -> Tensor:
         norm = x.norm(dim=1, keepdim=True)
-        scaled = self.levels * x.abs() / torch.where(norm > 0, norm, torch.ones_like(norm))
-        low = scaled.floor()
-        level = low + (_uniform(x, clients, keys) < scaled - low).to(x.dtype)
-        return norm * x.sign() * level / self.levels
+        scaled = x.abs().mul_(self.levels / torch.where(norm > 0, norm, torch.ones_like(norm)))
+        level = scaled.floor()
+        level.add_(_uniform(x, clients, keys).lt_(scaled.sub_(level)))  # + Bernoulli(fractional part)
+        return torch.copysign(level, x).mul_(norm / self.levels)
 
     def bits(self, n: int) -> int:
         return n * (1 + math.ceil(math.log2(self.levels + 1))) + FLOAT_BITS

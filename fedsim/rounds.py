@@ -331,7 +331,10 @@ class Simulation:
             return state, {**record, **before}
         attacked = self.attack is not None and self.attack.model_attack
         compressed = self.uplink is not None and isinstance(self.mode, FederatedMode)  # gossip: fedsim.choco
-        if attacked or compressed:  # the attack and the uplink read the round's stacked updates: no streamed means
+        chunkwise = compressed and not attacked and getattr(self.executor, "encodes_uploads", False)
+        if chunkwise:  # each trained chunk is compressed before it is folded into the streamed means
+            plan = replace(plan, encode=lambda ids, deltas: self.encode_uploads(round_, ids, deltas))
+        elif attacked or compressed:  # the attack (then the uplink) reads the round's stacked updates
             plan = replace(plan, reductions=None)
         params = planned.params
         if self.downlink is not None:
@@ -341,8 +344,8 @@ class Simulation:
             before["byzantine"] = int(self.byzantine[np.asarray(updates.client_ids, dtype=np.int64)].sum())
         if attacked:
             updates = self.attacked(round_, updates)
-        if compressed:
-            updates = self.compressed(round_, updates)
+        if compressed and not chunkwise:
+            updates = with_deltas(updates, self.encode_uploads(round_, updates.client_ids, updates.deltas))
         new_state, metrics = self.mode.combine(self, round_, state, plan, updates)
         np.add.at(self.participation, np.asarray(updates.client_ids, dtype=np.int64), 1)
         stats = {name: float(v.double().mean()) for name, v in updates.stats.items() if name != "clipped_samples"}
@@ -427,11 +430,10 @@ class Simulation:
         rows = torch.as_tensor(self.byzantine[np.asarray(updates.client_ids, dtype=np.int64)])
         return with_deltas(updates, attack_uploads(self.attack, updates.deltas, rows, self.config.seed, round_))
 
-    def compressed(self, round_: int, updates: ClientUpdates) -> ClientUpdates:
-        """The round's updates as the server decodes them from the compressed uplink (:mod:`fedsim.compression`)."""
-        deltas = self.uplink.compress(updates.deltas, updates.client_ids, self.store.num_clients, self.config.seed,
-                                      UPLINK, round_)  # fmt: skip
-        return with_deltas(updates, deltas)
+    def encode_uploads(self, round_: int, client_ids: np.ndarray, deltas: Tree) -> Tree:
+        """The clients' stacked deltas as the server decodes them from the compressed uplink
+        (:mod:`fedsim.compression`); updates their error-feedback state."""
+        return self.uplink.compress(deltas, client_ids, self.store.num_clients, self.config.seed, UPLINK, round_)
 
     def schedule(self, round_: int, plan: Plan) -> tuple[Plan, RoundSchedule]:
         """The round's clients after the synchronous policies (:mod:`fedsim.round_policy`): over-selected

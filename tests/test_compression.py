@@ -284,3 +284,19 @@ def test_powersgd_refuses_a_model_without_a_matrix():
     with pytest.raises(FedsimError, match="bits must be one of"):
         BlockwiseCompression(bits=3)
     assert Int8Compression().bits == 8
+
+
+def test_chunkwise_uplink_equals_compressing_the_stacked_round(tmp_path, monkeypatch):
+    """The local executor compresses each trained chunk before the streamed means; the driver's path (used with
+    a model attack or Ray) compresses the stacked round: the same numbers."""
+    from fedsim.engine.executor import LocalExecutor
+
+    config = {**SMALL, "fraction": 0.5, "uplink": {"name": "qsgd", "levels": 4, "feedback": "ef"}, "chunk_size": 2}
+    simulate(config, tmp_path / "chunkwise", plots=False)
+    monkeypatch.setattr(LocalExecutor, "encodes_uploads", False)
+    simulate(config, tmp_path / "stacked", plots=False)
+    for a, b in zip(metrics(tmp_path / "chunkwise"), metrics(tmp_path / "stacked"), strict=True):
+        a.pop("time_s"), b.pop("time_s")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == (b[k] if b[k] is None else pytest.approx(b[k], rel=1e-6, abs=1e-9)), k

@@ -180,6 +180,20 @@ def bench_privacy_cmd(
     _emit_json(bench_privacy(clients=clients, rounds=rounds, repeats=repeats, processes=processes), out)
 
 
+@bench_app.command("compression")
+def bench_compression_cmd(
+    clients: Annotated[int, Opt(min=2, help="Simulated clients (all train every round).")] = 100,
+    rounds: Annotated[int, Opt(min=1, help="Timed rounds per compressor (median).")] = 10,
+    repeats: Annotated[int, Opt(min=1, help="Whole processes of each (median).")] = 3,
+    processes: Annotated[bool, Opt(help="Also time whole fedsim simulate processes.")] = True,
+    out: Annotated[Path | None, Opt(help="Also write the JSON here.")] = None,
+) -> None:
+    """Seconds per round with each uplink compressor against an uncompressed round."""
+    from fedsim.benchmarks.compression import bench_compression
+
+    _emit_json(bench_compression(clients=clients, rounds=rounds, repeats=repeats, processes=processes), out)
+
+
 @bench_app.command("optimizer")
 def bench_optimizer_cmd(
     workload: Annotated[str, Opt(help="char_transformer | llama_block")] = "char_transformer",

@@ -46,6 +46,11 @@ class Plan:
     """When set, the round number each client's batches are drawn for (in ``client_ids`` order), instead of
     the round passed to ``train``: asynchronous clients trained together come from different server versions,
     and client ``k``'s ``j``-th job draws the batches of its round ``j``."""
+    encode: Callable[[np.ndarray, Tree], Tree] | None = None
+    """When set, what the server decodes from a chunk's uploads: ``encode(client_ids, deltas)`` maps each
+    trained chunk's stacked deltas to their decoded form (a compressed uplink, :mod:`fedsim.compression`), before
+    they are folded or stacked. Only an executor in the driver's process applies it (it updates the driver's
+    per-client state)."""
 
 
 @dataclass

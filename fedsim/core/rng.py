@@ -80,3 +80,12 @@ def randint_scalar(high: int, *keys: int) -> int:
 def seed_for(*keys: int) -> int:
     """A 63-bit integer seed for ``torch.Generator``/``numpy.random.default_rng`` derived from keys."""
     return int(hash_keys(*keys) >> np.uint64(1))
+
+
+def uniform32(*keys: int | np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
+    """float32 uniforms in [0, 1) with 24 random bits, ``[len(rows), count]``: entry ``(i, j)`` is the
+    32-bit half ``j % 2`` (low first) of ``hash_keys(*keys, rows[i], j // 2)``, its top 24 bits. Half the hashing
+    of :func:`uniform` for float32 draws (a compressor's stochastic rounding)."""
+    h = hash_keys(*keys, np.asarray(rows)[:, None], np.arange((count + 1) // 2)[None, :])
+    halves = np.ascontiguousarray(h).astype("<u8", copy=False).view("<u4")[:, :count]
+    return (halves >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / (1 << 24))

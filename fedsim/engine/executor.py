@@ -89,6 +89,8 @@ class LocalExecutor:
     """Trains a plan's clients chunk by chunk on one device (vectorized, or sequential as a reference)."""
 
     checkpoints = True
+    encodes_uploads = True
+    """It applies a plan's ``encode`` to each chunk (it runs in the driver's process)."""
     """Its client and sampler state can be checkpointed (see :class:`fedsim.core.protocol.Executor`)."""
 
     def __init__(
@@ -195,6 +197,8 @@ class LocalExecutor:
             r = self._train_chunk(
                 ids[rows], plan, params, round_, lr, _rows(start, rows), _rows(opt_state, rows), limit, keys
             )
+            if plan.encode is not None:  # the uplink: what the server decodes, chunk by chunk
+                r.deltas = plan.encode(ids[rows], r.deltas)
             scalars = {"num_steps": r.num_steps, "train_loss": r.train_loss.to(self.device),
                        "samples_processed": r.samples_processed}  # fmt: skip
             if streaming is not None:  # fold the chunk into the declared means and drop its uploads

@@ -218,11 +218,13 @@ CATALOG = {
             'betas': (tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]], (0.9, 0.999)),
             'eps': (Annotated[float, Field(gt=0)], 1e-08),
             'weight_decay': (Annotated[float, Field(ge=0)], 0.0),
+            'state_bits': (Literal[8, 32], 32),
         }),
         'adamw': (False, {
             'betas': (tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]], (0.9, 0.999)),
             'eps': (Annotated[float, Field(gt=0)], 1e-08),
             'weight_decay': (Annotated[float, Field(ge=0)], 0.0),
+            'state_bits': (Literal[8, 32], 32),
         }),
         'foam': (False, {
             'level': (Annotated[int, Field(ge=0, le=16)], 2),
@@ -233,6 +235,7 @@ CATALOG = {
             'weight_decay': (Annotated[float, Field(ge=0)], 0.0),
             'eps_mode': (Literal['torch', 'authors'], 'torch'),
             'compress_params': (Literal['body', 'all'], 'body'),
+            'state_bits': (Literal[8, 32], 32),
         }),
         'gwt': (False, {
             'level': (Annotated[int, Field(ge=0, le=16)], 2),
@@ -244,6 +247,7 @@ CATALOG = {
             'weight_decay': (Annotated[float, Field(ge=0)], 0.0),
             'eps_mode': (Literal['torch', 'authors'], 'torch'),
             'compress_params': (Literal['body', 'all'], 'body'),
+            'state_bits': (Literal[8, 32], 32),
         }),
         'mols': (False, {
             'estimator': (Literal['sai', 'ema'], 'sai'),

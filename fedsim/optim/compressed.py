@@ -26,6 +26,7 @@ from torch import Tensor
 from fedsim.core.pytree import Tree
 
 from .kernels import Direction, adam_moments
+from .quantized_state import check_state_bits, dequantize_state, expand_, quantize_state, shrink_
 from .stacked import AppliesUpdate, evaluate_closure, step_counter
 
 EPS_MODES = ("torch", "authors")
@@ -53,6 +54,8 @@ class CompressedAdam(torch.optim.Optimizer):
         if lr < 0 or eps < 0 or wd < 0 or not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"invalid hyperparameters: lr={lr}, betas={defaults['betas']}, eps={eps}, wd={wd}")
         check_eps_mode(defaults["eps_mode"])
+        defaults.setdefault("state_bits", 32)
+        check_state_bits(defaults["state_bits"])
         if int(defaults["level"]) != defaults["level"] or defaults["level"] < 0:
             raise ValueError(f"level must be a non-negative integer, got {defaults['level']!r}")
         defaults.setdefault(self.flag, True)
@@ -95,6 +98,7 @@ class CompressedAdam(torch.optim.Optimizer):
             plain_eps: list[float] = []
             decayed: list[Tensor] = []
             fused: tuple[list[Tensor], list[float], list[float]] = ([], [], [])
+            eight_bit = group["state_bits"] == 8
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -109,6 +113,8 @@ class CompressedAdam(torch.optim.Optimizer):
                     else:
                         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if eight_bit:  # float32 moments for this step, 8 bits again after it
+                    expand_(state)
                 state["step"] += 1
                 step_size = bias_corrected_step(group["lr"], b1, b2, state["step"])
                 eps = group["eps"] * (math.sqrt(1 - b2 ** state["step"]) if group["eps_mode"] == "torch" else 1.0)
@@ -135,6 +141,9 @@ class CompressedAdam(torch.optim.Optimizer):
                 torch._foreach_addcdiv_(params, exp_avgs, denom, plain_steps)
             if group["weight_decay"] and decayed:
                 torch._foreach_mul_(decayed, 1 - group["lr"] * group["weight_decay"])
+            if eight_bit:
+                for p in decayed:
+                    shrink_(self.state[p])
         return loss
 
 
@@ -154,6 +163,9 @@ class FunctionalCompressedAdam(AppliesUpdate):
     weight_decay: float = 0.0
     compress: frozenset[str] | None = None
     eps_mode: str = "torch"
+    state_bits: int = 32
+    """8: every moment (the compressed rule's and AdamW's) is kept blockwise-quantized between steps
+    (:mod:`fedsim.optim.quantized_state`)."""
 
     def __post_init__(self) -> None:
         check_eps_mode(self.eps_mode)
@@ -176,9 +188,11 @@ class FunctionalCompressedAdam(AppliesUpdate):
             else:
                 state[f"m.{name}"] = torch.zeros_like(value)
                 state[f"v.{name}"] = torch.zeros_like(value)
-        return state
+        return quantize_state(state) if self.state_bits == 8 else state
 
     def update(self, grads: Tree, state: Tree, params: Tree, lr: float) -> tuple[Tree, Tree]:
+        if self.state_bits == 8:
+            state = dequantize_state(state, next(iter(params.values())).dtype)
         b1, b2 = self.betas
         step = state["step"] + 1
         step_size = lr * torch.sqrt(1 - b2**step) / (1 - b1**step)
@@ -200,4 +214,4 @@ class FunctionalCompressedAdam(AppliesUpdate):
             if self.weight_decay:
                 u = u - lr * self.weight_decay * (w + u)
             updates[name] = u
-        return updates, new_state
+        return updates, quantize_state(new_state) if self.state_bits == 8 else new_state

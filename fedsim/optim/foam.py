@@ -22,7 +22,7 @@ from fedsim.core.pytree import Tree
 from .compressed import CompressedAdam, FunctionalCompressedAdam
 from .fused import foam_steps_
 from .kernels import Direction, FoamRule
-from .options import Betas, CompressParams, Eps, EpsMode, WeightDecay, compressed_names
+from .options import Betas, CompressParams, Eps, EpsMode, StateBits, WeightDecay, compressed_names
 
 
 class FOAM(CompressedAdam):
@@ -46,9 +46,10 @@ class FOAM(CompressedAdam):
         res_scale: float = 1.0,
         eps_mode: str = "torch",
         fused: bool = False,
+        state_bits: int = 32,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, level=level, scale=scale,
-                        res_scale=res_scale, eps_mode=eps_mode, fused=fused)  # fmt: skip
+                        res_scale=res_scale, eps_mode=eps_mode, fused=fused, state_bits=state_bits)  # fmt: skip
         super().__init__(params, defaults)
 
     @staticmethod
@@ -107,13 +108,14 @@ def foam(
     weight_decay: WeightDecay = 0.0,
     eps_mode: EpsMode = "torch",
     compress_params: CompressParams = "body",
+    state_bits: StateBits = 32,
     *,
     model: nn.Module | None = None,
     compress: frozenset[str] | None = None,
 ) -> FunctionalFOAM:
     """FOAM (blocked state folding; zqOuO/FOAM): Adam moments of folded gradients, residual re-added."""
     return FunctionalFOAM(
-        betas=tuple(betas), eps=eps, weight_decay=weight_decay, eps_mode=eps_mode,
+        betas=tuple(betas), eps=eps, weight_decay=weight_decay, eps_mode=eps_mode, state_bits=state_bits,
         compress=compressed_names(model, compress_params, compress), level=level, scale=scale, res_scale=res_scale,
     )  # fmt: skip
 

@@ -20,7 +20,8 @@ from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
 from fedsim.core.pytree import Tree
 
-from .options import Betas, Eps, WeightDecay
+from .options import Betas, Eps, StateBits, WeightDecay
+from .quantized_state import dequantize_state, quantize_state
 from .stacked import step_counter
 
 
@@ -83,16 +84,27 @@ class Adam:
     eps: float = 1e-8
     weight_decay: float = 0.0
     decoupled: bool = False
+    state_bits: int = 32
+    """8: the moments are kept blockwise-quantized (:mod:`fedsim.optim.quantized_state`), dequantized for each
+    step and quantized again after it; the rule is otherwise the same."""
 
     def init(self, params: Tree) -> Tree:
         state: Tree = {"step": step_counter(params)}
         for k, v in params.items():
             state[f"m.{k}"] = torch.zeros_like(v)
             state[f"v.{k}"] = torch.zeros_like(v)
-        return state
+        return quantize_state(state) if self.state_bits == 8 else state
+
+    def _moments(self, state: Tree, params: Tree) -> Tree:
+        """The state with float moments (dequantized when kept in 8 bits)."""
+        return dequantize_state(state, next(iter(params.values())).dtype) if self.state_bits == 8 else state
+
+    def _stored(self, state: Tree, params: Tree) -> Tree:
+        return quantize_state(state) if self.state_bits == 8 else state
 
     def update(self, grads: Tree, state: Tree, params: Tree, lr: float) -> tuple[Tree, Tree]:
         b1, b2 = self.betas
+        state = self._moments(state, params)
         step = state["step"] + 1
         new_state: Tree = {"step": step}
         updates = {}
@@ -109,11 +121,14 @@ class Adam:
             if self.weight_decay and self.decoupled:
                 u = u - lr * self.weight_decay * w
             updates[k] = u
-        return updates, new_state
+        return updates, self._stored(new_state, params)
 
     def step_(self, grads: Tree, state: Tree, params: Tree, lr: float) -> Tree:
         """In-place form of :meth:`update` + apply (see :meth:`SGD.step_`). Returns the state."""
         b1, b2 = self.betas
+        quantized = self.state_bits == 8
+        if quantized:
+            state = self._moments(state, params)
         state["step"] = state["step"] + 1
         step = state["step"]
         for k, g in grads.items():
@@ -126,7 +141,7 @@ class Adam:
                 w.mul_(1 - lr * self.weight_decay)
             denom = v.sqrt().div_(_per_client(torch.sqrt(1 - b2**step), w)).add_(self.eps)
             w.sub_(g.copy_(m).mul_(_per_client(lr / (1 - b1**step), w)).div_(denom))
-        return state
+        return self._stored(state, params) if quantized else state
 
 
 def sgd(
@@ -147,14 +162,18 @@ def _check_sgd(options: dict) -> None:
 sgd.check_options = _check_sgd  # type: ignore[attr-defined]
 
 
-def adam(betas: Betas = (0.9, 0.999), eps: Eps = 1e-8, weight_decay: WeightDecay = 0.0) -> Adam:
+def adam(
+    betas: Betas = (0.9, 0.999), eps: Eps = 1e-8, weight_decay: WeightDecay = 0.0, state_bits: StateBits = 32
+) -> Adam:
     """Adam, as ``torch.optim.Adam`` (weight decay added to the gradient)."""
-    return Adam(betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    return Adam(betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_bits=state_bits)
 
 
-def adamw(betas: Betas = (0.9, 0.999), eps: Eps = 1e-8, weight_decay: WeightDecay = 0.0) -> Adam:
+def adamw(
+    betas: Betas = (0.9, 0.999), eps: Eps = 1e-8, weight_decay: WeightDecay = 0.0, state_bits: StateBits = 32
+) -> Adam:
     """AdamW, as ``torch.optim.AdamW`` (decoupled weight decay)."""
-    return Adam(betas=tuple(betas), eps=eps, weight_decay=weight_decay, decoupled=True)
+    return Adam(betas=tuple(betas), eps=eps, weight_decay=weight_decay, decoupled=True, state_bits=state_bits)
 
 
 def make_optimizer(spec: object, *, model=None, compress: frozenset[str] | None = None, **options: object):

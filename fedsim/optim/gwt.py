@@ -24,7 +24,7 @@ from fedsim.core.pytree import Tree
 from .compressed import CompressedAdam, FunctionalCompressedAdam
 from .fused import gwt_steps_
 from .kernels import Direction, GwtRule
-from .options import Betas, CompressParams, Eps, EpsMode, WeightDecay, compressed_names
+from .options import Betas, CompressParams, Eps, EpsMode, StateBits, WeightDecay, compressed_names
 
 WAVELETS = ("haar",)
 
@@ -55,12 +55,14 @@ class GWT(CompressedAdam):
         limiter: float = 1.01,
         eps_mode: str = "torch",
         fused: bool = False,
+        state_bits: int = 32,
     ) -> None:
         _check_wavelet(wavelet)
         if limiter <= 0:
             raise ValueError(f"limiter must be positive, got {limiter!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, level=level, scale=scale,
-                        wavelet=wavelet, limiter=limiter, eps_mode=eps_mode, fused=fused)  # fmt: skip
+                        wavelet=wavelet, limiter=limiter, eps_mode=eps_mode, fused=fused,
+                        state_bits=state_bits)  # fmt: skip
         super().__init__(params, defaults)
 
     @staticmethod
@@ -130,13 +132,14 @@ def gwt(
     weight_decay: WeightDecay = 0.0,
     eps_mode: EpsMode = "torch",
     compress_params: CompressParams = "body",
+    state_bits: StateBits = 32,
     *,
     model: nn.Module | None = None,
     compress: frozenset[str] | None = None,
 ) -> FunctionalGWT:
     """GWT (gradient wavelet transform + Adam; zqOuO/GWT): Adam moments on the coarsest Haar coefficients."""
     return FunctionalGWT(
-        betas=tuple(betas), eps=eps, weight_decay=weight_decay, eps_mode=eps_mode,
+        betas=tuple(betas), eps=eps, weight_decay=weight_decay, eps_mode=eps_mode, state_bits=state_bits,
         compress=compressed_names(model, compress_params, compress), level=level, scale=scale, limiter=limiter,
         wavelet=wavelet,
     )  # fmt: skip

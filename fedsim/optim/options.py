@@ -16,6 +16,9 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 Betas = Annotated[tuple[Beta, Beta], option("Adam's (beta1, beta2), each in [0, 1)")]
 Eps = Annotated[float, option("term added to the denominator", gt=0)]
 WeightDecay = Annotated[float, option("weight decay (decoupled for adamw, foam, gwt, mols)", ge=0)]
+StateBits = Annotated[
+    Literal[8, 32], option("bits of the moment state: 32, or 8 (blockwise dynamic quantization, Dettmers et al.)")
+]
 EpsMode = Annotated[Literal["torch", "authors"], option("where eps enters (see fedsim.optim.compressed)")]
 CompressParams = Annotated[
     Literal["body", "all"], option("parameters transformed: body = matrices minus embeddings and output head")

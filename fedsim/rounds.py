@@ -589,6 +589,8 @@ class Simulation:
                 f"off per-client metrics{where}"
             ) from None
         except KeyboardInterrupt:  # SIGINT, or SIGTERM turned into it by the CLI: keep what is written
+            if results:  # the lines on disk are the rounds kept (the signal may fall between a row and its line)
+                history = results.read_metrics()
             summary = self.summary(history, interrupted=True)
             where = "nothing was written"
             if results:

@@ -217,3 +217,25 @@ def test_ppi_experiment_runs_tabulates_and_plots(tmp_path):
     assert "## labelled fraction" in (tmp_path / "real.md").read_text()
     for name in ("coverage.png", "widths.png", "intervals.png", "real.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_compression_experiment_runs_tabulates_and_plots(tmp_path):
+    """The compression experiment script (tiny: one seed, a few rounds, three uplinks, CHOCO on the ring) fills
+    its table with gaps and byte ratios against the uncompressed run, and draws accuracy and consensus vs MB."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compression_run", ROOT / "experiments" / "compression" / "run.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert {"none", "topk 0.01+ef", "sign", "sign+ef", "qsgd 16", "powersgd 4+ef", "int8"} <= set(script.uplinks())
+    result = script.run_all(seeds=1, quick=True, names=["none", "topk 0.01+ef", "exact", "choco topk 0.1"],
+                            topologies=("ring",))  # fmt: skip
+    rows = {(r["setting"], r["variant"]): r for r in result["table"]}
+    assert set(rows) == {("federated", "none"), ("federated", "topk 0.01+ef"), ("ring", "exact"),
+                         ("ring", "choco topk 0.1")}  # fmt: skip
+    assert rows[("federated", "none")]["gap_points"] == 0 and rows[("federated", "none")]["bytes_ratio"] == 1
+    assert rows[("federated", "topk 0.01+ef")]["bytes_ratio"] > 40  # 1% of the entries, values and indices
+    assert rows[("ring", "choco topk 0.1")]["bytes_ratio"] > 4
+    assert "| federated | topk 0.01+ef |" in script.markdown(result)
+    assert script.plot(result, tmp_path / "a.png").stat().st_size > 1000
+    assert script.plot(result, tmp_path / "c.png", "ring", "consensus_distance").stat().st_size > 1000

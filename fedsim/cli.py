@@ -480,7 +480,8 @@ def list_components(
         return
     k = components.kind_of(kind)
     if name is None:
-        typer.echo(f"{k.name} ({k.help}); config key '{k.key}'")
+        keys = [key for key, kind_name in COMPONENT_KEYS.items() if kind_name == k.name] or [k.key]
+        typer.echo(f"{k.name} ({k.help}); config key {' or '.join(repr(key) for key in keys)}")
         if k.none:
             typer.echo(f"  {k.none:18} no {k.name}")
         for component in components.components(k.name):
@@ -504,7 +505,8 @@ def list_components(
             typer.echo(f"  {'':20} {row['help']}")
     if component.open:
         typer.echo("  (also accepts any other keyword option)")
-    typer.echo(f"set with: --set {k.key}.OPTION=VALUE, or {k.key}: {{name: {component.name}, OPTION: VALUE}}")
+    for key in [key for key, kind_name in COMPONENT_KEYS.items() if kind_name == k.name] or [k.key]:
+        typer.echo(f"set with: --set {key}.OPTION=VALUE, or {key}: {{name: {component.name}, OPTION: VALUE}}")
 
 
 def _missing(component) -> str | None:

@@ -564,7 +564,7 @@ for _kind in (
          "fedsim.attacks", required=("malicious", "poison_samples"), none="none"),
     Kind("privacy", "privacy", "differential privacy of the clients' updates or records, with its accountant",
          ("fedsim.privacy", "fedsim.dp_brem"), required=("record_level",), none="none"),
-    Kind("compressor", "uplink", "compressed communication with error feedback (config keys uplink and downlink)",
+    Kind("compressor", "uplink", "compressed communication with error feedback (uplink and downlink)",
          "fedsim.compression", required=("compress", "message_bytes"), none="none"),
     Kind("problem", "problem", "min-max problem of the decentralized SGDA strategies", "fedsim.minimax",
          required=("loss", "wrap")),

@@ -171,6 +171,23 @@ def test_choco_keeps_the_network_average_and_reaches_consensus():
     assert (x["a"] - mean).pow(2).sum() < 1e-3 * spread0
 
 
+def test_choco_with_rescaled_qsgd_averages_at_a_small_gamma():
+    """QSGD rescaled into a contraction (delta ~ 1 / (1 + sqrt(n) / s)) averages at gamma 0.05; at gamma 0.8 the
+    disagreement grows, as CHOCO's step-size condition predicts (the README's experiment uses 0.05)."""
+    w = ring(8, torch.float64)
+    spreads = {}
+    for gamma in (0.05, 0.8):
+        x = {"a": torch.randn(8, 10000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)}
+        mean, public, channel = x["a"].mean(0), {}, QSGDCompression(16)
+        spread0 = (x["a"] - mean).pow(2).sum()
+        for round_ in range(1, 151):
+            op = ChocoGossip(w, channel, gamma, 0, round_, public)
+            x, public = op.mix(x), op.public
+        torch.testing.assert_close(x["a"].mean(0), mean, rtol=0, atol=1e-9)
+        spreads[gamma] = float((x["a"] - mean).pow(2).sum() / spread0)
+    assert spreads[0.05] < 0.05 and spreads[0.8] > 1
+
+
 @pytest.mark.parametrize(
     "uplink",
     [
@@ -300,3 +317,32 @@ def test_chunkwise_uplink_equals_compressing_the_stacked_round(tmp_path, monkeyp
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == (b[k] if b[k] is None else pytest.approx(b[k], rel=1e-6, abs=1e-9)), k
+
+
+VECTOR_MODEL = """
+import torch
+
+
+class Vectors(torch.nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(num_classes))
+        self.bias = torch.nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, x):
+        return self.scale * x.flatten(1)[:, : len(self.bias)] + self.bias
+
+
+def make(input_shape, num_classes):
+    return Vectors(num_classes)
+"""
+
+
+def test_powersgd_on_a_model_without_a_matrix_exits_2(tmp_path, cli, monkeypatch):
+    (tmp_path / "vector_model.py").write_text(VECTOR_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    flags = ["simulate", "--rounds", "1", "--quiet", "--no-plots", "--model", "vector_model:make"]
+    assert cli([*flags, "--out", str(tmp_path / "plain")])[0] == 0  # the model itself trains
+    code, _, err = cli([*flags, "--uplink", "powersgd", "--out", str(tmp_path / "x")])
+    assert code == 2 and "needs a model with a weight matrix" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()

@@ -228,8 +228,9 @@ def test_compression_experiment_runs_tabulates_and_plots(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert {"none", "topk 0.01+ef", "sign", "sign+ef", "qsgd 16", "powersgd 4+ef", "int8"} <= set(script.uplinks())
+    assert all(set(variants) <= set(script.uplinks()) for _, variants in script.SETTINGS.values() if variants)
     result = script.run_all(seeds=1, quick=True, names=["none", "topk 0.01+ef", "exact", "choco topk 0.1"],
-                            topologies=("ring",))  # fmt: skip
+                            topologies=("ring",), settings=("federated",))  # fmt: skip
     rows = {(r["setting"], r["variant"]): r for r in result["table"]}
     assert set(rows) == {("federated", "none"), ("federated", "topk 0.01+ef"), ("ring", "exact"),
                          ("ring", "choco topk 0.1")}  # fmt: skip

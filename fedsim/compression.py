@@ -116,8 +116,9 @@ class Compression:
         """What the receiver decodes from the stack ``x`` ``[C, ...]`` of tensor ``key``."""
         flat, op = x.reshape(len(x), -1), self.operator()
         decoded = op.compress(flat, clients, keys)
-        if self.contractive:
-            decoded = decoded * op.contraction(flat.shape[1])
+        factor = op.contraction(flat.shape[1]) if self.contractive else 1.0
+        if factor != 1.0:
+            decoded = decoded * factor
         return decoded.reshape(x.shape)
 
     def compress(self, stack: Tree, clients: np.ndarray, population: int, seed: int, channel: int, round_: int) -> Tree:

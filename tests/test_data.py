@@ -43,7 +43,7 @@ def assert_standardized(d: Dataset, per_feature: bool = False) -> None:
 
 
 def test_dataset_names():
-    assert DATASETS == ("digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz")
+    assert DATASETS == ("digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz", "leaf")
 
 
 def test_unknown_dataset_suggests():

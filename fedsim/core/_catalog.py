@@ -26,6 +26,9 @@ CATALOG = {
         'npz': (False, {
             'path': (str, ...),
         }),
+        'leaf': (False, {
+            'path': (str, ...),
+        }),
     },
     'partitioner': {
         'iid': (False, {

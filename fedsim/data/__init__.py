@@ -3,12 +3,14 @@
 from fedsim.core.components import register
 
 from . import datasets as _datasets
+from . import leaf as _leaf
 from . import partition as _partition
 from .datasets import DATASETS, Dataset, load_dataset, subsample_train
 from .partition import PARTITIONERS, label_histogram, partition, split_clients
 
-for _name in ("digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz"):
-    register("dataset", _name, getattr(_datasets, _name.replace("-", "_")))
+for _name in DATASETS:
+    _module = _leaf if _name == "leaf" else _datasets
+    register("dataset", _name, getattr(_module, _name.replace("-", "_")))
 for _name in PARTITIONERS:
     register("partitioner", _name, getattr(_partition, _name))
 

@@ -135,7 +135,7 @@ def test_bench_engine_json(tmp_path, cli):
 def test_console_script_error_has_no_traceback(tmp_path):
     """The installed entry point: exit code 2 and a single line on stderr."""
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim.cli", "simulate", "--dataset", "cifar100", "--quiet"],
+        [sys.executable, "-m", "fedsim.cli", "simulate", "--dataset", "imagenet", "--quiet"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

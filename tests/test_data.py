@@ -43,7 +43,18 @@ def assert_standardized(d: Dataset, per_feature: bool = False) -> None:
 
 
 def test_dataset_names():
-    assert DATASETS == ("digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz", "leaf")
+    assert DATASETS == (
+        "digits",
+        "mnist5k",
+        "mnist",
+        "fashion-mnist",
+        "synthetic",
+        "shakespeare",
+        "npz",
+        "leaf",
+        "cifar10",
+        "cifar100",
+    )
 
 
 def test_unknown_dataset_suggests():

@@ -1,6 +1,6 @@
 """``fedsim bench compression``: what compressing the uplink costs per round.
 
-Workload: mnist5k, the default MLP (784-64-64-10), ``clients`` clients (Dirichlet 0.5), all of them every round, 10
+Workload: mnist5k, the default MLP (784-100-10), ``clients`` clients (Dirichlet 0.5), all of them every round, 10
 local steps of batch 32, on CPU. One run per compressor: ``none``, ``topk`` (ratio 0.01, error feedback),
 ``qsgd`` (16 levels), ``sign``, ``int8`` and ``powersgd`` (rank 4, error feedback). The issue's target: top-k,
 QSGD and sign at most 1.2x an uncompressed round.

@@ -29,6 +29,13 @@ CATALOG = {
         'leaf': (False, {
             'path': (str, ...),
         }),
+        'cifar10': (False, {
+            'path': (str, ...),
+        }),
+        'cifar100': (False, {
+            'path': (str, ...),
+            'label': (Literal['fine', 'coarse'], 'fine'),
+        }),
     },
     'partitioner': {
         'iid': (False, {
@@ -67,6 +74,10 @@ CATALOG = {
         }),
         'cnn': (False, {
             'width': (Annotated[int, Field(ge=8, multiple_of=8)], 32),
+        }),
+        'resnet': (False, {
+            'depth': (int, 20),
+            'groups': (Annotated[int, Field(ge=1)], 8),
         }),
         'char_transformer': (False, {
             'width': (Annotated[int, Field(ge=1)], 128),

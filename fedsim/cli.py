@@ -480,8 +480,7 @@ def list_components(
         return
     k = components.kind_of(kind)
     if name is None:
-        keys = [key for key, kind_name in COMPONENT_KEYS.items() if kind_name == k.name] or [k.key]
-        typer.echo(f"{k.name} ({k.help}); config key {' or '.join(repr(key) for key in keys)}")
+        typer.echo(f"{k.name} ({k.help}); config key {' or '.join(repr(key) for key in _config_keys(k))}")
         if k.none:
             typer.echo(f"  {k.none:18} no {k.name}")
         for component in components.components(k.name):
@@ -505,8 +504,13 @@ def list_components(
             typer.echo(f"  {'':20} {row['help']}")
     if component.open:
         typer.echo("  (also accepts any other keyword option)")
-    for key in [key for key, kind_name in COMPONENT_KEYS.items() if kind_name == k.name] or [k.key]:
+    for key in _config_keys(k):
         typer.echo(f"set with: --set {key}.OPTION=VALUE, or {key}: {{name: {component.name}, OPTION: VALUE}}")
+
+
+def _config_keys(kind) -> list[str]:
+    """The config keys that name a component of ``kind`` (``uplink`` and ``downlink`` for a compressor)."""
+    return [key for key, name in COMPONENT_KEYS.items() if name == kind.name] or [kind.key]
 
 
 def _missing(component) -> str | None:

@@ -346,3 +346,10 @@ def test_powersgd_on_a_model_without_a_matrix_exits_2(tmp_path, cli, monkeypatch
     code, _, err = cli([*flags, "--uplink", "powersgd", "--out", str(tmp_path / "x")])
     assert code == 2 and "needs a model with a weight matrix" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_fedsim_list_names_both_config_keys(cli):
+    code, out, _ = cli(["list", "compressor"])
+    assert code == 0 and "config key 'uplink' or 'downlink'" in out and "powersgd" in out
+    code, out, _ = cli(["list", "compressor", "topk"])
+    assert code == 0 and "--set uplink.OPTION=VALUE" in out and "--set downlink.OPTION=VALUE" in out

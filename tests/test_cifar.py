@@ -4,6 +4,7 @@ archive and the folder, fine and coarse labels, one-line refusals; the GroupNorm
 from __future__ import annotations
 
 import io
+import pickle
 import tarfile
 
 import numpy as np
@@ -70,7 +71,7 @@ def test_cifar100_fine_and_coarse_labels(tmp_path):
 def test_bad_cifar_input_is_one_line(tmp_path, cli):
     write_cifar10(tmp_path / "ok")
     (tmp_path / "ok" / "test_batch.bin").unlink()
-    with pytest.raises(FedsimError, match="missing test_batch.bin .*pickled Python version is not read"):
+    with pytest.raises(FedsimError, match="missing test_batch.bin \\(the binary version of cifar10\\)"):
         load_cifar("cifar10", tmp_path / "ok")
     write_cifar10(tmp_path / "short")
     (tmp_path / "short" / "data_batch_2.bin").write_bytes(b"\x01" * 100)
@@ -104,3 +105,55 @@ def test_resnet_shapes_sizes_and_a_federated_round(tmp_path):
               "partition": "iid", "rounds": 1, "local_steps": 1, "batch_size": 4, "checkpoint_every": 0}  # fmt: skip
     summary = simulate(config, tmp_path / "run", plots=False)
     assert summary["num_params"] == 272_474 and summary["final_test_accuracy"] is not None
+
+
+def write_pickled(folder, names, key, n=4, seed=0):
+    """The Python version: one pickled dict per batch, as the CIFAR authors wrote it (bytes keys)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in names:
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        y = rng.integers(0, 10, n).tolist()
+        (folder / name).write_bytes(pickle.dumps({b"batch_label": b"x", b"data": x, key: y}, protocol=3))
+        written[name] = (x, y)
+    return written
+
+
+def test_pickled_python_version_needs_allow_pickle(tmp_path, cli):
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    written = write_pickled(tmp_path / "py" / "cifar-10-batches-py", names, b"labels")
+    with pytest.raises(FedsimError, match="pickled Python version, which is refused .*allow_pickle: true"):
+        load_cifar("cifar10", tmp_path / "py")
+    ds = load_dataset({"name": "cifar10", "path": str(tmp_path / "py"), "allow_pickle": True})
+    assert ds.y_train.tolist() == sum((written[n][1] for n in names[:5]), []) and len(ds.y_test) == 4
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    for name in names:  # the same records in the binary layout give the same data set
+        x, y = written[name]
+        rows = np.concatenate([np.asarray(y, dtype=np.uint8)[:, None], x], axis=1)
+        (binary / f"{name}.bin").write_bytes(rows.tobytes())
+    np.testing.assert_array_equal(load_cifar("cifar10", binary).x_train, ds.x_train)
+    code, _, err = cli(["simulate", "--dataset", "cifar10", "--data-path", str(tmp_path / "py"), "--clients", "2",
+                        "--rounds", "1", "--quiet", "--no-plots", "--out", str(tmp_path / "x")])  # fmt: skip
+    assert code == 2 and "allow_pickle: true" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pickled_cifar100_fine_and_coarse_and_no_code_runs(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    write_pickled(folder, ["train", "test"], b"fine_labels")
+    for name in ("train", "test"):
+        batch = pickle.loads((folder / name).read_bytes())
+        batch[b"coarse_labels"] = [v % 20 for v in batch[b"fine_labels"]]
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=3))
+    fine = load_cifar("cifar100", tmp_path, "fine", allow_pickle=True)
+    coarse = load_cifar("cifar100", tmp_path, "coarse", allow_pickle=True)
+    assert fine.num_classes == 100 and coarse.num_classes == 20 and fine.y_train.tolist() == coarse.y_train.tolist()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (folder / "train").write_bytes(pickle.dumps({b"data": Evil()}))
+    with pytest.raises(FedsimError, match="refusing to unpickle 'builtins.print'"):
+        load_cifar("cifar100", tmp_path, allow_pickle=True)

@@ -54,6 +54,7 @@ def test_dataset_names():
         "leaf",
         "cifar10",
         "cifar100",
+        "hf",
     )
 
 

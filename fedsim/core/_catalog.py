@@ -31,10 +31,20 @@ CATALOG = {
         }),
         'cifar10': (False, {
             'path': (str, ...),
+            'allow_pickle': (bool, False),
         }),
         'cifar100': (False, {
             'path': (str, ...),
             'label': (Literal['fine', 'coarse'], 'fine'),
+            'allow_pickle': (bool, False),
+        }),
+        'hf': (False, {
+            'path': (str, ...),
+            'x': (str, 'image'),
+            'y': (str, 'label'),
+            'client': (str | None, None),
+            'train_split': (str, 'train'),
+            'test_split': (str, 'test'),
         }),
     },
     'partitioner': {

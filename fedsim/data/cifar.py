@@ -7,11 +7,16 @@ raw bytes: CIFAR-10 ``<label><3072 pixels>``, CIFAR-100 ``<coarse label><fine la
 are the red, green and blue 32 x 32 planes in row-major order. Training files: ``data_batch_1..5.bin``
 (CIFAR-10), ``train.bin`` (CIFAR-100); test: ``test_batch.bin``, ``test.bin``. Images become float32
 ``[N, 3, 32, 32]`` standardized with the training split's scalar mean and standard deviation, like every other
-image source. The Python version of CIFAR (pickled batches) is not read: a pickle can run code.
+image source.
+
+The Python version of CIFAR (``cifar-10-python.tar.gz``: pickled batches) is refused by default, because loading a
+pickle can run any code its author put in it. With ``allow_pickle: true`` it is read, and even then only through
+:func:`fedsim.data.datasets.restricted_load`, which rebuilds numpy arrays and nothing else.
 """
 
 from __future__ import annotations
 
+import io
 import tarfile
 from pathlib import Path
 from typing import Annotated, Literal
@@ -22,7 +27,7 @@ from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
 
 from .base import Dataset
-from .datasets import standardize
+from .datasets import restricted_load, standardize
 
 PIXELS = 3 * 32 * 32
 LAYOUT = {
@@ -31,6 +36,11 @@ LAYOUT = {
     "cifar100": (("train.bin",), ("test.bin",), 2, 100),
 }  # fmt: skip
 """name -> (training files, test files, label bytes per record, classes)."""
+PICKLED = {
+    "cifar10": (("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"), ("test_batch",)),
+    "cifar100": (("train",), ("test",)),
+}
+"""name -> (training files, test files) of the pickled Python version."""
 
 
 def _error(path: Path, problem: str) -> FedsimError:
@@ -41,7 +51,7 @@ def _read_files(path: Path, names: tuple[str, ...]) -> dict[str, bytes]:
     """The bytes of the files ``names`` inside the archive or folder ``path`` (matched by base name)."""
     found: dict[str, bytes] = {}
     if path.is_dir():
-        for file in sorted(path.rglob("*.bin")):
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
             if file.name in names and file.name not in found:
                 found[file.name] = file.read_bytes()
     elif path.is_file():
@@ -69,18 +79,48 @@ def _records(path: Path, name: str, data: bytes, label_bytes: int, classes: int,
     return rows[:, label_bytes:].reshape(-1, 3, 32, 32), y
 
 
-def load_cifar(name: str, path: str | Path, label: str = "fine") -> Dataset:
-    """CIFAR-10 (``name="cifar10"``) or CIFAR-100 (``"cifar100"``, ``label`` fine (100) or coarse (20))."""
+def _unpickled(path: Path, file: str, data: bytes, key: str, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one pickled batch (a dict of ``data`` and ``key``), numpy arrays only."""
+    batch = restricted_load(io.BytesIO(data))
+    if not isinstance(batch, dict):
+        raise _error(path, f"{file} is not a pickled CIFAR batch (a dict)")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or key not in batch:
+        raise _error(path, f"{file} has no 'data' and '{key}' entries")
+    x, y = np.asarray(batch["data"]), np.asarray(batch[key], dtype=np.int64)
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != PIXELS or len(y) != len(x):
+        raise _error(path, f"{file}: expected uint8 data of shape [N, {PIXELS}] and N labels, got {x.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= classes):
+        raise _error(path, f"{file} has label {int(y.max())}, but this data set has {classes} classes")
+    return x.reshape(-1, 3, 32, 32), y
+
+
+def load_cifar(name: str, path: str | Path, label: str = "fine", allow_pickle: bool = False) -> Dataset:
+    """CIFAR-10 (``name="cifar10"``) or CIFAR-100 (``"cifar100"``, ``label`` fine (100) or coarse (20)); the
+    pickled Python version only with ``allow_pickle``."""
     path = Path(path)
     train_names, test_names, label_bytes, classes = LAYOUT[name]
+    if name == "cifar100" and label == "coarse":
+        classes = 20
     found = _read_files(path, train_names + test_names)
     missing = [n for n in train_names + test_names if n not in found]
     if missing:
-        raise _error(path, f"missing {', '.join(missing)} (the binary version of {name}; the pickled Python "
-                           "version is not read)")  # fmt: skip
+        py_train, py_test = PICKLED[name]
+        pickled = _read_files(path, py_train + py_test)
+        if len(pickled) < len(py_train + py_test):
+            raise _error(path, f"missing {', '.join(missing)} (the binary version of {name})")
+        if not allow_pickle:
+            problem = "this is the pickled Python version, which is refused (loading a pickle can run code)"
+            raise _error(path, f"{problem}; use the binary version, or set allow_pickle: true if you trust the file")
+        key = "labels" if name == "cifar10" else f"{label}_labels"
+        splits = []
+        for names in (py_train, py_test):
+            parts = [_unpickled(path, n, pickled[n], key, classes) for n in names]
+            splits.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
+        (x_train, y_train), (x_test, y_test) = splits
+        x_train, x_test = standardize(x_train, x_test)
+        return Dataset(name, x_train, y_train, x_test, y_test, num_classes=classes)
     label_index = 1 if name == "cifar100" and label == "fine" else 0
-    if name == "cifar100" and label == "coarse":
-        classes = 20
     splits = []
     for names in (train_names, test_names):
         parts = [_records(path, n, found[n], label_bytes, classes, label_index) for n in names]
@@ -91,16 +131,18 @@ def load_cifar(name: str, path: str | Path, label: str = "fine") -> Dataset:
 
 
 DataPath = Annotated[str, option("cifar-*-binary.tar.gz, or the folder of its .bin files")]
+AllowPickle = Annotated[bool, option("read the pickled Python version (a pickle can run code: trusted files only)")]
 
 
-def cifar10(path: DataPath) -> Dataset:
+def cifar10(path: DataPath, allow_pickle: AllowPickle = False) -> Dataset:
     """CIFAR-10 (50,000 + 10,000 32x32 colour images, 10 classes) from the binary version on disk."""
-    return load_cifar("cifar10", path)
+    return load_cifar("cifar10", path, allow_pickle=allow_pickle)
 
 
 def cifar100(
     path: DataPath,
     label: Annotated[Literal["fine", "coarse"], option("fine (100 classes) or coarse (20 superclasses)")] = "fine",
+    allow_pickle: AllowPickle = False,
 ) -> Dataset:
     """CIFAR-100 (50,000 + 10,000 32x32 colour images, 100 classes) from the binary version on disk."""
-    return load_cifar("cifar100", path, label)
+    return load_cifar("cifar100", path, label, allow_pickle)

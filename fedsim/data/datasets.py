@@ -56,6 +56,7 @@ from .shakespeare import locate_plays as _locate_plays
 
 DATASETS: tuple[str, ...] = (
     "digits", "mnist5k", "mnist", "fashion-mnist", "synthetic", "shakespeare", "npz", "leaf", "cifar10", "cifar100",
+    "hf",
 )  # fmt: skip
 TOKEN_DATASETS: tuple[str, ...] = ("shakespeare",)
 """Datasets whose features are integer token indices (stored as float32), for sequence models."""

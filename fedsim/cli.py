@@ -94,6 +94,8 @@ def _simulate_parameters() -> list[inspect.Parameter]:
             kind = components.kind_of(COMPONENT_KEYS[name])
             help_ = f"The {kind.help}: a name from `fedsim list {kind.name}`, or package.module:Name."
             params.append(flag(name, str | None, help=help_))
+        elif name == "logger":
+            params.append(flag(name, str | None, help=f"{field.description} `fedsim list logger`."))
         else:
             params.append(flag(name, _cli_type(field.annotation), help=field.description))
     for name, (target, kind, help_) in OPTION_FLAGS.items():

@@ -167,6 +167,10 @@ class RunConfig(BaseModel):
     # evaluation and results
     eval_every: int = Field(1, ge=1, description="Evaluate every N rounds.")
     checkpoint_every: int = Field(10, ge=0, description="Checkpoint every N rounds (0: never).")
+    logger: tuple[Spec, ...] = Field(
+        (), description="Experiment trackers, a comma list: tensorboard, mlflow, wandb (metrics.jsonl always)."
+    )
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: a SQLite store in OUT/mlruns/).")
 
     @model_validator(mode="before")
     @classmethod
@@ -190,6 +194,7 @@ class RunConfig(BaseModel):
         minimax = decentralized and getattr(_strategy_class(name, decentralized), "minimax", False)
         if minimax and data["problem"] is None:
             data["problem"] = "auc"
+        data["logger"] = _logger_specs(data.get("logger"))
         for key, kind in COMPONENT_KEYS.items():
             if key == "problem" and data[key] is None:
                 continue
@@ -207,6 +212,8 @@ class RunConfig(BaseModel):
 
         if self.mixing not in MIXING_METHODS:
             raise unknown("mixing method", self.mixing, MIXING_METHODS)
+        if self.mlflow_uri is not None and "mlflow" not in [s.name for s in self.logger]:
+            raise FedsimError("mlflow_uri is set but no mlflow logger would use it; add --logger mlflow")
         opt = self.optimizer
         if self.model.name in SEQUENCE_MODELS and self.dataset.name not in (*TOKEN_DATASETS, "npz"):
             raise FedsimError(
@@ -442,6 +449,10 @@ class RunConfig(BaseModel):
     def _nested(self, spec: Spec | None) -> Any:
         return None if spec is None else spec.nested()
 
+    @field_serializer("logger")
+    def _nested_list(self, specs: tuple[Spec, ...]) -> list[Any]:
+        return [spec.nested() for spec in specs]
+
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied (validated again)."""
         return make_config({**self.to_dict(), **changes})
@@ -484,6 +495,22 @@ def default_decentralized(values: Mapping[str, Any]) -> str:
 def _strategy_class(name: str, decentralized: bool) -> Any:
     kind = "decentralized" if decentralized else "strategy"
     return components.get(kind, name).obj
+
+
+def _logger_specs(value: Any) -> tuple[Spec, ...]:
+    """``logger``: a comma list of names (``tensorboard,mlflow``), or a list of names and mappings, each resolved
+    and validated; a logger named twice is refused."""
+    if value is None or value == "" or value == "none":
+        return ()
+    if isinstance(value, Spec):
+        value = [value]
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    specs = tuple(components.resolve_spec("logger", item) for item in items)
+    names = [s.name for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise FedsimError(f"logger {', '.join(map(repr, twice))} is named twice")
+    return specs
 
 
 def _check_mode(name: str, decentralized: bool, names: Callable[[str], list[str]] = components.names) -> None:
@@ -565,7 +592,7 @@ def _run_level_model() -> type[BaseModel]:
     """RunConfig's run-level fields alone (components as opaque values): validating them needs no component,
     so no provider module and no torch."""
     fields = {
-        name: (Any, None) if name in COMPONENT_KEYS else (field.annotation, field)
+        name: (Any, None) if name in (*COMPONENT_KEYS, "logger") else (field.annotation, field)
         for name, field in RunConfig.model_fields.items()
     }
     return create_model("RunLevel", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)

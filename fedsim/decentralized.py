@@ -161,6 +161,7 @@ def evaluate_classification_nodes(sim: Simulation, nodes: Tree) -> dict[str, Any
         "node_generalization_gap": float((node_test_loss - node_train_loss).mean()),
     }
     record.update(node_spread(node_test_acc))
+    sim.client_accuracy = node_test_acc.cpu().numpy()
     return record
 
 

@@ -1,5 +1,5 @@
 """The results folder: ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``label_histogram.csv``,
-plots and ``checkpoint.pt``.
+``client_accuracy.npy``, plots and ``checkpoint.pt``.
 
 Writes are append-only (metrics) or atomic (replace a temporary file), so a killed run keeps every
 complete line it wrote. Checkpoints hold only tensors and plain Python data and are loaded with
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from fedsim.core.errors import FedsimError, FedsimWarning
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CLIENT_ACCURACY_FILE = "client_accuracy.npy"
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTOGRAM_FILE = "label_histogram.csv"
 SEEDS_FILE = "seeds_config.yaml"  # marks a folder of repeated runs (fedsim.seeds)
@@ -241,6 +243,12 @@ class ResultsDir:
         """Keep only metric lines of rounds ``<= last_round`` (used when resuming from a checkpoint)."""
         kept = [r for r in self.read_metrics() if r.get("round", 0) <= last_round]
         self.write_text(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write_client_accuracy(self, accuracy: np.ndarray) -> None:
+        """``client_accuracy.npy``: every client's test accuracy at the last evaluation (float32, replaced)."""
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(accuracy, dtype=np.float32), allow_pickle=False)
+        _atomic_write_bytes(self.file(CLIENT_ACCURACY_FILE), buffer.getvalue())
 
     def write_histogram(self, counts: np.ndarray) -> None:
         header = "client," + ",".join(f"class_{j}" for j in range(counts.shape[1]))

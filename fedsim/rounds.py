@@ -171,6 +171,7 @@ class FederatedMode:
         record = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
         store = sim.store
         acc = per_client_accuracy(sim.model, params, store.x, store.y, store.test_order, store.test_offsets)
+        sim.client_accuracy = acc
         record.update(client_accuracy_spread(acc))
         return record
 
@@ -215,6 +216,8 @@ class Simulation:
         self._phases: dict[str, np.ndarray] | None = None
         self.clock = 0.0
         """Virtual time at the start of the next round (seconds)."""
+        self.client_accuracy: np.ndarray | None = None
+        """Every client's (node's) test accuracy at the last evaluation, where the mode measures it."""
         self.windows = getattr(parts.system, "windows", None)
         """The system model's availability windows in virtual time (:mod:`fedsim.windows`), or None."""
         if self.windows is not None:
@@ -618,7 +621,10 @@ class Simulation:
             loss = record["train_loss"]  # None in a round without clients
             diverged = (loss is not None and not math.isfinite(loss)) or not all_finite(state.params)
             if not diverged and (r % c.eval_every == 0 or r == c.rounds):
+                self.client_accuracy = None
                 record.update(self.evaluate_state(state))
+                if results and self.client_accuracy is not None:
+                    results.write_client_accuracy(self.client_accuracy)
                 if self.attack is not None:
                     record["honest_accuracy"] = record["test_accuracy"]
                     rate = getattr(self.attack, "success_rate", None)

@@ -5,6 +5,7 @@ Entry points: :func:`simulate` (the CLI's ``fedsim simulate``), :func:`resume`, 
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from fedsim.rounds import FederatedMode, Parts, RoundCallback, Simulation, oscil
 from fedsim.tasks import ClassificationTask
 from fedsim.threads import ThreadGovernor, thread_count
 from fedsim.threads import configure as configure_threads
+from fedsim.tracking import preflight as preflight_tracking
+from fedsim.tracking import start_tracking
 from strategies import build_strategy
 from strategies.asynchronous import is_asynchronous
 
@@ -231,23 +234,56 @@ def simulate(
         cfg = load_config(config, overrides)
     if out is not None:
         ResultsDir.check_new(out, overwrite)  # before loading data: fail fast, touch nothing
+    if cfg.logger and out is None:
+        raise FedsimError("loggers write into the results folder; give the run an output folder (out=...)")
+    preflight_tracking(cfg)
     results = None
     try:
-        with make_simulation(cfg) as sim, _plots_even_if_stopped(lambda: results if plots else None):
+        with make_simulation(cfg) as sim:
             if out is not None:
                 results = ResultsDir.create(out, overwrite=overwrite)  # locked until the end of the run
                 sim.config = _standalone(sim.config, results)  # checkpoints then carry what config.yaml says
                 results.write_text(CONFIG_FILE, dump_config(sim.config))
                 results.write_histogram(sim.histogram)
-            summary = components.build("backend", cfg.backend).run(sim, results, on_round)
-        if results and plots:
-            from fedsim.plots import plot_run
+            with _tracked(sim, results, on_round) as hook:
+                with _plots_even_if_stopped(lambda: results if plots else None):
+                    summary = components.build("backend", cfg.backend).run(sim, results, hook)
+                if results and plots:
+                    from fedsim.plots import plot_run
 
-            plot_run(results.path)
+                    plot_run(results.path)
     finally:
         if results is not None:
             results.close()
     return summary
+
+
+@contextlib.contextmanager
+def _tracked(sim, results: ResultsDir | None, on_round: RoundCallback | None):
+    """The round callback that also feeds the run's loggers (:mod:`fedsim.tracking`); they are closed with how
+    the run ended (finished, failed or killed) and its ``summary.json``."""
+    tracking = start_tracking(sim.config, results.path if results else None)
+    if not tracking.loggers:
+        yield on_round
+        return
+
+    def hook(record: dict[str, Any]) -> None:
+        evaluated = record.get("test_accuracy") is not None
+        tracking.log(record, sim.client_accuracy if evaluated else None)
+        if on_round is not None:
+            on_round(record)
+
+    status = "failed"
+    try:
+        yield hook
+        status = "finished"
+    except (KeyboardInterrupt, RunInterrupted):
+        status = "killed"
+        raise
+    finally:
+        summary_file = results.file(SUMMARY_FILE)
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
+        tracking.close(summary, status)
 
 
 @contextlib.contextmanager
@@ -375,7 +411,8 @@ def _resume(
             summary = sim.summary(results.read_metrics())
             results.write_json(SUMMARY_FILE, summary)
         else:
-            summary = sim.run(results, start_round=start, state=state, on_round=on_round)
+            with _tracked(sim, results, on_round) as hook:
+                summary = sim.run(results, start_round=start, state=state, on_round=hook)
     if plots:
         from fedsim.plots import plot_run
 

@@ -461,6 +461,16 @@ CATALOG = {
             'address': (str | None, None),
         }),
     },
+    'logger': {
+        'tensorboard': (False, {
+        }),
+        'mlflow': (False, {
+            'experiment': (str, 'fedsim'),
+        }),
+        'wandb': (False, {
+            'project': (str, 'fedsim'),
+        }),
+    },
     'backend': {
         'fedsim': (False, {
         }),

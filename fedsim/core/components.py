@@ -570,6 +570,8 @@ for _kind in (
          required=("loss", "wrap")),
     Kind("executor", "executor", "where client training runs", "fedsim.engine.executors",
          frozenset({"local"})),
+    Kind("logger", "logger", "experiment tracking: every round's metrics also to TensorBoard, MLflow or W&B",
+         "fedsim.tracking", frozenset({"run_dir", "config", "mlflow_uri"}), ("log", "close")),
     Kind("backend", "backend", "who drives the rounds: fedsim's loop, or Flower's simulation engine",
          "fedsim.backends", required=("run",)),
 ):  # fmt: skip

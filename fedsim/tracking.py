@@ -133,9 +133,7 @@ class MLflow:
             try:
                 self.client = MlflowClient(tracking_uri=uri)
                 found = self.client.get_experiment_by_name(experiment)
-                experiment_id = (
-                    found.experiment_id if found else self.client.create_experiment(experiment, artifacts)
-                )
+                experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, artifacts)
                 self.run_id = self.client.create_run(experiment_id, run_name=self.run_dir.name).info.run_id
             except Exception as exc:  # MLflow raises its own and sqlalchemy's exception types
                 raise FedsimError(f"logger 'mlflow': cannot use tracking URI {uri!r} ({_first_line(exc)})") from None
@@ -245,7 +243,7 @@ class Tracking:
 
 def preflight(config) -> None:
     """Before the results folder is written: the folder of a local ``mlflow_uri`` is created and must be writable
-(one-line error otherwise)."""
+    (one-line error otherwise)."""
     local = _local_path(config.mlflow_uri) if config.mlflow_uri else None
     if local is None:
         return

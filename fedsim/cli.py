@@ -371,6 +371,19 @@ def _standard_plots(run_dir: Path) -> None:
         plot_stability(run_dir)
 
 
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Results folders (runs, or --seeds folders) to compare.")],
+    out: Annotated[Path, Opt("-o", "--out", help="The HTML file to write.")] = Path("report.html"),
+) -> None:
+    """One self-contained HTML file (works offline) comparing results folders: config, summary, interactive
+    curves, client accuracy, label histograms, topology and warnings."""
+    from fedsim.report import build_report
+
+    path = build_report(run_dirs, out)
+    typer.echo(f"wrote {path}")
+
+
 @app.command("privacy")
 def privacy_cmd(
     q: Annotated[float, Opt("--q", help="Client sampling rate per round (fraction).")],

@@ -497,6 +497,21 @@ def _strategy_class(name: str, decentralized: bool) -> Any:
     return components.get(kind, name).obj
 
 
+def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config (``config.yaml``, :meth:`RunConfig.to_dict`) as dotted keys, every component as
+    ``KEY.name`` plus ``KEY.OPTION`` (the shorthand ``strategy: fedavg`` too): ``{"strategy.name": "fedavg",
+    "partition.alpha": 0.5, "rounds": 20, ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in COMPONENT_KEYS and isinstance(value, str):
+            value = {"name": value}
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def _logger_specs(value: Any) -> tuple[Spec, ...]:
     """``logger``: a comma list of names (``tensorboard,mlflow``), or a list of names and mappings, each resolved
     and validated; a logger named twice is refused."""

@@ -5,7 +5,7 @@ several at once: ``--logger tensorboard,mlflow,wandb``).
 round's record is logged under its ``metrics.jsonl`` key at step ``round`` (``round`` itself is the step;
 lists, strings, booleans and nulls are not scalars and are skipped). Where the run measures every client's
 accuracy (``client_accuracy.npy``), it is logged as a histogram (TensorBoard) or a distribution (W&B). The
-resolved config goes with it: as text (TensorBoard), flattened params ``strategy.name``, ``lr``, ... (MLflow)
+resolved config goes with it: as text (TensorBoard), params ``strategy.name``, ``partition.alpha``, ``lr``, ... (MLflow)
 or the run config (W&B). A run that diverges, is interrupted or fails is closed with that status.
 
 - ``tensorboard``: event files under ``OUT/tensorboard/`` through ``torch.utils.tensorboard``.
@@ -22,6 +22,7 @@ results folder) and ``config`` (the nested config) when it names them.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -31,7 +32,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import yaml
 
+from fedsim.config import flat_config
 from fedsim.core import components
 from fedsim.core.components import option
 from fedsim.core.errors import FedsimError
@@ -49,20 +52,7 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"strategy": {"name": "fedavg"}}`` -> ``{"strategy.name": "fedavg"}``."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _needs(package: str, logger: str) -> None:
-    import importlib.util
-
     if importlib.util.find_spec(package) is None:
         raise FedsimError(f"logger '{logger}' needs {package} (pip install \"fedsim[tracking]\")")
 
@@ -85,7 +75,6 @@ class TensorBoard:
 
     def __init__(self, *, run_dir: Path, config: dict[str, Any]) -> None:
         _needs("tensorboard", "tensorboard")
-        import yaml
         from torch.utils.tensorboard import SummaryWriter
 
         folder = writable_folder(Path(run_dir) / "tensorboard", "logger 'tensorboard'")
@@ -137,7 +126,7 @@ class MLflow:
                 self.run_id = self.client.create_run(experiment_id, run_name=self.run_dir.name).info.run_id
             except Exception as exc:  # MLflow raises its own and sqlalchemy's exception types
                 raise FedsimError(f"logger 'mlflow': cannot use tracking URI {uri!r} ({_first_line(exc)})") from None
-            params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
+            params = [Param(k, str(v)[:6000]) for k, v in flat_config(config).items()]
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[start : start + 100])
 

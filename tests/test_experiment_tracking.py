@@ -65,7 +65,7 @@ def test_mlflow_params_metrics_and_artifacts(tracked_run):
     experiment = client.get_experiment_by_name("fedsim")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
-    assert run.data.params["strategy"] == "fedavg" and run.data.params["rounds"] == "3"
+    assert run.data.params["strategy.name"] == "fedavg" and run.data.params["rounds"] == "3"
     assert run.data.params["partition.name"] == "dirichlet" and run.data.params["partition.alpha"] == "0.5"
     expected = scalar_metrics(tracked_run)
     assert set(run.data.metrics) == {key for key, _ in expected}

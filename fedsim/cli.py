@@ -384,6 +384,78 @@ def report(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path | None, typer.Argument(help="YAML or TOML config file of the base run.")] = None,
+    grid: Annotated[list[str] | None, Opt(help="KEY=V1,V2 (repeatable): the grid's values of a config key; "
+                                               "with --optimize also KEY=LOW:HIGH[:log].")] = None,
+    seeds: Annotated[str, Opt(help="Seeds of every point (0-4, 0,3,7).")] = "0",
+    jobs: Annotated[int, Opt(help="Runs at once, each on its share of the CPUs.")] = 1,
+    out: Annotated[Path | None, Opt(help="The sweep folder (runs/, summary.csv, report.html).")] = None,
+    set_: Annotated[list[str] | None, Opt("--set", help="Base config KEY=VALUE (repeatable).")] = None,
+    metric: Annotated[str | None, Opt(help="Comma list of summary or metrics keys to tabulate [default: "
+                                           "final_test_accuracy,best_test_accuracy,final_train_loss].")] = None,
+    executor: Annotated[str, Opt(help="local (worker processes) or ray (Ray tasks).")] = "local",
+    optimize: Annotated[str | None, Opt(help="Search with Optuna for the best median of this metric.")] = None,
+    trials: Annotated[int | None, Opt(help="With --optimize: trials in all (the study resumes).")] = None,
+    direction: Annotated[str | None, Opt(help="With --optimize: maximize or minimize (default: by the name).")] = None,
+    quiet: Annotated[bool, Opt(help="No progress.")] = False,
+    no_plots: Annotated[bool, Opt("--no-plots", help="Skip comparison.png and report.html.")] = False,
+) -> None:
+    """Run a grid (or an Optuna search) of experiments over seeds, resumably, with a summary table and report."""
+    from fedsim.parallel import check_jobs
+    from fedsim.seeds import parse_seeds
+    from fedsim.sweep import DEFAULT_METRICS, parse_grid
+
+    check_jobs(jobs)
+    if out is None:
+        raise FedsimError("give the sweep folder: --out DIR")
+    if optimize is None and (trials is not None or direction is not None):
+        raise FedsimError("--trials and --direction belong to a search; add --optimize METRIC")
+    if optimize is not None and trials is None:
+        raise FedsimError("--optimize needs --trials N")
+    space = parse_grid(grid or [], ranges=optimize is not None)
+    if optimize is not None and not space:
+        raise FedsimError("--optimize searches the --grid keys; give at least one --grid KEY=...")
+    seed_list = parse_seeds(seeds)
+    metrics = [m.strip() for m in (metric or ",".join(DEFAULT_METRICS)).split(",") if m.strip()]
+    base = merge(config_file_values(config), parse_pairs(set_))
+    check_run_level(base)
+    if "seed" in base or "seed" in space:
+        raise FedsimError("the sweep sets the seed from --seeds; drop seed from the config, --set and --grid")
+    choose_wait_policy()
+    from fedsim import sweep as sweeps
+
+    progress = _Progress(quiet)
+    per_run = make_config(base).rounds if "rounds" not in space else 0
+    if optimize is None and per_run:  # the rounds of all runs; a run skipped as complete counts as done
+        progress.total = len(sweeps.grid_points(space)) * len(seed_list) * per_run
+    count = [0]
+
+    def tick(record: dict[str, Any]) -> None:
+        count[0] += 1
+        progress.update({**record, "round": count[0]})
+
+    def skip(run: Path) -> None:
+        count[0] += per_run
+        if not quiet:
+            typer.echo(f"complete, skipped: {run}", err=True)
+
+    with progress:
+        if optimize is None:
+            table = sweeps.run_grid(base, space, seed_list, out, jobs=jobs, executor=executor, metrics=metrics,
+                                    plots=not no_plots, on_round=tick, on_skip=skip)  # fmt: skip
+        else:
+            table, best, value = sweeps.optimize(
+                base, space, seed_list, out, metric=optimize, trials=trials, direction=direction, jobs=jobs,
+                executor=executor, metrics=metrics, plots=not no_plots, on_round=tick, on_skip=skip,
+            )  # fmt: skip
+    typer.echo(table)
+    if optimize is not None:
+        typer.echo(f"best {optimize}: {value} at {best}" if best else f"no trial gave a value of {optimize}")
+    typer.echo(f"-> {out / 'summary.csv'}")
+
+
 @app.command("privacy")
 def privacy_cmd(
     q: Annotated[float, Opt("--q", help="Client sampling rate per round (fraction).")],

@@ -222,20 +222,38 @@ def summary_table(groups: list[dict[str, Any]]) -> tuple[list[str], list[list[st
 
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
-    """Write the report of ``run_dirs`` to ``out`` (an ``.html`` file); returns its path."""
-    import jinja2
-    from plotly.offline import get_plotlyjs
-
+    """Write the report of ``run_dirs`` (runs, or ``--seeds`` folders) to ``out`` (an ``.html`` file)."""
     if not run_dirs:
         raise FedsimError("give at least one results folder")
-    out = Path(out)
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise FedsimError(f"the report is an HTML file: '{out}' should end in .html")
+    _check_out(Path(out))
     groups = [load_group(Path(p)) for p in run_dirs]
     names = [g["name"] for g in groups]
     for i, name in enumerate(names):  # same folder names from different parents: tell them apart
         if names.count(name) > 1:
             groups[i]["name"] = str(Path(run_dirs[i]))
+    return render(groups, Path(out))
+
+
+def build_report_groups(groups: Sequence[tuple[str, Sequence[Path]]], out: str | Path) -> Path:
+    """Write the report of named groups of runs (a sweep's points over their seeds) to ``out``."""
+    _check_out(Path(out))
+    loaded = []
+    for name, dirs in groups:
+        runs = [load_run(Path(d), f"{name} / {Path(d).name}" if len(dirs) > 1 else name) for d in dirs]
+        several = len(runs) > 1
+        loaded.append({"name": name, "seeds": several, "runs": runs, "bands": seed_bands(runs) if several else None})
+    return render(loaded, Path(out))
+
+
+def _check_out(out: Path) -> None:
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise FedsimError(f"the report is an HTML file: '{out}' should end in .html")
+
+
+def render(groups: list[dict[str, Any]], out: Path) -> Path:
+    """The page of ``groups`` (see :func:`load_group`) written to ``out``."""
+    import jinja2
+    from plotly.offline import get_plotlyjs
     metrics = numeric_metrics([r for g in groups for run in g["runs"] for r in run["metrics"]])
     columns, differing, config_rows = config_table(groups)
     summary_columns, summary_rows = summary_table(groups)

@@ -387,14 +387,21 @@ def report(
 @app.command()
 def sweep(
     config: Annotated[Path | None, typer.Argument(help="YAML or TOML config file of the base run.")] = None,
-    grid: Annotated[list[str] | None, Opt(help="KEY=V1,V2 (repeatable): the grid's values of a config key; "
-                                               "with --optimize also KEY=LOW:HIGH[:log].")] = None,
+    grid: Annotated[
+        list[str] | None,
+        Opt(help="KEY=V1,V2 (repeatable): the grid's values of a config key; with --optimize also KEY=LOW:HIGH[:log]."),
+    ] = None,
     seeds: Annotated[str, Opt(help="Seeds of every point (0-4, 0,3,7).")] = "0",
     jobs: Annotated[int, Opt(help="Runs at once, each on its share of the CPUs.")] = 1,
     out: Annotated[Path | None, Opt(help="The sweep folder (runs/, summary.csv, report.html).")] = None,
     set_: Annotated[list[str] | None, Opt("--set", help="Base config KEY=VALUE (repeatable).")] = None,
-    metric: Annotated[str | None, Opt(help="Comma list of summary or metrics keys to tabulate [default: "
-                                           "final_test_accuracy,best_test_accuracy,final_train_loss].")] = None,
+    metric: Annotated[
+        str | None,
+        Opt(
+            help="Comma list of summary or metrics keys to tabulate [default: "
+            "final_test_accuracy,best_test_accuracy,final_train_loss]."
+        ),
+    ] = None,
     executor: Annotated[str, Opt(help="local (worker processes) or ray (Ray tasks).")] = "local",
     optimize: Annotated[str | None, Opt(help="Search with Optuna for the best median of this metric.")] = None,
     trials: Annotated[int | None, Opt(help="With --optimize: trials in all (the study resumes).")] = None,

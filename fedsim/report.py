@@ -254,6 +254,7 @@ def render(groups: list[dict[str, Any]], out: Path) -> Path:
     """The page of ``groups`` (see :func:`load_group`) written to ``out``."""
     import jinja2
     from plotly.offline import get_plotlyjs
+
     metrics = numeric_metrics([r for g in groups for run in g["runs"] for r in run["metrics"]])
     columns, differing, config_rows = config_table(groups)
     summary_columns, summary_rows = summary_table(groups)

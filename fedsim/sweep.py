@@ -1,12 +1,13 @@
 """Sweeps: ``fedsim sweep CONFIG --grid strategy=fedavg,scaffold --grid lr=0.01,0.1 --seeds 0-4 --out DIR``.
 
 A grid sweep runs the Cartesian product of the ``--grid`` values and the seeds; a search (``--optimize METRIC
---trials N``) lets Optuna's TPE sampler (seeded by the number of trials the study has) choose the points
-instead, from the same ``--grid`` values (categorical) or ranges ``KEY=LOW:HIGH`` / ``KEY=LOW:HIGH:log``, each
-point run over the seeds and scored by the median of METRIC. Every run is an ordinary results folder ``DIR/runs/<hash>/``, named by a content hash of its
-resolved config (threads and loggers left out: they change no result). A run whose folder holds the same
-config and a ``summary.json`` of a finished run is skipped, so a killed sweep resumes where it stopped; a
-search's Optuna study lives in ``DIR/optuna.db`` (SQLite) and resumes too, counting the trials it has.
+--trials N``) lets Optuna's TPE sampler (seeded by the number of trials the study has) choose the points instead,
+from the same ``--grid`` values (categorical) or ranges ``KEY=LOW:HIGH`` / ``KEY=LOW:HIGH:log``, each point run
+over the seeds and scored by the median of METRIC. Every run is an ordinary results folder ``DIR/runs/<hash>/``,
+named by a content hash of its resolved config (threads and loggers left out: they change no result). A run whose
+folder holds the same config and a ``summary.json`` of a finished run is skipped, so a killed sweep resumes where
+it stopped; a search's Optuna study lives in ``DIR/optuna.db`` (SQLite) and resumes too, counting the trials it
+has.
 
 Runs go side by side in ``--jobs N`` worker processes that divide the CPUs (:mod:`fedsim.parallel`), or as Ray
 tasks (``--executor ray``, one CPU share each). Written at the end:
@@ -174,7 +175,7 @@ def _run_on_ray(todo: list[tuple[RunConfig, Path]], plots: bool) -> None:
     try:
         import ray
     except ImportError:
-        raise FedsimError("--executor ray needs Ray (pip install \"fedsim[ray]\")") from None
+        raise FedsimError('--executor ray needs Ray (pip install "fedsim[ray]")') from None
     if not todo:
         return
     started = not ray.is_initialized()
@@ -349,7 +350,7 @@ def optimize(
     try:
         import optuna
     except ImportError:
-        raise FedsimError("--optimize needs Optuna (pip install \"fedsim[sweep]\")") from None
+        raise FedsimError('--optimize needs Optuna (pip install "fedsim[sweep]")') from None
     check_jobs(jobs)
     if trials < 1:
         raise FedsimError(f"--trials must be >= 1, got {trials}")

@@ -70,7 +70,8 @@ def test_jobs_give_the_same_runs_as_one_at_a_time(tmp_path, cli):
     for run in (tmp_path / "one" / "runs").iterdir():
         twin = tmp_path / "two" / "runs" / run.name
         assert [r["train_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [
-            r["train_loss"] for r in map(json.loads, (twin / "metrics.jsonl").read_text().splitlines())]
+            r["train_loss"] for r in map(json.loads, (twin / "metrics.jsonl").read_text().splitlines())
+        ]
 
 
 def test_optuna_search_resumes_its_study(tmp_path, cli):

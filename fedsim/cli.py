@@ -24,6 +24,7 @@ from fedsim.config import (
     RunConfig,
     check_run_level,
     config_file_values,
+    load_config,
     make_config,
     merge,
     parse_pairs,
@@ -167,6 +168,9 @@ def _simulate(**flags: Any) -> None:
         choose_wait_policy()
         from fedsim import simulation  # torch: after the flags are checked
 
+        if (resume / "config.yaml").is_file():
+            saved = load_config(resume / "config.yaml")
+            progress.configure(saved if rounds is None else saved.replace(rounds=rounds), resume)
         with progress:
             summary = simulation.resume(resume, rounds=rounds, threads=threads, overwrite=overwrite,
                                         on_round=progress.update, plots=not no_plots)  # fmt: skip
@@ -188,7 +192,7 @@ def _simulate(**flags: Any) -> None:
                           jobs=jobs or 1)  # fmt: skip
         return
     out = out or _default_out(cfg)
-    progress.total = cfg.rounds
+    progress.configure(cfg, out)
     with progress:
         summary = simulation.simulate(cfg, out, overwrite=overwrite, on_round=progress.update, plots=not no_plots)
     _print_summary(summary, out)
@@ -228,6 +232,7 @@ def _simulate_repeats(
 
     tag = "seeds" if seeds is not None else None
     out = out or _default_out(cfg, tag)
+    progress.configure(cfg, out)
     progress.total = cfg.rounds * (len(seeds) if seeds else 1)
     done = iter(range(1, progress.total + 1))
     tick = lambda record: progress.update({**record, "round": next(done)})  # noqa: E731
@@ -255,16 +260,27 @@ def _simulate_repeats(
 
 
 class _Progress:
-    """Progress over rounds with the latest loss and test accuracy: a rich bar on a terminal; off a terminal
-    (nohup, CI, a scheduler's log) one plain line on stderr at round 1, then at most every
-    :attr:`PLAIN_EVERY_S` seconds, and at the last round. Silent when quiet."""
+    """Progress over rounds: on a terminal a rich bar (a spinner while the run sets up: data, model, Ray, the
+    first compiled round) with the round, test accuracy, loss, samples/s, elapsed time, ETA and the results
+    folder; off a terminal (nohup, CI, a pipe, a scheduler's log) one plain line on stderr at round 1, then at
+    most every :attr:`PLAIN_EVERY_S` seconds, and at the last round. Silent when quiet.
+
+    ``samples_per_client`` (local steps x batch size) turns a round's ``clients`` and ``time_s`` into samples/s;
+    None (local epochs, ragged) leaves the rate out."""
 
     PLAIN_EVERY_S = 5.0
 
     def __init__(self, quiet: bool):
         self.quiet, self.total, self._bar, self._task = quiet, None, None, None
+        self.folder: Path | None = None
+        self.samples_per_client: int | None = None
         self._plain = False
         self._start = self._last = self._round_s = 0.0
+
+    def configure(self, cfg: Any, folder: Path | None) -> None:
+        """Rounds, the samples a selected client trains on per round, and the results folder of ``cfg``."""
+        self.total, self.folder = cfg.rounds, folder
+        self.samples_per_client = None if cfg.local_epochs else cfg.local_steps * cfg.batch_size
 
     def __enter__(self):
         if self.quiet:
@@ -273,25 +289,40 @@ class _Progress:
         if not sys.stderr.isatty():
             self._plain = True
             return self
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
+        where = f"-> {self.folder}" if self.folder else ""
         self._bar = Progress(
-            TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
-            TimeElapsedColumn(), transient=False,
+            SpinnerColumn(), TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn(where), transient=False,
         )  # fmt: skip
         self._bar.__enter__()
-        self._task = self._bar.add_task("", total=self.total)
+        self._task = self._bar.add_task("setting up (data, model, workers)", total=self.total)
         return self
 
     def __exit__(self, *exc):
         if self._bar is not None:
             self._bar.__exit__(*exc)
 
-    def update(self, record: dict[str, Any]) -> None:
-        acc = record.get("test_accuracy")
-        loss = record["train_loss"]
+    def describe(self, record: dict[str, Any]) -> str:
+        acc, loss = record.get("test_accuracy"), record.get("train_loss")
         text = f"loss {loss:.4f}" if loss is not None else "no clients"
         text += f"  acc {acc:.4f}" if acc is not None else ""
+        seconds, clients = record.get("time_s"), record.get("clients")
+        if self.samples_per_client and seconds and isinstance(clients, int):
+            text += f"  {clients * self.samples_per_client / seconds:,.0f} samples/s"
+        return text
+
+    def update(self, record: dict[str, Any]) -> None:
+        text = self.describe(record)
         if self._bar is not None:
             self._bar.update(self._task, completed=record["round"], description=text)
         elif self._plain:
@@ -306,7 +337,8 @@ class _Progress:
         self._last, elapsed = now, now - self._start
         eta = f"  eta {self._round_s / done * (self.total - done):.1f} s" if self.total and not last else ""
         total = f"/{self.total}" if self.total else ""
-        typer.echo(f"round {done}{total}  {text}  elapsed {elapsed:.1f} s{eta}", err=True)
+        where = f"  -> {self.folder}" if self.folder and done == 1 else ""
+        typer.echo(f"round {done}{total}  {text}  elapsed {elapsed:.1f} s{eta}{where}", err=True)
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:

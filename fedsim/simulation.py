@@ -413,6 +413,9 @@ def _resume(
         else:
             with _tracked(sim, results, on_round) as hook:
                 summary = sim.run(results, start_round=start, state=state, on_round=hook)
+            if payload is not None:  # the report's warning: this history was written in two parts
+                summary["resumed_from_round"] = start - 1
+                results.write_json(SUMMARY_FILE, summary)
     if plots:
         from fedsim.plots import plot_run
 

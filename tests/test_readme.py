@@ -232,3 +232,19 @@ def test_virtual_clock_examples_run_in_order(tmp_path, monkeypatch, capsys):
         if argv:
             assert main(argv[1:]) == 0, f"{line}: {capsys.readouterr().err}"
     assert (tmp_path / "by-time.png").is_file() and (tmp_path / "runs/dropouts/timeline.png").is_file()
+
+
+def test_compare_runs_examples_run_in_order(tmp_path, monkeypatch, capsys):
+    """The "Compare runs" block (tracked runs, a report of them, a grid sweep, a search) runs as written, line
+    after line, in an empty folder."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("optuna")
+    block = next(b for b in code_blocks("bash") if "fedsim sweep" in b and "fedsim report" in b)
+    monkeypatch.chdir(tmp_path)
+    for line in block.splitlines():
+        argv = shlex.split(line, comments=True)
+        code = main(argv[1:])
+        assert code == 0, f"{line}: {capsys.readouterr().err}"
+    for written in ("runs/tracked/tensorboard", "runs/tracked/mlruns/mlflow.db", "runs/tracked/wandb", "report.html",
+                    "sweeps/grid/summary.csv", "sweeps/grid/report.html", "sweeps/search/optuna.db"):  # fmt: skip
+        assert (tmp_path / written).exists(), written

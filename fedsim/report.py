@@ -6,8 +6,8 @@ become one group):
 
 - the resolved config (with several runs, the keys whose values differ first), and ``summary.json``;
 - one interactive plot per numeric metric of ``metrics.jsonl``, runs overlaid, with a selectable x axis
-  (round, cumulative megabytes, virtual time where recorded) and, for a ``--seeds`` group, the median over seeds
-  with a min-max band;
+  (round, training samples, cumulative megabytes, virtual time where recorded) and, for a ``--seeds`` group,
+  the median over seeds with a min-max band;
 - every client's test accuracy at the last evaluation (``client_accuracy.npy``) and the label histogram;
 - the topology of a decentralized run (spring layout of its graph file);
 - warnings: diverged, interrupted, stopped early by a rule, resumed, or fewer rounds than configured.
@@ -41,8 +41,9 @@ from fedsim.results import (
     read_metrics,
 )
 
-X_AXES = {"round": "round", "total_mb": "megabytes sent and received", "virtual_time_s": "virtual time (s)"}
-"""Selectable x axes: key -> label (``total_mb`` is computed from ``bytes_up + bytes_down``)."""
+X_AXES = {"round": "round", "samples": "training samples (clients x local steps x batch size)",
+          "total_mb": "megabytes sent and received", "virtual_time_s": "virtual time (s)"}  # fmt: skip
+"""Selectable x axes: key -> label (see :func:`x_values`)."""
 MAX_HISTOGRAM_CLIENTS = 100
 """Clients drawn in the label histogram (the first ones)."""
 
@@ -110,6 +111,27 @@ def _topology(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def x_values(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, list[float | None]]:
+    """Per record, each x axis: ``round``; ``samples``, the running sum of ``clients x local_steps x batch_size``
+    (absent with ``local_epochs``, whose steps depend on the client); ``total_mb``, the running sum of
+    ``bytes_up + bytes_down`` in 10^6 bytes; ``virtual_time_s`` as recorded."""
+    axes: dict[str, list[float | None]] = {"round": [r.get("round") for r in records]}
+    steps, batch = config.get("local_steps"), config.get("batch_size")
+    if not config.get("local_epochs") and isinstance(steps, int) and isinstance(batch, int):
+        per_client, total, samples = steps * batch, 0, []
+        for record in records:
+            total += (record.get("clients") or 0) * per_client
+            samples.append(total)
+        axes["samples"] = samples
+    total_bytes, mb = 0, []
+    for record in records:
+        total_bytes += (record.get("bytes_up") or 0) + (record.get("bytes_down") or 0)
+        mb.append(total_bytes / 1e6)
+    axes["total_mb"] = mb
+    axes["virtual_time_s"] = [r.get("virtual_time_s") for r in records]
+    return axes
+
+
 def load_run(run_dir: Path, name: str | None = None) -> dict[str, Any]:
     """Everything the report shows of one results folder."""
     from fedsim.plots import read_label_histogram  # matplotlib: heavy
@@ -129,6 +151,7 @@ def load_run(run_dir: Path, name: str | None = None) -> dict[str, Any]:
         "config": config,
         "summary": summary,
         "metrics": metrics,
+        "x": x_values(metrics, config),
         "client_accuracy": accuracy,
         "label_histogram": histogram,
         "topology": _topology(run_dir, config),
@@ -259,7 +282,9 @@ def render(groups: list[dict[str, Any]], out: Path) -> Path:
     columns, differing, config_rows = config_table(groups)
     summary_columns, summary_rows = summary_table(groups)
     records = [r for g in groups for run in g["runs"] for r in run["metrics"]]
-    present = {"round": True, "total_mb": any("bytes_up" in r for r in records),
+    runs = [run for g in groups for run in g["runs"]]
+    present = {"round": True, "samples": any("samples" in run["x"] for run in runs),
+               "total_mb": any("bytes_up" in r for r in records),
                "virtual_time_s": any(r.get("virtual_time_s") is not None for r in records)}  # fmt: skip
     x_axes = {k: label for k, label in X_AXES.items() if present[k]}
     data = {"groups": _json_ready(groups), "metrics": metrics, "x_axes": x_axes}

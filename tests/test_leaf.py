@@ -71,8 +71,16 @@ def test_simulate_with_the_natural_partition(tmp_path, cli):
         (json.dumps({"users": ["a"], "user_data": {"a": {"x": [[1.0], [2.0]], "y": [1]}}}), "2 samples in 'x'"),
         (json.dumps({"users": ["a"], "user_data": {"a": {"x": [[1.0]], "y": [-1]}}}), "non-negative integers"),
         (json.dumps({"users": ["a"], "user_data": {}}), "no 'x' and 'y'"),
+        (
+            json.dumps({"users": ["a"], "num_samples": [3], "user_data": {"a": {"x": [[1.0]], "y": [1]}}}),
+            "user 'a' has 1 samples but 'num_samples' says 3",
+        ),
+        (
+            json.dumps({"users": ["a", "b"], "num_samples": [1], "user_data": {}}),
+            "'num_samples' has 1 entries but 'users' has 2",
+        ),
     ],
-    ids=["json", "shape", "text", "lengths", "labels", "user"],
+    ids=["json", "shape", "text", "lengths", "labels", "user", "count", "counts"],
 )
 def test_bad_files_are_refused_naming_the_file(tmp_path, content, message):
     path = tmp_path / "bad.json"

@@ -57,6 +57,17 @@ def test_the_page_is_self_contained_and_embeds_metrics_jsonl(runs, tmp_path):
     assert "None: every run finished its rounds." in page
 
 
+def test_x_axes_of_a_run(runs):
+    from fedsim.report import load_run
+
+    run = load_run(runs / "fedavg")
+    records = read_metrics(runs / "fedavg")
+    assert run["x"]["round"] == [1, 2, 3]
+    assert run["x"]["samples"] == [6 * 2 * 8 * k for k in (1, 2, 3)]  # clients x local steps x batch size
+    assert run["x"]["total_mb"][-1] == pytest.approx(sum(r["bytes_up"] + r["bytes_down"] for r in records) / 1e6)
+    assert run["x"]["virtual_time_s"] == [r["virtual_time_s"] for r in records]
+
+
 def test_seed_bands_and_warnings(runs, tmp_path):
     group = load_group(runs / "seeds")
     assert group["seeds"] and [r["name"] for r in group["runs"]] == ["seeds/seed-0", "seeds/seed-1"]
@@ -95,9 +106,15 @@ console.error = (...args) => { window.__errors.push(args.map(String).join(" "));
 </script>"""
 REPORT_BACK = """<script>
 window.addEventListener("load", () => setTimeout(() => {
+  const select = document.getElementById("x-axis");
+  const axes = Array.from(select.options).map((o) => o.value);
+  for (const axis of [...axes, "round"]) {  // every x axis redraws every metric plot
+    select.value = axis;
+    select.dispatchEvent(new Event("change"));
+  }
   const pre = document.createElement("pre");
   pre.id = "__probe";
-  pre.textContent = JSON.stringify({errors: window.__errors,
+  pre.textContent = JSON.stringify({errors: window.__errors, axes: axes,
     plots: document.querySelectorAll(".js-plotly-plot").length,
     svgs: document.querySelectorAll(".js-plotly-plot .main-svg").length,
     data: JSON.parse(document.getElementById("fedsim-data").textContent)});
@@ -132,6 +149,7 @@ def test_the_report_renders_in_a_headless_browser(runs, tmp_path):
     assert found, f"the page did not finish loading: {result.stderr[-2000:]}"
     probe = json.loads(html.unescape(found.group(1)))
     assert probe["errors"] == []
+    assert probe["axes"] == ["round", "samples", "total_mb", "virtual_time_s"]
     groups = [load_group(d) for d in dirs]
     metrics = numeric_metrics([r for g in groups for run in g["runs"] for r in run["metrics"]])
     assert probe["plots"] == expected_plots(groups, metrics) and probe["svgs"] >= probe["plots"]

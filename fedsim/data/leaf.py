@@ -76,13 +76,19 @@ def read_leaf(files: list[Path], users: dict[str, int]) -> tuple[np.ndarray, np.
     xs, ys, owners = [], [], []
     for file in files:
         data = _read(file)
-        for name in data["users"]:
+        counts = data.get("num_samples")
+        if counts is not None and (not isinstance(counts, list) or len(counts) != len(data["users"])):
+            size = len(counts) if isinstance(counts, list) else type(counts).__name__
+            raise _error(file, f"'num_samples' has {size} entries but 'users' has {len(data['users'])}")
+        for position, name in enumerate(data["users"]):
             record = data["user_data"].get(name)
             if not isinstance(record, dict) or "x" not in record or "y" not in record:
                 raise _error(file, f"user {name!r} has no 'x' and 'y' in 'user_data'")
             x, y = record["x"], record["y"]
             if len(x) != len(y):
                 raise _error(file, f"user {name!r} has {len(x)} samples in 'x' but {len(y)} labels in 'y'")
+            if counts is not None and counts[position] != len(y):
+                raise _error(file, f"user {name!r} has {len(y)} samples but 'num_samples' says {counts[position]}")
             if x and (isinstance(x[0], str) or (isinstance(x[0], list) and any(isinstance(v, str) for v in x[0]))):
                 raise _error(
                     file,

@@ -267,12 +267,42 @@ def test_progress_off_a_terminal_is_plain_lines(cli, tmp_path, monkeypatch):
     lines = err.strip().splitlines()
     assert [line.split()[1] for line in lines] == ["1/4", "4/4"]
     assert "loss" in lines[0] and "acc" in lines[0] and "eta" in lines[0] and "elapsed" in lines[-1]
+    assert "samples/s" in lines[0] and lines[0].endswith(f"-> {tmp_path / 'run'}")  # the folder, once
     assert "\x1b" not in err  # no terminal control codes in a log file
     monkeypatch.setattr(fedsim_cli._Progress, "PLAIN_EVERY_S", 0.0)  # every round
     code, _, err = cli(["simulate", "--rounds", "3", "--out", str(tmp_path / "every")])
     assert code == 0 and len(err.strip().splitlines()) == 3
     code, _, err = cli(["simulate", "--rounds", "3", "--quiet", "--out", str(tmp_path / "quiet")])
     assert code == 0 and err == ""
+
+
+def test_progress_on_a_terminal_is_a_rich_bar(tmp_path):
+    """On a pseudo-terminal: the spinner while setting up, then the bar with accuracy, loss, samples/s, the
+    ETA and the results folder."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    command = [sys.executable, "-c", "import sys; from fedsim.cli import entry; sys.argv[0] = 'fedsim'; entry()",
+               "simulate", "--rounds", "3", "--no-plots", "--out", str(tmp_path / "run")]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200"}
+    process = subprocess.Popen(command, stdout=follower, stderr=follower, close_fds=True, env=env)
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert process.wait(timeout=120) == 0
+    text = screen.decode(errors="replace")
+    assert "setting up (data, model, workers)" in text and "3/3" in text
+    assert "acc 0." in text and "samples/s" in text and "eta" in text and str(tmp_path / "run") in text
 
 
 def test_results_folders_stand_alone(cli, tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ import yaml
 import topologies
 from fedsim.config import flat_config
 from fedsim.core.errors import FedsimError
+from fedsim.plots import read_label_histogram
 from fedsim.results import (
     CLIENT_ACCURACY_FILE,
     CONFIG_FILE,
@@ -134,8 +135,6 @@ def x_values(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str,
 
 def load_run(run_dir: Path, name: str | None = None) -> dict[str, Any]:
     """Everything the report shows of one results folder."""
-    from fedsim.plots import read_label_histogram  # matplotlib: heavy
-
     config = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}
     summary = _read_json(run_dir / SUMMARY_FILE)
     metrics = read_metrics(run_dir)

@@ -41,7 +41,10 @@ import yaml
 from fedsim.config import COMPONENT_KEYS, RunConfig, make_config, merge
 from fedsim.core.errors import DivergenceError, FedsimError, did_you_mean
 from fedsim.parallel import check_jobs, run_parallel
+from fedsim.plots import _new_figure, _save
+from fedsim.report import build_report_groups
 from fedsim.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+from fedsim.simulation import simulate
 
 DEFAULT_METRICS = ("final_test_accuracy", "best_test_accuracy", "final_train_loss")
 NOT_HASHED = ("threads", "logger", "mlflow_uri")
@@ -139,8 +142,6 @@ def is_complete(run_dir: Path, config: RunConfig) -> bool:
 def _simulate_run(config: RunConfig, out: Path, plots: bool = False, on_round=None) -> None:
     """One run of the sweep (module level: picklable for worker processes and Ray); a run that diverges
     still counts as done (its summary says so)."""
-    from fedsim.simulation import simulate  # torch: only where runs happen
-
     with contextlib.suppress(DivergenceError):
         simulate(config, out, overwrite=True, plots=plots, on_round=on_round)
 
@@ -274,8 +275,6 @@ def markdown_table(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Seq
 
 def plot_comparison(rows: list[dict[str, Any]], keys: Sequence[str], metric: str, out: Path) -> Path:
     """Median and min-max of ``metric`` per point, one horizontal bar each."""
-    from fedsim.plots import _new_figure, _save  # matplotlib: heavy
-
     fig, (ax,) = _new_figure(1, width=8.0, row_height=max(2.0, 0.4 * len(rows) + 1))
     labels = [point_name({k: row.get(k) for k in keys}) for row in rows]
     for i, row in enumerate(rows):
@@ -298,8 +297,6 @@ def write_outputs(
     keys = list(dict.fromkeys(k for p in points for k in p))
     if plots:
         plot_comparison(rows, keys, metrics[0], folder / "comparison.png")
-        from fedsim.report import build_report_groups
-
         groups = [(point_name(p), dirs[i * len(seeds) : (i + 1) * len(seeds)]) for i, p in enumerate(points)]
         build_report_groups(groups, folder / "report.html")
     return markdown_table(rows, keys, metrics)

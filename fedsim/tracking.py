@@ -113,7 +113,10 @@ class MLflow:
             uri, artifacts = mlflow_uri, None
             local = _local_path(mlflow_uri)
             if local is not None:
-                writable_folder(local if mlflow_uri.startswith("file:") else local.parent, "logger 'mlflow'")
+                folder = local if mlflow_uri.startswith("file:") else local.parent
+                writable_folder(folder, "logger 'mlflow'")
+                if mlflow_uri.startswith("sqlite:"):  # else MLflow puts artifacts in ./mlruns of the working directory
+                    artifacts = (folder / "artifacts").resolve().as_uri()
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a file: URI given on purpose
         with _quiet("mlflow", "mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
             from mlflow.entities import Param

@@ -129,6 +129,7 @@ def test_mlflow_uri_elsewhere_and_resume_continues_the_steps(tmp_path):
     (tmp_path / "store").mkdir()
     simulate({**RUN, "checkpoint_every": 1, "logger": ["mlflow"], "mlflow_uri": uri}, tmp_path / "run", plots=False)
     assert not (tmp_path / "run" / "mlruns").exists()
+    assert any((tmp_path / "store" / "artifacts").rglob("metrics.jsonl"))  # artifacts beside the store
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)

@@ -631,7 +631,11 @@ def list_components(
     if component.open:
         typer.echo("  (also accepts any other keyword option)")
     for key in _config_keys(k):
-        typer.echo(f"set with: --set {key}.OPTION=VALUE, or {key}: {{name: {component.name}, OPTION: VALUE}}")
+        if key == "logger":  # a list: the options go with each logger's name
+            spec = f"{{name: {component.name}, OPTION: VALUE}}"
+            typer.echo(f"set with: --set 'logger=[{spec}]', or in a config file logger: [{spec}, ...]")
+        else:
+            typer.echo(f"set with: --set {key}.OPTION=VALUE, or {key}: {{name: {component.name}, OPTION: VALUE}}")
 
 
 def _config_keys(kind) -> list[str]:

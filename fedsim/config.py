@@ -552,6 +552,11 @@ def nest(values: Mapping[str, Any], *, default_names: bool = True) -> dict[str, 
         else:
             out[key] = dict(value) if isinstance(value, Mapping) and key in COMPONENT_KEYS else value
     for head, rest, value in dotted:
+        if head == "logger":
+            raise FedsimError(
+                f"'logger.{rest}': a logger's options go with its name, e.g. --set 'logger=[{{name: mlflow, "
+                f"{rest}: {value!r}}}]'"
+            )
         if head not in COMPONENT_KEYS:
             raise FedsimError(
                 f"unknown component '{head}' in '{head}.{rest}'{did_you_mean(head, COMPONENT_KEYS)}; "

@@ -145,7 +145,8 @@ def test_mlflow_uri_elsewhere_and_resume_continues_the_steps(tmp_path):
         (["--set", "mlflow_uri=sqlite:////tmp/x.db"], "mlflow_uri is set but no mlflow logger"),
         (["--logger", "mlflow", "--set", "mlflow_uri=sqlite:////proc/fedsim/m.db"],
          "cannot write the tracking directory '/proc/fedsim'"),
-        (["--logger", "mlflow", "--set", "logger.x=1"], ""),
+        (["--logger", "mlflow", "--set", "logger.experiment=x"], "a logger's options go with its name"),
+        (["--set", "logger=[{name: mlflow, bogus: 1}]"], "logger 'mlflow' has no option 'bogus'"),
     ],
 )  # fmt: skip
 def test_bad_logger_input_is_one_line(tmp_path, cli, args, message):
@@ -163,6 +164,15 @@ def test_unwritable_tracking_directory_is_one_line(tmp_path, name):
     with pytest.raises(FedsimError, match=f"logger '{name}': cannot write the tracking directory") as err:
         components.build("logger", name, run_dir=blocked, config={}, mlflow_uri=None)
     assert "\n" not in str(err.value)
+
+
+def test_logger_options_in_a_list(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    config = {**RUN, "rounds": 1, "logger": [{"name": "mlflow", "experiment": "mine"}, "tensorboard"]}
+    simulate(config, tmp_path / "run", plots=False)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlruns' / 'mlflow.db'}")
+    assert client.get_experiment_by_name("mine") is not None and (tmp_path / "run" / "tensorboard").is_dir()
 
 
 def test_loggers_need_a_results_folder():

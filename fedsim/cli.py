@@ -616,6 +616,8 @@ def list_components(
             typer.echo(f"  {component.name:18} {component.summary}{origin}{note}")
         if k.name == "strategy":
             typer.echo(f"  {'flwr:NAME':18} Flower's strategies on our engine: {_flower_names()}")
+        if k.name == "partitioner":
+            typer.echo(f"  {'flwr:NAME':18} Flower Datasets' partitioners: {_flower_partitioner_names()}")
         return
     component = components.get(k.name, name)
     typer.echo(f"{k.name} {component.name}: {component.summary}")
@@ -655,6 +657,15 @@ def _flower_names() -> str:
     except FedsimError:
         return "(not installed: pip install 'fedsim[flower]')"
     return ", ".join("flwr:" + n for n in sorted(flower_strategies()))
+
+
+def _flower_partitioner_names() -> str:
+    from fedsim.data.flower_partitioners import flower_partitioners
+
+    try:
+        return ", ".join("flwr:" + n for n in sorted(flower_partitioners()))
+    except FedsimError:
+        return "(not installed: pip install 'fedsim[hf]')"
 
 
 @topology_app.command("build")

@@ -205,3 +205,10 @@ def test_images_in_a_parquet_file(tmp_path):
     pq.write_table(pa.table({"image": images, "label": np.arange(10) % 2}), tmp_path / "train.parquet")
     ds = load_dataset("hf", path=str(tmp_path / "train.parquet"))
     assert ds.feature_shape == (1, 6, 6) and len(ds.y_train) + len(ds.y_test) == 10
+
+
+def test_list_names_the_flower_partitioners(cli):
+    code, out, err = cli(["list", "partitioner"])
+    assert code == 0 and "flwr:DirichletPartitioner" in out and "flwr:VerticalEvenPartitioner" not in out, err
+    code, out, err = cli(["list", "partitioner", "flwr:ShardPartitioner"])
+    assert code == 0 and "num_shards_per_partition" in out and "num_partitions" not in out, err

@@ -442,11 +442,10 @@ def sweep(
     no_plots: Annotated[bool, Opt("--no-plots", help="Skip comparison.png and report.html.")] = False,
 ) -> None:
     """Run a grid (or an Optuna search) of experiments over seeds, resumably, with a summary table and report."""
-    from fedsim.parallel import check_jobs
     from fedsim.seeds import parse_seeds
-    from fedsim.sweep import DEFAULT_METRICS, parse_grid
+    from fedsim.sweep import DEFAULT_METRICS, check_executor, parse_grid
 
-    check_jobs(jobs)
+    check_executor(executor, jobs)
     if out is None:
         raise FedsimError("give the sweep folder: --out DIR")
     if optimize is None and (trials is not None or direction is not None):

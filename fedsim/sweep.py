@@ -146,6 +146,15 @@ def _simulate_run(config: RunConfig, out: Path, plots: bool = False, on_round=No
         simulate(config, out, overwrite=True, plots=plots, on_round=on_round)
 
 
+def check_executor(executor: str, jobs: int) -> None:
+    """``local`` (``jobs`` worker processes) or ``ray`` (Ray schedules the runs, so ``jobs`` must stay 1)."""
+    check_jobs(jobs)
+    if executor not in ("local", "ray"):
+        raise FedsimError(f"unknown sweep executor {executor!r}; choose from: local, ray")
+    if executor == "ray" and jobs != 1:
+        raise FedsimError("--jobs sets the local worker processes; with --executor ray, Ray schedules the runs")
+
+
 def run_configs(
     configs: Sequence[RunConfig], folder: Path, jobs: int = 1, executor: str = "local", plots: bool = False,
     on_round: Callable[[dict], None] | None = None, on_skip: Callable[[Path], None] | None = None,
@@ -163,11 +172,9 @@ def run_configs(
             todo.append((config, run_dir))
     if executor == "ray":
         _run_on_ray(todo, plots)
-    elif executor == "local":
+    else:
         tasks = [(_simulate_run, (config, run_dir), {"plots": plots}) for config, run_dir in todo]
         run_parallel(tasks, jobs, on_round, labels=[str(d) for _, d in todo])
-    else:
-        raise FedsimError(f"unknown sweep executor {executor!r}; choose from: local, ray")
     return dirs
 
 
@@ -319,7 +326,7 @@ def run_grid(
     on_round: Callable[[dict], None] | None = None, on_skip: Callable[[Path], None] | None = None,
 ) -> str:  # fmt: skip
     """A grid sweep (see the module docstring); returns the markdown summary."""
-    check_jobs(jobs)
+    check_executor(executor, jobs)
     folder, seeds = Path(out), list(seeds)
     points = grid_points(grid)
     configs = [point_config(base, p, s) for p in points for s in seeds]  # every point validated first
@@ -348,7 +355,7 @@ def optimize(
         import optuna
     except ImportError:
         raise FedsimError('--optimize needs Optuna (pip install "fedsim[sweep]")') from None
-    check_jobs(jobs)
+    check_executor(executor, jobs)
     if trials < 1:
         raise FedsimError(f"--trials must be >= 1, got {trials}")
     direction = direction or direction_of(metric)

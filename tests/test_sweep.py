@@ -105,6 +105,8 @@ def test_optuna_search_resumes_its_study(tmp_path, cli):
         (["--grid", "seed=1,2"], "the sweep sets the seed from --seeds"),
         (["--grid", "strategy=fedavg,nosuch"], "unknown strategy 'nosuch'"),
         (["--grid", "lr=0.1", "--seeds", "3-1"], "descending seed range"),
+        (["--grid", "lr=0.1", "--executor", "ray", "--jobs", "2"], "with --executor ray, Ray schedules the runs"),
+        (["--grid", "lr=0.1", "--executor", "slurm"], "unknown sweep executor 'slurm'"),
     ],
 )
 def test_bad_sweep_input_is_one_line(tmp_path, cli, args, message):

@@ -102,17 +102,17 @@ def run_label(run_dir: str | Path) -> str:
     return path.name or path.resolve().name or str(path)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_finite(value: Any) -> bool:
-    return _is_number(value) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def _round_of(record: dict, index: int) -> float:
     x = record.get("round")
-    return float(x) if _is_number(x) else float(index)
+    return float(x) if is_number(x) else float(index)
 
 
 def available_metrics(records: Sequence[dict]) -> list[str]:
@@ -214,7 +214,7 @@ def _config_title(config: dict[str, Any]) -> str:
 def _run_title(run_dir: Path, config: dict[str, Any]) -> str:
     title = _config_title(config) or run_label(run_dir)
     seed = config.get("seed")
-    if _is_number(seed):
+    if is_number(seed):
         title += f" (seed {seed})"
     return title
 
@@ -496,7 +496,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         written.append(plot_label_histogram(read_label_histogram(histogram), run / "label_histogram.png"))
 
     if any("timeline" in r for r in records):  # a run on the virtual clock
-        summary = _read_summary(run)
+        summary = read_summary(run)
         written += [p for p in (plot_virtual_time(records, summary, run / "virtual_time.png", title),
                                 plot_timeline(records, run / "timeline.png", title)) if p is not None]  # fmt: skip
 
@@ -513,12 +513,14 @@ def _auto_locator():
     return AutoLocator()
 
 
-def _read_summary(run: Path) -> dict[str, Any]:
+def read_summary(run: Path) -> dict[str, Any]:
+    """``RUN/summary.json`` as a mapping; ``{}`` when it is absent or unreadable (a run still going)."""
     path = run / "summary.json"
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
+        data = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def plot_virtual_time(records: Sequence[dict], summary: dict[str, Any], out: Path, title: str) -> Path | None:

@@ -31,14 +31,13 @@ import yaml
 import topologies
 from fedsim.config import flat_config
 from fedsim.core.errors import FedsimError
-from fedsim.plots import read_label_histogram
+from fedsim.plots import is_number, read_label_histogram, read_summary
 from fedsim.results import (
     CLIENT_ACCURACY_FILE,
     CONFIG_FILE,
     HISTOGRAM_FILE,
     METRICS_FILE,
     SEEDS_FILE,
-    SUMMARY_FILE,
     read_metrics,
 )
 
@@ -80,17 +79,9 @@ def numeric_metrics(records: Sequence[dict[str, Any]]) -> list[str]:
     keys: dict[str, None] = {}
     for record in records:
         for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+            if is_number(value) and key != "round":
                 keys.setdefault(key, None)
     return [k for k in FIRST if k in keys] + [k for k in keys if k not in FIRST]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _topology(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -136,7 +127,7 @@ def x_values(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str,
 def load_run(run_dir: Path, name: str | None = None) -> dict[str, Any]:
     """Everything the report shows of one results folder."""
     config = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}
-    summary = _read_json(run_dir / SUMMARY_FILE)
+    summary = read_summary(run_dir)
     metrics = read_metrics(run_dir)
     accuracy = None
     if (run_dir / CLIENT_ACCURACY_FILE).is_file():
@@ -206,7 +197,7 @@ def seed_bands(runs: list[dict[str, Any]]) -> dict[str, dict[str, list]]:
         for run in runs:
             for record in run["metrics"]:
                 value = record.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                if is_number(value) and math.isfinite(value):
                     per_round.setdefault(int(record["round"]), []).append(float(value))
         rounds = sorted(per_round)
         bands[key] = {

@@ -138,7 +138,8 @@ def summarize_seeds(run_dirs: Sequence[str | Path], seeds: Sequence[int]) -> tup
     return report, rows
 
 
-def _csv_text(rows: list[dict]) -> str:
+def csv_text(rows: list[dict]) -> str:
+    """``rows`` as CSV text: the columns in first-seen order, floats written exactly (``repr``)."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -200,7 +201,7 @@ def run_seeds(
 
     report, rows = summarize_seeds(run_dirs, seeds)
     folder.write_json(SEEDS_SUMMARY, report)
-    folder.write_text(SEEDS_CSV, _csv_text(rows))
+    folder.write_text(SEEDS_CSV, csv_text(rows))
     if plots:
         from fedsim.plots import plot_seed_bands
 

@@ -25,9 +25,7 @@ taken (``test_accuracy``, ``consensus_distance``).
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -35,15 +33,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from fedsim.config import COMPONENT_KEYS, RunConfig, make_config, merge
 from fedsim.core.errors import DivergenceError, FedsimError, did_you_mean
 from fedsim.parallel import check_jobs, run_parallel
-from fedsim.plots import _new_figure, _save
+from fedsim.plots import _new_figure, _save, is_number, read_summary
 from fedsim.report import build_report_groups
 from fedsim.results import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+from fedsim.seeds import csv_text
+from fedsim.seeds import statistics as seed_statistics
 from fedsim.simulation import simulate
 
 DEFAULT_METRICS = ("final_test_accuracy", "best_test_accuracy", "final_train_loss")
@@ -87,7 +86,7 @@ def parse_grid(items: Sequence[str], ranges: bool = False) -> dict[str, Any]:
         if key in grid:
             raise FedsimError(f"--grid {key} is given twice")
         parts = values.split(":")
-        if len(parts) in (2, 3) and all(_is_number(_value(p, key)) for p in parts[:2]):
+        if len(parts) in (2, 3) and all(is_number(_value(p, key)) for p in parts[:2]):
             if not ranges:
                 raise FedsimError(f"--grid {key}={values}: a range needs --optimize (a grid lists values: V1,V2)")
             low, high = (_value(p, key) for p in parts[:2])
@@ -98,10 +97,6 @@ def parse_grid(items: Sequence[str], ranges: bool = False) -> dict[str, Any]:
         else:
             grid[key] = [_value(v.strip(), key) for v in values.split(",")]
     return grid
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
@@ -204,45 +199,28 @@ def _run_on_ray(todo: list[tuple[RunConfig, Path]], plots: bool) -> None:
 
 def metric_value(run_dir: Path, metric: str) -> float | None:
     """``metric`` of a finished run: its ``summary.json`` value, else the last value in ``metrics.jsonl``."""
-    try:
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    except (OSError, ValueError):
-        summary = {}
-    value = summary.get(metric)
-    if _is_number(value):
+    value = read_summary(run_dir).get(metric)
+    if is_number(value):
         return float(value)
     if (run_dir / METRICS_FILE).is_file():
         for record in reversed(read_metrics(run_dir)):
-            if _is_number(record.get(metric)):
+            if is_number(record.get(metric)):
                 return float(record[metric])
     return None
 
 
 def statistics(values: Sequence[float | None]) -> dict[str, float | int | None]:
-    """``n``, ``median``, ``std`` (ddof 1; 0 for one value), ``min``, ``max`` of the finite values."""
+    """``n``, ``median``, ``std`` (ddof 1; 0 for one value), ``min``, ``max`` of the finite values (those of
+    :func:`fedsim.seeds.statistics`; None without any)."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return {"n": 0, "median": None, "std": None, "min": None, "max": None}
-    return {
-        "n": len(finite),
-        "median": float(np.median(finite)),
-        "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0,
-        "min": min(finite),
-        "max": max(finite),
-    }
+    over_seeds = seed_statistics(finite)
+    return {k: over_seeds[k] for k in ("n", "median", "std", "min", "max")}
 
 
 def point_name(point: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in point.items()) or "base"
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def write_tables(
@@ -262,8 +240,8 @@ def write_tables(
             row["n"] = max(row.get("n", 0), stats["n"])
             row.update({f"{m}_{k}": v for k, v in stats.items() if k != "n"})
         summary_rows.append(row)
-    (folder / "runs.csv").write_text(_csv(run_rows))
-    (folder / "summary.csv").write_text(_csv(summary_rows))
+    (folder / "runs.csv").write_text(csv_text(run_rows))
+    (folder / "summary.csv").write_text(csv_text(summary_rows))
     return summary_rows
 
 

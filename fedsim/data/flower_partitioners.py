@@ -84,7 +84,7 @@ def flower_partition(
 
     hints = typing.get_type_hints(cls.__init__)
     kwargs = {
-        k: np.asarray(v) if isinstance(v, list) and "ndarray" in str(hints.get(k, "")) and k != "alpha" else v
+        k: np.asarray(v) if isinstance(v, list) and "ndarray" in str(hints.get(k, "")) else v
         for k, v in options.items()
     }
     if options.get("partition_by") == "client" and natural is None:
